@@ -1,0 +1,25 @@
+"""attnkit: attention mechanisms explained step by step and implemented for real training.
+
+Layers, each using only the ones above it:
+
+* :mod:`attnkit.functional` - the executable spec (plain-math attention).
+* :mod:`attnkit.masks` - mask descriptions and builders (True = may attend).
+* :mod:`attnkit.backends` - ``math``, ``sdpa``, ``chunked`` engines behind one contract.
+* :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point.
+* :mod:`attnkit.tutorial` - the tutorial's ladder of attention classes, rung by rung.
+"""
+
+from .backends import available_backends, register_backend
+from .engine import Explanation, attention, explain
+from .masks import MaskSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Explanation",
+    "MaskSpec",
+    "attention",
+    "available_backends",
+    "explain",
+    "register_backend",
+]

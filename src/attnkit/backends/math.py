@@ -1,0 +1,33 @@
+"""The ``math`` backend: :mod:`attnkit.functional` (the spec) behind the backend contract.
+
+It materialises the ``(B, H, T, S)`` scores, so it is the reference, the path that returns
+attention weights, and the one to read, not the one to run at long T.
+"""
+
+from __future__ import annotations
+
+from .. import functional
+from ..masks import MaskSpec
+
+
+def repeat_kv(x, num_groups: int):
+    """Repeat each of ``Hkv`` heads ``num_groups`` times: ``(B, Hkv, S, D) -> (B, H, S, D)``.
+
+    Query head ``h`` uses key/value head ``h // num_groups`` (the grouped-query convention of
+    ``torch.nn.functional.scaled_dot_product_attention(enable_gqa=True)``).
+    """
+    return x if num_groups == 1 else x.repeat_interleave(num_groups, dim=1)
+
+
+def math_attention(q, k, v, spec: MaskSpec, *, dropout_p: float, scale: float,
+                   return_lse: bool, return_weights: bool = False):
+    """Plain-math attention; see :mod:`attnkit.backends.registry` for the contract.
+
+    ``return_weights=True`` (not part of the contract) appends the weights ``(B, H, T, S)``.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # (B, H, S, D)
+    return functional.scaled_dot_product_attention(
+        q, k, v, mask=spec.dense(q.shape[-2], k.shape[-2], device=q.device),
+        dropout_p=dropout_p, scale=scale, return_weights=return_weights,
+        return_lse=return_lse)
