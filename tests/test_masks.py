@@ -1,0 +1,110 @@
+"""Tier 1: mask builders and MaskSpec truth tables and errors."""
+
+import pytest
+import torch
+
+from attnkit.masks import (
+    MaskSpec,
+    causal_mask,
+    combine_masks,
+    padding_mask_from_lengths,
+    sliding_window_mask,
+)
+
+
+def _grid(rows):
+    return torch.tensor([[c == "1" for c in r] for r in rows])
+
+
+def test_causal_top_left_truth_table():
+    expected = _grid(["10000", "11000", "11100"])
+    torch.testing.assert_close(causal_mask(3, 5), expected)
+
+
+def test_causal_bottom_right_truth_table():
+    expected = _grid(["11100", "11110", "11111"])
+    torch.testing.assert_close(causal_mask(3, 5, align="bottom_right"), expected)
+
+
+def test_alignments_agree_when_square():
+    torch.testing.assert_close(causal_mask(6), causal_mask(6, 6, align="bottom_right"))
+
+
+def test_sliding_window_truth_table():
+    expected = _grid(["10000", "11000", "01100", "00110", "00011"])
+    torch.testing.assert_close(sliding_window_mask(5, 5, 2), expected)
+
+
+def test_sliding_window_bottom_right_counts():
+    m = sliding_window_mask(2, 6, 3, align="bottom_right")
+    torch.testing.assert_close(m, _grid(["001110", "000111"]))
+
+
+def test_window_one_is_diagonal():
+    torch.testing.assert_close(sliding_window_mask(4, 4, 1), torch.eye(4, dtype=torch.bool))
+
+
+def test_padding_from_lengths():
+    expected = _grid(["1110", "1000"])
+    torch.testing.assert_close(padding_mask_from_lengths(torch.tensor([3, 1]), 4), expected)
+
+
+def test_combine_masks_and_none():
+    a, b = _grid(["10", "11"]), _grid(["11", "01"])
+    torch.testing.assert_close(combine_masks(a, None, b), _grid(["10", "01"]))
+    assert combine_masks(None, None) is None
+
+
+def test_spec_dense_combines_everything():
+    kpm = _grid(["1110", "1111"])
+    spec = MaskSpec(causal=True, key_padding_mask=kpm)
+    dense = spec.dense(4, 4)
+    assert dense.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(dense[0, 0], causal_mask(4) & kpm[0])
+    torch.testing.assert_close(dense[1, 0], causal_mask(4))
+
+
+def test_spec_window_implies_causal_and_empty():
+    assert MaskSpec(window=3).causal
+    assert MaskSpec().is_empty and not MaskSpec(causal=True).is_empty
+    assert MaskSpec().dense(3, 3) is None
+
+
+def test_spec_offset():
+    assert MaskSpec(causal=True).offset(3, 8) == 0
+    assert MaskSpec(causal=True, causal_align="bottom_right").offset(3, 8) == 5
+
+
+@pytest.mark.parametrize("window", [0, -2, 1.5, True])
+def test_bad_window(window):
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        MaskSpec(window=window)
+
+
+def test_bad_window_builder():
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        sliding_window_mask(3, 3, 0)
+
+
+def test_bad_alignment():
+    with pytest.raises(ValueError, match="causal_align must be one of"):
+        MaskSpec(causal=True, causal_align="top_right")
+    with pytest.raises(ValueError, match="causal_align must be one of"):
+        causal_mask(3, 3, align="middle")
+
+
+def test_non_bool_masks():
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
+        MaskSpec(key_padding_mask=torch.ones(2, 3))
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        MaskSpec(mask=torch.ones(3, 3, dtype=torch.int64))
+
+
+def test_validate_shapes():
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, S\)"):
+        MaskSpec(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)).validate(2, 4, 3, 6)
+    with pytest.raises(ValueError, match="does not broadcast to"):
+        MaskSpec(mask=torch.ones(3, 5, dtype=torch.bool)).validate(2, 4, 3, 6)
+    with pytest.raises(ValueError, match="does not broadcast to"):
+        MaskSpec(mask=torch.ones(1, 1, 1, 3, 6, dtype=torch.bool)).validate(2, 4, 3, 6)
+    MaskSpec(mask=torch.ones(4, 1, 6, dtype=torch.bool)).validate(2, 4, 3, 6)  # broadcasts
