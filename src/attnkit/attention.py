@@ -1,0 +1,331 @@
+"""The production multi-head attention module.
+
+:class:`MultiHeadAttention` is the tutorial's module grown up, built by composition: linear
+projections, optional rotary embeddings (:mod:`attnkit.rope`), an optional KV cache
+(:mod:`attnkit.kv_cache`), and :func:`attnkit.attention` for the attention itself, so every
+backend, mask and grouped-query rule of the engine applies unchanged.
+
+Parameter layout (what ``state_dict`` holds):
+
+* ``kv_dim`` unset or equal to ``embed_dim``: one fused ``qkv_proj`` with rows
+  ``[q (H*D); k (Hkv*D); v (Hkv*D)]``. Self-attention is one matmul; cross-attention with a
+  context of ``embed_dim`` features uses the q rows on ``x`` and the k/v rows on the context.
+  With ``Hkv == H`` this is exactly ``nn.MultiheadAttention``'s ``in_proj_weight``.
+* ``kv_dim != embed_dim``: ``q_proj`` (``E -> H*D``) and ``kv_proj`` (``kv_dim -> 2*Hkv*D``,
+  rows ``[k; v]``); the module is cross-attention only.
+* ``out_proj`` (``H*D -> E``) in both. Heads are contiguous: head ``h`` owns rows
+  ``h*D:(h+1)*D`` of its block.
+
+Shape letters: ``B`` batch, ``T`` query length, ``S`` key/value length, ``E`` embed dim,
+``H`` query heads, ``Hkv`` key/value heads, ``D = E / H`` head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backends import get_backend, math_attention
+from .engine import attention
+from .kv_cache import KVCache
+from .masks import MaskSpec
+from .rope import RoPE
+
+__all__ = ["MultiHeadAttention"]
+
+
+def _check_tensor(name: str, t, features: int, feature_name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 3 or t.shape[-1] != features:
+        raise ValueError(f"{name} must be (B, length, {feature_name}={features}), got shape "
+                         f"{tuple(t.shape)}")
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self- or cross-attention with GQA, RoPE, a KV cache and any backend.
+
+    Args:
+        embed_dim: ``E``, features in and out.
+        num_heads: ``H``, query heads; must divide ``embed_dim`` (``D = E / H``).
+        num_kv_heads: ``Hkv`` key/value heads (grouped-query attention; 1 is multi-query);
+            must divide ``num_heads``. Default ``num_heads``.
+        kv_dim: features of the cross-attention context; default ``embed_dim``.
+        bias: add biases to the q/k/v projections (and, by default, ``out_proj``).
+        out_bias: bias of ``out_proj``; default ``bias``.
+        dropout: dropout on the attention weights, in training mode only.
+        causal: each query sees only keys at or before its position.
+        window: sliding-window attention, at most this many most recent keys per query
+            (implies ``causal``).
+        rope: ``True`` for rotary embeddings with base 10000, or an :class:`attnkit.rope.RoPE`
+            for another base or scaling (self-attention only).
+        backend: ``"auto"`` or a registered backend name (see :func:`attnkit.attention`).
+
+    Raises:
+        ValueError: sizes that are not positive ints, ``embed_dim % num_heads`` or
+            ``num_heads % num_kv_heads`` not 0, ``dropout`` outside [0, 1), a bad
+            ``window``, an unknown backend, or a RoPE for another head dim.
+        TypeError: ``rope`` that is not a bool or a RoPE.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None,
+                 kv_dim: int | None = None, bias: bool = False, out_bias: bool | None = None,
+                 dropout: float = 0.0, causal: bool = False, window: int | None = None,
+                 rope: bool | RoPE | None = None, backend: str = "auto"):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        kv_dim = embed_dim if kv_dim is None else kv_dim
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads),
+                            ("num_kv_heads", num_kv_heads), ("kv_dim", kv_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
+                             f"({num_heads}) so every head gets embed_dim / num_heads features")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads "
+                             f"({num_kv_heads}): each key/value head serves a whole group")
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        MaskSpec(window=window)  # validates window with the engine's own message
+        if backend != "auto":
+            get_backend(backend)  # fail now, not at the first forward
+
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim, self.kv_dim = embed_dim // num_heads, kv_dim
+        self.dropout, self.causal, self.window = float(dropout), bool(causal), window
+        self.backend = backend
+        q_dim, kv_out = num_heads * self.head_dim, 2 * num_kv_heads * self.head_dim
+        if kv_dim == embed_dim:
+            self.qkv_proj = nn.Linear(embed_dim, q_dim + kv_out, bias=bias)
+        else:
+            self.q_proj = nn.Linear(embed_dim, q_dim, bias=bias)
+            self.kv_proj = nn.Linear(kv_dim, kv_out, bias=bias)
+        self.out_proj = nn.Linear(q_dim, embed_dim, bias=bias if out_bias is None else out_bias)
+        self.rope = self._make_rope(rope)
+
+    def _make_rope(self, rope) -> RoPE | None:
+        if rope is None or rope is False:
+            return None
+        if rope is True:
+            return RoPE(self.head_dim)
+        if not isinstance(rope, RoPE):
+            raise TypeError(f"rope must be True, False/None or an attnkit.rope.RoPE, got "
+                            f"{type(rope).__name__}")
+        if rope.head_dim != self.head_dim:
+            raise ValueError(f"rope.head_dim ({rope.head_dim}) must equal the head dim "
+                             f"embed_dim / num_heads = {self.head_dim}")
+        return rope
+
+    def extra_repr(self) -> str:
+        extras = [f"embed_dim={self.embed_dim}", f"num_heads={self.num_heads}",
+                  f"num_kv_heads={self.num_kv_heads}"]
+        if self.kv_dim != self.embed_dim:
+            extras.append(f"kv_dim={self.kv_dim}")
+        extras += [f"causal={self.causal}", f"window={self.window}", f"dropout={self.dropout}",
+                   f"backend={self.backend!r}"]
+        return ", ".join(extras)
+
+    def init_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
+                   device=None) -> KVCache:
+        """A :class:`KVCache` sized for this layer (dtype/device default to the parameters').
+
+        Raises:
+            ValueError: ``batch_size`` or ``max_seq_len`` not a positive int.
+        """
+        weight = self.out_proj.weight
+        return KVCache(batch_size, self.num_kv_heads, max_seq_len, self.head_dim,
+                       dtype=weight.dtype if dtype is None else dtype,
+                       device=weight.device if device is None else device)
+
+    def _check_inputs(self, x, context, cache) -> None:
+        _check_tensor("x", x, self.embed_dim, "embed_dim")
+        weight = self.out_proj.weight
+        # Under autocast the input may legitimately be bfloat16 while the weights are float32.
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the module's parameters are "
+                            f"{weight.dtype}; convert one of them (x.to(...) or module.to(...))")
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the module's parameters are on "
+                             f"{weight.device}; move one of them")
+        if context is None:
+            if self.kv_dim != self.embed_dim:
+                raise ValueError(f"this module projects keys/values from kv_dim={self.kv_dim} "
+                                 f"features (cross-attention); pass context=(B, S, {self.kv_dim})")
+        else:
+            _check_tensor("context", context, self.kv_dim, "kv_dim")
+            if context.shape[0] != x.shape[0]:
+                raise ValueError(f"context batch size {context.shape[0]} differs from x's "
+                                 f"{x.shape[0]}")
+            if context.dtype != x.dtype:
+                raise TypeError(f"context has dtype {context.dtype} but x has {x.dtype}")
+            if context.device != x.device:
+                raise ValueError(f"context is on {context.device} but x is on {x.device}")
+            if cache is not None or self.rope is not None:
+                raise ValueError("cache= and rope apply to self-attention only; a "
+                                 "cross-attention context has its own positions")
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a KVCache from init_cache(), got "
+                                f"{type(cache).__name__}")
+            cache.check_write(x.shape[0], x.shape[1])
+
+    def _project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q ``(B, H, T, D)``, k and v ``(B, Hkv, S, D)`` from the inputs."""
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if context is None:
+            q, k, v = self.qkv_proj(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        else:
+            if hasattr(self, "qkv_proj"):  # split the fused rows: q reads x, k/v the context
+                w_q, w_kv = self.qkv_proj.weight.split((H * D, 2 * Hkv * D))
+                b = self.qkv_proj.bias
+                b_q, b_kv = (None, None) if b is None else b.split((H * D, 2 * Hkv * D))
+                q, kv = F.linear(x, w_q, b_q), F.linear(context, w_kv, b_kv)
+            else:
+                q, kv = self.q_proj(x), self.kv_proj(context)
+            k, v = kv.chunk(2, dim=-1)  # (B, S, Hkv*D) each
+        B, T, S = x.shape[0], x.shape[1], k.shape[1]
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+        return q, k, v
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *,
+                key_padding_mask: Tensor | None = None, mask: Tensor | None = None,
+                cache: KVCache | None = None, need_weights: bool = False):
+        """Attend from ``x`` to itself (or to ``context``) and project back to ``E``.
+
+        Args:
+            x: ``(B, T, E)``.
+            context: ``(B, S, kv_dim)`` for cross-attention; ``None`` for self-attention.
+            key_padding_mask: ``(B, S)`` bool, True = real key. With a cache, ``S`` counts
+                every cached position plus the new ones (``cache.pos + T``).
+            mask: bool mask broadcastable to ``(B, H, T, S)``, True = may attend.
+            cache: a :class:`KVCache` from :meth:`init_cache`. The new keys/values are
+                written at ``cache.pos`` (which advances by ``T``), rotary positions start
+                there, and the queries attend over all ``cache.pos + T`` cached positions
+                with bottom-right causal alignment, so decoding token by token or chunk by
+                chunk equals one full forward.
+            need_weights: also return the per-head attention weights ``(B, H, T, S)``. They
+                come from the ``math`` backend, which builds the full ``B*H*T*S`` score
+                tensor: O(B·H·T·S) memory and slower than the fused path; use it to inspect.
+
+        Returns:
+            ``out (B, T, E)``, or ``(out, weights)`` with ``need_weights``. Weights are after
+            dropout; rows that see no key are all zero (and their output is ``out_proj``'s
+            bias).
+
+        Raises:
+            TypeError: non-tensor inputs, a dtype other than the parameters' (outside
+                autocast), non-bool masks, a cache that is not a :class:`KVCache`.
+            ValueError: wrong rank or feature size, a context that does not fit,
+                context with a cache or RoPE, masks that do not fit, a cache for another
+                batch size, a device other than the parameters'.
+            RuntimeError: the cache has no room for ``T`` more positions.
+        """
+        self._check_inputs(x, context, cache)
+        B, T, _ = x.shape
+        S = context.shape[1] if context is not None else T + (0 if cache is None else cache.pos)
+        spec = MaskSpec(causal=self.causal, window=self.window, mask=mask,
+                        key_padding_mask=key_padding_mask,
+                        causal_align="top_left" if cache is None else "bottom_right")
+        spec.validate(B, self.num_heads, T, S)  # before the cache is written
+
+        q, k, v = self._project(x, context)
+        if self.rope is not None:
+            start = 0 if cache is None else cache.pos
+            positions = torch.arange(start, start + T, device=x.device)  # (T,)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, Hkv, pos + T, D) each
+
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            out, weights = math_attention(q, k, v, spec, dropout_p=dropout_p,
+                                          scale=1.0 / math.sqrt(self.head_dim),
+                                          return_lse=False, return_weights=True)
+        else:
+            out = attention(q, k, v, mask=mask, causal=self.causal,
+                            causal_align=spec.causal_align, window=self.window,
+                            key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                            backend=self.backend)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        out = self.out_proj(out)  # (B, T, E)
+        return (out, weights) if need_weights else out
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention, *, causal: bool = False,
+                   window: int | None = None, backend: str = "auto") -> "MultiHeadAttention":
+        """Copy an ``nn.MultiheadAttention``'s weights into a new module (same dtype/device).
+
+        The result takes batch-first ``(B, T, E)`` input whatever the source's
+        ``batch_first``. Masks keep attnkit's polarity (True = may attend), the opposite of
+        torch's boolean masks.
+
+        Raises:
+            TypeError: ``module`` is not an ``nn.MultiheadAttention``.
+            ValueError: ``add_bias_kv``, ``add_zero_attn`` or ``kdim != vdim`` (no equivalent).
+        """
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"from_torch needs an nn.MultiheadAttention, got "
+                            f"{type(module).__name__}")
+        if module.bias_k is not None or module.add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn have no attnkit equivalent")
+        if module.kdim != module.vdim:
+            raise ValueError(f"kdim ({module.kdim}) != vdim ({module.vdim}): attnkit projects "
+                             f"keys and values from one context (kv_dim)")
+        # Building a module draws its initial weights from the global RNG; fork it so that
+        # converting does not shift a caller's seeded stream.
+        with torch.random.fork_rng(devices=[]):
+            new = cls(module.embed_dim, module.num_heads, kv_dim=module.kdim,
+                      bias=module.in_proj_bias is not None,
+                      out_bias=module.out_proj.bias is not None, dropout=module.dropout,
+                      causal=causal, window=window, backend=backend)
+        new = new.to(module.out_proj.weight).train(module.training)
+        with torch.no_grad():
+            if hasattr(new, "qkv_proj"):  # kdim == vdim == embed_dim: one in_proj_weight
+                new.qkv_proj.weight.copy_(module.in_proj_weight)
+                if module.in_proj_bias is not None:
+                    new.qkv_proj.bias.copy_(module.in_proj_bias)
+            else:
+                new.q_proj.weight.copy_(module.q_proj_weight)
+                new.kv_proj.weight.copy_(torch.cat([module.k_proj_weight, module.v_proj_weight]))
+                if module.in_proj_bias is not None:  # (3E,) = [q; k; v]
+                    b_q, b_kv = module.in_proj_bias.split((module.embed_dim, 2 * module.embed_dim))
+                    new.q_proj.bias.copy_(b_q)
+                    new.kv_proj.bias.copy_(b_kv)
+            new.out_proj.load_state_dict(module.out_proj.state_dict())
+        return new
+
+    @classmethod
+    def from_tutorial(cls, module: nn.Module, *, backend: str = "auto") -> "MultiHeadAttention":
+        """Copy the tutorial's ``MultiHeadAttention`` (:mod:`attnkit.tutorial`) weights.
+
+        Reads ``W_query``, ``W_key``, ``W_value``, ``out_proj`` and ``num_heads`` (and the
+        dropout probability from ``dropout``, an ``nn.Dropout``). The result is causal, like
+        the tutorial's, without its ``context_length`` limit.
+
+        Raises:
+            ValueError: ``d_in != d_out`` (this module maps ``E`` features to ``E``).
+        """
+        w_q, w_k, w_v = module.W_query, module.W_key, module.W_value
+        if w_q.in_features != w_q.out_features:
+            raise ValueError(f"from_tutorial needs d_in == d_out, got d_in={w_q.in_features}, "
+                             f"d_out={w_q.out_features}")
+        drop = getattr(module, "dropout", None)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's seeded stream alone
+            new = cls(w_q.out_features, module.num_heads, bias=w_q.bias is not None,
+                      out_bias=module.out_proj.bias is not None,
+                      dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0, causal=True,
+                      backend=backend)
+        new = new.to(w_q.weight).train(module.training)
+        with torch.no_grad():
+            new.qkv_proj.weight.copy_(torch.cat([w_q.weight, w_k.weight, w_v.weight]))
+            if w_q.bias is not None:
+                new.qkv_proj.bias.copy_(torch.cat([w_q.bias, w_k.bias, w_v.bias]))
+            new.out_proj.load_state_dict(module.out_proj.state_dict())
+        return new
