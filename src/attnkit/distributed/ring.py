@@ -1,0 +1,278 @@
+"""Ring attention: exact attention over a sequence split across ``P`` processes.
+
+Each rank keeps its query shard and passes its key/value shard around the ring: at step
+``s`` rank ``r`` holds the keys and values of rank ``src = (r - s) mod P``, attends to them
+and merges the partial result into its running output by log-sum-exp
+(:func:`attnkit.functional.merge_partial_attention`). After ``P`` steps every query has seen
+every key, and no rank ever held more than two key/value shards: memory per rank is O(T/P).
+
+Keys and values travel as one packed buffer, with exactly one ``isend`` and one ``irecv``
+outstanding per step; the transfer of the next block is posted before the current block is
+computed so the two can overlap (NCCL progresses in the background; gloo mostly does the work
+inside ``wait()``, so expect little overlap on CPU).
+
+Backward is a second ring: dQ accumulates at home, while dK/dV ride in the same packed buffer
+as the K/V they belong to, each rank adding its contribution as the block passes. Each block
+backward uses the *global* output and log-sum-exp (FlashAttention-2 style), which makes the
+sum over blocks exact. After ``P`` steps the gradient of block ``r`` sits on rank ``r - 1``,
+one last hop sends it home.
+
+Causal masking by block (``\\`` = causal mask, ``#`` = all visible, ``.`` = skipped)::
+
+    contiguous, P=2               zigzag, P=2: rank 0 holds chunks c0 c3, rank 1 holds c1 c2
+             keys of rank                          keys:  c0 c3 | c1 c2
+               0    1                        rank 0  c0    \\  . | .  .
+    rank 0    \\    .                                c3    #  \\ | #  #
+    rank 1    #    \\                        rank 1  c1    #  . | \\  .
+                                                     c2    #  . | #  \\
+
+Own block: one causal mask (a zigzag shard is in position order, so one mask covers both
+chunks). A block from an earlier rank: every query against the *first* chunk only. A block
+from a later rank: only the *second* query chunk, against both chunks. Every zigzag step costs
+the same, which is what balances the ring.
+
+Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``G = H // Hkv``,
+``T`` local (per-rank) length, ``D`` head dim, ``P`` world size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..engine import attention
+from ..functional import merge_partial_attention
+from .sharding import (LAYOUTS, check_layout, check_same_on_all_ranks, check_shard_length,
+                       check_shards, rank_and_size, resolve_group)
+
+__all__ = ["ring_attention"]
+
+# Query rows per backward tile: the tile's scores are (B, H, _BLOCK_Q, T), linear in T.
+_BLOCK_Q = 256
+
+
+class _Ring:
+    """This rank's neighbours in ``group`` and the packed-buffer exchange with them."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank, self.size = rank_and_size(group)
+        # isend/irecv take global ranks, not ranks inside the group.
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+
+    def start(self, send: Tensor):
+        """Post ``send`` to the next rank and a receive from the previous one."""
+        recv = torch.empty_like(send)
+        works = [dist.isend(send, self.next, group=self.group),
+                 dist.irecv(recv, self.prev, group=self.group)]
+        return recv, works
+
+    def finish(self, works, what: str) -> None:
+        """Wait for both requests; name the step and the neighbours if a peer has failed."""
+        try:
+            for work in works:
+                work.wait()
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"ring_attention: {what} failed on rank {self.rank} of {self.size} while "
+                f"exchanging with ranks {self.prev} and {self.next}; another rank has probably "
+                f"raised or died (see its error), or the process group timed out: {err}"
+            ) from err
+
+    def exchange(self, send: Tensor, what: str) -> Tensor:
+        recv, works = self.start(send)
+        self.finish(works, what)
+        return recv
+
+
+def _pack(*tensors: Tensor) -> Tensor:
+    """One flat contiguous buffer, so a block travels as a single message."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unpack(buf: Tensor, *shapes) -> list[Tensor]:
+    """Views into ``buf`` with the given shapes (writes go through to ``buf``)."""
+    views, start = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        views.append(buf[start:start + n].view(shape))
+        start += n
+    return views
+
+
+def _pieces(layout: str, causal: bool, rank: int, src: int, n: int):
+    """The visible sub-blocks when rank ``rank`` holds the keys of rank ``src``.
+
+    Returns a list of ``(query rows, key rows, causal mask?)``; empty if nothing is visible.
+    ``n`` is the local length (zigzag: two chunks of ``n // 2``).
+    """
+    every = slice(None)
+    if not causal:
+        return [(every, every, False)]
+    if src == rank:
+        return [(every, every, True)]
+    if layout == "contiguous":
+        return [(every, every, False)] if src < rank else []
+    half = n // 2
+    if src < rank:  # both its chunks are further from the middle: only its early chunk counts
+        return [(every, slice(0, half), False)]
+    return [(slice(half, None), every, False)]  # only our late chunk sees its chunks
+
+
+def _ring_forward(q, k, v, ring: _Ring, causal: bool, layout: str, scale: float):
+    B, H, T, _ = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # Merge in float32 (or float64) so P merges do not round P times in half precision.
+    out = torch.zeros(B, H, T, v.shape[-1], dtype=acc, device=q.device)
+    lse = torch.full((B, H, T), float("-inf"), dtype=acc, device=q.device)
+    kv = _pack(k, v)
+    for step in range(ring.size):
+        more = step + 1 < ring.size
+        if more:  # post the next block's transfer first so it can overlap this compute
+            incoming, works = ring.start(kv)
+        k_s, v_s = _unpack(kv, k.shape, v.shape)
+        src = (ring.rank - step) % ring.size
+        for rows, keys, masked in _pieces(layout, causal, ring.rank, src, T):
+            o, l = attention(q[:, :, rows], k_s[:, :, keys], v_s[:, :, keys], causal=masked,
+                             scale=scale, backend="chunked", return_lse=True)
+            out[:, :, rows], lse[:, :, rows] = merge_partial_attention(
+                out[:, :, rows], lse[:, :, rows], o, l)
+        if more:
+            ring.finish(works, f"forward step {step + 1} of {ring.size - 1}")
+            kv = incoming
+    return out.to(q.dtype), lse
+
+
+def _block_backward(dout, q, k, v, lse, delta, *, causal: bool, scale: float):
+    """Gradients of one query block against one key block, FlashAttention-2 style.
+
+    ``lse`` and ``delta = rowsum(dO * O)`` are the *global* ones (over all keys), so the
+    probabilities recomputed here are this block's share of the full softmax and the
+    per-block gradients add up to the exact total.
+
+    Args:
+        dout: ``(B, H, T, Dv)``; q: ``(B, H, T, D)``; k: ``(B, Hkv, S, D)``;
+            v: ``(B, Hkv, S, Dv)``; lse, delta: ``(B, H, T)`` in the accumulation dtype.
+        causal: top-left causal mask (a diagonal block, ``S == T``).
+
+    Returns:
+        ``(dq, dk, dv)`` shaped like q, k, v, in ``lse``'s dtype.
+    """
+    B, H, T, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G, acc = H // Hkv, lse.dtype
+    # Group query heads by the key/value head they read, so GQA is a broadcast.
+    q5 = q.to(acc).reshape(B, Hkv, G, T, D)  # (B, Hkv, G, T, D)
+    do5 = dout.to(acc).reshape(B, Hkv, G, T, Dv)  # (B, Hkv, G, T, Dv)
+    lse5 = lse.reshape(B, Hkv, G, T, 1)  # (B, Hkv, G, T, 1)
+    delta5 = delta.reshape(B, Hkv, G, T, 1)  # (B, Hkv, G, T, 1)
+    k5, v5 = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)  # (B, Hkv, 1, S, D|Dv)
+    dq = torch.empty_like(q5)
+    dk = torch.zeros(B, Hkv, S, D, dtype=acc, device=q.device)
+    dv = torch.zeros(B, Hkv, S, Dv, dtype=acc, device=q.device)
+    for q0 in range(0, T, _BLOCK_Q):
+        q1 = min(q0 + _BLOCK_Q, T)
+        qt, dot = q5[..., q0:q1, :], do5[..., q0:q1, :]  # (B, Hkv, G, nq, D|Dv)
+        s = torch.matmul(qt, k5.transpose(-2, -1)).mul_(scale)  # (B, Hkv, G, nq, S)
+        if causal:
+            k_pos = torch.arange(S, device=q.device)
+            q_pos = torch.arange(q0, q1, device=q.device).unsqueeze(1)  # (nq, 1)
+            s.masked_fill_(k_pos > q_pos, float("-inf"))
+        p = s.sub_(lse5[..., q0:q1, :]).exp_()  # global softmax probabilities
+        dv += torch.matmul(p.transpose(-2, -1), dot).sum(2)
+        dp = torch.matmul(dot, v5.transpose(-2, -1))  # (B, Hkv, G, nq, S)
+        ds = p.mul_(dp.sub_(delta5[..., q0:q1, :])).mul_(scale)  # dS with the scale folded in
+        dq[..., q0:q1, :] = torch.matmul(ds, k5)
+        dk += torch.matmul(ds.transpose(-2, -1), qt).sum(2)
+    return dq.reshape(B, H, T, D), dk, dv  # dq: (B, H, T, D)
+
+
+def _ring_backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, layout: str,
+                   scale: float):
+    acc = lse.dtype
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)  # (B, H, T): the softmax backward's row term
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    # K/V go in the accumulation dtype (a lossless cast) so their gradients can share the buffer.
+    buf = _pack(k.to(acc), v.to(acc), torch.zeros(k.shape, dtype=acc, device=k.device),
+                torch.zeros(v.shape, dtype=acc, device=v.device))
+    n_kv = k.numel() + v.numel()
+    for step in range(ring.size):
+        k_s, v_s, dk_s, dv_s = _unpack(buf, k.shape, v.shape, k.shape, v.shape)
+        src = (ring.rank - step) % ring.size
+        for rows, keys, masked in _pieces(layout, causal, ring.rank, src, q.shape[2]):
+            dq_p, dk_p, dv_p = _block_backward(
+                dout[:, :, rows], q[:, :, rows], k_s[:, :, keys], v_s[:, :, keys],
+                lse[:, :, rows], delta[:, :, rows], causal=masked, scale=scale)
+            dq[:, :, rows] += dq_p
+            dk_s[:, :, keys] += dk_p  # writes into buf: the gradient travels with its block
+            dv_s[:, :, keys] += dv_p
+        if step + 1 < ring.size:
+            buf = ring.exchange(buf, f"backward step {step + 1} of {ring.size}")
+    dkv = buf[n_kv:]
+    if ring.size > 1:  # the finished gradient of block r + 1 is here: one hop home
+        dkv = ring.exchange(dkv.contiguous(), f"backward step {ring.size} of {ring.size}")
+    dk, dv = _unpack(dkv, k.shape, v.shape)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ring, causal, layout, scale):
+        out, lse = _ring_forward(q, k, v, ring, causal, layout, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.config = (ring, causal, layout, scale)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.config)
+        return dq, dk, dv, None, None, None, None
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, group=None,
+                   layout: str = "zigzag", scale: float | None = None) -> Tensor:
+    """Exact attention over a sequence sharded across the ranks of ``group``.
+
+    Call it on every rank of the group with that rank's shard (see
+    :func:`attnkit.distributed.shard`); it is a collective, like ``all_reduce``. Under
+    autograd every rank must also run backward through its output.
+
+    Args:
+        q: this rank's queries ``(B, H, T/P, D)``.
+        k: this rank's keys ``(B, Hkv, T/P, D)``; ``H % Hkv == 0`` (grouped-query attention).
+        v: this rank's values ``(B, Hkv, T/P, Dv)``.
+        causal: each token sees only tokens at or before its global position.
+        group: process group or 1-D DeviceMesh; default: the world group.
+        layout: how the sequence was sharded, ``"zigzag"`` (balanced for causal) or
+            ``"contiguous"``; must match the sharding (it decides the causal masks).
+        scale: score multiplier, default ``1/sqrt(D)``.
+
+    Returns:
+        This rank's output shard ``(B, H, T/P, Dv)`` in the input dtype.
+
+    Raises:
+        RuntimeError: no process group (call ``torch.distributed.init_process_group`` or
+            pass ``group``); a peer failed or timed out during the ring.
+        ValueError: unknown layout; shapes that differ across ranks or do not fit; an odd
+            shard length with zigzag (the full length must be divisible by ``2P``).
+        TypeError: non-tensor, non-float or mixed-dtype inputs.
+    """
+    group = resolve_group(group)
+    check_layout(layout)
+    check_shards(q, k, v, causal)
+    # Shapes, dtype size and flags must agree before the first message: a mismatch would
+    # otherwise surface as a hang or a garbled receive.
+    check_same_on_all_ranks(group, {
+        "B": q.shape[0], "H": q.shape[1], "Hkv": k.shape[1], "T/P": q.shape[2],
+        "S/P": k.shape[2], "D": q.shape[3], "Dv": v.shape[3], "itemsize": q.element_size(),
+        "causal": int(bool(causal)), "layout": LAYOUTS.index(layout),
+    }, q.device, "ring_attention")
+    check_shard_length(layout, q.shape[2])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _RingAttentionFn.apply(q, k, v, _Ring(group), bool(causal), layout, scale)
