@@ -1,0 +1,50 @@
+"""The ``attnkit`` command (also ``python -m attnkit``).
+
+Each subcommand lives in its own module, which exposes ``add_parser(subparsers)``: it adds
+its parser and binds the function to run with ``set_defaults(func=...)``. That function takes
+the parsed arguments and returns an exit code. A new feature adds a subcommand by appending
+its module to :data:`SUBCOMMAND_MODULES`; this file does not otherwise change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+__all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
+
+SUBCOMMAND_MODULES = [
+    "attnkit.walkthrough",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand in :data:`SUBCOMMAND_MODULES`."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="attnkit",
+        description="Attention mechanisms explained step by step and implemented for real "
+                    "training.")
+    parser.add_argument("--version", action="version", version=f"attnkit {__version__}")
+    subparsers = parser.add_subparsers(title="subcommands", dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``) and return its exit code.
+
+    ``--help``, ``--version`` and usage errors return argparse's codes (0, 0, 2) instead of
+    exiting, so callers and tests can embed the CLI.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse exits for --help, --version and bad usage
+        return stop.code if isinstance(stop.code, int) else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args))
