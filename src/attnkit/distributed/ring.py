@@ -263,8 +263,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, gro
             shard length with zigzag (the full length must be divisible by ``2P``).
         TypeError: non-tensor, non-float or mixed-dtype inputs.
     """
-    group = resolve_group(group)
     check_layout(layout)
+    group = resolve_group(group)
     check_shards(q, k, v, causal)
     # Shapes, dtype size and flags must agree before the first message: a mismatch would
     # otherwise surface as a hang or a garbled receive.

@@ -103,8 +103,8 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
             cannot serve the call.
         TypeError: non-tensor, non-float or mixed-dtype inputs.
     """
-    group = resolve_group(group)
     check_layout(layout)
+    group = resolve_group(group)
     check_shards(q, k, v, causal)
     rank, P = rank_and_size(group)
     check_same_on_all_ranks(group, {
