@@ -152,9 +152,19 @@ class SelfAttentionV1(nn.Module):
         self.W_value = nn.Parameter(torch.rand(d_in, d_out))
 
     def forward(self, x: Tensor, *, return_weights: bool = False):
-        """Args: ``x`` ``(T, d_in)`` or ``(B, T, d_in)``. Returns context ``(..., T, d_out)``
-        (and weights ``(..., T, T)`` if ``return_weights``). Raises: TypeError for a non-float
-        ``x`` or one whose dtype differs from the weights; ValueError for a wrong shape."""
+        """Attend over the tokens of ``x``.
+
+        Args:
+            x: embeddings ``(T, d_in)`` or ``(B, T, d_in)``.
+            return_weights: also return the attention weights ``(..., T, T)``.
+
+        Returns:
+            Context vectors ``(..., T, d_out)``, or ``(context, weights)``.
+
+        Raises:
+            TypeError: ``x`` is not a float tensor, or its dtype differs from the weights'.
+            ValueError: ``x`` is not 2-D or 3-D, or its last dim is not ``d_in``.
+        """
         _check_x(x, ranks=(2, 3), d_in=self.d_in, dtype=self.W_query.dtype)
         keys = x @ self.W_key  # (..., T, d_out)
         queries = x @ self.W_query  # (..., T, d_out)
@@ -287,10 +297,20 @@ class CausalAttention(nn.Module):
         self.register_buffer("mask", blocked)  # (context_length, context_length)
 
     def forward(self, x: Tensor, *, return_weights: bool = False):
-        """Args: ``x`` ``(B, T, d_in)`` with ``T <= context_length``. Returns context
-        ``(B, T, d_out)`` (and weights ``(B, T, T)``, after dropout, if ``return_weights``).
-        Raises: TypeError for a non-float ``x`` or a dtype unlike the weights'; ValueError for
-        a wrong shape or ``T > context_length``."""
+        """Attend causally over the tokens of ``x``.
+
+        Args:
+            x: embeddings ``(B, T, d_in)`` with ``T <= context_length``.
+            return_weights: also return the weights ``(B, T, T)`` (after dropout).
+
+        Returns:
+            Context vectors ``(B, T, d_out)``, or ``(context, weights)``.
+
+        Raises:
+            TypeError: ``x`` is not a float tensor, or its dtype differs from the weights'.
+            ValueError: ``x`` is not 3-D, its last dim is not ``d_in``, or
+                ``T > context_length``.
+        """
         _check_x(x, ranks=(3,), d_in=self.d_in, context_length=self.context_length,
                  dtype=self.W_query.weight.dtype)
         num_tokens = x.shape[1]
@@ -332,8 +352,18 @@ class MultiHeadAttentionWrapper(nn.Module):
              for _ in range(num_heads)])
 
     def forward(self, x: Tensor, *, return_weights: bool = False):
-        """Args: ``x`` ``(B, T, d_in)``. Returns context ``(B, T, d_out * num_heads)`` (and
-        weights ``(B, H, T, T)`` if ``return_weights``). Raises: as CausalAttention."""
+        """Run every head on ``x`` and concatenate.
+
+        Args:
+            x: embeddings ``(B, T, d_in)`` with ``T <= context_length``.
+            return_weights: also return the heads' weights ``(B, H, T, T)``.
+
+        Returns:
+            Context vectors ``(B, T, d_out * num_heads)``, or ``(context, weights)``.
+
+        Raises:
+            TypeError, ValueError: as :meth:`CausalAttention.forward`.
+        """
         outputs = [head(x, return_weights=True) for head in self.heads]
         context_vec = torch.cat([out for out, _ in outputs], dim=-1)  # (B, T, H * d_out)
         if not return_weights:
@@ -383,9 +413,18 @@ class MultiHeadAttention(nn.Module):
         self.register_buffer("mask", blocked)  # (context_length, context_length)
 
     def forward(self, x: Tensor, *, return_weights: bool = False):
-        """Args: ``x`` ``(B, T, d_in)`` with ``T <= context_length``. Returns context
-        ``(B, T, d_out)`` (and weights ``(B, H, T, T)`` if ``return_weights``). Raises: as
-        :meth:`CausalAttention.forward`."""
+        """Attend causally over the tokens of ``x`` with ``num_heads`` heads.
+
+        Args:
+            x: embeddings ``(B, T, d_in)`` with ``T <= context_length``.
+            return_weights: also return the weights ``(B, H, T, T)`` (after dropout).
+
+        Returns:
+            Context vectors ``(B, T, d_out)`` (after ``out_proj``), or ``(context, weights)``.
+
+        Raises:
+            TypeError, ValueError: as :meth:`CausalAttention.forward`.
+        """
         _check_x(x, ranks=(3,), d_in=self.d_in, context_length=self.context_length,
                  dtype=self.W_query.weight.dtype)
         b, num_tokens, _ = x.shape
