@@ -111,6 +111,9 @@ class MultiHeadAttention(nn.Module):
         if rope is None or rope is False:
             return None
         if rope is True:
+            if self.head_dim % 2:
+                raise ValueError(f"rope needs an even head dim (features rotate in pairs), but "
+                                 f"embed_dim / num_heads = {self.head_dim}")
             return RoPE(self.head_dim)
         if not isinstance(rope, RoPE):
             raise TypeError(f"rope must be True, False/None or an attnkit.rope.RoPE, got "

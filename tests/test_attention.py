@@ -1,0 +1,341 @@
+"""MultiHeadAttention against an independent math reference and torch.nn.MultiheadAttention,
+weight import, need_weights, dropout, state_dict, gradients, torch.compile and every error."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from attnkit import functional
+from attnkit.attention import MultiHeadAttention
+from attnkit.masks import MaskSpec
+from attnkit.rope import RoPE
+from attnkit.tutorial import MultiHeadAttention as TutorialMHA
+
+F64 = torch.float64
+
+
+def reference(mha, x, context=None, *, key_padding_mask=None, mask=None):
+    """The module recomputed from its state_dict with the plain-math spec (no engine)."""
+    H, Hkv, D, E = mha.num_heads, mha.num_kv_heads, mha.head_dim, mha.embed_dim
+    sd = mha.state_dict()
+    if "qkv_proj.weight" in sd:
+        w_q, w_kv = sd["qkv_proj.weight"].split((H * D, 2 * Hkv * D))
+        b_q, b_kv = sd["qkv_proj.bias"].split((H * D, 2 * Hkv * D)) if mha.qkv_proj.bias is not None else (0, 0)
+    else:
+        w_q, w_kv = sd["q_proj.weight"], sd["kv_proj.weight"]
+        b_q, b_kv = (sd["q_proj.bias"], sd["kv_proj.bias"]) if mha.q_proj.bias is not None else (0, 0)
+    src = x if context is None else context
+    B, T, S = x.shape[0], x.shape[1], src.shape[1]
+    q = (x @ w_q.T + b_q).view(B, T, H, D).transpose(1, 2)
+    k, v = (src @ w_kv.T + b_kv).view(B, S, 2, Hkv, D).permute(2, 0, 3, 1, 4)
+    if mha.rope is not None:
+        q, k = mha.rope(q, torch.arange(T)), mha.rope(k, torch.arange(S))
+    k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    dense = MaskSpec(causal=mha.causal, window=mha.window, key_padding_mask=key_padding_mask,
+                     mask=mask).dense(T, S)
+    out = functional.scaled_dot_product_attention(q, k, v, mask=dense)
+    return mha.out_proj(out.transpose(1, 2).reshape(B, T, E))
+
+
+def randn(*shape, dtype=F64, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+PADDING = torch.tensor([[True] * 7 + [False] * 4, [True] * 11])
+CASES = {
+    "plain": ({}, {}),
+    "causal_bias": ({"causal": True, "bias": True}, {}),
+    "gqa_rope": ({"num_kv_heads": 2, "rope": True, "causal": True}, {}),
+    "mqa_window": ({"num_kv_heads": 1, "window": 3}, {}),
+    "padding": ({}, {"key_padding_mask": PADDING}),
+    "dense_mask": ({"num_kv_heads": 3}, {"mask": randn(2, 1, 11, 11, seed=5) > 0}),
+    "cross_fused": ({"bias": True}, {"context": True}),
+    "cross_kv_dim": ({"kv_dim": 10, "num_kv_heads": 2}, {"context": True}),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "math", "sdpa", "chunked"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_math_reference(case, backend):
+    init, call = CASES[case]
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(24, 6, backend=backend, **init).double()
+    x = randn(2, 11, 24)
+    if call.get("context"):
+        call = {"context": randn(2, 9, mha.kv_dim, seed=1)}
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x, **call), reference(mha, x, **call))
+
+
+def torch_pair(bias=True, kdim=None, batch_first=True, num_heads=4, E=16):
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, num_heads, bias=bias, kdim=kdim, vdim=kdim,
+                                batch_first=batch_first).eval()
+    return ref, MultiHeadAttention.from_torch(ref)
+
+
+def test_from_torch_copies_every_weight():
+    ref, mha = torch_pair()
+    assert torch.equal(mha.qkv_proj.weight, ref.in_proj_weight)
+    assert torch.equal(mha.qkv_proj.bias, ref.in_proj_bias)
+    assert torch.equal(mha.out_proj.weight, ref.out_proj.weight)
+    ref, mha = torch_pair(bias=False, kdim=6)
+    assert torch.equal(mha.kv_proj.weight, torch.cat([ref.k_proj_weight, ref.v_proj_weight]))
+    assert mha.q_proj.bias is None and mha.out_proj.bias is None
+
+
+def causal(T):
+    return torch.ones(T, T, dtype=torch.bool).tril()
+
+
+@pytest.mark.parametrize("T", [1, 13, 97])
+@pytest.mark.parametrize("kind", ["self", "causal", "padding", "cross", "cross_kdim", "no_bias"])
+def test_matches_torch_multihead_attention(kind, T):
+    ref, mha = torch_pair(bias=kind != "no_bias", kdim=6 if kind == "cross_kdim" else None)
+    x = torch.randn(3, T, 16)
+    ctx = torch.randn(3, 5, 6 if kind == "cross_kdim" else 16) if "cross" in kind else x
+    ours_kw, torch_kw = {}, {}
+    if kind == "causal":  # torch's bool masks are True = blocked, attnkit's True = attend
+        mha.causal = True
+        torch_kw = {"attn_mask": ~causal(T), "is_causal": True}
+    if kind == "padding":
+        kpm = torch.rand(3, T) > 0.3
+        kpm[:, 0] = True  # torch's need_weights=False path gives NaN for all-padding rows
+        ours_kw, torch_kw = {"key_padding_mask": kpm}, {"key_padding_mask": ~kpm}
+    expected, _ = ref(x, ctx, ctx, need_weights=False, **torch_kw)
+    with torch.no_grad():
+        out = mha(x, None if ctx is x else ctx, **ours_kw)
+    torch.testing.assert_close(out, expected)
+
+
+def test_weights_match_torch_and_not_batch_first():
+    ref, mha = torch_pair(batch_first=False)
+    x = torch.randn(9, 2, 16)  # (T, B, E) for the torch module
+    expected, expected_w = ref(x, x, x, attn_mask=~causal(9), average_attn_weights=False)
+    mha.causal = True
+    out, weights = mha(x.transpose(0, 1), need_weights=True)
+    torch.testing.assert_close(out.transpose(0, 1), expected)
+    torch.testing.assert_close(weights, expected_w)
+
+
+def test_gqa_equals_full_mha_with_repeated_kv_heads():
+    torch.manual_seed(0)
+    H, Hkv, D = 6, 2, 4
+    gqa = MultiHeadAttention(24, H, num_kv_heads=Hkv, causal=True, rope=True, bias=True).double()
+    full = MultiHeadAttention(24, H, causal=True, rope=True, bias=True).double()
+    w_q, w_k, w_v = gqa.qkv_proj.weight.split((H * D, Hkv * D, Hkv * D))
+    b_q, b_k, b_v = gqa.qkv_proj.bias.split((H * D, Hkv * D, Hkv * D))
+
+    def rep(t):  # key/value head j serves query heads j*G .. j*G+G-1
+        return t.view(Hkv, D, *t.shape[1:]).repeat_interleave(H // Hkv, 0).reshape(H * D, *t.shape[1:])
+
+    with torch.no_grad():
+        full.qkv_proj.weight.copy_(torch.cat([w_q, rep(w_k), rep(w_v)]))
+        full.qkv_proj.bias.copy_(torch.cat([b_q, rep(b_k), rep(b_v)]))
+        full.out_proj.load_state_dict(gqa.out_proj.state_dict())
+        x = randn(2, 10, 24)
+        torch.testing.assert_close(gqa(x), full(x))
+        assert gqa.qkv_proj.weight.shape[0] < full.qkv_proj.weight.shape[0]
+
+
+def test_need_weights_rows_sum_to_one_or_zero_when_masked():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, num_kv_heads=2, bias=True).double()
+    x = randn(2, 6, 16)
+    kpm = torch.tensor([[True, True, False, True, False, False], [False] * 6])  # sample 1: all pad
+    out, weights = mha(x, key_padding_mask=kpm, need_weights=True)
+    assert weights.shape == (2, 4, 6, 6)
+    torch.testing.assert_close(weights[0].sum(-1), torch.ones(4, 6, dtype=F64))
+    assert (weights[0][..., ~kpm[0]] == 0).all()
+    assert (weights[1] == 0).all()
+    torch.testing.assert_close(out[1], mha.out_proj.bias.expand(6, 16))  # no key: bias only
+    torch.testing.assert_close(out, mha(x, key_padding_mask=kpm))
+    out.sum().backward()
+    assert torch.isfinite(mha.qkv_proj.weight.grad).all()
+
+
+def test_dropout_only_in_training_mode():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, dropout=0.5, backend="chunked")  # chunked has no dropout
+    x = torch.randn(2, 8, 16)
+    with pytest.raises(ValueError, match="dropout on attention weights is not implemented"):
+        mha(x)  # training mode: p=0.5 reaches the backend
+    mha.eval()
+    with torch.no_grad():
+        no_dropout = mha(x)  # eval mode: the module passes p=0, so chunked can serve it
+        mha.backend = "auto"
+        torch.testing.assert_close(mha(x), no_dropout)
+        mha.train()
+        assert not torch.allclose(mha(x), no_dropout)
+
+
+def test_from_tutorial_gives_identical_outputs():
+    torch.manual_seed(0)
+    for qkv_bias in (False, True):
+        tutorial = TutorialMHA(16, 16, context_length=20, dropout=0.1, num_heads=4,
+                               qkv_bias=qkv_bias).eval()
+        mha = MultiHeadAttention.from_tutorial(tutorial)
+        assert not mha.training and mha.dropout == 0.1 and mha.causal
+        assert (mha.qkv_proj.bias is not None) == qkv_bias and mha.out_proj.bias is not None
+        x = torch.randn(2, 20, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(mha(x), tutorial(x))
+    with pytest.raises(ValueError, match="d_in == d_out, got d_in=8, d_out=16"):
+        MultiHeadAttention.from_tutorial(TutorialMHA(8, 16, 4, 0.0, 2))
+
+
+def test_converters_leave_the_global_rng_alone():
+    ref = nn.MultiheadAttention(16, 4)
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    MultiHeadAttention.from_torch(ref)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"add_bias_kv": True}, "add_bias_kv and add_zero_attn"),
+    ({"add_zero_attn": True}, "add_bias_kv and add_zero_attn"),
+    ({"kdim": 6, "vdim": 8}, r"kdim \(6\) != vdim \(8\)"),
+])
+def test_from_torch_rejects_what_has_no_equivalent(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MultiHeadAttention.from_torch(nn.MultiheadAttention(16, 4, **kwargs))
+    with pytest.raises(TypeError, match="needs an nn.MultiheadAttention, got Linear"):
+        MultiHeadAttention.from_torch(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("init,keys", [
+    ({"bias": True}, {"qkv_proj.weight", "qkv_proj.bias", "out_proj.weight", "out_proj.bias"}),
+    ({"kv_dim": 6, "num_kv_heads": 1},
+     {"q_proj.weight", "kv_proj.weight", "out_proj.weight"}),
+])
+def test_state_dict_round_trip(init, keys):
+    torch.manual_seed(0)
+    src = MultiHeadAttention(12, 3, rope=True, **init)
+    assert set(src.state_dict()) == keys
+    dst = MultiHeadAttention(12, 3, rope=True, **init)
+    dst.load_state_dict(src.state_dict())
+    x, ctx = torch.randn(2, 5, 12), (torch.randn(2, 4, 6) if "kv_dim" in init else None)
+    with torch.no_grad():
+        if ctx is not None:
+            src.rope = dst.rope = None  # RoPE is self-attention only
+        torch.testing.assert_close(dst(x, ctx), src(x, ctx), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        MultiHeadAttention(12, 3, kv_dim=7).load_state_dict(MultiHeadAttention(12, 3).state_dict())
+
+
+@pytest.mark.parametrize("backend", ["auto", "chunked"])
+def test_gradcheck_float64(backend):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 2, num_kv_heads=1, causal=True, rope=True, bias=True,
+                             backend=backend).double()
+    x = randn(2, 3, 8).requires_grad_()
+    weight = mha.qkv_proj.weight
+    assert torch.autograd.gradcheck(lambda x, w: mha(x), (x, weight))
+
+
+@pytest.mark.parametrize("E,H,Hkv", [(15, 3, 1), (21, 7, 7), (10, 2, 2)])
+def test_odd_head_dims(E, H, Hkv):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(E, H, num_kv_heads=Hkv, causal=True).double()
+    x = randn(2, 97, E)
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x), reference(mha, x))
+
+
+def test_autocast_bfloat16_input_is_allowed():
+    mha = MultiHeadAttention(16, 4, causal=True)
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mha(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), mha(x), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"cache": True}, {"context": True}, {"need_weights": True}])
+def test_forward_has_no_graph_breaks(kwargs):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, num_kv_heads=2, causal=True, rope="context" not in kwargs)
+    x = torch.randn(2, 5, 16)
+    if kwargs.get("cache"):
+        kwargs["cache"] = mha.init_cache(2, 8)
+    if kwargs.get("context"):
+        kwargs["context"] = torch.randn(2, 7, 16)
+    explanation = torch._dynamo.explain(mha)(x, **kwargs)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, \
+        explanation.break_reasons
+
+
+def test_compiled_forward_and_backward_match_eager():
+    """AOTAutograd traces the forward and backward graphs inductor would get; no codegen."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, num_kv_heads=2, causal=True, rope=True)
+    compiled = torch.compile(mha, backend="aot_eager")
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    expected = mha(x)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), x)
+    out = compiled(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, grad_expected)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch internals
+def test_inductor_compiled_inference_matches_eager():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, num_kv_heads=2, causal=True, rope=True).eval()
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(mha)(x), mha(x))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"embed_dim": 10, "num_heads": 3}, ValueError, r"embed_dim \(10\) must be divisible by num_heads \(3\)"),
+    ({"num_kv_heads": 3}, ValueError, r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"),
+    ({"num_heads": 0}, ValueError, "num_heads must be a positive int, got 0"),
+    ({"dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\), got 1.0"),
+    ({"window": 0}, ValueError, "window must be a positive int"),
+    ({"backend": "fast"}, ValueError, "unknown backend 'fast'"),
+    ({"rope": "yes"}, TypeError, "rope must be True, False/None or an attnkit.rope.RoPE"),
+    ({"rope": RoPE(8)}, ValueError, r"rope.head_dim \(8\) must equal the head dim"),
+    ({"embed_dim": 12, "rope": True}, ValueError, "rope needs an even head dim .* = 3"),
+])
+def test_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MultiHeadAttention(**{"embed_dim": 16, "num_heads": 4, **kwargs})
+
+
+def test_forward_errors():
+    mha = MultiHeadAttention(16, 4)
+    x = torch.randn(2, 5, 16)
+    cases = [
+        (dict(x=torch.randn(5, 16)), ValueError, r"x must be \(B, length, embed_dim=16\), got shape \(5, 16\)"),
+        (dict(x=torch.randn(2, 5, 8)), ValueError, r"embed_dim=16\), got shape \(2, 5, 8\)"),
+        (dict(x=[1.0]), TypeError, "x must be a torch.Tensor, got list"),
+        (dict(x=x.double()), TypeError, "x has dtype torch.float64 but the module's parameters are torch.float32"),
+        (dict(x=x.to("meta")), ValueError, "x is on meta but the module's parameters are on cpu"),
+        (dict(context=torch.randn(2, 3, 6)), ValueError, r"context must be \(B, length, kv_dim=16\)"),
+        (dict(context=torch.randn(3, 3, 16)), ValueError, "context batch size 3 differs from x's 2"),
+        (dict(context=torch.randn(2, 3, 16).double()), TypeError, "context has dtype torch.float64"),
+        (dict(context=x, cache=mha.init_cache(2, 8)), ValueError, "cache= and rope apply to self-attention only"),
+        (dict(cache={}), TypeError, "cache must be a KVCache from init_cache"),
+        (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \(B, S\) = \(2, 5\)"),
+        (dict(mask=torch.ones(3, 5, 5, dtype=torch.bool)), ValueError, r"does not broadcast to \(B, H, T, S\) = \(2, 4, 5, 5\)"),
+        (dict(mask=torch.ones(5, 5)), TypeError, "mask must be a bool tensor"),
+    ]
+    for kwargs, error, match in cases:
+        kwargs = {"x": x, **kwargs}
+        with pytest.raises(error, match=match):
+            mha(kwargs.pop("x"), **kwargs)
+    cross_only = MultiHeadAttention(16, 4, kv_dim=6)
+    with pytest.raises(ValueError, match=r"kv_dim=6 features \(cross-attention\); pass context"):
+        cross_only(x)
+
+
+def test_repr_names_the_configuration():
+    text = repr(MultiHeadAttention(16, 4, num_kv_heads=2, kv_dim=8, causal=True))
+    assert "num_kv_heads=2" in text and "kv_dim=8" in text and "kv_proj" in text
