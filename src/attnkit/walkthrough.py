@@ -275,7 +275,9 @@ def add_parser(subparsers) -> None:
     """Register ``attnkit walkthrough`` (see :mod:`attnkit.cli`)."""
     parser = subparsers.add_parser(
         "walkthrough", help="print every step of the attention tutorial with its numbers",
-        description=__doc__.split("\n\n")[1].replace("``", ""))
+        description='Print every step of the attention tutorial on "Your journey starts with '
+                    'one step", under the tutorial\'s section titles and variable names, check '
+                    'the values it publishes, and write PNG heatmaps of the attention weights.')
     parser.add_argument("--out", type=Path, default=Path("out/walkthrough"), metavar="DIR",
                         help="directory for the PNG heatmaps (default: out/walkthrough)")
     parser.add_argument("--no-plots", action="store_true",
