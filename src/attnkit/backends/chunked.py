@@ -12,7 +12,9 @@ What this buys over ``sdpa``:
 * masks are applied per block from their description, so causal blocks above the diagonal
   and blocks outside a sliding window are never computed (window ``w`` costs O(T·w));
 * it returns the log-sum-exp, which split-KV decoding and ring attention need;
-* in bfloat16/float16 the matmuls run in the input dtype while the softmax runs in float32.
+* the softmax statistics and accumulators are float32 for bfloat16/float16 inputs. The
+  matmuls run in the input dtype on GPUs; on CPUs without native half-precision matmul
+  (where a bf16 matmul is several times slower than float32) the inputs are upcast once.
 
 Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``G = H // Hkv``
 queries per key/value head, ``N = B * Hkv``, ``T`` queries, ``S`` keys, ``D`` head dim.
@@ -104,11 +106,19 @@ def _query_tile(q4: Tensor, q0: int, q1: int) -> Tensor:
     return q4[:, :, q0:q1].reshape(N, G * (q1 - q0), D)
 
 
+def _matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the block matmuls run in (see the module docstring)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        return torch.float32
+    return x.dtype
+
+
 def _chunked_forward(q, k, v, lay: _Layout, scale: float):
     N, D, Dv = lay.B * lay.Hkv, q.shape[-1], v.shape[-1]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q4 = q.reshape(N, lay.G, lay.T, D)  # (N, G, T, D)
-    k3, v3 = k.reshape(N, lay.S, D), v.reshape(N, lay.S, Dv)  # (N, S, D)
+    mm = _matmul_dtype(q)
+    q4 = q.reshape(N, lay.G, lay.T, D).to(mm)  # (N, G, T, D)
+    k3, v3 = k.reshape(N, lay.S, D).to(mm), v.reshape(N, lay.S, Dv).to(mm)  # (N, S, D)
     out = torch.zeros(N, lay.G, lay.T, Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((N, lay.G, lay.T), float("-inf"), dtype=acc_dtype, device=q.device)
     for q0, q1, blocks in lay.tiles():
@@ -129,7 +139,7 @@ def _chunked_forward(q, k, v, lay: _Layout, scale: float):
             correction = torch.exp(m - m_safe)
             l.mul_(correction).add_(p.sum(dim=-1, keepdim=True))
             acc.mul_(correction)
-            acc += torch.matmul(p.to(v.dtype), v3[:, k0:k1]).to(acc_dtype)
+            acc += torch.matmul(p.to(mm), v3[:, k0:k1]).to(acc_dtype)
             m = m_new
         seen = l > 0
         tile_out = acc / torch.where(seen, l, torch.ones_like(l))  # (N, G*nq, Dv)
@@ -141,10 +151,10 @@ def _chunked_forward(q, k, v, lay: _Layout, scale: float):
 
 def _chunked_backward(grad_out, q, k, v, out, lse, lay: _Layout, scale: float):
     N, D, Dv = lay.B * lay.Hkv, q.shape[-1], v.shape[-1]
-    acc_dtype = lse.dtype
-    q4 = q.reshape(N, lay.G, lay.T, D)  # (N, G, T, D)
-    do4 = grad_out.reshape(N, lay.G, lay.T, Dv)  # (N, G, T, Dv)
-    k3, v3 = k.reshape(N, lay.S, D), v.reshape(N, lay.S, Dv)  # (N, S, D)
+    acc_dtype, mm = lse.dtype, _matmul_dtype(q)
+    q4 = q.reshape(N, lay.G, lay.T, D).to(mm)  # (N, G, T, D)
+    do4 = grad_out.reshape(N, lay.G, lay.T, Dv).to(mm)  # (N, G, T, Dv)
+    k3, v3 = k.reshape(N, lay.S, D).to(mm), v.reshape(N, lay.S, Dv).to(mm)  # (N, S, D)
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax backward's row term.
     delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1).reshape(N, lay.G, lay.T)
     # Fully masked rows have lse = -inf and only -inf scores; shift by 0 so P = 0, not NaN.
@@ -163,9 +173,9 @@ def _chunked_backward(grad_out, q, k, v, out, lse, lay: _Layout, scale: float):
             kb, vb = k3[:, k0:k1], v3[:, k0:k1]
             mask = lay.block_mask(q0, q1, k0, k1, crosses, q.device)
             p = _masked_scores(lay, qt, kb, scale, mask, nq, k1 - k0).sub_(lse_t).exp_()
-            dv[:, k0:k1] += torch.matmul(p.to(v.dtype).transpose(-2, -1), dot).to(acc_dtype)
+            dv[:, k0:k1] += torch.matmul(p.to(mm).transpose(-2, -1), dot).to(acc_dtype)
             dp = torch.matmul(dot, vb.transpose(-2, -1)).to(acc_dtype)  # (N, G*nq, nk)
-            ds = p.mul_(dp.sub_(delta_t)).mul_(scale).to(q.dtype)  # dS, scale folded in
+            ds = p.mul_(dp.sub_(delta_t)).mul_(scale).to(mm)  # dS, scale folded in
             dq_t += torch.matmul(ds, kb).to(acc_dtype)
             dk[:, k0:k1] += torch.matmul(ds.transpose(-2, -1), qt).to(acc_dtype)
         dq[:, :, q0:q1] = dq_t.view(N, lay.G, nq, D)
