@@ -47,4 +47,4 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.func(args))
+    return int(args.func(args) or 0)  # a subcommand that returns None succeeded
