@@ -7,19 +7,30 @@ Layers, each using only the ones above it:
 * :mod:`attnkit.backends` - ``math``, ``sdpa``, ``chunked`` engines behind one contract.
 * :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point.
 * :mod:`attnkit.tutorial` - the tutorial's ladder of attention classes, rung by rung.
+* :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache).
+* :mod:`attnkit.viz` - attention heatmaps and head grids (optional extra ``viz``, lazy).
+* :mod:`attnkit.walkthrough` - ``attnkit walkthrough``: the tutorial step by step, with numbers.
 """
 
+from . import tutorial
+from .attention import MultiHeadAttention
 from .backends import available_backends, register_backend
-from .engine import Explanation, attention, explain
+from .engine import Explanation, attention, explain  # after .attention: binds the function
+from .kv_cache import KVCache
 from .masks import MaskSpec
+from .rope import RoPE
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Explanation",
+    "KVCache",
     "MaskSpec",
+    "MultiHeadAttention",
+    "RoPE",
     "attention",
     "available_backends",
     "explain",
     "register_backend",
+    "tutorial",
 ]
