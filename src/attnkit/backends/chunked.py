@@ -89,15 +89,22 @@ class _Layout:
         return mask
 
 
-def _masked_scores(lay: _Layout, qt, kb, scale, mask, nq, nk):
-    """Scaled float32 scores ``(N, G*nq, nk)`` with masked entries at -inf."""
+def _masked_scores(lay: _Layout, qt, kb, mask, nq, nk):
+    """Float32 (float64) scores ``(N, G*nq, nk)`` of pre-scaled queries, masked with -inf."""
     s = torch.matmul(qt, kb.transpose(-2, -1))  # (N, G*nq, nk)
-    s = s.float() if s.dtype != torch.float64 else s
-    s.mul_(scale)
+    s = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
     if mask is not None:
         grouped = s.view(lay.B, lay.Hkv, lay.G, nq, nk)  # (B, Hkv, G, nq, nk)
         grouped.masked_fill_(~mask, float("-inf"))
     return s
+
+
+def _grouped_queries(q: Tensor, lay: _Layout, mm: torch.dtype, scale: float) -> Tensor:
+    """``(B, H, T, D) -> (N, G, T, D)`` in the matmul dtype, times ``scale``.
+
+    Scaling the ``T x D`` queries once is cheaper than scaling every ``nq x nk`` score block.
+    """
+    return q.reshape(lay.B * lay.Hkv, lay.G, lay.T, q.shape[-1]).to(mm) * scale  # (N, G, T, D)
 
 
 def _query_tile(q4: Tensor, q0: int, q1: int) -> Tensor:
@@ -117,7 +124,7 @@ def _chunked_forward(q, k, v, lay: _Layout, scale: float):
     N, D, Dv = lay.B * lay.Hkv, q.shape[-1], v.shape[-1]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     mm = _matmul_dtype(q)
-    q4 = q.reshape(N, lay.G, lay.T, D).to(mm)  # (N, G, T, D)
+    q4 = _grouped_queries(q, lay, mm, scale)  # (N, G, T, D)
     k3, v3 = k.reshape(N, lay.S, D).to(mm), v.reshape(N, lay.S, Dv).to(mm)  # (N, S, D)
     out = torch.zeros(N, lay.G, lay.T, Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((N, lay.G, lay.T), float("-inf"), dtype=acc_dtype, device=q.device)
@@ -131,7 +138,7 @@ def _chunked_forward(q, k, v, lay: _Layout, scale: float):
         acc = torch.zeros(N, lay.G * nq, Dv, dtype=acc_dtype, device=q.device)
         for k0, k1, crosses in blocks:
             mask = lay.block_mask(q0, q1, k0, k1, crosses, q.device)
-            s = _masked_scores(lay, qt, k3[:, k0:k1], scale, mask, nq, k1 - k0)
+            s = _masked_scores(lay, qt, k3[:, k0:k1], mask, nq, k1 - k0)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             # While a row has seen only masked keys its max is -inf; shift by 0 instead.
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -152,7 +159,7 @@ def _chunked_forward(q, k, v, lay: _Layout, scale: float):
 def _chunked_backward(grad_out, q, k, v, out, lse, lay: _Layout, scale: float):
     N, D, Dv = lay.B * lay.Hkv, q.shape[-1], v.shape[-1]
     acc_dtype, mm = lse.dtype, _matmul_dtype(q)
-    q4 = q.reshape(N, lay.G, lay.T, D).to(mm)  # (N, G, T, D)
+    q4 = _grouped_queries(q, lay, mm, scale)  # (N, G, T, D)
     do4 = grad_out.reshape(N, lay.G, lay.T, Dv).to(mm)  # (N, G, T, Dv)
     k3, v3 = k.reshape(N, lay.S, D).to(mm), v.reshape(N, lay.S, Dv).to(mm)  # (N, S, D)
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax backward's row term.
@@ -172,13 +179,14 @@ def _chunked_backward(grad_out, q, k, v, out, lse, lay: _Layout, scale: float):
         for k0, k1, crosses in blocks:
             kb, vb = k3[:, k0:k1], v3[:, k0:k1]
             mask = lay.block_mask(q0, q1, k0, k1, crosses, q.device)
-            p = _masked_scores(lay, qt, kb, scale, mask, nq, k1 - k0).sub_(lse_t).exp_()
+            p = _masked_scores(lay, qt, kb, mask, nq, k1 - k0).sub_(lse_t).exp_()
             dv[:, k0:k1] += torch.matmul(p.to(mm).transpose(-2, -1), dot).to(acc_dtype)
             dp = torch.matmul(dot, vb.transpose(-2, -1)).to(acc_dtype)  # (N, G*nq, nk)
-            ds = p.mul_(dp.sub_(delta_t)).mul_(scale).to(mm)  # dS, scale folded in
+            ds = p.mul_(dp.sub_(delta_t)).to(mm)  # dL/d(scores), scores = (scale·q) kᵀ
             dq_t += torch.matmul(ds, kb).to(acc_dtype)
-            dk[:, k0:k1] += torch.matmul(ds.transpose(-2, -1), qt).to(acc_dtype)
+            dk[:, k0:k1] += torch.matmul(ds.transpose(-2, -1), qt).to(acc_dtype)  # qt scaled
         dq[:, :, q0:q1] = dq_t.view(N, lay.G, nq, D)
+    dq.mul_(scale)  # the chain rule through q·scale, once for all blocks
     return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype),
             dv.view(v.shape).to(v.dtype))
 
