@@ -284,3 +284,20 @@ def test_errors(call, exc, match):
     q, k, v = qkv()
     with pytest.raises(exc, match=match):
         call(q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["sdpa", "chunked"])
+def test_cuda_backends_match_math(dtype, backend):
+    q, k, v = (t.cuda().to(dtype).requires_grad_() for t in qkv(B=2, H=4, Hkv=2, T=300, S=300,
+                                                                 D=64, seed=5))
+    kwargs = {"window": 100, "key_padding_mask": torch.ones(2, 300, dtype=torch.bool,
+                                                              device="cuda")}
+    ref64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attnkit.attention(*ref64, backend="math", **kwargs)
+    math_low = attnkit.attention(q, k, v, backend="math", **kwargs)
+    out = attnkit.attention(q, k, v, backend=backend, **kwargs)
+    assert (out.double() - ref).abs().max() <= 2 * (math_low.double() - ref).abs().max() + 1e-6
+    out.float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
