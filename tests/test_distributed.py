@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from _dist_harness import run_ranks, values
 
+import attnkit.distributed.ring as ring_module
 from attnkit.backends import repeat_kv
 from attnkit.distributed import (LAYOUTS, position_ids, ring_attention, shard,
                                  ulysses_attention, unshard)
@@ -61,6 +62,9 @@ def _sharded_run(fn, T, layout, causal, dtype=torch.float64, group=None, **kwarg
 
 
 def _equivalence_rank(rank, P):
+    # Backward tiles of 4 query rows against 6-key blocks: several tiles, a partial last one
+    # and a causal mask offset by the tile start get exercised, not one tile that fits all.
+    ring_module._TILE = 4 * 6
     T = 6 * P
     sends = []
     isend = dist.isend  # count point-to-point messages (patched in this forked rank only)

@@ -50,8 +50,9 @@ from .sharding import (LAYOUTS, check_layout, check_same_on_all_ranks, check_sha
 
 __all__ = ["ring_attention"]
 
-# Query rows per backward tile: the tile's scores are (B, H, _BLOCK_Q, T), linear in T.
-_BLOCK_Q = 256
+# Score entries per head in one backward tile (chunked's default 256 x 512): the tile holds
+# every key of the block and as many query rows as fit, so its memory does not grow with T.
+_TILE = 256 * 512
 
 
 class _Ring:
@@ -174,8 +175,9 @@ def _block_backward(dout, q, k, v, lse, delta, *, causal: bool, scale: float):
     dq = torch.empty_like(q5)
     dk = torch.zeros(B, Hkv, S, D, dtype=acc, device=q.device)
     dv = torch.zeros(B, Hkv, S, Dv, dtype=acc, device=q.device)
-    for q0 in range(0, T, _BLOCK_Q):
-        q1 = min(q0 + _BLOCK_Q, T)
+    rows = max(1, _TILE // S)
+    for q0 in range(0, T, rows):
+        q1 = min(q0 + rows, T)
         qt, dot = q5[..., q0:q1, :], do5[..., q0:q1, :]  # (B, Hkv, G, nq, D|Dv)
         s = torch.matmul(qt, k5.transpose(-2, -1)).mul_(scale)  # (B, Hkv, G, nq, S)
         if causal:
