@@ -45,7 +45,7 @@ def build(method: str, E: int, H: int) -> MultiHeadAttention:
 
 
 def make_decode(method: str, context: int, tokens: int, E: int, H: int, B: int):
-    """A ``setup`` for :class:`_common.Case`: one call decodes ``tokens`` tokens after ``context``."""
+    """A ``setup`` for :class:`_common.Case`: one call decodes ``tokens`` after ``context``."""
 
     def setup():
         mha = build(method, E, H)
@@ -78,7 +78,8 @@ def check_same_output(E: int, H: int, context: int) -> float:
     with torch.inference_mode():
         cache = mha.init_cache(1, context + 4)
         mha(x[:, :context], cache=cache)
-        cached = torch.cat([mha(x[:, i:i + 1], cache=cache) for i in range(context, context + 4)], 1)
+        steps = [mha(x[:, i:i + 1], cache=cache) for i in range(context, context + 4)]
+        cached = torch.cat(steps, dim=1)  # (1, 4, E)
         full = mha(x)[:, context:]
     return (cached - full).abs().max().item()
 

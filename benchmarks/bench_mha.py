@@ -170,7 +170,8 @@ def summary(rows: list[dict]) -> list[str]:
             fastest = min((r for r in rows if r["group"] == group and r["peer"]),
                           key=lambda r: r["median_ms"])
             verdict = "within 5%" if ours["ratio"] <= 1.05 else "NOT within 5%"
-            line = f"{group}: attnkit {ours['ratio']:.2f}x the fastest ({fastest['impl']}): {verdict}"
+            line = (f"{group}: attnkit {ours['ratio']:.2f}x the fastest "
+                    f"({fastest['impl']}): {verdict}")
             tut = by.get((group, "tutorial MHA"))
             if tut:
                 line += f"; tutorial MHA / attnkit = {tut['median_ms'] / ours['median_ms']:.2f}x"

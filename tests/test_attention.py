@@ -22,10 +22,12 @@ def reference(mha, x, context=None, *, key_padding_mask=None, mask=None):
     sd = mha.state_dict()
     if "qkv_proj.weight" in sd:
         w_q, w_kv = sd["qkv_proj.weight"].split((H * D, 2 * Hkv * D))
-        b_q, b_kv = sd["qkv_proj.bias"].split((H * D, 2 * Hkv * D)) if mha.qkv_proj.bias is not None else (0, 0)
+        b_q, b_kv = (0, 0)
+        if mha.qkv_proj.bias is not None:
+            b_q, b_kv = sd["qkv_proj.bias"].split((H * D, 2 * Hkv * D))
     else:
         w_q, w_kv = sd["q_proj.weight"], sd["kv_proj.weight"]
-        b_q, b_kv = (sd["q_proj.bias"], sd["kv_proj.bias"]) if mha.q_proj.bias is not None else (0, 0)
+        b_q, b_kv = (sd["q_proj.bias"], sd["kv_proj.bias"]) if "q_proj.bias" in sd else (0, 0)
     src = x if context is None else context
     B, T, S = x.shape[0], x.shape[1], src.shape[1]
     q = (x @ w_q.T + b_q).view(B, T, H, D).transpose(1, 2)
@@ -129,7 +131,8 @@ def test_gqa_equals_full_mha_with_repeated_kv_heads():
     b_q, b_k, b_v = gqa.qkv_proj.bias.split((H * D, Hkv * D, Hkv * D))
 
     def rep(t):  # key/value head j serves query heads j*G .. j*G+G-1
-        return t.view(Hkv, D, *t.shape[1:]).repeat_interleave(H // Hkv, 0).reshape(H * D, *t.shape[1:])
+        rest = t.shape[1:]
+        return t.view(Hkv, D, *rest).repeat_interleave(H // Hkv, 0).reshape(H * D, *rest)
 
     with torch.no_grad():
         full.qkv_proj.weight.copy_(torch.cat([w_q, rep(w_k), rep(w_v)]))
@@ -294,8 +297,10 @@ def test_inductor_compiled_inference_matches_eager():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    ({"embed_dim": 10, "num_heads": 3}, ValueError, r"embed_dim \(10\) must be divisible by num_heads \(3\)"),
-    ({"num_kv_heads": 3}, ValueError, r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"),
+    ({"embed_dim": 10, "num_heads": 3}, ValueError,
+     r"embed_dim \(10\) must be divisible by num_heads \(3\)"),
+    ({"num_kv_heads": 3}, ValueError,
+     r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"),
     ({"num_heads": 0}, ValueError, "num_heads must be a positive int, got 0"),
     ({"dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\), got 1.0"),
     ({"window": 0}, ValueError, "window must be a positive int"),
@@ -309,31 +314,48 @@ def test_constructor_errors(kwargs, error, match):
         MultiHeadAttention(**{"embed_dim": 16, "num_heads": 4, **kwargs})
 
 
-def test_forward_errors():
+BOOL = torch.bool
+FORWARD_ERRORS = {  # name: (changes to the call of mha(x) below, error, message)
+    "rank": (dict(x=torch.randn(5, 16)), ValueError,
+             r"x must be \(B, length, embed_dim=16\), got shape \(5, 16\)"),
+    "features": (dict(x=torch.randn(2, 5, 8)), ValueError,
+                 r"embed_dim=16\), got shape \(2, 5, 8\)"),
+    "type": (dict(x=[1.0]), TypeError, "x must be a torch.Tensor, got list"),
+    "dtype": (dict(x=torch.randn(2, 5, 16).double()), TypeError,
+              "x has dtype torch.float64 but the module's parameters are torch.float32"),
+    "device": (dict(x=torch.randn(2, 5, 16, device="meta")), ValueError,
+               "x is on meta but the module's parameters are on cpu"),
+    "context_features": (dict(context=torch.randn(2, 3, 6)), ValueError,
+                         r"context must be \(B, length, kv_dim=16\)"),
+    "context_batch": (dict(context=torch.randn(3, 3, 16)), ValueError,
+                      "context batch size 3 differs from x's 2"),
+    "context_dtype": (dict(context=torch.randn(2, 3, 16).double()), TypeError,
+                      "context has dtype torch.float64"),
+    "context_cache": (dict(context=torch.randn(2, 3, 16), cache="cache"), ValueError,
+                      "cache= and rope apply to self-attention only"),
+    "cache_type": (dict(cache={}), TypeError, "cache must be a KVCache from init_cache"),
+    "padding_shape": (dict(key_padding_mask=torch.ones(2, 4, dtype=BOOL)), ValueError,
+                      r"key_padding_mask must have shape \(B, S\) = \(2, 5\)"),
+    "mask_shape": (dict(mask=torch.ones(3, 5, 5, dtype=BOOL)), ValueError,
+                   r"does not broadcast to \(B, H, T, S\) = \(2, 4, 5, 5\)"),
+    "mask_dtype": (dict(mask=torch.ones(5, 5)), TypeError, "mask must be a bool tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORWARD_ERRORS))
+def test_forward_errors(case):
+    changes, error, match = FORWARD_ERRORS[case]
     mha = MultiHeadAttention(16, 4)
-    x = torch.randn(2, 5, 16)
-    cases = [
-        (dict(x=torch.randn(5, 16)), ValueError, r"x must be \(B, length, embed_dim=16\), got shape \(5, 16\)"),
-        (dict(x=torch.randn(2, 5, 8)), ValueError, r"embed_dim=16\), got shape \(2, 5, 8\)"),
-        (dict(x=[1.0]), TypeError, "x must be a torch.Tensor, got list"),
-        (dict(x=x.double()), TypeError, "x has dtype torch.float64 but the module's parameters are torch.float32"),
-        (dict(x=x.to("meta")), ValueError, "x is on meta but the module's parameters are on cpu"),
-        (dict(context=torch.randn(2, 3, 6)), ValueError, r"context must be \(B, length, kv_dim=16\)"),
-        (dict(context=torch.randn(3, 3, 16)), ValueError, "context batch size 3 differs from x's 2"),
-        (dict(context=torch.randn(2, 3, 16).double()), TypeError, "context has dtype torch.float64"),
-        (dict(context=x, cache=mha.init_cache(2, 8)), ValueError, "cache= and rope apply to self-attention only"),
-        (dict(cache={}), TypeError, "cache must be a KVCache from init_cache"),
-        (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \(B, S\) = \(2, 5\)"),
-        (dict(mask=torch.ones(3, 5, 5, dtype=torch.bool)), ValueError, r"does not broadcast to \(B, H, T, S\) = \(2, 4, 5, 5\)"),
-        (dict(mask=torch.ones(5, 5)), TypeError, "mask must be a bool tensor"),
-    ]
-    for kwargs, error, match in cases:
-        kwargs = {"x": x, **kwargs}
-        with pytest.raises(error, match=match):
-            mha(kwargs.pop("x"), **kwargs)
-    cross_only = MultiHeadAttention(16, 4, kv_dim=6)
+    kwargs = {"x": torch.randn(2, 5, 16), **changes}
+    if kwargs.get("cache") == "cache":
+        kwargs["cache"] = mha.init_cache(2, 8)
+    with pytest.raises(error, match=match):
+        mha(kwargs.pop("x"), **kwargs)
+
+
+def test_cross_only_module_needs_context():
     with pytest.raises(ValueError, match=r"kv_dim=6 features \(cross-attention\); pass context"):
-        cross_only(x)
+        MultiHeadAttention(16, 4, kv_dim=6)(torch.randn(2, 5, 16))
 
 
 def test_repr_names_the_configuration():

@@ -72,7 +72,8 @@ def test_constructor_rejects_bad_sizes(name):
 def test_init_cache_matches_the_layer():
     mha = MultiHeadAttention(24, 6, num_kv_heads=2).double()
     cache = mha.init_cache(3, 17)
-    assert (cache.batch_size, cache.num_kv_heads, cache.max_seq_len, cache.head_dim) == (3, 2, 17, 4)
+    sizes = (cache.batch_size, cache.num_kv_heads, cache.max_seq_len, cache.head_dim)
+    assert sizes == (3, 2, 17, 4)
     assert cache.k.dtype == torch.float64 and cache.pos == 0
     assert "max_seq_len=17" in repr(cache)
 
@@ -141,8 +142,10 @@ def test_module_errors_leave_the_cache_untouched():
             mha(torch.randn(2, 3, 16), cache=cache)
         with pytest.raises(ValueError, match="batch size 3"):
             mha(torch.randn(3, 1, 16), cache=cache)
-        with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, S\) = \(2, 5\)"):
-            mha(torch.randn(2, 1, 16), cache=cache, key_padding_mask=torch.ones(2, 1, dtype=torch.bool))
+        one_key = torch.ones(2, 1, dtype=torch.bool)  # but the step attends over 5 positions
+        with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, S\) = "
+                                             r"\(2, 5\)"):
+            mha(torch.randn(2, 1, 16), cache=cache, key_padding_mask=one_key)
     assert cache.pos == 4
 
 

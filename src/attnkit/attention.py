@@ -96,7 +96,8 @@ class MultiHeadAttention(nn.Module):
 
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim, self.kv_dim = embed_dim // num_heads, kv_dim
-        self.dropout, self.causal, self.window = float(dropout), bool(causal), window
+        self.dropout, self.window = float(dropout), window
+        self.causal = bool(causal) or window is not None  # a window only looks back (MaskSpec)
         self.backend = backend
         q_dim, kv_out = num_heads * self.head_dim, 2 * num_kv_heads * self.head_dim
         if kv_dim == embed_dim:
@@ -147,13 +148,13 @@ class MultiHeadAttention(nn.Module):
     def _check_inputs(self, x, context, cache) -> None:
         _check_tensor("x", x, self.embed_dim, "embed_dim")
         weight = self.out_proj.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the module's parameters are on "
+                             f"{weight.device}; move one of them")
         # Under autocast the input may legitimately be bfloat16 while the weights are float32.
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x has dtype {x.dtype} but the module's parameters are "
                             f"{weight.dtype}; convert one of them (x.to(...) or module.to(...))")
-        if x.device != weight.device:
-            raise ValueError(f"x is on {x.device} but the module's parameters are on "
-                             f"{weight.device}; move one of them")
         if context is None:
             if self.kv_dim != self.embed_dim:
                 raise ValueError(f"this module projects keys/values from kv_dim={self.kv_dim} "

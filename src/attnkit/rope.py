@@ -55,7 +55,8 @@ class RoPE(nn.Module):
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base:g}, scaling={self.scaling:g}"
 
-    def angles(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    def angles(self, positions: Tensor,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """cos and sin of ``position * theta_i`` for every position and pair.
 
         Args:
