@@ -1,0 +1,4 @@
+"""Locally generated data sets for the demos (no downloads).
+
+* :mod:`attnkit.data.dates` - human-readable dates paired with ISO dates, with field spans.
+"""
