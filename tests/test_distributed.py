@@ -62,9 +62,9 @@ def _sharded_run(fn, T, layout, causal, dtype=torch.float64, group=None, **kwarg
 
 
 def _equivalence_rank(rank, P):
-    # Backward tiles of 4 query rows against 6-key blocks: several tiles, a partial last one
-    # and a causal mask offset by the tile start get exercised, not one tile that fits all.
-    ring_module._TILE = 4 * 6
+    # Backward tiles of 4 x 4 on blocks of 6 (or 3) keys: several tiles, partial last ones,
+    # skipped and masked causal tiles get exercised, not one tile that fits all.
+    ring_module._BLOCK_Q = ring_module._BLOCK_K = 4
     T = 6 * P
     sends = []
     isend = dist.isend  # count point-to-point messages (patched in this forked rank only)

@@ -50,9 +50,9 @@ from .sharding import (LAYOUTS, check_layout, check_same_on_all_ranks, check_sha
 
 __all__ = ["ring_attention"]
 
-# Score entries per head in one backward tile (chunked's default 256 x 512): the tile holds
-# every key of the block and as many query rows as fit, so its memory does not grow with T.
-_TILE = 256 * 512
+# Backward tile: query rows x keys per head, as in the chunked backend, so temporaries do
+# not grow with the sequence.
+_BLOCK_Q, _BLOCK_K = 256, 512
 
 
 class _Ring:
@@ -80,11 +80,13 @@ class _Ring:
         except RuntimeError as err:
             raise RuntimeError(
                 f"ring_attention: {what} failed on rank {self.rank} of {self.size} while "
-                f"exchanging with ranks {self.prev} and {self.next}; another rank has probably "
-                f"raised or died (see its error), or the process group timed out: {err}"
+                f"receiving from global rank {self.prev} and sending to {self.next}; another "
+                f"rank has probably raised or died (see its error), or the process group "
+                f"timed out: {err}"
             ) from err
 
     def exchange(self, send: Tensor, what: str) -> Tensor:
+        """Send ``send`` on, return what the previous rank sent, both finished."""
         recv, works = self.start(send)
         self.finish(works, what)
         return recv
@@ -119,9 +121,10 @@ def _pieces(layout: str, causal: bool, rank: int, src: int, n: int):
     if layout == "contiguous":
         return [(every, every, False)] if src < rank else []
     half = n // 2
-    if src < rank:  # both its chunks are further from the middle: only its early chunk counts
+    if src < rank:  # its early chunk precedes both of ours, its late chunk follows both
         return [(every, slice(0, half), False)]
-    return [(slice(half, None), every, False)]  # only our late chunk sees its chunks
+    # Both its chunks lie between ours: only our late chunk sees them, and all of them.
+    return [(slice(half, None), every, False)]
 
 
 def _ring_forward(q, k, v, ring: _Ring, causal: bool, layout: str, scale: float):
@@ -148,49 +151,51 @@ def _ring_forward(q, k, v, ring: _Ring, causal: bool, layout: str, scale: float)
     return out.to(q.dtype), lse
 
 
-def _block_backward(dout, q, k, v, lse, delta, *, causal: bool, scale: float):
-    """Gradients of one query block against one key block, FlashAttention-2 style.
+def _block_backward(dout, q, k, v, lse, delta, grads, *, causal: bool, scale: float):
+    """Add one query block's and one key block's gradients into ``grads``, FA2 style.
 
     ``lse`` and ``delta = rowsum(dO * O)`` are the *global* ones (over all keys), so the
     probabilities recomputed here are this block's share of the full softmax and the
-    per-block gradients add up to the exact total.
+    per-block gradients add up to the exact total. Work goes in tiles of
+    ``_BLOCK_Q x _BLOCK_K`` scores per head; with ``causal``, tiles above the diagonal are
+    skipped and only those crossing it are masked.
 
     Args:
         dout: ``(B, H, T, Dv)``; q: ``(B, H, T, D)``; k: ``(B, Hkv, S, D)``;
             v: ``(B, Hkv, S, Dv)``; lse, delta: ``(B, H, T)`` in the accumulation dtype.
+        grads: ``(dq, dk, dv)`` shaped like q, k, v in the accumulation dtype; updated in
+            place (views into the ring buffers are fine).
         causal: top-left causal mask (a diagonal block, ``S == T``).
-
-    Returns:
-        ``(dq, dk, dv)`` shaped like q, k, v, in ``lse``'s dtype.
     """
     B, H, T, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G, acc = H // Hkv, lse.dtype
-    # Group query heads by the key/value head they read, so GQA is a broadcast.
-    q5 = q.to(acc).reshape(B, Hkv, G, T, D)  # (B, Hkv, G, T, D)
-    do5 = dout.to(acc).reshape(B, Hkv, G, T, Dv)  # (B, Hkv, G, T, Dv)
-    lse5 = lse.reshape(B, Hkv, G, T, 1)  # (B, Hkv, G, T, 1)
-    delta5 = delta.reshape(B, Hkv, G, T, 1)  # (B, Hkv, G, T, 1)
-    k5, v5 = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)  # (B, Hkv, 1, S, D|Dv)
-    dq = torch.empty_like(q5)
-    dk = torch.zeros(B, Hkv, S, D, dtype=acc, device=q.device)
-    dv = torch.zeros(B, Hkv, S, Dv, dtype=acc, device=q.device)
-    rows = max(1, _TILE // S)
-    for q0 in range(0, T, rows):
-        q1 = min(q0 + rows, T)
-        qt, dot = q5[..., q0:q1, :], do5[..., q0:q1, :]  # (B, Hkv, G, nq, D|Dv)
-        s = torch.matmul(qt, k5.transpose(-2, -1)).mul_(scale)  # (B, Hkv, G, nq, S)
-        if causal:
-            k_pos = torch.arange(S, device=q.device)
-            q_pos = torch.arange(q0, q1, device=q.device).unsqueeze(1)  # (nq, 1)
-            s.masked_fill_(k_pos > q_pos, float("-inf"))
-        p = s.sub_(lse5[..., q0:q1, :]).exp_()  # global softmax probabilities
-        dv += torch.matmul(p.transpose(-2, -1), dot).sum(2)
-        dp = torch.matmul(dot, v5.transpose(-2, -1))  # (B, Hkv, G, nq, S)
-        ds = p.mul_(dp.sub_(delta5[..., q0:q1, :])).mul_(scale)  # dS with the scale folded in
-        dq[..., q0:q1, :] = torch.matmul(ds, k5)
-        dk += torch.matmul(ds.transpose(-2, -1), qt).sum(2)
-    return dq.reshape(B, H, T, D), dk, dv  # dq: (B, H, T, D)
+    # Group query heads by the key/value head they read, so GQA is a broadcast. Splitting
+    # a dim is always a view, so the in-place updates below reach the caller's tensors.
+    q5, do5 = q.view(B, Hkv, G, T, D), dout.view(B, Hkv, G, T, Dv)  # (B, Hkv, G, T, D|Dv)
+    lse5, delta5 = lse.view(B, Hkv, G, T, 1), delta.view(B, Hkv, G, T, 1)
+    dq5 = grads[0].view(B, Hkv, G, T, D)  # (B, Hkv, G, T, D)
+    dk, dv = grads[1], grads[2]  # (B, Hkv, S, D|Dv)
+    for q0 in range(0, T, _BLOCK_Q):
+        q1 = min(q0 + _BLOCK_Q, T)
+        qt, dot = q5[..., q0:q1, :].to(acc), do5[..., q0:q1, :].to(acc)  # (B, Hkv, G, nq, _)
+        lse_t, delta_t = lse5[..., q0:q1, :], delta5[..., q0:q1, :]
+        end = q1 if causal else S  # causal: keys past the tile's last query are invisible
+        for k0 in range(0, end, _BLOCK_K):
+            k1 = min(k0 + _BLOCK_K, end)
+            kt = k[:, :, None, k0:k1].to(acc)  # (B, Hkv, 1, nk, D)
+            vt = v[:, :, None, k0:k1].to(acc)  # (B, Hkv, 1, nk, Dv)
+            s = torch.matmul(qt, kt.transpose(-2, -1)).mul_(scale)  # (B, Hkv, G, nq, nk)
+            if causal and k1 - 1 > q0:  # the tile crosses the diagonal
+                k_pos = torch.arange(k0, k1, device=q.device)
+                q_pos = torch.arange(q0, q1, device=q.device).unsqueeze(1)  # (nq, 1)
+                s.masked_fill_(k_pos > q_pos, float("-inf"))
+            p = s.sub_(lse_t).exp_()  # this tile's share of the global softmax
+            dv[:, :, k0:k1].add_(torch.matmul(p.transpose(-2, -1), dot).sum(2))
+            dp = torch.matmul(dot, vt.transpose(-2, -1))  # (B, Hkv, G, nq, nk)
+            ds = p.mul_(dp.sub_(delta_t)).mul_(scale)  # dS with the scale folded in
+            dq5[..., q0:q1, :].add_(torch.matmul(ds, kt))
+            dk[:, :, k0:k1].add_(torch.matmul(ds.transpose(-2, -1), qt).sum(2))
 
 
 def _ring_backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, layout: str,
@@ -206,12 +211,11 @@ def _ring_backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, layout: s
         k_s, v_s, dk_s, dv_s = _unpack(buf, k.shape, v.shape, k.shape, v.shape)
         src = (ring.rank - step) % ring.size
         for rows, keys, masked in _pieces(layout, causal, ring.rank, src, q.shape[2]):
-            dq_p, dk_p, dv_p = _block_backward(
-                dout[:, :, rows], q[:, :, rows], k_s[:, :, keys], v_s[:, :, keys],
-                lse[:, :, rows], delta[:, :, rows], causal=masked, scale=scale)
-            dq[:, :, rows] += dq_p
-            dk_s[:, :, keys] += dk_p  # writes into buf: the gradient travels with its block
-            dv_s[:, :, keys] += dv_p
+            # dk_s/dv_s are views into buf: the gradient travels on with its block.
+            grads = (dq[:, :, rows], dk_s[:, :, keys], dv_s[:, :, keys])
+            _block_backward(dout[:, :, rows], q[:, :, rows], k_s[:, :, keys], v_s[:, :, keys],
+                            lse[:, :, rows], delta[:, :, rows], grads, causal=masked,
+                            scale=scale)
         if step + 1 < ring.size:
             buf = ring.exchange(buf, f"backward step {step + 1} of {ring.size}")
     dkv = buf[n_kv:]
