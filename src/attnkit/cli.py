@@ -15,6 +15,8 @@ __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 
 SUBCOMMAND_MODULES = [
     "attnkit.walkthrough",
+    "attnkit.translate",
+    "attnkit.why_attention",
 ]
 
 
