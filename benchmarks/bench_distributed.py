@@ -18,6 +18,8 @@ Columns:
 * ``peak MiB/rank``: growth of each rank's anonymous resident memory (heap and tensors,
   sampled every millisecond) from just before its inputs are made: inputs, outputs,
   gradients, ring buffers and temporaries as the OS sees them; the largest over ranks.
+  Blocks of 128 KiB and up are returned to the OS when freed (see
+  :func:`_return_freed_memory`; ``--malloc-default`` turns that off).
 
 Every rank runs ``--threads-per-rank`` threads (default 1) and all ranks share this machine's
 cores, so on one machine the time cannot improve much with P (P=4 on 2 cores is
@@ -29,6 +31,7 @@ Shape letters: ``B`` batch, ``H`` heads, ``T`` full length, ``D`` head dim, ``P`
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -80,6 +83,19 @@ class _PeakMemory:
         return max(self.peak, _anon_mib()) - self.base
 
 
+def _return_freed_memory() -> None:
+    """Have glibc's malloc serve blocks of 128 KiB and up with mmap, so frees go to the OS.
+
+    By default glibc raises that threshold as large blocks are freed and then keeps freed
+    tensors in its heap: resident memory drifts up with the number of ring steps (P) and
+    measures the allocator, not the algorithm. Fixing it costs page faults in every row.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3 is M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: measure with the allocator as it is
+
+
 def _step_fn(method: str):
     """``f(q, k, v) -> out`` for one method (the process group is already up)."""
     if method.startswith("attention["):
@@ -94,6 +110,8 @@ def _step_fn(method: str):
 def _rank_main(rank, P, port, cfg, results):
     # First, before any parallel op: an OpenMP pool inherited through fork can deadlock.
     torch.set_num_threads(cfg["threads"])
+    if not cfg["malloc_default"]:
+        _return_freed_memory()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=P,
@@ -187,6 +205,9 @@ def _parse(argv):
     p.add_argument("--threads-per-rank", type=int, default=1,
                    help="torch threads in each rank (default 1: OpenMP's spinning barriers "
                         "collapse when the cores are shared with other processes)")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="keep glibc's adaptive mmap threshold (peak memory then includes "
+                        "freed blocks the allocator keeps)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a seconds-long smoke test")
@@ -205,12 +226,14 @@ def _parse(argv):
 def main(argv=None) -> None:
     args = _parse(argv)
     cfg = {"dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
-           "threads": args.threads_per_rank}
+           "threads": args.threads_per_rank, "malloc_default": args.malloc_default}
     plan = sorted(_plan(args.methods, [int(x) for x in args.world_sizes.split(",")]),
                   key=lambda run: (run[1], METHODS.index(run[0])))
     meta = {"torch": torch.__version__, "device": f"cpu ({os.cpu_count()} cores, shared)",
             "dtype": args.dtype, "causal": True, "scaling": "weak" if args.weak else "strong",
-            "threads/rank": args.threads_per_rank, "repeats": args.repeats,
+            "threads/rank": args.threads_per_rank,
+            "malloc": "glibc default" if args.malloc_default else "mmap >= 128 KiB",
+            "repeats": args.repeats,
             "warmup": args.warmup}
     print(", ".join(f"{k}: {v}" for k, v in meta.items()))
     header = (f"{'shape (B,H,T,D)':<18} {'P':>2} {'method':<19} {'median ms':>10} "
