@@ -15,6 +15,7 @@ __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 
 SUBCOMMAND_MODULES = [
     "attnkit.walkthrough",
+    "attnkit.gpt_cli",
     "attnkit.translate",
     "attnkit.why_attention",
 ]
