@@ -116,7 +116,8 @@ def load_text(path=None) -> str:
     return text
 
 
-def split_ids(ids: Tensor, val_fraction: float = 0.1, *, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+def split_ids(ids: Tensor, val_fraction: float = 0.1, *,
+              chunk: int = 2048) -> tuple[Tensor, Tensor]:
     """Deterministic train/validation split: every k-th chunk of the text is validation.
 
     Interleaved chunks rather than one tail keep validation representative of the whole text
