@@ -210,13 +210,17 @@ def run_cases(cases: list[Case], args: argparse.Namespace, *, warmup: int, reps:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """``ratio``: each row's median over the fastest peer's in its group (1.00 = fastest)."""
+    """``ratio`` / ``ratio_min``: each row's median / minimum over the fastest peer's in its
+    group (1.00 = fastest). On a shared machine contention only ever adds time, so the
+    minimum is the steadier estimate of the uncontended cost."""
     for group in {row["group"] for row in rows}:
-        peers = [r["median_ms"] for r in rows if r["group"] == group and r["peer"]]
-        best = min(peers) if peers else None
-        for row in rows:
-            if row["group"] == group:
-                row["ratio"] = row["median_ms"] / best if best else None
+        members = [r for r in rows if r["group"] == group]
+        peers = [r for r in members if r["peer"]] or members
+        best = min(r["median_ms"] for r in peers)
+        best_min = min(r["min_ms"] for r in peers)
+        for row in members:
+            row["ratio"] = row["median_ms"] / best
+            row["ratio_min"] = row["min_ms"] / best_min
 
 
 def _fmt(value, spec: str) -> str:

@@ -1,8 +1,6 @@
 """MultiHeadAttention against an independent math reference and torch.nn.MultiheadAttention,
 weight import, need_weights, dropout, state_dict, gradients, torch.compile and every error."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -30,15 +28,15 @@ def reference(mha, x, context=None, *, key_padding_mask=None, mask=None):
         b_q, b_kv = (sd["q_proj.bias"], sd["kv_proj.bias"]) if "q_proj.bias" in sd else (0, 0)
     src = x if context is None else context
     B, T, S = x.shape[0], x.shape[1], src.shape[1]
-    q = (x @ w_q.T + b_q).view(B, T, H, D).transpose(1, 2)
-    k, v = (src @ w_kv.T + b_kv).view(B, S, 2, Hkv, D).permute(2, 0, 3, 1, 4)
+    q = (x @ w_q.T + b_q).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+    k, v = (src @ w_kv.T + b_kv).view(B, S, 2, Hkv, D).permute(2, 0, 3, 1, 4)  # (B, Hkv, S, D)
     if mha.rope is not None:
         q, k = mha.rope(q, torch.arange(T)), mha.rope(k, torch.arange(S))
-    k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)  # (B, H, S, D)
     dense = MaskSpec(causal=mha.causal, window=mha.window, key_padding_mask=key_padding_mask,
                      mask=mask).dense(T, S)
-    out = functional.scaled_dot_product_attention(q, k, v, mask=dense)
-    return mha.out_proj(out.transpose(1, 2).reshape(B, T, E))
+    out = functional.scaled_dot_product_attention(q, k, v, mask=dense)  # (B, H, T, D)
+    return mha.out_proj(out.transpose(1, 2).reshape(B, T, E))  # (B, T, E)
 
 
 def randn(*shape, dtype=F64, seed=0):
@@ -71,11 +69,12 @@ def test_matches_math_reference(case, backend):
         torch.testing.assert_close(mha(x, **call), reference(mha, x, **call))
 
 
-def torch_pair(bias=True, kdim=None, batch_first=True, num_heads=4, E=16):
+def torch_pair(bias=True, kdim=None, batch_first=True, causal=False):
+    """An eval-mode nn.MultiheadAttention (E=16, H=4) and its attnkit copy."""
     torch.manual_seed(0)
-    ref = nn.MultiheadAttention(E, num_heads, bias=bias, kdim=kdim, vdim=kdim,
+    ref = nn.MultiheadAttention(16, 4, bias=bias, kdim=kdim, vdim=kdim,
                                 batch_first=batch_first).eval()
-    return ref, MultiHeadAttention.from_torch(ref)
+    return ref, MultiHeadAttention.from_torch(ref, causal=causal)
 
 
 def test_from_torch_copies_every_weight():
@@ -95,12 +94,12 @@ def causal(T):
 @pytest.mark.parametrize("T", [1, 13, 97])
 @pytest.mark.parametrize("kind", ["self", "causal", "padding", "cross", "cross_kdim", "no_bias"])
 def test_matches_torch_multihead_attention(kind, T):
-    ref, mha = torch_pair(bias=kind != "no_bias", kdim=6 if kind == "cross_kdim" else None)
+    ref, mha = torch_pair(bias=kind != "no_bias", kdim=6 if kind == "cross_kdim" else None,
+                          causal=kind == "causal")
     x = torch.randn(3, T, 16)
     ctx = torch.randn(3, 5, 6 if kind == "cross_kdim" else 16) if "cross" in kind else x
     ours_kw, torch_kw = {}, {}
     if kind == "causal":  # torch's bool masks are True = blocked, attnkit's True = attend
-        mha.causal = True
         torch_kw = {"attn_mask": ~causal(T), "is_causal": True}
     if kind == "padding":
         kpm = torch.rand(3, T) > 0.3
@@ -113,10 +112,9 @@ def test_matches_torch_multihead_attention(kind, T):
 
 
 def test_weights_match_torch_and_not_batch_first():
-    ref, mha = torch_pair(batch_first=False)
+    ref, mha = torch_pair(batch_first=False, causal=True)
     x = torch.randn(9, 2, 16)  # (T, B, E) for the torch module
     expected, expected_w = ref(x, x, x, attn_mask=~causal(9), average_attn_weights=False)
-    mha.causal = True
     out, weights = mha(x.transpose(0, 1), need_weights=True)
     torch.testing.assert_close(out.transpose(0, 1), expected)
     torch.testing.assert_close(weights, expected_w)
@@ -211,20 +209,18 @@ def test_from_torch_rejects_what_has_no_equivalent(kwargs, match):
 
 
 @pytest.mark.parametrize("init,keys", [
-    ({"bias": True}, {"qkv_proj.weight", "qkv_proj.bias", "out_proj.weight", "out_proj.bias"}),
-    ({"kv_dim": 6, "num_kv_heads": 1},
-     {"q_proj.weight", "kv_proj.weight", "out_proj.weight"}),
+    ({"bias": True, "rope": True},
+     {"qkv_proj.weight", "qkv_proj.bias", "out_proj.weight", "out_proj.bias"}),
+    ({"kv_dim": 6, "num_kv_heads": 1}, {"q_proj.weight", "kv_proj.weight", "out_proj.weight"}),
 ])
 def test_state_dict_round_trip(init, keys):
     torch.manual_seed(0)
-    src = MultiHeadAttention(12, 3, rope=True, **init)
+    src = MultiHeadAttention(12, 3, **init)
     assert set(src.state_dict()) == keys
-    dst = MultiHeadAttention(12, 3, rope=True, **init)
+    dst = MultiHeadAttention(12, 3, **init)
     dst.load_state_dict(src.state_dict())
     x, ctx = torch.randn(2, 5, 12), (torch.randn(2, 4, 6) if "kv_dim" in init else None)
     with torch.no_grad():
-        if ctx is not None:
-            src.rope = dst.rope = None  # RoPE is self-attention only
         torch.testing.assert_close(dst(x, ctx), src(x, ctx), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="Missing key"):
         MultiHeadAttention(12, 3, kv_dim=7).load_state_dict(MultiHeadAttention(12, 3).state_dict())
@@ -236,8 +232,9 @@ def test_gradcheck_float64(backend):
     mha = MultiHeadAttention(8, 2, num_kv_heads=1, causal=True, rope=True, bias=True,
                              backend=backend).double()
     x = randn(2, 3, 8).requires_grad_()
-    weight = mha.qkv_proj.weight
-    assert torch.autograd.gradcheck(lambda x, w: mha(x), (x, weight))
+    # The weight is the module's own Parameter: gradcheck perturbs it in place, so the
+    # numerical gradient goes through mha(x) without passing it explicitly.
+    assert torch.autograd.gradcheck(lambda x, w: mha(x), (x, mha.qkv_proj.weight))
 
 
 @pytest.mark.parametrize("E,H,Hkv", [(15, 3, 1), (21, 7, 7), (10, 2, 2)])
@@ -308,6 +305,7 @@ def test_inductor_compiled_inference_matches_eager():
     ({"rope": "yes"}, TypeError, "rope must be True, False/None or an attnkit.rope.RoPE"),
     ({"rope": RoPE(8)}, ValueError, r"rope.head_dim \(8\) must equal the head dim"),
     ({"embed_dim": 12, "rope": True}, ValueError, "rope needs an even head dim .* = 3"),
+    ({"kv_dim": 8, "rope": True}, ValueError, "rope applies to self-attention, but kv_dim=8"),
 ])
 def test_constructor_errors(kwargs, error, match):
     with pytest.raises(error, match=match):

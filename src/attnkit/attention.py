@@ -67,7 +67,8 @@ class MultiHeadAttention(nn.Module):
     Raises:
         ValueError: sizes that are not positive ints, ``embed_dim % num_heads`` or
             ``num_heads % num_kv_heads`` not 0, ``dropout`` outside [0, 1), a bad
-            ``window``, an unknown backend, or a RoPE for another head dim.
+            ``window``, an unknown backend, a RoPE for another (or an odd) head dim, or
+            ``rope`` on a cross-attention-only module (``kv_dim != embed_dim``).
         TypeError: ``rope`` that is not a bool or a RoPE.
     """
 
@@ -107,6 +108,9 @@ class MultiHeadAttention(nn.Module):
             self.kv_proj = nn.Linear(kv_dim, kv_out, bias=bias)
         self.out_proj = nn.Linear(q_dim, embed_dim, bias=bias if out_bias is None else out_bias)
         self.rope = self._make_rope(rope)
+        if self.rope is not None and kv_dim != embed_dim:
+            raise ValueError(f"rope applies to self-attention, but kv_dim={kv_dim} != "
+                             f"embed_dim={embed_dim} makes this module cross-attention only")
 
     def _make_rope(self, rope) -> RoPE | None:
         if rope is None or rope is False:
