@@ -19,8 +19,14 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,viz]"
 	touch $(STAMP)
 
+# The main job: the tutorial step by step, then the date translator (trained on first run,
+# a few minutes on 2 cores; later runs reuse out/translate/), then a few translations.
 demo: $(STAMP)
 	$(BIN)/attnkit walkthrough --out out/walkthrough
+	$(BIN)/attnkit translate train --if-missing --threads 1
+	$(BIN)/attnkit translate "thursday june 25 2009"
+	$(BIN)/attnkit translate "25th of June, 2009" --plot out/translate/june25.png
+	$(BIN)/attnkit translate "06/25/09"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
