@@ -282,8 +282,11 @@ def _attention_command(args) -> int:
         _, weights = model(prompt[None], need_weights=True)  # L tensors (1, H, T, T)
     grid = torch.stack([w[0] for w in weights])  # (L, H, T, T)
     labels = [_label(c) for c in args.prompt]
+    # The first queries see one or two keys, so their weights are 1.0 and 0.5 and would
+    # darken every other cell on a shared scale; scale to the later rows (earlier ones clip).
+    vmax = float(grid[:, :, 2:].max()) if grid.shape[2] > 2 else 1.0
     try:
-        path = viz.head_grid(grid, labels, labels, args.out, annotate=False,
+        path = viz.head_grid(grid, labels, labels, args.out, annotate=False, vmax=vmax,
                              title=f"GPT attention, {grid.shape[0]} layers x {grid.shape[1]} "
                                    f"heads (rows: queries, columns: keys)")
     except ImportError as err:
