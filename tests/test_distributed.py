@@ -233,9 +233,9 @@ def test_bad_input_message(case):
         assert outcome[case] == "ok", f"rank {rank}: {outcome[case]}"
 
 
-def _dying_rank(rank, P):
+def _dying_rank(rank, P, method):
     q, k, v = (shard(t).requires_grad_() for t in inputs(6 * P)[:3])
-    out = ring_attention(q, k, v, causal=True)
+    out = METHODS[method](q, k, v, causal=True)
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose between forward and backward")
     out.sum().backward()  # needs rank 1: must fail, not hang
@@ -243,14 +243,15 @@ def _dying_rank(rank, P):
 
 
 @pytest.mark.timeout(60)
-def test_a_failing_rank_fails_the_others_fast():
+@pytest.mark.parametrize("method,message", [("ring", "ring_attention: backward step"),
+                                            ("ulysses", "ulysses_attention: all-to-all")])
+def test_a_failing_rank_fails_the_others_fast(method, message):
     start = time.monotonic()
-    outcome = run_ranks(_dying_rank, 3, timeout_s=40, pg_timeout_s=15)
+    outcome = run_ranks(_dying_rank, 3, method, timeout_s=40, pg_timeout_s=15)
     elapsed = time.monotonic() - start
     assert outcome[1][0] == "error" and "on purpose" in outcome[1][1]
     for rank in (0, 2):
-        status, message = outcome[rank]
-        assert status == "error", f"rank {rank}: {message}"
-        assert "ring_attention: backward step" in message
-        assert "another rank has probably raised or died" in message
+        status, error = outcome[rank]
+        assert status == "error", f"rank {rank}: {error}"
+        assert message in error and "another rank has probably raised or died" in error
     assert elapsed < 30, f"took {elapsed:.1f} s"

@@ -65,29 +65,35 @@ class _Ring:
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
-    def start(self, send: Tensor):
+    def start(self, send: Tensor, what: str):
         """Post ``send`` to the next rank and a receive from the previous one."""
         recv = torch.empty_like(send)
-        works = [dist.isend(send, self.next, group=self.group),
-                 dist.irecv(recv, self.prev, group=self.group)]
+        try:  # gloo raises here already when a peer's connection is gone
+            works = [dist.isend(send, self.next, group=self.group),
+                     dist.irecv(recv, self.prev, group=self.group)]
+        except RuntimeError as err:
+            raise self._failed(what, err) from err
         return recv, works
 
     def finish(self, works, what: str) -> None:
-        """Wait for both requests; name the step and the neighbours if a peer has failed."""
+        """Wait for both requests."""
         try:
             for work in works:
                 work.wait()
         except RuntimeError as err:
-            raise RuntimeError(
-                f"ring_attention: {what} failed on rank {self.rank} of {self.size} while "
-                f"receiving from global rank {self.prev} and sending to {self.next}; another "
-                f"rank has probably raised or died (see its error), or the process group "
-                f"timed out: {err}"
-            ) from err
+            raise self._failed(what, err) from err
+
+    def _failed(self, what: str, err: Exception) -> RuntimeError:
+        """The error to raise when a transfer fails: name the step and the neighbours."""
+        return RuntimeError(
+            f"ring_attention: {what} failed on rank {self.rank} of {self.size} while "
+            f"receiving from global rank {self.prev} and sending to {self.next}; another "
+            f"rank has probably raised or died (see its error), or the process group "
+            f"timed out: {err}")
 
     def exchange(self, send: Tensor, what: str) -> Tensor:
         """Send ``send`` on, return what the previous rank sent, both finished."""
-        recv, works = self.start(send)
+        recv, works = self.start(send, what)
         self.finish(works, what)
         return recv
 
@@ -137,7 +143,7 @@ def _ring_forward(q, k, v, ring: _Ring, causal: bool, layout: str, scale: float)
     for step in range(ring.size):
         more = step + 1 < ring.size
         if more:  # post the next block's transfer first so it can overlap this compute
-            incoming, works = ring.start(kv)
+            incoming, works = ring.start(kv, f"forward step {step + 1} of {ring.size - 1}")
         k_s, v_s = _unpack(kv, k.shape, v.shape)
         src = (ring.rank - step) % ring.size
         for rows, keys, masked in _pieces(layout, causal, ring.rank, src, T):

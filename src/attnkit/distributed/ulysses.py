@@ -11,9 +11,10 @@ included) computes them exactly; a second all-to-all returns each rank's tokens:
 
 It needs ``H % P == 0``. Key/value heads are split the same way when ``Hkv % P == 0``;
 otherwise (GQA with few key/value heads) they are repeated up to ``H`` first, which costs
-memory and bandwidth. Communication per rank is ``~4 * B * H * T/P * D`` elements whatever
-``P`` is, against the ring's ``2 * B * Hkv * T * D``; attention memory per rank is that of
-full-length attention on ``H/P`` heads, so the sequence itself is not split during attention.
+memory and bandwidth. Each rank sends about ``2 * B * (H + Hkv) * T/P * D`` elements per
+forward (q, k, v and the output, each ``(P-1)/P`` of it), against the ring's
+``2 * B * Hkv * T * D``; during attention a rank holds every token of ``H/P`` heads, which is
+still ``1/P`` of the activations.
 
 Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` full length,
 ``D`` head dim, ``P`` world size.
@@ -44,17 +45,23 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        x = x.contiguous()  # the collective splits the flat buffer: dim 0 must be outermost
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=group)
-        return out
+        return _all_to_all(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad, group=ctx.group)
-        return out, None
+        return _all_to_all(grad, ctx.group), None
+
+
+def _all_to_all(x: Tensor, group) -> Tensor:
+    x = x.contiguous()  # the collective splits the flat buffer: dim 0 must be outermost
+    out = torch.empty_like(x)
+    try:
+        dist.all_to_all_single(out, x, group=group)
+    except RuntimeError as err:
+        raise RuntimeError(f"ulysses_attention: all-to-all failed on rank "
+                           f"{dist.get_rank(group)}; another rank has probably raised or died "
+                           f"(see its error), or the process group timed out: {err}") from err
+    return out
 
 
 def _seq_to_heads(x: Tensor, P: int, group) -> Tensor:
