@@ -174,7 +174,8 @@ def measure(method: str, P: int, cfg: dict, timeout_s: float = 600) -> dict:
     B, H, T, D = cfg["shape"]
     median_s = statistics.median(slowest)
     flops = 3.5 * 4 * B * H * T * T * D / 2  # causal: half the score matrix
-    return {"method": method, "P": P, "median_ms": 1000 * median_s, "gflops": flops / median_s / 1e9,
+    return {"method": method, "P": P, "median_ms": 1000 * median_s,
+            "gflops": flops / median_s / 1e9,
             "peak_mib_per_rank": max(p for _, p in per_rank.values())}
 
 

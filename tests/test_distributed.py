@@ -58,7 +58,8 @@ def _sharded_run(fn, T, layout, causal, dtype=torch.float64, group=None, **kwarg
     out = fn(q, k, v, causal=causal, layout=layout, group=group, **kwargs)
     out.backward(shard(grad_out, layout=layout, group=group))
     full = [unshard(t, layout=layout, group=group) for t in (out, q.grad, k.grad, v.grad)]
-    return {name: t.numpy() for name, t in zip(("out", "dq", "dk", "dv"), full)}
+    # float64 holds float32 and bfloat16 exactly, and NumPy has no bfloat16.
+    return {name: t.double().numpy() for name, t in zip(("out", "dq", "dk", "dv"), full)}
 
 
 def _equivalence_rank(rank, P):
@@ -80,6 +81,8 @@ def _equivalence_rank(rank, P):
     out.sum().backward()
     results["sends"] = (forward_sends, len(sends) - forward_sends)
     results["float32"] = _sharded_run(ring_attention, T, "zigzag", True, dtype=torch.float32)
+    results["bfloat16"] = {method: _sharded_run(fn, 4 * T, "zigzag", True, dtype=torch.bfloat16)
+                           for method, fn in METHODS.items()}
     positions = torch.arange(T).view(1, 1, T, 1)
     results["shard_positions"] = {layout: (shard(positions, layout=layout).flatten().tolist(),
                                            position_ids(T, layout=layout).tolist())
@@ -107,7 +110,8 @@ def equivalence_run(P: int) -> list:
 
 def _assert_matches(got: dict, want: dict, **tol):
     for name in ("out", "dq", "dk", "dv"):
-        torch.testing.assert_close(torch.from_numpy(got[name]), want[name], **tol,
+        torch.testing.assert_close(torch.from_numpy(got[name]).to(want[name].dtype),
+                                   want[name], **tol,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -124,6 +128,18 @@ def test_matches_single_process(P, method, layout, causal):
 def test_float32_ring_is_close(P):
     _assert_matches(equivalence_run(P)[0]["float32"], reference(6 * P, True, torch.float32),
                     rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("P", WORLD_SIZES)
+def test_bfloat16_error_at_most_twice_the_spec_in_bfloat16(P, method):
+    got = equivalence_run(P)[0]["bfloat16"][method]
+    exact, spec = reference(24 * P, True), reference(24 * P, True, torch.bfloat16)
+    for name in ("out", "dq", "dk", "dv"):
+        error = (torch.from_numpy(got[name]) - exact[name]).abs().max()
+        spec_error = (spec[name].double() - exact[name]).abs().max()
+        assert error <= 2 * spec_error, f"{name}: {error:.3g} > 2 x {spec_error:.3g}"
 
 
 @pytest.mark.timeout(60)

@@ -1,4 +1,4 @@
-"""Ring attention: exact attention over a sequence split across ``P`` processes.
+r"""Ring attention: exact attention over a sequence split across ``P`` processes.
 
 Each rank keeps its query shard and passes its key/value shard around the ring: at step
 ``s`` rank ``r`` holds the keys and values of rank ``src = (r - s) mod P``, attends to them
@@ -17,14 +17,18 @@ backward uses the *global* output and log-sum-exp (FlashAttention-2 style), whic
 sum over blocks exact. After ``P`` steps the gradient of block ``r`` sits on rank ``r - 1``,
 one last hop sends it home.
 
-Causal masking by block (``\\`` = causal mask, ``#`` = all visible, ``.`` = skipped)::
+Causal masking by block (``\`` = causal mask, ``#`` = all visible, ``.`` = skipped)::
 
-    contiguous, P=2               zigzag, P=2: rank 0 holds chunks c0 c3, rank 1 holds c1 c2
-             keys of rank                          keys:  c0 c3 | c1 c2
-               0    1                        rank 0  c0    \\  . | .  .
-    rank 0    \\    .                                c3    #  \\ | #  #
-    rank 1    #    \\                        rank 1  c1    #  . | \\  .
-                                                     c2    #  . | #  \\
+    contiguous, P=2        keys of rank 0   keys of rank 1
+        rank 0 queries          \                .
+        rank 1 queries          #                \
+
+    zigzag, P=2: rank 0 holds chunks c0 c3, rank 1 holds c1 c2
+                     keys:  c0 c3 | c1 c2
+        rank 0 queries c0    \  . | .  .
+                       c3    #  \ | #  #
+        rank 1 queries c1    #  . | \  .
+                       c2    #  . | #  \
 
 Own block: one causal mask (a zigzag shard is in position order, so one mask covers both
 chunks). A block from an earlier rank: every query against the *first* chunk only. A block
