@@ -96,6 +96,7 @@ def position_ids(seq_len: int, *, layout: str = "zigzag", group=None, rank: int 
             (zigzag).
         RuntimeError: no process group and ``rank``/``world_size`` not given.
     """
+    check_layout(layout)
     if rank is None or world_size is None:
         group_rank, group_size = rank_and_size(resolve_group(group))
         rank = group_rank if rank is None else rank

@@ -104,7 +104,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
 
     Raises:
         RuntimeError: no process group (call ``torch.distributed.init_process_group`` or
-            pass ``group``).
+            pass ``group``); a peer failed or timed out during an all-to-all.
         ValueError: ``H`` not divisible by the world size; unknown layout; shapes that differ
             across ranks or do not fit; an odd shard length with zigzag; a backend that
             cannot serve the call.
@@ -113,7 +113,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
     check_layout(layout)
     group = resolve_group(group)
     check_shards(q, k, v, causal)
-    rank, P = rank_and_size(group)
+    _, P = rank_and_size(group)
     check_same_on_all_ranks(group, {
         "B": q.shape[0], "H": q.shape[1], "Hkv": k.shape[1], "T/P": q.shape[2],
         "S/P": k.shape[2], "D": q.shape[3], "Dv": v.shape[3], "itemsize": q.element_size(),
