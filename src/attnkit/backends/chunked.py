@@ -156,19 +156,24 @@ def _chunked_forward(q, k, v, lay: _Layout, scale: float):
     return out.view(lay.B, lay.H, lay.T, Dv), lse.view(lay.B, lay.H, lay.T)
 
 
-def _chunked_backward(grad_out, q, k, v, out, lse, lay: _Layout, scale: float):
+def _accumulate_backward(grad_out, q, k, v, lse, delta, lay: _Layout, scale: float, grads):
+    """Add the gradients of attention over ``k``/``v`` into ``grads = (dq, dk, dv)``.
+
+    ``lse`` and ``delta`` are the rows' log-sum-exp and ``rowsum(dO * O)``; when they are
+    the *global* ones of a longer key sequence (ring attention), the probabilities recomputed
+    here are this block's share of the full softmax and the gradients add up exactly.
+    """
     N, D, Dv = lay.B * lay.Hkv, q.shape[-1], v.shape[-1]
-    acc_dtype, mm = lse.dtype, _matmul_dtype(q)
+    acc_dtype, mm = grads[0].dtype, _matmul_dtype(q)
     q4 = _grouped_queries(q, lay, mm, scale)  # (N, G, T, D)
     do4 = grad_out.reshape(N, lay.G, lay.T, Dv).to(mm)  # (N, G, T, Dv)
     k3, v3 = k.reshape(N, lay.S, D).to(mm), v.reshape(N, lay.S, Dv).to(mm)  # (N, S, D)
-    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax backward's row term.
-    delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1).reshape(N, lay.G, lay.T)
     # Fully masked rows have lse = -inf and only -inf scores; shift by 0 so P = 0, not NaN.
     lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).reshape(N, lay.G, lay.T)
-    dq = torch.zeros(N, lay.G, lay.T, D, dtype=acc_dtype, device=q.device)
-    dk = torch.zeros(N, lay.S, D, dtype=acc_dtype, device=q.device)
-    dv = torch.zeros(N, lay.S, Dv, dtype=acc_dtype, device=q.device)
+    delta = delta.reshape(N, lay.G, lay.T)
+    # .view, not .reshape: the updates must land in the caller's tensors.
+    dq = grads[0].view(N, lay.G, lay.T, D)  # (N, G, T, D)
+    dk, dv = grads[1].view(N, lay.S, D), grads[2].view(N, lay.S, Dv)  # (N, S, D)
     for q0, q1, blocks in lay.tiles():
         nq = q1 - q0
         qt = _query_tile(q4, q0, q1)  # (N, G*nq, D)
@@ -185,10 +190,40 @@ def _chunked_backward(grad_out, q, k, v, out, lse, lay: _Layout, scale: float):
             ds = p.mul_(dp.sub_(delta_t)).to(mm)  # dL/d(scores), scores = (scale·q) kᵀ
             dq_t += torch.matmul(ds, kb).to(acc_dtype)
             dk[:, k0:k1] += torch.matmul(ds.transpose(-2, -1), qt).to(acc_dtype)  # qt scaled
-        dq[:, :, q0:q1] = dq_t.view(N, lay.G, nq, D)
-    dq.mul_(scale)  # the chain rule through q·scale, once for all blocks
-    return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype),
-            dv.view(v.shape).to(v.dtype))
+        # The chain rule through q·scale, once per tile rather than once per block.
+        dq[:, :, q0:q1] += dq_t.mul_(scale).view(N, lay.G, nq, D)
+
+
+def chunked_block_backward(grad_out, q, k, v, lse, delta, spec: MaskSpec, *, scale: float,
+                           grads, block_q: int = DEFAULT_BLOCK_Q,
+                           block_k: int = DEFAULT_BLOCK_K) -> None:
+    """Accumulate one key block's attention gradients, given the rows' global statistics.
+
+    The building block of ring attention's backward: each rank adds the gradient of its
+    queries against the key/value block in hand, using the log-sum-exp and
+    ``delta = rowsum(dO * O)`` of the *whole* sequence.
+
+    Args:
+        grad_out: ``(B, H, T, Dv)``; q ``(B, H, T, D)``; k ``(B, Hkv, S, D)``;
+            v ``(B, Hkv, S, Dv)``.
+        lse, delta: ``(B, H, T)`` in the accumulation dtype (float32 or float64).
+        spec: which keys of this block each query sees (positions relative to the block).
+        scale: the score multiplier used in the forward.
+        grads: ``(dq, dk, dv)`` shaped like q, k, v in the accumulation dtype, updated in
+            place; slices of bigger buffers are fine as long as ``.view`` can merge ``B``
+            with the head dim.
+    """
+    lay = _Layout(q, k, spec, block_q, block_k)
+    _accumulate_backward(grad_out, q, k, v, lse, delta, lay, scale, grads)
+
+
+def _chunked_backward(grad_out, q, k, v, out, lse, lay: _Layout, scale: float):
+    acc_dtype = lse.dtype
+    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax backward's row term.
+    delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1)  # (B, H, T)
+    grads = tuple(torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (q, k, v))
+    _accumulate_backward(grad_out, q, k, v, lse, delta, lay, scale, grads)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
 
 class _ChunkedAttentionFn(torch.autograd.Function):

@@ -47,8 +47,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends.chunked import chunked_block_backward
 from ..engine import attention
 from ..functional import merge_partial_attention
+from ..masks import MaskSpec
 from .sharding import (LAYOUTS, check_layout, check_same_on_all_ranks, check_shard_length,
                        check_shards, rank_and_size, resolve_group)
 
@@ -161,53 +163,6 @@ def _ring_forward(q, k, v, ring: _Ring, causal: bool, layout: str, scale: float)
     return out.to(q.dtype), lse
 
 
-def _block_backward(dout, q, k, v, lse, delta, grads, *, causal: bool, scale: float):
-    """Add one query block's and one key block's gradients into ``grads``, FA2 style.
-
-    ``lse`` and ``delta = rowsum(dO * O)`` are the *global* ones (over all keys), so the
-    probabilities recomputed here are this block's share of the full softmax and the
-    per-block gradients add up to the exact total. Work goes in tiles of
-    ``_BLOCK_Q x _BLOCK_K`` scores per head; with ``causal``, tiles above the diagonal are
-    skipped and only those crossing it are masked.
-
-    Args:
-        dout: ``(B, H, T, Dv)``; q: ``(B, H, T, D)``; k: ``(B, Hkv, S, D)``;
-            v: ``(B, Hkv, S, Dv)``; lse, delta: ``(B, H, T)`` in the accumulation dtype.
-        grads: ``(dq, dk, dv)`` shaped like q, k, v in the accumulation dtype; updated in
-            place (views into the ring buffers are fine).
-        causal: top-left causal mask (a diagonal block, ``S == T``).
-    """
-    B, H, T, D = q.shape
-    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    G, acc = H // Hkv, lse.dtype
-    # Group query heads by the key/value head they read, so GQA is a broadcast. Splitting
-    # a dim is always a view, so the in-place updates below reach the caller's tensors.
-    q5, do5 = q.view(B, Hkv, G, T, D), dout.view(B, Hkv, G, T, Dv)  # (B, Hkv, G, T, D|Dv)
-    lse5, delta5 = lse.view(B, Hkv, G, T, 1), delta.view(B, Hkv, G, T, 1)
-    dq5 = grads[0].view(B, Hkv, G, T, D)  # (B, Hkv, G, T, D)
-    dk, dv = grads[1], grads[2]  # (B, Hkv, S, D|Dv)
-    for q0 in range(0, T, _BLOCK_Q):
-        q1 = min(q0 + _BLOCK_Q, T)
-        qt, dot = q5[..., q0:q1, :].to(acc), do5[..., q0:q1, :].to(acc)  # (B, Hkv, G, nq, _)
-        lse_t, delta_t = lse5[..., q0:q1, :], delta5[..., q0:q1, :]
-        end = q1 if causal else S  # causal: keys past the tile's last query are invisible
-        for k0 in range(0, end, _BLOCK_K):
-            k1 = min(k0 + _BLOCK_K, end)
-            kt = k[:, :, None, k0:k1].to(acc)  # (B, Hkv, 1, nk, D)
-            vt = v[:, :, None, k0:k1].to(acc)  # (B, Hkv, 1, nk, Dv)
-            s = torch.matmul(qt, kt.transpose(-2, -1)).mul_(scale)  # (B, Hkv, G, nq, nk)
-            if causal and k1 - 1 > q0:  # the tile crosses the diagonal
-                k_pos = torch.arange(k0, k1, device=q.device)
-                q_pos = torch.arange(q0, q1, device=q.device).unsqueeze(1)  # (nq, 1)
-                s.masked_fill_(k_pos > q_pos, float("-inf"))
-            p = s.sub_(lse_t).exp_()  # this tile's share of the global softmax
-            dv[:, :, k0:k1].add_(torch.matmul(p.transpose(-2, -1), dot).sum(2))
-            dp = torch.matmul(dot, vt.transpose(-2, -1))  # (B, Hkv, G, nq, nk)
-            ds = p.mul_(dp.sub_(delta_t)).mul_(scale)  # dS with the scale folded in
-            dq5[..., q0:q1, :].add_(torch.matmul(ds, kt))
-            dk[:, :, k0:k1].add_(torch.matmul(ds.transpose(-2, -1), qt).sum(2))
-
-
 def _ring_backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, layout: str,
                    scale: float):
     acc = lse.dtype
@@ -223,9 +178,10 @@ def _ring_backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, layout: s
         for rows, keys, masked in _pieces(layout, causal, ring.rank, src, q.shape[2]):
             # dk_s/dv_s are views into buf: the gradient travels on with its block.
             grads = (dq[:, :, rows], dk_s[:, :, keys], dv_s[:, :, keys])
-            _block_backward(dout[:, :, rows], q[:, :, rows], k_s[:, :, keys], v_s[:, :, keys],
-                            lse[:, :, rows], delta[:, :, rows], grads, causal=masked,
-                            scale=scale)
+            chunked_block_backward(dout[:, :, rows], q[:, :, rows], k_s[:, :, keys],
+                                   v_s[:, :, keys], lse[:, :, rows], delta[:, :, rows],
+                                   MaskSpec(causal=masked), scale=scale, grads=grads,
+                                   block_q=_BLOCK_Q, block_k=_BLOCK_K)
         if step + 1 < ring.size:
             buf = ring.exchange(buf, f"backward step {step + 1} of {ring.size}")
     dkv = buf[n_kv:]
