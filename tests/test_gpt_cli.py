@@ -3,6 +3,7 @@
 import contextlib
 import io
 import math
+import sys
 
 import pytest
 import torch
@@ -59,6 +60,14 @@ def test_training_is_seeded():
     assert first.history == again.history
     for a, b in zip(first.model.parameters(), again.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_training_reports_without_tqdm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    lines = []
+    train(TEXT, preset="tiny", steps=4, eval_every=2, out=None, log=lines.append)
+    assert [line.split(":")[0] for line in lines[1:3]] == ["step 2/4", "step 4/4"]
+    assert lines[-1].startswith("validation loss")
 
 
 def test_generate_streams_prompt_and_tokens(trained, capsys):
