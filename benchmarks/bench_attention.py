@@ -62,6 +62,8 @@ def run_one(cfg: dict) -> dict:
     import attnkit
 
     torch.manual_seed(0)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
     dtype = getattr(torch, cfg["dtype"])
     T, grad = cfg["T"], cfg["mode"] == "fwd+bwd"
     q, k, v = (torch.randn(B, H, T, D, dtype=dtype, requires_grad=grad) for _ in range(3))
@@ -88,7 +90,8 @@ def run_one(cfg: dict) -> dict:
                 t.grad = None
 
     times, deadline = [], time.perf_counter() + cfg["budget_s"]
-    step()  # warm-up
+    for _ in range(cfg.get("warmup", 1)):
+        step()
     for _ in range(cfg["reps"]):
         t0 = time.perf_counter()
         step()
@@ -140,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--budget-s", type=float, default=60.0, help="time cap per config")
     p.add_argument("--max-gib", type=float, default=16.0)
     p.add_argument("--json", help="also write all rows to this JSON file")
@@ -153,8 +158,9 @@ def main(argv=None) -> int:
 
     import torch
 
+    threads = a.threads or torch.get_num_threads()
     print(f"# torch {torch.__version__}, device cpu ({platform.processor() or platform.machine()}),"
-          f" {torch.get_num_threads()} threads, B={B} H={H} D={D}, window={a.window}")
+          f" {threads} threads, B={B} H={H} D={D}, window={a.window}")
     print(f"{'T':>6} {'mask':>6} {'mode':>7} {'dtype':>8} {'impl':>10}   {'median ms':>10} "
           f"{'GFLOP/s':>8} {'peak MiB':>9} {'vs sdpa':>7}"
           + ("   (quick: in-process, peak MiB is cumulative)" if a.quick else ""))
@@ -166,7 +172,8 @@ def main(argv=None) -> int:
                     for impl in a.impls:
                         cfg = {"T": T, "mask": mask, "mode": mode, "dtype": dtype,
                                "impl": impl, "window": a.window, "reps": a.reps,
-                               "budget_s": a.budget_s}
+                               "budget_s": a.budget_s, "warmup": a.warmup,
+                               "threads": a.threads}
                         r = measure(cfg, a.max_gib, isolate=not a.quick)
                         if impl == "sdpa" and "ms" in r:
                             best_sdpa[(T, mask, mode, dtype)] = r["ms"]
