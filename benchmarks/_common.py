@@ -196,7 +196,8 @@ def run_cases(cases: list[Case], args: argparse.Namespace, *, warmup: int, reps:
         for case in members:
             ms = statistics.median(times[case.name])
             rows.append({**case.info, "group": group, "impl": case.name, "peer": case.peer,
-                         "median_ms": ms, "min_ms": min(times[case.name]), "reps": reps,
+                         "median_ms": ms, "min_ms": min(times[case.name]),
+                         "times_ms": times[case.name], "reps": reps,
                          "gflops": case.flops / ms / 1e6 if case.flops else None,
                          "peak_mib": None})
         if progress:
@@ -210,17 +211,23 @@ def run_cases(cases: list[Case], args: argparse.Namespace, *, warmup: int, reps:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """``ratio`` / ``ratio_min``: each row's median / minimum over the fastest peer's in its
-    group (1.00 = fastest). On a shared machine contention only ever adds time, so the
-    minimum is the steadier estimate of the uncontended cost."""
+    """Each row's time over the fastest peer's (by median) in its group, three ways.
+
+    ``ratio``: median over median; ``ratio_min``: minimum over minimum; ``ratio_paired``:
+    the median over rounds of the two calls' ratio within the same round. On a shared machine
+    contention only ever adds time, so the minimum estimates the uncontended cost, and the
+    paired ratio cancels load that drifts slower than one round.
+    """
     for group in {row["group"] for row in rows}:
         members = [r for r in rows if r["group"] == group]
-        peers = [r for r in members if r["peer"]] or members
-        best = min(r["median_ms"] for r in peers)
-        best_min = min(r["min_ms"] for r in peers)
+        fastest = min((r for r in members if r["peer"]), key=lambda r: r["median_ms"],
+                      default=None) or min(members, key=lambda r: r["median_ms"])
+        best_min = min(r["min_ms"] for r in members if r["peer"] or r is fastest)
         for row in members:
-            row["ratio"] = row["median_ms"] / best
+            row["ratio"] = row["median_ms"] / fastest["median_ms"]
             row["ratio_min"] = row["min_ms"] / best_min
+            row["ratio_paired"] = statistics.median(
+                a / b for a, b in zip(row["times_ms"], fastest["times_ms"]))
 
 
 def _fmt(value, spec: str) -> str:
