@@ -37,7 +37,8 @@ class KVCache:
     """Keys and values of the positions decoded so far, in preallocated buffers.
 
     Slots ``[0, pos)`` hold the cached keys/values; slots from ``pos`` on are free and never
-    read. Decoding is meant to run under ``torch.no_grad()`` or ``torch.inference_mode()``
+    read. Every position is kept, also for sliding-window layers (there is no ring buffer), so
+    ``max_seq_len`` must cover the whole sequence. Decoding is meant to run under ``torch.no_grad()`` or ``torch.inference_mode()``
     (allocate the cache inside the same mode you decode in): gradients do flow through
     in-place writes, but the autograd graph would then span the whole generation.
 
@@ -119,7 +120,8 @@ class KVCache:
 
         Returns:
             ``(k, v)``: views of the filled slots, each ``(B, Hkv, pos + T, D)`` (``pos`` as it
-            was before the call). They alias the buffers; the next write does not touch them.
+            was before the call). They alias the buffers: later writes land past them, but
+            after :meth:`reset` new writes overwrite them.
 
         Raises:
             ValueError: shapes that do not match the cache, or another device.
