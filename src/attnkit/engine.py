@@ -22,12 +22,12 @@ from .masks import MaskSpec
 
 __all__ = ["attention", "explain", "Explanation"]
 
-# Below this many keys the dense mask SDPA needs is cheap and its fused kernel wins;
-# above it, chunked attention's block skipping wins for windows (benchmarks/bench_attention.py).
+# Below this many keys the dense mask SDPA needs is cheap and its fused kernel wins; above
+# it, chunked attention's block skipping wins for windows (w=1024, 1 thread: 2.0x at S=4096,
+# 6.2x at 16384; SDPA cannot run at 65536 in 16 GiB; benchmarks/bench_attention.py).
+# bfloat16 has no rule of its own: on CPUs without native bf16 matmul, SDPA's bf16 kernel
+# ran at 49 GFLOP/s against chunked's 28-30 (T=4096, 8192), so SDPA stays first.
 _WINDOW_MIN_S = 2048
-# bfloat16/float16 on CPU: SDPA's reduced-precision CPU kernel is slower than chunked's
-# half-precision matmuls from this length on (measured in benchmarks/bench_attention.py).
-_LOW_PRECISION_MIN_T = 4096
 
 
 def _check_call(q, k, v, dropout_p: float) -> None:
@@ -61,17 +61,12 @@ def _check_call(q, k, v, dropout_p: float) -> None:
 
 def _auto_order(q: Tensor, k: Tensor, spec: MaskSpec, return_lse: bool) -> tuple[list[str], str]:
     """Backends in the order ``auto`` tries them, and the rule that set the order."""
-    T, S = q.shape[-2], k.shape[-2]
+    S = k.shape[-2]
     if return_lse:
         return ["chunked", "math"], "the log-sum-exp was asked for"
     if spec.window is not None and S >= _WINDOW_MIN_S:
         return ["chunked", "sdpa", "math"], (
             f"a sliding window at S={S} >= {_WINDOW_MIN_S}: chunked skips blocks outside it")
-    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            and T >= _LOW_PRECISION_MIN_T and spec.mask is None):
-        return ["chunked", "sdpa", "math"], (
-            f"{q.dtype} on CPU at T={T} >= {_LOW_PRECISION_MIN_T}: chunked's half-precision "
-            "matmuls beat SDPA's CPU kernel")
     return ["sdpa", "chunked", "math"], "SDPA's fused kernel is the fastest general path"
 
 
