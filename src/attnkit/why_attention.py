@@ -44,7 +44,7 @@ class WhyConfig:
         ValueError: non-positive sizes, or ``min_len > max_len``.
     """
 
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 64
     hidden_size: int = 64
     lr: float = 3e-3
