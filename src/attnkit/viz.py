@@ -18,10 +18,10 @@ Three layers, so later figures reuse the pieces:
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import Sequence
+
+from .checkpoint import atomic_write
 
 __all__ = ["require_matplotlib", "new_figure", "draw_heatmap", "save_figure", "heatmap",
            "panel_grid", "head_grid", "INSTALL_HINT"]
@@ -118,24 +118,12 @@ def save_figure(fig, path) -> Path:
     """Write ``fig`` to ``path`` atomically; the format follows the suffix (default PNG).
 
     The figure is rendered into a temporary file in the same directory and moved into place
-    with ``os.replace``, which is atomic on one file system: an interrupted run leaves the
-    old file or none, never a truncated one.
+    (:func:`attnkit.checkpoint.atomic_write`): an interrupted run leaves the old file or none,
+    never a truncated one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask decide the mode, as for any new file (mkstemp would
-    # leave the figure readable by its owner only).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda handle: fig.savefig(
+        handle, format=path.suffix.lstrip(".") or "png", dpi=120))
 
 
 def heatmap(weights, x_labels=None, y_labels=None, title=None, path="heatmap.png", *,
