@@ -103,7 +103,7 @@ def cases(args) -> list[_common.Case]:
 
 
 COLUMNS = [("context", "context", ""), ("method", "impl", ""), ("tokens/call", "tokens", ""),
-           ("ms/token", "ms_per_token", ".3f"), ("tokens/s", "tokens_per_s", ".3g"),
+           ("ms/token", "ms_per_token", ".3f"), ("tokens/s", "tokens_per_s", ".1f"),
            ("x recompute", "speedup", ".1f"), ("peak MiB", "peak_mib", ".1f"),
            ("cache MiB", "cache_mib", ".1f")]
 

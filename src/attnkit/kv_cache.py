@@ -5,11 +5,14 @@ step ``t`` projects only the new token and attends over everything cached so far
 buffers are allocated once at full size ``(B, Hkv, max_seq_len, D)`` and written in place,
 because
 
-* growing a tensor with ``torch.cat`` copies the whole history on every step (O(n^2) bytes
-  over a generation) and gives ``torch.compile`` a new shape each time;
-* a fixed buffer plus an integer position keeps memory flat and lets a compiled decode step
-  be reused: the position becomes a symbolic integer after the first recompile, so the
-  number of compilations stays bounded however many tokens are generated.
+* growing a tensor with ``torch.cat`` allocates a new one and copies the whole history on
+  every step (O(n^2) bytes over a generation);
+* a fixed buffer plus an integer position keeps memory flat, and a compiled decode step is
+  reused: the position becomes a symbolic integer after the first recompile, so the number
+  of compilations stays bounded however many tokens are generated.
+
+Attention reads only the filled slots ``[0, pos + T)``, not the whole buffer under a mask:
+O(pos) work per token instead of O(max_seq_len).
 
 One :class:`KVCache` serves one attention layer. Make it with
 :meth:`attnkit.MultiHeadAttention.init_cache` so its heads, head dim, dtype and device match
