@@ -250,8 +250,7 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, pos + T, D) each
 
-        dropout_p = self.dropout if self.training else 0.0
-        weights = None
+        dropout_p = self.dropout if self.training else 0.0  # the module owns the training check
         if need_weights:
             out, weights = math_attention(q, k, v, spec, dropout_p=dropout_p,
                                           scale=1.0 / math.sqrt(self.head_dim),
