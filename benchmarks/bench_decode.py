@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-from attnkit.attention import MultiHeadAttention  # noqa: E402
+from attnkit.multihead import MultiHeadAttention  # noqa: E402
 
 METHODS = ("cache", "cache GQA", "recompute")
 

@@ -38,7 +38,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-from attnkit.attention import MultiHeadAttention  # noqa: E402
+from attnkit.multihead import MultiHeadAttention  # noqa: E402
 
 try:
     from attnkit import tutorial

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from attnkit.attention import MultiHeadAttention
+from attnkit.multihead import MultiHeadAttention
 from attnkit.kv_cache import KVCache
 
 

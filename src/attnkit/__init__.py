@@ -13,11 +13,11 @@ Layers, each using only the ones above it:
 """
 
 from . import tutorial
-from .attention import MultiHeadAttention
 from .backends import available_backends, register_backend
-from .engine import Explanation, attention, explain  # after .attention: binds the function
+from .engine import Explanation, attention, explain
 from .kv_cache import KVCache
 from .masks import MaskSpec
+from .multihead import MultiHeadAttention
 from .rope import RoPE
 
 __version__ = "0.1.0"

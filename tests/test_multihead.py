@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from attnkit import functional
-from attnkit.attention import MultiHeadAttention
+from attnkit.multihead import MultiHeadAttention
 from attnkit.masks import MaskSpec
 from attnkit.rope import RoPE
 from attnkit.tutorial import MultiHeadAttention as TutorialMHA
