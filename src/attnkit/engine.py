@@ -20,7 +20,7 @@ from torch import Tensor
 from .backends import available_backends, get_backend
 from .masks import MaskSpec
 
-__all__ = ["attention", "explain", "Explanation"]
+__all__ = ["attention", "check_qkv", "explain", "Explanation"]
 
 # Below this many keys the dense mask SDPA needs is cheap and its fused kernel wins; above
 # it, chunked attention's block skipping wins for windows (w=1024, 1 thread: 2.0x at S=4096,
@@ -30,15 +30,26 @@ __all__ = ["attention", "explain", "Explanation"]
 _WINDOW_MIN_S = 2048
 
 
-def _check_call(q, k, v, dropout_p: float) -> None:
+def check_qkv(q, k, v, *, expected: str = "4-D (B, heads, length, head_dim)",
+              fix: str = "add a batch or head dim with unsqueeze") -> None:
+    """Validate q ``(B, H, T, D)``, k/v ``(B, Hkv, S, D)`` for any attention entry point.
+
+    Args:
+        expected: how the message describes a tensor of the wrong rank.
+        fix: what the message suggests for a tensor of the wrong rank.
+
+    Raises:
+        TypeError: non-tensor, non-float or mixed-dtype inputs.
+        ValueError: rank != 4, different devices, mismatched batch/head_dim/length,
+            ``H % Hkv != 0``.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, heads, length, head_dim), got shape "
-                             f"{tuple(t.shape)}; add a batch or head dim with unsqueeze")
+            raise ValueError(f"{name} must be {expected}, got shape {tuple(t.shape)}; {fix}")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:
@@ -55,6 +66,10 @@ def _check_call(q, k, v, dropout_p: float) -> None:
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv}) "
                          "for grouped-query attention")
+
+
+def _check_call(q, k, v, dropout_p: float) -> None:
+    check_qkv(q, k, v)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..engine import check_qkv
+
 __all__ = ["LAYOUTS", "position_ids", "shard", "unshard"]
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -172,21 +174,9 @@ def check_shards(q, k, v, causal: bool) -> None:
         ValueError: not 4-D, mismatched batch/head_dim/heads, ``H % Hkv != 0``, or q and
             k/v shards of different lengths with ``causal=True``.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
-            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {got}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be this rank's shard (B, heads, T/P, head_dim), got "
-                             f"shape {tuple(t.shape)}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    (B, H, T, D), (Bk, Hkv, S, Dk) = q.shape, k.shape
-    if Bk != B or v.shape[0] != B or Dk != D or v.shape[1:3] != k.shape[1:3]:
-        raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v "
-                         f"{tuple(v.shape)}; need (B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, Dv)")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    check_qkv(q, k, v, expected="this rank's shard (B, heads, T/P, head_dim)",
+              fix="cut the full (B, H, T, D) tensor with attnkit.distributed.shard")
+    T, S = q.shape[2], k.shape[2]
     if causal and S != T:
         raise ValueError(f"causal attention needs q and k/v shards of the same length, got "
                          f"{T} and {S}")
