@@ -202,14 +202,15 @@ def _chunked_forward(q, k, v, lay: _Layout, scale: float):
 
 
 def _accumulate_backward(grad_out, q, k, v, lse, delta, lay: _Layout, scale: float, grads,
-                         single=None, param_grads=None):
+                         single=None, param_grads=None, grad_lse=None):
     """Add the gradients of attention over ``k``/``v`` into ``grads = (dq, dk, dv)``.
 
     ``lse`` and ``delta`` are the rows' log-sum-exp and ``rowsum(dO * O)`` (minus the lse's
     own gradient); when they are the *global* ones of a longer key sequence (ring
     attention), the probabilities recomputed here are this block's share of the full softmax
-    and the gradients add up exactly. ``single (N, G, T)`` marks rows whose gradient is
-    exactly zero; ``param_grads`` receives the gradients of the score function's tensors.
+    and the gradients add up exactly. ``single (N, G, T)`` marks rows that saw one key:
+    through the output their gradient is exactly zero, only the lse's gradient ``grad_lse``
+    remains; ``param_grads`` receives the gradients of the score function's tensors.
     """
     N, D, Dv = lay.B * lay.Hkv, q.shape[-1], v.shape[-1]
     acc_dtype, mm = grads[0].dtype, _matmul_dtype(q)
@@ -229,20 +230,26 @@ def _accumulate_backward(grad_out, q, k, v, lse, delta, lay: _Layout, scale: flo
         dot = _query_tile(do4, q0, q1)  # (N, G*nq, Dv)
         lse_t = lse[:, :, q0:q1].reshape(N, lay.G * nq, 1)
         delta_t = delta[:, :, q0:q1].reshape(N, lay.G * nq, 1)
-        keep = None
+        keep = glse_t = None
         if single is not None and bool(single[:, :, q0:q1].any()):
-            keep = (~single[:, :, q0:q1]).reshape(N, lay.G * nq, 1).to(acc_dtype)
+            one = single[:, :, q0:q1].reshape(N, lay.G * nq, 1)
+            keep = (~one).to(acc_dtype)
+            glse_t = torch.zeros_like(keep) if grad_lse is None else \
+                grad_lse.reshape(N, lay.G, lay.T)[:, :, q0:q1].reshape(keep.shape) * one
         dq_t = torch.zeros(N, lay.G * nq, D, dtype=acc_dtype, device=q.device)
         for k0, k1, partial in blocks:
             kb, vb = k3[:, k0:k1], v3[:, k0:k1]
             mask = lay.block_mask(q0, q1, k0, k1, partial, q.device)
             s, graph = _scores(lay, qt, kb, q0, q1, k0, k1, mask, grad_score=lay.score is not None)
             p = s.sub_(lse_t).exp_()
+            # One visible key: dS = P * (dP - delta) is exactly 0 in exact arithmetic, so
+            # only the lse's own term P * g remains (rounding would leave ~1e-5 otherwise).
+            fix = p * glse_t if keep is not None else None
             dv[:, k0:k1] += torch.matmul(p.to(mm).transpose(-2, -1), dot).to(acc_dtype)
             dp = torch.matmul(dot, vb.transpose(-2, -1)).to(acc_dtype)  # (N, G*nq, nk)
             ds = p.mul_(dp.sub_(delta_t))  # dL/d(modified scores)
             if keep is not None:
-                ds.mul_(keep)
+                ds.mul_(keep).add_(fix)
             if graph is not None:  # through the score function, by autograd on the block
                 raw, modded = graph
                 got = torch.autograd.grad(modded, (raw, *want), ds.view(modded.shape),
@@ -292,7 +299,7 @@ def _chunked_backward(grad_out, grad_lse, q, k, v, out, lse, single, lay: _Layou
     grads = tuple(torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (q, k, v))
     param_grads = [torch.zeros(p.shape, dtype=acc_dtype, device=p.device) for p in lay.params]
     _accumulate_backward(grad_out, q, k, v, lse, delta, lay, scale, grads, single,
-                         param_grads)
+                         param_grads, grad_lse)
     dsinks = None
     if lay.sinks is not None and lay.sinks.requires_grad:
         # d lse_i / d sink_h = P(sink)_i, and dL/d lse_i enters as -delta_i.
