@@ -282,7 +282,10 @@ class SameDocument(MaskMod):
         return self.ids if self.kv_ids is None else self.kv_ids
 
     def grid(self, b, h, q, k):
-        return self.ids[b, q] == self.keys()[b, k]
+        kv = self.keys()
+        bq = b if self.ids.shape[0] > 1 else b * 0  # one row of ids serves every sample
+        bk = b if kv.shape[0] > 1 else b * 0
+        return self.ids[bq, q] == kv[bk, k]
 
     def tile(self, B, H, q0, q1, k0, k1, device):
         return self.ids[:, None, q0:q1, None] == self.keys()[:, None, None, k0:k1]
