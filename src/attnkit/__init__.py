@@ -3,8 +3,10 @@
 Layers, each using only the ones above it:
 
 * :mod:`attnkit.functional` - the executable spec (plain-math attention).
-* :mod:`attnkit.masks` - mask descriptions and builders (True = may attend).
-* :mod:`attnkit.backends` - ``math``, ``sdpa``, ``chunked`` engines behind one contract.
+* :mod:`attnkit.masks` - mask descriptions (``mask_mod``), composable, and builders
+  (True = may attend); :mod:`attnkit.scores` - score functions (softcap, ALiBi, bias).
+* :mod:`attnkit.backends` - ``math``, ``sdpa``, ``chunked``, ``flex`` engines behind one
+  contract, each declaring its capabilities and cost.
 * :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point.
 * :mod:`attnkit.tutorial` - the tutorial's ladder of attention classes, rung by rung.
 * :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache).
@@ -12,7 +14,7 @@ Layers, each using only the ones above it:
 * :mod:`attnkit.walkthrough` - ``attnkit walkthrough``: the tutorial step by step, with numbers.
 """
 
-from . import tutorial
+from . import masks, scores, tutorial
 from .backends import available_backends, register_backend
 from .engine import Explanation, attention, explain
 from .kv_cache import KVCache
@@ -31,6 +33,8 @@ __all__ = [
     "attention",
     "available_backends",
     "explain",
+    "masks",
     "register_backend",
+    "scores",
     "tutorial",
 ]
