@@ -26,11 +26,16 @@ _OPS = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", No
 _BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
+def usable_for(device, dtype, spec) -> bool:
+    """Whether the fused tile path can serve a call on ``device`` in ``dtype``."""
+    return (_OPS is not None and _BWD is not None and torch.device(device).type == "cpu"
+            and dtype in (torch.float32, torch.float64) and spec.score_mod is None
+            and spec.sinks is None and not torch.compiler.is_compiling())
+
+
 def usable(q, spec) -> bool:
     """Whether the fused tile path can serve this call."""
-    return (_OPS is not None and _BWD is not None and q.device.type == "cpu"
-            and q.dtype in (torch.float32, torch.float64) and spec.score_mod is None
-            and spec.sinks is None and not torch.compiler.is_compiling())
+    return usable_for(q.device, q.dtype, spec)
 
 
 def _span(blocks):
