@@ -16,7 +16,7 @@ $(BIN)/python:
 # Reinstall only when the project metadata changes, so a second run starts in seconds.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,viz]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,viz,hf]"
 	touch $(STAMP)
 
 # The main job: the tutorial step by step, then the date translator (trained on first run,
