@@ -1,6 +1,6 @@
 """GPT generation with and without the KV cache, and GPT training throughput.
 
-The model is the ``small`` preset of :mod:`attnkit.models.gpt` (4 layers, 4 heads, 128
+The model is the ``small`` preset of :mod:`attnkit.apps.gpt.model` (4 layers, 4 heads, 128
 dims, about 0.8 M parameters, float32, character vocabulary of 103) with its context set to
 ``prompt + tokens`` so no run restarts its context. Weights are random: speed does not depend
 on them, and no checkpoint is needed.
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-from attnkit.models.gpt import GPT, GPTConfig  # noqa: E402
+from attnkit.apps.gpt.model import GPT, GPTConfig  # noqa: E402
 
 VOCAB = 103  # the default corpus's character vocabulary
 

@@ -9,7 +9,7 @@ Layers, each using only the ones above it:
 * :mod:`attnkit.tutorial` - the tutorial's ladder of attention classes, rung by rung.
 * :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache).
 * :mod:`attnkit.viz` - attention heatmaps and head grids (optional extra ``viz``, lazy).
-* :mod:`attnkit.walkthrough` - ``attnkit walkthrough``: the tutorial step by step, with numbers.
+* :mod:`attnkit.apps` - what a person runs: walkthrough, translate, why-attention, gpt.
 """
 
 from . import tutorial

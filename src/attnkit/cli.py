@@ -14,10 +14,10 @@ import importlib
 __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 
 SUBCOMMAND_MODULES = [
-    "attnkit.walkthrough",
-    "attnkit.gpt_cli",
-    "attnkit.translate",
-    "attnkit.why_attention",
+    "attnkit.apps.walkthrough",
+    "attnkit.apps.gpt.app",
+    "attnkit.apps.translate.app",
+    "attnkit.apps.why_attention.app",
 ]
 
 

@@ -2,7 +2,7 @@
 
 An RNN encoder-decoder must squeeze the whole input into its final hidden state; with
 attention the decoder looks back at every encoder state. Two GRU encoder-decoders
-(:class:`~attnkit.models.GRUSeq2Seq`) learn to reverse random digit strings of length 5-40:
+(:class:`~attnkit.apps.why_attention.model.GRUSeq2Seq`) learn to reverse random digit strings of length 5-40:
 
 * without attention, with a wider GRU so that both have the same parameter count (within
   10%);
@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import write_json
-from .models.seq2seq import GRUSeq2Seq, count_parameters
+from ...checkpoint import write_json
+from ..translate.model import count_parameters
+from .model import GRUSeq2Seq
 
 __all__ = ["WhyConfig", "make_batch", "matched_models", "run", "format_table", "add_parser"]
 
@@ -140,7 +141,7 @@ def _evaluate(model, config: WhyConfig) -> dict:
 
 
 def _figure(results: dict, weights, source: str, output: str, path) -> Path:
-    from .viz import draw_heatmap, new_figure, save_figure
+    from ...viz import draw_heatmap, new_figure, save_figure
 
     fig, axes = new_figure(1, 2, panel_size=(6.0, 5.0))
     ax = axes[0, 0]

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from . import viz
-from .data.text import CharTokenizer, get_batch, load_text, split_ids, unigram_loss
-from .models.gpt import GPT, GPTConfig, PRESETS, load_checkpoint, save_checkpoint
+from ... import viz
+from .._vocab import CharVocab
+from .data import get_batch, load_text, split_ids, unigram_loss
+from .model import GPT, GPTConfig, PRESETS, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainResult", "train", "add_parser"]
 
@@ -37,7 +38,7 @@ class TrainResult:
     """What :func:`train` produced (losses in nats per character)."""
 
     model: GPT
-    tokenizer: CharTokenizer
+    tokenizer: CharVocab
     history: list[tuple[int, float, float]] = field(default_factory=list)  # step, train, val
     val_loss: float = math.nan
     unigram_loss: float = math.nan
@@ -87,7 +88,7 @@ def train(text: str, *, preset: str = "small", steps: int = 1500, batch_size: in
 
     Args:
         text: the corpus; split 90/10 into train/validation with :func:`split_ids`.
-        preset: a :data:`attnkit.models.gpt.PRESETS` name; ``overrides`` replace its fields.
+        preset: a :data:`attnkit.apps.gpt.model.PRESETS` name; ``overrides`` replace its fields.
         steps: optimizer steps (AdamW, warm-up then cosine decay).
         batch_size: windows of ``max_seq_len`` characters per step.
         lr: peak learning rate.
@@ -110,7 +111,7 @@ def train(text: str, *, preset: str = "small", steps: int = 1500, batch_size: in
     if steps < 1 or batch_size < 1 or eval_every < 1 or eval_batches < 1:
         raise ValueError(f"steps, batch_size, eval_every and eval_batches must be >= 1, got "
                          f"{steps}, {batch_size}, {eval_every}, {eval_batches}")
-    tokenizer = CharTokenizer.from_text(text)
+    tokenizer = CharVocab.from_text(text)
     train_ids, val_ids = split_ids(torch.tensor(tokenizer.encode(text), dtype=torch.long))
     config = GPTConfig.preset(preset, tokenizer.vocab_size, **overrides)
     if len(val_ids) < 2:
@@ -190,7 +191,7 @@ class _UsageError(Exception):
     """A mistake in the command line: one line on stderr, exit code 2."""
 
 
-def _load(args) -> tuple[GPT, CharTokenizer]:
+def _load(args) -> tuple[GPT, CharVocab]:
     path = Path(args.checkpoint)
     try:
         model, metadata = load_checkpoint(path)
@@ -199,10 +200,10 @@ def _load(args) -> tuple[GPT, CharTokenizer]:
                           f"train --out {path.parent}") from None
     except (ValueError, RuntimeError, TypeError, KeyError) as err:  # corrupt, foreign, stale
         raise _UsageError(f"cannot load {str(path)!r} as a GPT checkpoint: {err}") from None
-    return model, CharTokenizer(metadata["chars"])
+    return model, CharVocab(metadata["chars"])
 
 
-def _encode_prompt(prompt: str, model: GPT, tokenizer: CharTokenizer) -> torch.Tensor:
+def _encode_prompt(prompt: str, model: GPT, tokenizer: CharVocab) -> torch.Tensor:
     if not prompt:
         raise _UsageError("--prompt is empty; give at least one character")
     missing = tokenizer.unknown(prompt)
@@ -261,7 +262,7 @@ def _generate_command(args) -> int:
     for token in model.generate_stream(prompt, args.tokens, temperature=args.temperature,
                                        top_k=args.top_k, generator=generator,
                                        use_cache=not args.no_cache):
-        sys.stdout.write(tokenizer.chars[token])
+        sys.stdout.write(tokenizer.decode([token]))
         sys.stdout.flush()  # stream: each character appears as soon as it is sampled
     seconds = time.perf_counter() - started
     print()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from attnkit import checkpoint
-from attnkit.data.text import (CharTokenizer, default_corpus, get_batch, load_text, split_ids,
-                               unigram_loss)
-from attnkit.models import GPT, GPTConfig
-from attnkit.models.gpt import PRESETS, load_checkpoint, save_checkpoint
+from attnkit.apps._vocab import CharVocab
+from attnkit.apps.gpt.data import default_corpus, get_batch, load_text, split_ids, unigram_loss
+from attnkit.apps.gpt.model import GPT, GPTConfig
+from attnkit.apps.gpt.model import PRESETS, load_checkpoint, save_checkpoint
 
 TEXT = "attention is all you need; the cat sat on the mat. "
 
@@ -96,7 +96,7 @@ def test_forward_errors():
 
 
 def test_tiny_model_overfits_a_short_text():
-    tokenizer = CharTokenizer.from_text(TEXT)
+    tokenizer = CharVocab.from_text(TEXT)
     ids = torch.tensor(tokenizer.encode(TEXT * 2))
     x, y = ids[:-1].unfold(0, 32, 8), ids[1:].unfold(0, 32, 8)  # (9, 32) windows, shifted
     model = tiny(tokenizer.vocab_size).train()
@@ -186,17 +186,6 @@ def test_checkpoint_errors(tmp_path):
 
 
 # --- text data ----------------------------------------------------------------------------
-
-def test_tokenizer_round_trip_and_unknown_characters():
-    tokenizer = CharTokenizer.from_text(TEXT)
-    assert tokenizer.chars == sorted(set(TEXT))
-    assert tokenizer.decode(tokenizer.encode("the mat")) == "the mat"
-    assert tokenizer.decode(torch.tensor(tokenizer.encode("cat"))) == "cat"
-    with pytest.raises(ValueError, match=r"2 character\(s\) not in the vocabulary: '\\n', 'Z'"):
-        tokenizer.encode("cat\nZ\n")
-    with pytest.raises(ValueError, match="repeats characters"):
-        CharTokenizer("aa")
-
 
 def test_default_corpus_and_text_files(tmp_path):
     corpus = default_corpus()

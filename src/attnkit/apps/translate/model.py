@@ -1,13 +1,10 @@
-"""Sequence-to-sequence models built from :class:`attnkit.MultiHeadAttention`.
+"""The date translator's model, built from :class:`attnkit.MultiHeadAttention`.
 
 * :class:`TransformerSeq2Seq` - a small pre-norm Transformer encoder-decoder (the date
   translator). Every attention layer is an attnkit ``MultiHeadAttention``: encoder
   self-attention, causal decoder self-attention and decoder cross-attention. Greedy decoding
   keeps each decoder self-attention layer's keys/values in a :class:`attnkit.KVCache`; the
   cross-attention keys come from the encoder output, which is fixed for the whole decode.
-* :class:`GRUSeq2Seq` - the tutorial's RNN encoder-decoder, with or without an attnkit
-  cross-attention from the decoder state to every encoder state (``attnkit why-attention``).
-* :class:`CharVocab` - a character vocabulary with named errors for unknown characters.
 
 Shape letters: ``B`` batch, ``S`` source length, ``T`` target length, ``E`` model dim,
 ``H`` heads, ``V`` vocabulary size.
@@ -20,65 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import MultiHeadAttention
+from ... import MultiHeadAttention
 
-__all__ = ["CharVocab", "TransformerConfig", "TransformerSeq2Seq", "GRUSeq2Seq",
-           "count_parameters"]
-
-
-class CharVocab:
-    """Characters to ids and back; id 0 is padding and ``specials`` follow it.
-
-    Args:
-        chars: the characters, in id order after the specials.
-        specials: names of extra tokens (e.g. ``("<bos>",)``), ids 1, 2, ...
-
-    Raises:
-        ValueError: repeated characters.
-    """
-
-    def __init__(self, chars: str, specials: tuple[str, ...] = ()):
-        if len(set(chars)) != len(chars):
-            raise ValueError(f"chars must be distinct, got {chars!r}")
-        self.chars, self.specials = chars, tuple(specials)
-        self.offset = 1 + len(self.specials)
-        self._ids = {c: i + self.offset for i, c in enumerate(chars)}
-
-    def __len__(self) -> int:
-        return self.offset + len(self.chars)
-
-    def special(self, name: str) -> int:
-        """The id of special token ``name``."""
-        return 1 + self.specials.index(name)
-
-    def unknown(self, text: str) -> list[str]:
-        """The distinct characters of ``text`` outside the vocabulary, in order of appearance."""
-        return list(dict.fromkeys(c for c in text if c not in self._ids))
-
-    def encode(self, text: str) -> list[int]:
-        """Ids of ``text``'s characters.
-
-        Raises:
-            ValueError: characters outside the vocabulary (named in the message).
-        """
-        missing = self.unknown(text)
-        if missing:
-            raise ValueError(f"characters outside the vocabulary: "
-                             f"{', '.join(repr(c) for c in missing)}")
-        return [self._ids[c] for c in text]
-
-    def decode(self, ids) -> str:
-        """Characters of ``ids``, skipping padding and specials."""
-        return "".join(self.chars[i - self.offset] for i in ids if i >= self.offset)
-
-    def batch(self, texts: list[str], length: int | None = None) -> Tensor:
-        """``(B, length)`` long tensor, right-padded with 0 (length: the longest text)."""
-        rows = [self.encode(t) for t in texts]
-        length = max(map(len, rows)) if length is None else length
-        out = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, row in enumerate(rows):
-            out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        return out
+__all__ = ["TransformerConfig", "TransformerSeq2Seq", "count_parameters"]
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -254,85 +195,3 @@ class TransformerSeq2Seq(nn.Module):
                          for i in range(len(self.decoder))]
             result += (torch.stack(per_layer),)  # (layers, B, H, L, S)
         return result
-
-
-class GRUSeq2Seq(nn.Module):
-    """GRU encoder-decoder, optionally with cross-attention from the decoder to the encoder.
-
-    The encoder is a bidirectional GRU. Without attention the decoder starts from the final
-    encoder states and sees nothing else of the source: the whole input is squeezed into one
-    vector. With attention, each decoder state queries every encoder state through an
-    attnkit :class:`~attnkit.MultiHeadAttention` (``kv_dim = 2 * hidden``) and the output
-    layer reads ``[state; context]``.
-
-    Args:
-        vocab_size: ``V``; id 0 is padding, id 1 starts decoding.
-        hidden_size: GRU width of each direction and of the decoder.
-        embed_dim: token embedding width.
-        attention: add the cross-attention.
-        num_heads: heads of the cross-attention.
-
-    Raises:
-        ValueError: ``hidden_size`` not divisible by ``num_heads``.
-    """
-
-    BOS = 1
-
-    def __init__(self, vocab_size: int, hidden_size: int, *, embed_dim: int = 32,
-                 attention: bool = False, num_heads: int = 1):
-        super().__init__()
-        self.attention = attention
-        self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.encoder = nn.GRU(embed_dim, hidden_size, batch_first=True, bidirectional=True)
-        self.bridge = nn.Linear(2 * hidden_size, hidden_size)
-        self.decoder = nn.GRU(embed_dim, hidden_size, batch_first=True)
-        self.cross_attn = (MultiHeadAttention(hidden_size, num_heads, kv_dim=2 * hidden_size)
-                           if attention else None)
-        self.head = nn.Linear(hidden_size * (2 if attention else 1), vocab_size)
-
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(states (B, S, 2*hidden), src_mask (B, S), decoder start (1, B, hidden))``."""
-        src_mask = src != 0
-        lengths = src_mask.sum(1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(src), lengths, batch_first=True,
-                                                   enforce_sorted=False)
-        states, last = self.encoder(packed)  # last (2, B, hidden): both directions' ends
-        states, _ = nn.utils.rnn.pad_packed_sequence(states, batch_first=True,
-                                                     total_length=src.shape[1])
-        start = torch.tanh(self.bridge(torch.cat([last[0], last[1]], dim=-1)))[None]
-        return states, src_mask, start  # start (1, B, hidden)
-
-    def _step(self, tgt_in, states, src_mask, hidden, need_weights=False):
-        out, hidden = self.decoder(self.embed(tgt_in), hidden)  # out (B, T, hidden)
-        weights = None
-        if self.cross_attn is not None:
-            context = self.cross_attn(out, states, key_padding_mask=src_mask,
-                                      need_weights=need_weights)
-            context, weights = context if need_weights else (context, None)
-            out = torch.cat([out, context], dim=-1)  # (B, T, 2*hidden)
-        return self.head(out), hidden, weights  # logits (B, T, V)
-
-    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher-forced logits ``(B, T, V)`` for source ``(B, S)`` and target input ``(B, T)``."""
-        states, src_mask, hidden = self.encode(src)
-        return self._step(tgt_in, states, src_mask, hidden)[0]
-
-    @torch.no_grad()
-    def greedy_decode(self, src: Tensor, length: int, *, need_weights: bool = False):
-        """Greedy decoding of ``length`` tokens: ``tokens (B, L)`` [, ``weights (B, H, L, S)``].
-
-        Raises:
-            ValueError: ``need_weights`` on a model without attention.
-        """
-        if need_weights and self.cross_attn is None:
-            raise ValueError("need_weights=True needs a model built with attention=True")
-        states, src_mask, hidden = self.encode(src)
-        token = torch.full((src.shape[0], 1), self.BOS, dtype=torch.long, device=src.device)
-        tokens, weights = [], []
-        for _ in range(length):
-            logits, hidden, w = self._step(token, states, src_mask, hidden, need_weights)
-            token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-            tokens.append(token)
-            weights.append(w)
-        tokens = torch.cat(tokens, dim=1)  # (B, L)
-        return (tokens, torch.cat(weights, dim=2)) if need_weights else tokens

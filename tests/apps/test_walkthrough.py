@@ -8,7 +8,8 @@ import types
 import pytest
 import torch
 
-from attnkit import cli, viz, walkthrough
+from attnkit import cli, viz
+from attnkit.apps import walkthrough
 
 FIGURES = {"attention_weights.png", "causal_weights.png", "causal_weights_dropout.png",
            "multihead_weights.png"}

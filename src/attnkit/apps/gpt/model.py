@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit import KVCache, MultiHeadAttention, checkpoint
+from ... import KVCache, MultiHeadAttention, checkpoint
 
 __all__ = ["GPTConfig", "GPT", "PRESETS", "save_checkpoint", "load_checkpoint"]
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from attnkit import cli
-from attnkit.data.text import default_corpus
-from attnkit.gpt_cli import train
-from attnkit.models.gpt import load_checkpoint
+from attnkit.apps.gpt.data import default_corpus
+from attnkit.apps.gpt.app import train
+from attnkit.apps.gpt.model import load_checkpoint
 
 TEXT = "attention is all you need; the cat sat on the mat. " * 40
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

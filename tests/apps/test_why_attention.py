@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from attnkit import cli
-from attnkit.models.seq2seq import count_parameters
-from attnkit.why_attention import WhyConfig, make_batch, matched_models, run
+from attnkit.apps.translate.model import count_parameters
+from attnkit.apps.why_attention.app import WhyConfig, make_batch, matched_models, run
 
 
 def test_models_have_equal_parameters_within_ten_percent():

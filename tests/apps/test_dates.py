@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from attnkit.data import dates
-from attnkit.data.dates import FORMATS, parse_date, render, sample_pairs, split_dates
+from attnkit.apps.translate import dates
+from attnkit.apps.translate.dates import FORMATS, parse_date, render, sample_pairs, split_dates
 
 # Boundaries, leap days, single- and two-digit days/months, and the %y pivot years.
 EDGE_DATES = [dt.date(1900, 1, 1), dt.date(2099, 12, 31), dt.date(2000, 2, 29),

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import tutorial, viz
+from .. import tutorial, viz
 
 __all__ = ["SENTENCE", "TOKENS", "EMBEDDINGS", "PUBLISHED", "WalkthroughResult", "run",
            "add_parser"]

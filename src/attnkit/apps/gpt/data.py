@@ -1,4 +1,6 @@
-"""Character-level text data for the GPT demo: tokenizer, corpora, split, batches, baseline.
+"""Character-level text data for the GPT demo: corpora, split, batches, baseline.
+
+The tokenizer is the apps' shared :class:`attnkit.apps._vocab.CharVocab`.
 
 The default corpus ships with every Python install: the help-topics text behind
 ``help("topics")`` (the standard library's ``pydoc_data.topics``, about 465 k characters of
@@ -15,71 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["CharTokenizer", "default_corpus", "load_text", "split_ids", "get_batch",
+__all__ = ["default_corpus", "load_text", "split_ids", "get_batch",
            "unigram_loss"]
-
-
-def _show(char: str) -> str:
-    """A character as a reader can see it in an error message (``'\\n'``, ``'é'``)."""
-    return repr(char)
-
-
-class CharTokenizer:
-    """Maps each distinct character of a text to an id (sorted by code point).
-
-    Args:
-        chars: the vocabulary, distinct characters; ids follow this order.
-
-    Raises:
-        ValueError: an empty vocabulary or repeated characters.
-    """
-
-    def __init__(self, chars):
-        chars = list(chars)
-        if not chars:
-            raise ValueError("a tokenizer needs at least one character, got an empty vocabulary")
-        if len(set(chars)) != len(chars):
-            raise ValueError("the vocabulary repeats characters; pass distinct characters")
-        self.chars = chars
-        self._ids = {c: i for i, c in enumerate(chars)}
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        """The tokenizer of every distinct character in ``text``.
-
-        Raises:
-            ValueError: ``text`` is empty.
-        """
-        return cls(sorted(set(text)))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size})"
-
-    def unknown(self, text: str) -> list[str]:
-        """The distinct characters of ``text`` outside the vocabulary, in order of appearance."""
-        return list(dict.fromkeys(c for c in text if c not in self._ids))
-
-    def encode(self, text: str) -> list[int]:
-        """Ids of the characters of ``text``.
-
-        Raises:
-            ValueError: characters outside the vocabulary (the message names them).
-        """
-        missing = self.unknown(text)
-        if missing:
-            raise ValueError(f"{len(missing)} character(s) not in the vocabulary: "
-                             f"{', '.join(_show(c) for c in missing)}")
-        return [self._ids[c] for c in text]
-
-    def decode(self, ids) -> str:
-        """The text of a sequence of ids (ints or a 1-D tensor)."""
-        if isinstance(ids, Tensor):
-            ids = ids.tolist()
-        return "".join(self.chars[i] for i in ids)
 
 
 def default_corpus() -> str:

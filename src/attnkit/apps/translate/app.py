@@ -1,7 +1,7 @@
 """The date translator: train it, score its alignment, and translate from the command line.
 
-``attnkit translate train`` trains a :class:`~attnkit.models.TransformerSeq2Seq` on generated
-date pairs (:mod:`attnkit.data.dates`) and writes to ``--out`` (default ``out/translate/``),
+``attnkit translate train`` trains a :class:`~attnkit.apps.translate.model.TransformerSeq2Seq` on generated
+date pairs (:mod:`attnkit.apps.translate.dates`) and writes to ``--out`` (default ``out/translate/``),
 every file atomically:
 
 * ``checkpoint.pt`` - weights and config (:mod:`attnkit.checkpoint`);
@@ -33,15 +33,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json
-from .data import dates
-from .models.seq2seq import CharVocab, TransformerConfig, TransformerSeq2Seq, count_parameters
+from ...checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json
+from .._vocab import CharVocab
+from . import dates
+from .model import TransformerConfig, TransformerSeq2Seq, count_parameters
 
 __all__ = ["TrainConfig", "SOURCE_VOCAB", "TARGET_VOCAB", "train", "evaluate", "load_translator",
            "translate", "plot_alignment", "save_translator", "alignment_scores", "add_parser"]
 
-SOURCE_VOCAB = CharVocab(string.ascii_lowercase + string.digits + " ,./-")
-TARGET_VOCAB = CharVocab(string.digits + "-", specials=("<bos>",))
+SOURCE_VOCAB = CharVocab(string.ascii_lowercase + string.digits + " ,./-", padding=True)
+TARGET_VOCAB = CharVocab(string.digits + "-", specials=("<bos>",), padding=True)
 MAX_SOURCE_LEN = 40
 CHECKPOINT_NAME = "checkpoint.pt"
 # Output positions of each field's digits in "YYYY-MM-DD".
@@ -149,7 +150,7 @@ def plot_alignment(model: TransformerSeq2Seq, source: str, path) -> Path:
         ValueError: characters outside the vocabulary, or a source too long.
         ImportError: matplotlib is missing.
     """
-    from .viz import panel_grid
+    from ...viz import panel_grid
 
     text = source.lower()
     tokens, _, weights = model.greedy_decode(SOURCE_VOCAB.batch([text]), need_weights=True)
