@@ -88,9 +88,40 @@ def test_errors():
         render(dt.date(1899, 12, 31), 0)
     with pytest.raises(ValueError, match="format_index"):
         render(dt.date(2000, 1, 1), len(FORMATS))
-    with pytest.raises(ValueError, match="reads as 0 dates"):
+    with pytest.raises(ValueError, match="not a date in a supported format"):
         parse_date("not a date")
     with pytest.raises(ValueError, match="num_heldout"):
         split_dates(0)
     with pytest.raises(ValueError, match="empty"):
         sample_pairs([], 1, random.Random(0))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("February 30, 2020", "not a real date"),
+    ("13/13/2013", "not a date in a supported format"),
+    ("hello world", "not a date in a supported format"),
+    ("July 4, 1776", "1776-07-04, outside the range"),
+    ("thursday june 26 2009", "wrong weekday: 2009-06-26 is a friday"),
+    ("06/05/2009", r"ambiguous: it reads as 2009-05-06 \(day first\) or 2009-06-05 \(month "
+                   r"first\)"),
+])
+def test_parse_date_refuses_what_is_not_one_date_in_range(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_date(text)
+
+
+@pytest.mark.parametrize("text", ["2009-06-25", "25/06/2009", "25/6/09", "June 25 2009",
+                                  "jun 25 2009", "June 25th 2009", "25th Jun 2009",
+                                  "June 25, 09", "06/25/09", "thursday june 25 2009"])
+def test_common_forms_are_supported_formats(text):
+    assert parse_date(text) == dt.date(2009, 6, 25)
+    assert any(render(dt.date(2009, 6, 25), i).source == text.lower()
+               for i in range(len(FORMATS)))
+
+
+def test_numeric_slash_formats_write_only_unambiguous_dates():
+    slash = [i for i, f in enumerate(FORMATS) if f.numeric_slash]
+    assert len(slash) == 4
+    for i in slash:
+        assert not FORMATS[i].accepts(dt.date(2009, 6, 5))
+        assert FORMATS[i].accepts(dt.date(2009, 6, 6)) and FORMATS[i].accepts(dt.date(2009, 6, 25))

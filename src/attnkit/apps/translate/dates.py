@@ -23,9 +23,10 @@ from __future__ import annotations
 import datetime as dt
 import random
 import re
+import time
 from dataclasses import dataclass
 
-__all__ = ["FORMATS", "DateFormat", "DatePair", "FIELDS", "render", "parse_date",
+__all__ = ["FORMATS", "DateFormat", "DatePair", "FIELDS", "render", "readings", "parse_date",
            "split_dates", "sample_pairs", "FIRST_DATE", "LAST_DATE"]
 
 FIRST_DATE = dt.date(1900, 1, 1)
@@ -90,13 +91,28 @@ class DateFormat:
     def short_year(self) -> bool:
         return "{yy}" in self.template
 
+    @property
+    def numeric_slash(self) -> bool:
+        """Day then month, or month then day, as numbers between slashes (``06/25/09``).
+
+        Slashes come in both orders (month first in the US, day first elsewhere), so such a
+        source names one date only when the day cannot be a month.
+        """
+        tokens = {tok for tok, _ in self.pieces if tok}
+        year_first = self.template.startswith("{yyyy}")  # 2009/06/25 is always y-m-d
+        return ("/" in self.template and not year_first and bool(tokens & {"d", "dd"})
+                and bool(tokens & {"m", "mm"}))
+
     def accepts(self, date: dt.date) -> bool:
-        """Whether ``date`` can be written unambiguously in this format."""
-        return not self.short_year or _SHORT_YEAR_RANGE[0] <= date.year <= _SHORT_YEAR_RANGE[1]
+        """Whether ``date`` can be written in this format so that it reads as one date only."""
+        if self.short_year and not _SHORT_YEAR_RANGE[0] <= date.year <= _SHORT_YEAR_RANGE[1]:
+            return False
+        return not self.numeric_slash or date.day > 12 or date.day == date.month
 
 
-# Each separator style has one field order ("/" is month first, "." and "-" day first, a
-# leading four-digit year is year-month-day), so no source reads as two different dates.
+# "." and "-" between numbers are day first and a leading four-digit year is year-month-day;
+# "/" comes in both orders, so numeric slash formats write only dates whose day cannot be a
+# month (DateFormat.accepts). No generated source reads as two different dates.
 FORMATS: tuple[DateFormat, ...] = tuple(DateFormat(t) for t in (
     "{dth} of {Month}, {yyyy}",        # 25th of June, 2009
     "{mm}/{dd}/{yy}",                  # 06/25/09
@@ -119,6 +135,14 @@ FORMATS: tuple[DateFormat, ...] = tuple(DateFormat(t) for t in (
     "{yyyy}{mm}{dd}",                  # 20090625
     "{dd}-{mm}-{yyyy}",                # 25-06-2009
     "{weekday} {d} {Month} {yyyy}",    # thursday 25 june 2009
+    "{yyyy}-{mm}-{dd}",                # 2009-06-25 (ISO 8601)
+    "{dd}/{mm}/{yyyy}",                # 25/06/2009 (day first)
+    "{d}/{m}/{yy}",                    # 25/6/09 (day first)
+    "{Month} {d} {yyyy}",              # June 25 2009
+    "{mon} {d} {yyyy}",                # Jun 25 2009
+    "{Month} {dth} {yyyy}",            # June 25th 2009
+    "{dth} {mon} {yyyy}",              # 25th Jun 2009
+    "{Month} {d}, {yy}",               # June 25, 09
 ))
 
 
@@ -188,25 +212,75 @@ def render(date: dt.date, format_index: int, rng: random.Random | None = None) -
     return DatePair(source, date.isoformat(), date, format_index, spans)
 
 
-def parse_date(text: str) -> dt.date:
-    """Read ``text`` back with the ``strptime`` twin of every format; all matches must agree.
+_ORDINAL = re.compile(r"(\d+)(st|nd|rd|th)\b", flags=re.IGNORECASE)
 
-    This is the independent check of :func:`render`: it uses only ``datetime.strptime`` (case
-    and runs of spaces are ignored there; ordinal suffixes are removed first).
 
-    Raises:
-        ValueError: no format matches, or two formats read different dates.
+def readings(text: str) -> list[tuple[dt.date, DateFormat]]:
+    """Every ``(date, format)`` that ``text`` matches, read with ``datetime.strptime`` only.
+
+    This is the generator-independent check behind :func:`parse_date`: case and runs of
+    spaces are ignored, ordinal suffixes are removed first, any year ``strptime`` accepts is
+    returned (the range check is :func:`parse_date`'s), and a format that names the weekday
+    matches only when the weekday is right.
     """
-    cleaned = re.sub(r"(\d+)(st|nd|rd|th)\b", r"\1", text.strip(), flags=re.IGNORECASE)
-    found = set()
+    cleaned = _ORDINAL.sub(r"\1", " ".join(text.split()))
+    found = []
     for fmt in FORMATS:
         try:
-            found.add(dt.datetime.strptime(cleaned, fmt.strptime).date())
+            parsed = time.strptime(cleaned, fmt.strptime)
         except ValueError:
             continue
-    if len(found) != 1:
-        raise ValueError(f"{text!r} reads as {len(found)} dates: {sorted(found)}")
-    return found.pop()
+        date = dt.date(parsed.tm_year, parsed.tm_mon, parsed.tm_mday)
+        if parsed.tm_wday == date.weekday():  # a weekday in the text must be the date's
+            found.append((date, fmt))
+    return found
+
+
+def _why_not(text: str) -> str:
+    """Why ``text`` matches no format: an impossible day, a wrong weekday, or no format."""
+    cleaned = _ORDINAL.sub(r"\1", " ".join(text.split()))
+    for fmt in FORMATS:
+        try:
+            parsed = time.strptime(cleaned, fmt.strptime)
+        except ValueError as err:
+            if "out of range" in str(err):  # the shape matched; the day does not exist
+                return f"{text!r} is not a real date (the day is out of range for its month)"
+            continue
+        date = dt.date(parsed.tm_year, parsed.tm_mon, parsed.tm_mday)
+        return (f"{text!r} names the wrong weekday: {date.isoformat()} is a "
+                f"{_WEEKDAYS[date.weekday()]}")
+    return (f"{text!r} is not a date in a supported format (e.g. \"june 25, 2009\", "
+            f"\"2009-06-25\", \"25/06/2009\"; see attnkit translate --help)")
+
+
+def _order(fmt: DateFormat) -> str:
+    """How a format orders day and month, for an ambiguity message."""
+    return "day first" if fmt.template.index("{d") < fmt.template.index("{m") else "month first"
+
+
+def parse_date(text: str) -> dt.date:
+    """The one date ``text`` names, checked with ``datetime`` and the supported range.
+
+    Raises:
+        ValueError: ``text`` matches no format (an impossible day such as February 30, a
+            month 13, a wrong weekday, or not a date at all), reads as two different dates
+            (``06/05/2009``: June 5 or May 6), or names a date outside 1900-2099. The message
+            says which.
+    """
+    found = readings(text)
+    if not found:
+        raise ValueError(_why_not(text))
+    distinct = sorted({date for date, _ in found})
+    if len(distinct) > 1:
+        shown = " or ".join(f"{d.isoformat()} ({_order(f)})" for d, f in
+                            sorted(dict(found).items()))
+        raise ValueError(f"{text!r} is ambiguous: it reads as {shown}; write the month as a "
+                         f"name or use ISO (YYYY-MM-DD)")
+    date = distinct[0]
+    if not FIRST_DATE <= date <= LAST_DATE:
+        raise ValueError(f"{text!r} is {date.isoformat()}, outside the range the translator "
+                         f"knows ({FIRST_DATE.isoformat()} to {LAST_DATE.isoformat()})")
+    return date
 
 
 def split_dates(num_heldout: int = 2000, seed: int = 0) -> tuple[list[dt.date], list[dt.date]]:
