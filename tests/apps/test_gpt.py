@@ -14,16 +14,6 @@ from attnkit.apps.gpt.model import PRESETS, load_checkpoint, save_checkpoint
 TEXT = "attention is all you need; the cat sat on the mat. "
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a
-    second thread waiting for a busy core made these tests 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(vocab_size=20, **overrides) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig.preset("tiny", vocab_size, **overrides)).eval()

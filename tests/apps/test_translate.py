@@ -86,52 +86,8 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-@pytest.fixture
-def untrained_dir(tmp_path):
-    save_translator(_model(), tmp_path)
-    return tmp_path
-
-
-@pytest.mark.parametrize("text, message", [
-    ("25 jun 2009 \u2603", "not in the vocabulary: '\u2603'"),
-    ("june 25; 2009 @", "';', '@'"),
-    ("   ", "empty"),
-    ("1" * 41, "41 characters; at most 40"),
-])
-def test_cli_bad_input(untrained_dir, capsys, text, message):
-    assert cli.main(["translate", text, "--out", str(untrained_dir)]) == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
-    assert "Traceback" not in err
-
-
-def test_cli_missing_and_corrupt_checkpoint(tmp_path, capsys):
-    assert cli.main(["translate", "25 jun 2009", "--out", str(tmp_path)]) == 2
-    assert "attnkit translate train --out" in capsys.readouterr().err
-    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
-    assert cli.main(["translate", "25 jun 2009", "--out", str(tmp_path)]) == 2
-    assert "corrupt" in capsys.readouterr().err
-    assert cli.main(["translate", "train", "--steps", "0", "--out", str(tmp_path)]) == 2
-    assert "steps must be positive" in capsys.readouterr().err
-
-
-def test_cli_if_missing_skips_training(untrained_dir, capsys):
-    assert cli.main(["translate", "train", "--if-missing", "--out", str(untrained_dir)]) == 0
-    assert "not training" in capsys.readouterr().out
-
-
-@pytest.fixture
-def one_thread():
-    # On a shared 2-core machine two intra-op threads wait on each other (measured: ~1.6 s
-    # against ~0.1 s per step under load); one thread keeps the reduced run short.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_reduced_training_run_learns_and_writes_outputs(tmp_path, capsys, one_thread):
+def test_reduced_training_run_learns_and_writes_outputs(tmp_path, capsys):
     metrics = train(tmp_path, TrainConfig(steps=160, batch_size=64, eval_size=200, warmup=20),
                     progress=False, figures=4)
     # Chance is 1/11 per character (about 0.4 counting the dashes and the easy "19"/"20");
@@ -142,9 +98,13 @@ def test_reduced_training_run_learns_and_writes_outputs(tmp_path, capsys, one_th
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert set(saved["alignment"]["decoder_layer_0"]) == {"year", "month", "day"}
+    # A reduced run is right on some dates and wrong on others: either way the command
+    # prints the true date or refuses with exit 2, never a wrong date.
     plot = tmp_path / "one.png"
-    assert cli.main(["translate", "thursday june 25 2009", "--out", str(tmp_path),
-                     "--plot", str(plot)]) == 0
-    output = capsys.readouterr().out.strip()
-    assert len(output) == 10 and output[4] == "-" and plot.stat().st_size > 0
-    assert translate(_model(), "25.06.09") != ""  # an untrained model still answers
+    code = cli.main(["translate", "thursday june 25 2009", "--out", str(tmp_path),
+                     "--plot", str(plot)])
+    out, err = capsys.readouterr()
+    if code == 0:
+        assert out.strip() == "2009-06-25" and plot.stat().st_size > 0
+    else:
+        assert code == 2 and "the model answered" in err and out == ""

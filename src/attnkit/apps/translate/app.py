@@ -1,10 +1,12 @@
-"""The date translator: train it, score its alignment, and translate from the command line.
+"""The date translator: train it, score its alignment, and translate checked answers.
 
-``attnkit translate train`` trains a :class:`~attnkit.apps.translate.model.TransformerSeq2Seq` on generated
-date pairs (:mod:`attnkit.apps.translate.dates`) and writes to ``--out`` (default ``out/translate/``),
-every file atomically:
+:func:`train` trains a :class:`~attnkit.apps.translate.model.TransformerSeq2Seq` on generated
+date pairs (:mod:`attnkit.apps.translate.dates`) and writes to ``out_dir`` (default
+``out/translate/``), every file atomically:
 
 * ``checkpoint.pt`` - weights and config (:mod:`attnkit.checkpoint`);
+* ``resume.pt`` - the whole training state, every ``checkpoint_every`` steps while training
+  (removed when the run finishes);
 * ``metrics.json`` - held-out exact match and character accuracy on 2,000 dates never seen in
   training, per-format exact match, and the alignment score per field and decoder layer;
 * ``alignment_1.png`` .. ``alignment_4.png`` - cross-attention of four held-out examples in the
@@ -15,18 +17,18 @@ The alignment score of a field is the share of output digits of that field (year
 day) whose strongest source position, in the head-averaged cross-attention, lies inside the
 field's span in the source.
 
-``attnkit translate "thursday june 25 2009" [--plot FILE]`` prints ``2009-06-25``. Input is
-lower-cased first (the model's vocabulary is lower case); bad input exits with code 2 and a
-one-line message.
+:func:`translate_many` never returns an unchecked answer: each input is read independently
+with ``datetime.strptime`` and the model's answer is returned only when it is that date.
+The command line is :mod:`attnkit.apps.translate.cli`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import math
 import random
 import string
-import sys
 import time
 from pathlib import Path
 
@@ -34,12 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from ...checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json
+from .._progress import Progress
+from .._training import ResumableRun, check_replace
 from .._vocab import CharVocab
 from . import dates
 from .model import TransformerConfig, TransformerSeq2Seq, count_parameters
 
 __all__ = ["TrainConfig", "SOURCE_VOCAB", "TARGET_VOCAB", "train", "evaluate", "load_translator",
-           "translate", "plot_alignment", "save_translator", "alignment_scores", "add_parser"]
+           "translate", "translate_many", "plot_alignment", "save_translator",
+           "alignment_scores", "existing_score"]
 
 SOURCE_VOCAB = CharVocab(string.ascii_lowercase + string.digits + " ,./-", padding=True)
 TARGET_VOCAB = CharVocab(string.digits + "-", specials=("<bos>",), padding=True)
@@ -68,17 +73,6 @@ class TrainConfig:
         for name in ("steps", "batch_size", "lr", "eval_size"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-
-
-def _progress(total: int, enabled: bool):
-    """A tqdm bar, or None when disabled or tqdm is missing (training needs no tqdm)."""
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="translate train", unit="step", dynamic_ncols=True)
 
 
 def _batch(pairs: list[dates.DatePair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,19 +161,38 @@ def plot_alignment(model: TransformerSeq2Seq, source: str, path) -> Path:
 
 def train(out_dir="out/translate", config: TrainConfig = TrainConfig(),
           model_config: TransformerConfig | None = None, *, progress: bool = True,
-          figures: int = 4) -> dict:
+          figures: int = 4, resume: bool = False, force: bool = False,
+          checkpoint_every: int = 100) -> dict:
     """Train the translator, evaluate on held-out dates and write every output atomically.
+
+    Every ``checkpoint_every`` steps the whole training state goes to ``out_dir/resume.pt``;
+    Ctrl-C keeps the last one and ``resume=True`` continues from it, exactly as if the run had
+    not stopped. A finished run replaces an existing ``checkpoint.pt`` only when its held-out
+    exact match is at least as good, or with ``force``.
 
     Args:
         out_dir: destination directory.
         config: training settings.
         model_config: model sizes; default :class:`TransformerConfig` for these vocabularies.
-        progress: show a tqdm bar (if tqdm is installed).
+        progress: show progress (a bar on a terminal, periodic lines elsewhere).
         figures: how many held-out alignment figures to write (needs matplotlib if > 0).
+        resume: continue the run saved in ``out_dir/resume.pt``.
+        force: replace an existing better model.
+        checkpoint_every: steps between saves of the training state.
 
     Returns:
-        The metrics dict also written to ``metrics.json``.
+        The metrics dict also written to ``metrics.json``, plus ``saved`` (whether
+        ``checkpoint.pt`` was written).
+
+    Raises:
+        ImportError: ``figures > 0`` without matplotlib (before training).
+        attnkit.apps._cli.UsageError: ``resume`` without a matching saved run.
+        attnkit.apps._cli.Interrupted: Ctrl-C (the last saved state is kept).
     """
+    if figures > 0:
+        from ...viz import require_matplotlib
+
+        require_matplotlib()  # fail before training, not after it
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -191,9 +204,21 @@ def train(out_dir="out/translate", config: TrainConfig = TrainConfig(),
     # Linear warm-up, then cosine decay to zero: the last steps polish the rare formats.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
         (s + 1) / config.warmup, 0.5 * (1 + math.cos(math.pi * s / config.steps))))
-    bar, started = _progress(config.steps, progress), time.perf_counter()
+    run = ResumableRun(out_dir, kind="translator",
+                       settings={"train": dataclasses.asdict(config),
+                                 "model": dataclasses.asdict(model_config)},
+                       objects={"model": model, "optimizer": optimizer, "schedule": schedule},
+                       rngs={"batches": rng, "torch": None}, every=checkpoint_every,
+                       command=f"attnkit translate train --out {out_dir}")
+    start, seconds = 0, 0.0
+    if resume:
+        start, saved = run.load()
+        seconds = saved.get("train_seconds", 0.0)
+    bar = Progress(config.steps, "translate train", enabled=progress, initial=start)
     model.train()
-    for step in range(config.steps):
+    last_loss = [math.nan]
+
+    def step_fn(step: int) -> None:
         src, tgt = _batch(dates.sample_pairs(train_dates, config.batch_size, rng))
         logits = model(src, tgt[:, :-1])  # (B, 10, V)
         loss = F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten())
@@ -201,33 +226,47 @@ def train(out_dir="out/translate", config: TrainConfig = TrainConfig(),
         loss.backward()
         optimizer.step()
         schedule.step()
-        if bar is not None:
-            bar.update()
-            if step % 10 == 0 or step == config.steps - 1:
-                acc = (logits.argmax(-1) == tgt[:, 1:]).float().mean().item()
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
-    if bar is not None:
-        bar.close()
-    train_seconds = time.perf_counter() - started
+        last_loss[0] = loss.item()
+        bar.update(loss=last_loss[0])
+
+    started = time.perf_counter()
+    elapsed = lambda: seconds + time.perf_counter() - started  # noqa: E731
+    with bar:
+        run.loop(start, config.steps, step_fn, extra=lambda: {"train_seconds": elapsed()})
+    train_seconds = elapsed()
 
     heldout = dates.sample_pairs(heldout_dates, config.eval_size, random.Random(1))
     metrics = evaluate(model, heldout)
     metrics.update(train_seconds=round(train_seconds, 1), steps=config.steps,
                    seed=config.seed, parameters=count_parameters(model),
-                   threads=torch.get_num_threads(), final_loss=round(loss.item(), 4))
-    save_translator(model, out_dir, config,
-                    metrics={k: metrics[k] for k in ("exact_match", "char_accuracy")})
-    write_json(out_dir / "metrics.json", metrics)
-    # Four different formats, so the figures show different alignments (one ambiguous-looking
-    # all-digit form among them when the sample has one).
-    shown, seen = [], set()
-    for pair in heldout:
-        if len(shown) < figures and pair.format_index not in seen:
-            shown.append(pair)
-            seen.add(pair.format_index)
-    for i, pair in enumerate(shown, 1):
-        plot_alignment(model, pair.source, out_dir / f"alignment_{i}.png")
+                   threads=torch.get_num_threads(), final_loss=round(last_loss[0], 4))
+    checkpoint = out_dir / CHECKPOINT_NAME
+    metrics["saved"] = check_replace(checkpoint, metrics["exact_match"],
+                                     existing_score(out_dir), name="held-out exact match",
+                                     higher_is_better=True, force=force)
+    if metrics["saved"]:
+        save_translator(model, out_dir, config,
+                        metrics={k: metrics[k] for k in ("exact_match", "char_accuracy")})
+        write_json(out_dir / "metrics.json", metrics)
+        # Four different formats, so the figures show different alignments.
+        shown, seen = [], set()
+        for pair in heldout:
+            if len(shown) < figures and pair.format_index not in seen:
+                shown.append(pair)
+                seen.add(pair.format_index)
+        for i, pair in enumerate(shown, 1):
+            plot_alignment(model, pair.source, out_dir / f"alignment_{i}.png")
+    run.finish()
     return metrics
+
+
+def existing_score(out_dir) -> float | None:
+    """Held-out exact match of the model saved in ``out_dir``; None if none loads."""
+    try:
+        payload = load_checkpoint(Path(out_dir) / CHECKPOINT_NAME, kind="translator")
+    except (FileNotFoundError, CheckpointError):
+        return None
+    return payload.get("metrics", {}).get("exact_match")
 
 
 def save_translator(model: TransformerSeq2Seq, out_dir, config: TrainConfig | None = None,
@@ -265,75 +304,61 @@ def load_translator(out_dir="out/translate") -> TransformerSeq2Seq:
     return model.eval()
 
 
+def translate_many(model: TransformerSeq2Seq, texts: list[str]) -> list[str | ValueError]:
+    """Translate ``texts`` in one batch; each answer is checked before it is returned.
+
+    Each input is first read independently with ``datetime.strptime``
+    (:func:`attnkit.apps.translate.dates.parse_date`); the model's answer is returned only
+    when it is a real ISO date and the same date. Anything else becomes a ``ValueError``
+    saying why, in place of the answer: an empty, over-long or unknown-character input, text
+    that is not one date in 1900-2099 (an impossible day, a wrong weekday, an ambiguous
+    ``06/05/2009``), or a model answer that is wrong.
+
+    Returns:
+        One entry per input: the ISO date, or the ``ValueError`` that explains the refusal.
+    """
+    results: list[str | ValueError] = []
+    todo = []  # (index, cleaned text, the date the text names)
+    for i, text in enumerate(texts):
+        cleaned = " ".join(text.split()).lower()  # the vocabulary is lower case
+        try:
+            if not cleaned:
+                raise ValueError("the input is empty; give a date such as \"june 25, 2009\"")
+            if len(cleaned) > model.config.max_src_len:
+                raise ValueError(f"the input has {len(cleaned)} characters; at most "
+                                 f"{model.config.max_src_len} are allowed")
+            SOURCE_VOCAB.encode(cleaned)  # names unknown characters
+            todo.append((i, cleaned, dates.parse_date(cleaned)))
+            results.append(ValueError("not translated"))  # replaced below
+        except ValueError as err:
+            results.append(err)
+    if todo:
+        tokens, _ = model.greedy_decode(SOURCE_VOCAB.batch([t for _, t, _ in todo]))
+        for (i, cleaned, expected), row in zip(todo, tokens.tolist()):
+            answer = TARGET_VOCAB.decode(row)
+            try:
+                got = dt.date.fromisoformat(answer)
+            except ValueError:
+                got = None
+            if got == expected:
+                results[i] = answer
+            else:
+                what = "is not a real date" if got is None else "is wrong"
+                results[i] = ValueError(
+                    f"the model answered {answer!r}, which {what}: {cleaned!r} is "
+                    f"{expected.isoformat()}; not printing a wrong answer (train longer: "
+                    f"attnkit translate train --force)")
+    return results
+
+
 def translate(model: TransformerSeq2Seq, text: str) -> str:
-    """The ISO date the model reads in ``text`` (lower-cased and stripped first).
+    """The ISO date the model reads in ``text``, checked (see :func:`translate_many`).
 
     Raises:
-        ValueError: empty or over-long input, or characters outside the vocabulary (named).
+        ValueError: the input is not one supported date in range, or the model's answer is
+            not that date (the message says which).
     """
-    cleaned = text.strip().lower()
-    if not cleaned:
-        raise ValueError("the input is empty; give a date such as \"thursday june 25 2009\"")
-    if len(cleaned) > model.config.max_src_len:
-        raise ValueError(f"the input has {len(cleaned)} characters; at most "
-                         f"{model.config.max_src_len} are allowed")
-    tokens, _ = model.greedy_decode(SOURCE_VOCAB.batch([cleaned]))
-    return TARGET_VOCAB.decode(tokens[0].tolist())
-
-
-def _run(args) -> int:
-    def fail(message: str) -> int:
-        print(f"attnkit translate: error: {message}", file=sys.stderr)
-        return 2
-
-    if args.text == "train":
-        checkpoint = Path(args.out) / CHECKPOINT_NAME
-        if args.if_missing and checkpoint.is_file():
-            print(f"{checkpoint} exists; not training (drop --if-missing to retrain)")
-            return 0
-        try:
-            config = TrainConfig(steps=args.steps, seed=args.seed)
-        except ValueError as err:
-            return fail(str(err))
-        if args.threads:
-            torch.set_num_threads(args.threads)  # this command's process only
-        metrics = train(args.out, config, progress=not args.quiet)
-        print(f"held-out exact match {metrics['exact_match']:.2%}, char accuracy "
-              f"{metrics['char_accuracy']:.2%} on {metrics['num_examples']} dates; "
-              f"{metrics['train_seconds']:.0f} s training; wrote {args.out}")
-        return 0
-    try:
-        model = load_translator(args.out)
-    except FileNotFoundError:
-        return fail(f"no trained translator in {args.out}; train one with: "
-                    f"attnkit translate train --out {args.out}")
-    except CheckpointError as err:
-        return fail(str(err))
-    try:
-        print(translate(model, args.text))
-        if args.plot:
-            plot_alignment(model, args.text.strip(), args.plot)
-    except (ValueError, ImportError) as err:
-        return fail(str(err))
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """Add ``translate`` (``translate train`` and ``translate "TEXT"``) to the CLI."""
-    parser = subparsers.add_parser(
-        "translate", help="train the date translator, or translate a date to ISO",
-        description='Translate a human-written date to ISO (attnkit translate "june 25, 2009")'
-                    ', or train the translator first (attnkit translate train).')
-    parser.add_argument("text", help='a date such as "thursday june 25 2009", or "train"')
-    parser.add_argument("--out", default="out/translate",
-                        help="directory of the checkpoint, metrics and figures")
-    parser.add_argument("--plot", metavar="FILE", help="save this input's alignment figure")
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps")
-    parser.add_argument("--seed", type=int, default=0, help="training seed")
-    parser.add_argument("--if-missing", action="store_true",
-                        help="train only when no checkpoint exists in --out")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads for training (default: torch's choice; 1 is "
-                             "often faster on a busy shared machine)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=_run)
+    (result,) = translate_many(model, [text])
+    if isinstance(result, ValueError):
+        raise result
+    return result
