@@ -7,7 +7,8 @@ Layers, each using only the ones above it:
 * :mod:`attnkit.backends` - ``math``, ``sdpa``, ``chunked`` engines behind one contract.
 * :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point.
 * :mod:`attnkit.tutorial` - the tutorial's ladder of attention classes, rung by rung.
-* :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache).
+* :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache,
+  cached cross-attention context).
 * :mod:`attnkit.viz` - attention heatmaps and head grids (optional extra ``viz``, lazy).
 * :mod:`attnkit.apps` - what a person runs: walkthrough, translate, why-attention, gpt.
 """
@@ -15,7 +16,7 @@ Layers, each using only the ones above it:
 from . import tutorial
 from .backends import available_backends, register_backend
 from .engine import Explanation, attention, explain
-from .kv_cache import KVCache
+from .kv_cache import ContextKV, KVCache
 from .masks import MaskSpec
 from .multihead import MultiHeadAttention
 from .rope import RoPE
@@ -23,6 +24,7 @@ from .rope import RoPE
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContextKV",
     "Explanation",
     "KVCache",
     "MaskSpec",

@@ -34,6 +34,28 @@ def test_cached_decoding_equals_full_recompute():
     assert weights[:, 0, :, :, 11:].abs().max() == 0
 
 
+def count_calls(monkeypatch, module, name):
+    """Wrap ``module.name`` (a method) so every call is counted; returns the counts list."""
+    calls, original = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("use_cache, per_layer", [(True, 1), (False, 10)])
+def test_cross_attention_kv_are_projected_once_per_decode(monkeypatch, use_cache, per_layer):
+    """Cached decoding projects the encoder memory to K/V once per layer, not once per step."""
+    model = _model()
+    counts = [count_calls(monkeypatch, layer.cross_attn, "_project_kv") for layer in model.decoder]
+    src = SOURCE_VOCAB.batch(["25 jun 2009", "06/25/09"])
+    model.greedy_decode(src, 10, use_cache=use_cache)
+    assert [len(c) for c in counts] == [per_layer] * len(model.decoder)
+
+
 def test_config_and_decode_errors():
     with pytest.raises(ValueError, match="embed_dim"):
         TransformerConfig(10, 10, embed_dim=30, num_heads=4)

@@ -37,6 +37,21 @@ def test_greedy_decode_shapes_and_errors():
         WhyConfig(min_len=10, max_len=5)
 
 
+def test_greedy_decode_projects_the_source_once_and_matches_teacher_forcing(monkeypatch):
+    """Step-by-step decoding with the cached ContextKV picks what teacher forcing on its own
+    output picks, and projects the encoder states to keys/values once, not once per step."""
+    _, model = matched_models(16)
+    src, _, _ = make_batch([7, 4], torch.Generator().manual_seed(1))
+    calls, project_kv = [], model.cross_attn._project_kv
+    monkeypatch.setattr(model.cross_attn, "_project_kv",
+                        lambda context: calls.append(1) or project_kv(context))
+    tokens = model.greedy_decode(src, 7)
+    assert len(calls) == 1
+    tgt_in = torch.cat([torch.full((2, 1), model.BOS), tokens[:, :-1]], dim=1)  # (B, L)
+    with torch.no_grad():
+        assert torch.equal(model(src, tgt_in).argmax(-1), tokens)
+
+
 def test_cli_rejects_bad_budget(capsys):
     assert cli.main(["why-attention", "--steps", "0"]) == 2
     assert "steps must be positive" in capsys.readouterr().err

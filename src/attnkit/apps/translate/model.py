@@ -3,8 +3,9 @@
 * :class:`TransformerSeq2Seq` - a small pre-norm Transformer encoder-decoder (the date
   translator). Every attention layer is an attnkit ``MultiHeadAttention``: encoder
   self-attention, causal decoder self-attention and decoder cross-attention. Greedy decoding
-  keeps each decoder self-attention layer's keys/values in a :class:`attnkit.KVCache`; the
-  cross-attention keys come from the encoder output, which is fixed for the whole decode.
+  keeps each decoder self-attention layer's keys/values in a :class:`attnkit.KVCache`, and
+  projects each cross-attention layer's keys/values from the encoder output (fixed for the
+  whole decode) once per input, into a :class:`attnkit.ContextKV`.
 
 Shape letters: ``B`` batch, ``S`` source length, ``T`` target length, ``E`` model dim,
 ``H`` heads, ``V`` vocabulary size.
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ... import MultiHeadAttention
+from ... import ContextKV, MultiHeadAttention
 
 __all__ = ["TransformerConfig", "TransformerSeq2Seq", "count_parameters"]
 
@@ -80,9 +81,11 @@ class _DecoderLayer(nn.Module):
         self.ff = _feed_forward(cfg)
 
     def forward(self, y, memory, src_mask, cache=None, need_weights=False):
+        """``memory``: the encoder output ``(B, S, E)``, or this layer's ContextKV of it."""
         y = y + self.self_attn(self.norm_self(y), cache=cache)  # (B, T, E)
-        out = self.cross_attn(self.norm_cross(y), memory, key_padding_mask=src_mask,
-                              need_weights=need_weights)
+        source = {"cache": memory} if isinstance(memory, ContextKV) else {"context": memory}
+        out = self.cross_attn(self.norm_cross(y), key_padding_mask=src_mask,
+                              need_weights=need_weights, **source)
         out, weights = out if need_weights else (out, None)  # weights (B, H, T, S)
         y = y + out
         return y + self.ff(y), weights
@@ -127,12 +130,15 @@ class TransformerSeq2Seq(nn.Module):
         return self.enc_norm(x), src_mask
 
     def _decode(self, tgt_in, memory, src_mask, caches=None, start=0, need_weights=False):
+        """``memory``: the encoder output ``(B, S, E)``, or one ContextKV per decoder layer."""
         T = tgt_in.shape[1]
         positions = torch.arange(start, start + T, device=tgt_in.device)  # (T,)
         y = self.tgt_embed(tgt_in) + self.tgt_pos(positions)  # (B, T, E)
+        memories = memory if isinstance(memory, list) else [memory] * len(self.decoder)
         weights = []
         for i, layer in enumerate(self.decoder):
-            y, w = layer(y, memory, src_mask, None if caches is None else caches[i], need_weights)
+            y, w = layer(y, memories[i], src_mask, None if caches is None else caches[i],
+                         need_weights)
             weights.append(w)
         return self.head(self.dec_norm(y)), weights  # logits (B, T, V)
 
@@ -153,14 +159,17 @@ class TransformerSeq2Seq(nn.Module):
                       need_weights: bool = False):
         """Greedy decoding of ``length`` tokens (default ``max_tgt_len``).
 
-        With ``use_cache`` each step feeds one token and the decoder self-attention reads the
-        earlier keys/values from a :class:`attnkit.KVCache`; without it every step reruns the
-        decoder on the whole prefix (the reference the cache is tested against).
+        With ``use_cache`` each step feeds one token, the decoder self-attention reads the
+        earlier keys/values from a :class:`attnkit.KVCache`, and each cross-attention layer
+        reads the encoder output's keys/values from a :class:`attnkit.ContextKV` projected
+        once before the first step. Without it every step reruns the decoder on the whole
+        prefix and re-projects the encoder output (the reference the caches are tested
+        against).
 
         Args:
             src: source ids ``(B, S)``.
             length: tokens to generate, at most ``max_tgt_len``.
-            use_cache: decode incrementally with KV caches.
+            use_cache: decode incrementally with KV caches and cached cross-attention K/V.
             need_weights: also return cross-attention weights.
 
         Returns:
@@ -176,12 +185,14 @@ class TransformerSeq2Seq(nn.Module):
         memory, src_mask = self.encode(src)
         B = src.shape[0]
         tokens = torch.full((B, 1), self.BOS, dtype=torch.long, device=src.device)
-        caches = ([layer.self_attn.init_cache(B, length) for layer in self.decoder]
-                  if use_cache else None)
+        caches = contexts = None
+        if use_cache:  # self-attention K/V grow per step; cross-attention K/V are fixed
+            caches = [layer.self_attn.init_cache(B, length) for layer in self.decoder]
+            contexts = [layer.cross_attn.cache_context(memory) for layer in self.decoder]
         logits, weights = [], []
         for step in range(length):
             if use_cache:
-                out, w = self._decode(tokens[:, -1:], memory, src_mask, caches, step,
+                out, w = self._decode(tokens[:, -1:], contexts, src_mask, caches, step,
                                       need_weights)
             else:
                 out, w = self._decode(tokens, memory, src_mask, None, 0, need_weights)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ... import MultiHeadAttention
+from ... import ContextKV, MultiHeadAttention
 
 __all__ = ["GRUSeq2Seq"]
 
@@ -63,11 +63,13 @@ class GRUSeq2Seq(nn.Module):
         return states, src_mask, start  # start (1, B, hidden)
 
     def _step(self, tgt_in, states, src_mask, hidden, need_weights=False):
+        """``states``: encoder states ``(B, S, 2*hidden)``, or the cross-attention's ContextKV."""
         out, hidden = self.decoder(self.embed(tgt_in), hidden)  # out (B, T, hidden)
         weights = None
         if self.cross_attn is not None:
-            context = self.cross_attn(out, states, key_padding_mask=src_mask,
-                                      need_weights=need_weights)
+            source = {"cache": states} if isinstance(states, ContextKV) else {"context": states}
+            context = self.cross_attn(out, key_padding_mask=src_mask, need_weights=need_weights,
+                                      **source)
             context, weights = context if need_weights else (context, None)
             out = torch.cat([out, context], dim=-1)  # (B, T, 2*hidden)
         return self.head(out), hidden, weights  # logits (B, T, V)
@@ -81,12 +83,17 @@ class GRUSeq2Seq(nn.Module):
     def greedy_decode(self, src: Tensor, length: int, *, need_weights: bool = False):
         """Greedy decoding of ``length`` tokens: ``tokens (B, L)`` [, ``weights (B, H, L, S)``].
 
+        The cross-attention keys/values of the encoder states are projected once, into a
+        :class:`attnkit.ContextKV`, and read by every step.
+
         Raises:
             ValueError: ``need_weights`` on a model without attention.
         """
         if need_weights and self.cross_attn is None:
             raise ValueError("need_weights=True needs a model built with attention=True")
         states, src_mask, hidden = self.encode(src)
+        if self.cross_attn is not None:
+            states = self.cross_attn.cache_context(states)  # k, v (B, H, S, hidden / H)
         token = torch.full((src.shape[0], 1), self.BOS, dtype=torch.long, device=src.device)
         tokens, weights = [], []
         for _ in range(length):
