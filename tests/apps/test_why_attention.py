@@ -54,22 +54,61 @@ def test_greedy_decode_projects_the_source_once_and_matches_teacher_forcing(monk
 
 def test_cli_rejects_bad_budget(capsys):
     assert cli.main(["why-attention", "--steps", "0"]) == 2
-    assert "steps must be positive" in capsys.readouterr().err
+    assert "must be an integer >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_reduced_run_writes_png_json_and_table(tmp_path, capsys):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_translate.one_thread
-    try:
-        code = cli.main(["why-attention", "--steps", "15", "--hidden-size", "16",
-                         "--max-len", "8", "--eval-per-length", "8", "--quiet",
-                         "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    code = cli.main(["why-attention", "--steps", "15", "--hidden-size", "16",
+                     "--max-len", "8", "--eval-per-length", "8", "--quiet",
+                     "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "no attention" in out and "with_attention:" in out
     assert (tmp_path / "why_attention.png").stat().st_size > 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["with_attention"]["by_length"]) == {str(n) for n in range(5, 9)}
+
+
+SMALL = WhyConfig(steps=6, hidden_size=8, max_len=7, eval_per_length=4, batch_size=8)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    from attnkit.apps._cli import Interrupted
+    from attnkit.apps.why_attention import app
+
+    straight = run(tmp_path / "a", SMALL, progress=False, plots=False, checkpoint_every=2)
+    calls, step = [0], app._train_step
+
+    def step_or_interrupt(*args):
+        calls[0] += 1
+        if calls[0] == 4:  # step 3, after the save at step 2
+            raise KeyboardInterrupt
+        return step(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(app, "_train_step", step_or_interrupt)
+        with pytest.raises(Interrupted, match="kept the checkpoint of step 2"):
+            run(tmp_path / "b", SMALL, progress=False, plots=False, checkpoint_every=2)
+    resumed = run(tmp_path / "b", SMALL, progress=False, plots=False, checkpoint_every=2,
+                  resume=True)
+    for name in ("without_attention", "with_attention"):
+        assert resumed[name]["by_length"] == straight[name]["by_length"]
+    assert not (tmp_path / "b" / "resume.pt").exists()
+
+
+def test_cli_errors_are_checked_before_training(tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert cli.main(["why-attention", "--out", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["why-attention", "--resume", "--out", str(tmp_path / "new")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    from attnkit import viz
+
+    def no_matplotlib():
+        raise ImportError("attnkit's figures need matplotlib")
+
+    monkeypatch.setattr(viz, "require_matplotlib", no_matplotlib)
+    assert cli.main(["why-attention", "--out", str(tmp_path)]) == 2
+    assert "(or pass --no-plots)" in capsys.readouterr().err

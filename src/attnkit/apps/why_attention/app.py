@@ -9,7 +9,7 @@ attention the decoder looks back at every encoder state. Two GRU encoder-decoder
 * with an attnkit :class:`~attnkit.MultiHeadAttention` cross-attention from each decoder
   state to the encoder states.
 
-Both see the same batches for the same number of steps. The result is a table and one PNG in
+Both train in lockstep on the same batches for the same number of steps. The result is a table and one PNG in
 the style of Bahdanau et al. Fig. 2 (accuracy against input length) beside the alignment map
 of one long example (a clean anti-diagonal when attention has learned to reverse), plus
 ``results.json``. Decoding runs for exactly as many steps as the input is long, so length is
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ...checkpoint import write_json
+from .._cli import (HelpFormatter, UsageError, add_common_options, apply_threads,
+                    check_out_dir, check_plotting, positive_int)
+from .._progress import Progress
+from .._training import ResumableRun
 from ..translate.model import count_parameters
 from .model import GRUSeq2Seq
 
@@ -102,28 +105,22 @@ def matched_models(hidden_size: int) -> tuple[GRUSeq2Seq, GRUSeq2Seq]:
     return without, with_attention
 
 
-def _train(model, config: WhyConfig, bar, label: str) -> float:
-    """Train ``model`` on the seeded batch stream; returns seconds spent."""
-    generator = torch.Generator().manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    model.train()
-    started = time.perf_counter()
-    for step in range(config.steps):
-        lengths = [rng.randint(config.min_len, config.max_len) for _ in range(config.batch_size)]
-        src, tgt_in, tgt = make_batch(lengths, generator)
+def _train_step(models: dict, optimizers: dict, batch, seconds: dict) -> dict:
+    """One step of every model on the same batch; returns each model's loss."""
+    src, tgt_in, tgt = batch
+    losses = {}
+    for name, model in models.items():
+        started = time.perf_counter()
         logits = model(src, tgt_in)  # (B, S, V)
         loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=0)
-        optimizer.zero_grad(set_to_none=True)
+        optimizers[name].zero_grad(set_to_none=True)
         loss.backward()
         # RNN gradients spike on long inputs; clipping keeps both models' runs stable.
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if bar is not None:
-            bar.update()
-            if step % 10 == 0:
-                bar.set_postfix(model=label, loss=f"{loss.item():.3f}")
-    return time.perf_counter() - started
+        optimizers[name].step()
+        seconds[name] += time.perf_counter() - started
+        losses[name] = loss.item()
+    return losses
 
 
 def _evaluate(model, config: WhyConfig) -> dict:
@@ -162,34 +159,59 @@ def _figure(results: dict, weights, source: str, output: str, path) -> Path:
 
 
 def run(out_dir="out/why_attention", config: WhyConfig = WhyConfig(), *,
-        progress: bool = True) -> dict:
+        progress: bool = True, plots: bool = True, resume: bool = False,
+        checkpoint_every: int = 200) -> dict:
     """Train both models, evaluate per length, write ``why_attention.png`` and ``results.json``.
+
+    Both models train in lockstep on the same batches. Every ``checkpoint_every`` steps the
+    state of both goes to ``out_dir/resume.pt``; Ctrl-C keeps the last one and
+    ``resume=True`` continues from it exactly.
 
     Returns:
         ``{"config", "without_attention", "with_attention", "table"}``; each model entry has
         ``parameters``, ``hidden_size``, ``train_seconds`` and ``by_length``.
 
     Raises:
-        ImportError: matplotlib is missing (the figure is written last).
+        ImportError: ``plots`` without matplotlib (before training).
+        attnkit.apps._cli.UsageError: ``resume`` without a matching saved run.
+        attnkit.apps._cli.Interrupted: Ctrl-C (the last saved state is kept).
     """
+    if plots:
+        from ...viz import require_matplotlib
+
+        require_matplotlib()  # fail before training, not after it
     torch.manual_seed(config.seed)
     without, with_attention = matched_models(config.hidden_size)
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=2 * config.steps, desc="why-attention", unit="step")
-        except ImportError:
-            bar = None
+    models = {"without_attention": without, "with_attention": with_attention}
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=config.lr)
+                  for name, m in models.items()}
+    generator = torch.Generator().manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    run_state = ResumableRun(
+        out_dir, kind="why-attention", settings=dataclasses.asdict(config),
+        objects={**models, **{f"{name}_optimizer": o for name, o in optimizers.items()}},
+        rngs={"lengths": rng, "digits": generator}, every=checkpoint_every,
+        command=f"attnkit why-attention --out {out_dir}")
+    start, seconds = 0, {name: 0.0 for name in models}
+    if resume:
+        start, saved = run_state.load()
+        seconds.update(saved.get("seconds", {}))
+    for model in models.values():
+        model.train()
+
+    def step_fn(step: int) -> None:
+        lengths = [rng.randint(config.min_len, config.max_len) for _ in range(config.batch_size)]
+        losses = _train_step(models, optimizers, make_batch(lengths, generator), seconds)
+        bar.update(**{f"loss {name.split('_')[0]}": v for name, v in losses.items()})
+
+    with Progress(config.steps, "why-attention", enabled=progress, initial=start) as bar:
+        run_state.loop(start, config.steps, step_fn, extra=lambda: {"seconds": dict(seconds)})
     results = {"config": dataclasses.asdict(config)}
-    for name, model in (("without_attention", without), ("with_attention", with_attention)):
-        seconds = _train(model, config, bar, name)
+    for name, model in models.items():
         results[name] = {"parameters": count_parameters(model),
                          "hidden_size": model.decoder.hidden_size,
-                         "train_seconds": round(seconds, 1),
+                         "train_seconds": round(seconds[name], 1),
                          "by_length": _evaluate(model, config)}
-    if bar is not None:
-        bar.close()
     rows = []
     for n in range(config.min_len, config.max_len + 1, 5):
         rows.append([n] + [results[m]["by_length"][n][k]
@@ -198,11 +220,13 @@ def run(out_dir="out/why_attention", config: WhyConfig = WhyConfig(), *,
     results["table"] = rows
     out_dir = Path(out_dir)
     write_json(out_dir / "results.json", results)
-    src, _, _ = make_batch([config.max_len], torch.Generator().manual_seed(config.seed))
-    tokens, weights = with_attention.greedy_decode(src, config.max_len, need_weights=True)
-    digits = lambda ids: "".join(str(i - _DIGIT) for i in ids)  # noqa: E731
-    _figure(results, weights[0].mean(0), digits(src[0].tolist()), digits(tokens[0].tolist()),
-            out_dir / "why_attention.png")
+    if plots:
+        src, _, _ = make_batch([config.max_len], torch.Generator().manual_seed(config.seed))
+        tokens, weights = with_attention.greedy_decode(src, config.max_len, need_weights=True)
+        digits = lambda ids: "".join(str(i - _DIGIT) for i in ids)  # noqa: E731
+        _figure(results, weights[0].mean(0), digits(src[0].tolist()),
+                digits(tokens[0].tolist()), out_dir / "why_attention.png")
+    run_state.finish()
     return results
 
 
@@ -225,11 +249,15 @@ def _run(args) -> int:
         config = WhyConfig(steps=args.steps, seed=args.seed, hidden_size=args.hidden_size,
                            max_len=args.max_len, eval_per_length=args.eval_per_length)
     except ValueError as err:
-        print(f"attnkit why-attention: error: {err}", file=sys.stderr)
-        return 2
-    results = run(args.out, config, progress=not args.quiet)
+        raise UsageError(str(err)) from None
+    out = check_out_dir(args.out)
+    check_plotting(not args.no_plots)
+    apply_threads(args)
+    results = run(out, config, progress=not args.quiet, plots=not args.no_plots,
+                  resume=args.resume, checkpoint_every=args.checkpoint_every)
     print(format_table(results))
-    print(f"wrote {Path(args.out) / 'why_attention.png'} and results.json")
+    written = "why_attention.png and results.json" if not args.no_plots else "results.json"
+    print(f"wrote {written} in {out}")
     return 0
 
 
@@ -237,16 +265,23 @@ def add_parser(subparsers) -> None:
     """Add ``why-attention`` to the CLI."""
     parser = subparsers.add_parser(
         "why-attention", help="GRU encoder-decoder with vs without attention on long inputs",
-        description=__doc__.split("\n\n")[1].replace("\n", " "))
-    parser.add_argument("--steps", type=int, default=WhyConfig.steps,
-                        help="training steps per model")
-    parser.add_argument("--hidden-size", type=int, default=WhyConfig.hidden_size,
+        formatter_class=HelpFormatter,
+        description="Two GRU encoder-decoders of equal size learn to reverse digit strings of\n"
+                    "5 to --max-len digits, one with attention and one without; the table and\n"
+                    "figure show accuracy against input length, and the attention model's\n"
+                    "alignment (reversal reads the source back to front: an anti-diagonal).")
+    add_common_options(parser, out="out/why_attention", plots=True)
+    parser.add_argument("--steps", type=positive_int, default=WhyConfig.steps,
+                        help="training steps (both models train on the same batches)")
+    parser.add_argument("--hidden-size", type=positive_int, default=WhyConfig.hidden_size,
                         help="GRU width of the attention model")
-    parser.add_argument("--max-len", type=int, default=WhyConfig.max_len,
+    parser.add_argument("--max-len", type=positive_int, default=WhyConfig.max_len,
                         help="longest input (inputs are 5 to this many digits)")
-    parser.add_argument("--eval-per-length", type=int, default=WhyConfig.eval_per_length,
+    parser.add_argument("--eval-per-length", type=positive_int,
+                        default=WhyConfig.eval_per_length,
                         help="held-out strings per input length")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="out/why_attention", help="output directory")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=200, metavar="STEPS",
+                        help="steps between saves of the training state")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run saved in --out")
     parser.set_defaults(func=_run)
