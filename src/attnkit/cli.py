@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)  # a subcommand that returns None succeeded
     except UsageError as err:  # a mistake the user can fix: one line, exit 2
-        print(f"attnkit {args.command}: error: {err}", file=sys.stderr)
+        print(f"attnkit {getattr(args, 'prog_name', args.command)}: error: {err}",
+              file=sys.stderr)
         return 2
     except Interrupted as err:  # Ctrl-C during a long run: one line saying what was kept
-        print(f"attnkit {args.command}: {err}", file=sys.stderr)
+        print(f"attnkit {getattr(args, 'prog_name', args.command)}: {err}", file=sys.stderr)
         return 130

@@ -38,7 +38,7 @@ def test_train_writes_checkpoint_and_curve(trained):
     assert (run / "loss.png").read_bytes().startswith(PNG_MAGIC)
     assert "validation loss" in out and "unigram baseline" in out
     assert f"wrote {run / 'gpt.pt'}" in out
-    assert "training" in err and "val=" in err  # the tqdm bar with its losses
+    assert "gpt train: step 60/60 (100%), train " in err and ", val " in err  # not a tty
     model, metadata = load_checkpoint(run / "gpt.pt")
     assert model.config.num_layers == 2 and metadata["steps"] == 60
     assert [h[0] for h in metadata["history"]] == [20, 40, 60]
@@ -53,11 +53,14 @@ def test_training_is_seeded():
         assert torch.equal(a, b)
 
 
-def test_training_reports_without_tqdm(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+def test_training_reports_lines_at_each_evaluation_when_not_a_terminal(capsys):
     lines = []
     train(TEXT, preset="tiny", steps=4, eval_every=2, out=None, log=lines.append)
-    assert [line.split(":")[0] for line in lines[1:3]] == ["step 2/4", "step 4/4"]
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line.split(",")[0] for line in err.splitlines()] == [
+        "gpt train: step 2/4 (50%)", "gpt train: step 4/4 (100%)"]
+    assert " val " in err.splitlines()[-1]
     assert lines[-1].startswith("validation loss")
 
 
@@ -87,7 +90,7 @@ def test_prompt_errors(trained, capsys, tmp_path, command, prompt, message):
     args += ["--out", str(tmp_path / "a.png")] if command == "attention" else []
     assert cli.main(args) == 2
     captured = capsys.readouterr()
-    assert captured.err == f"attnkit gpt {command}: {message}\n"  # one line, no traceback
+    assert captured.err == f"attnkit gpt {command}: error: {message}\n"  # one line
     assert captured.out == ""
 
 
@@ -95,7 +98,7 @@ def test_missing_checkpoint_says_how_to_train(capsys, tmp_path):
     missing = tmp_path / "nowhere" / "gpt.pt"
     assert cli.main(["gpt", "generate", "--checkpoint", str(missing), "--prompt", "a"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"attnkit gpt generate: no checkpoint at '{missing}'")
+    assert err.startswith(f"attnkit gpt generate: error: no checkpoint at '{missing}'")
     assert f"attnkit gpt train --out {missing.parent}" in err and err.count("\n") == 1
 
 
@@ -108,7 +111,8 @@ def test_foreign_checkpoint_is_refused(capsys, tmp_path):
 
 
 def test_train_errors(capsys, tmp_path):
-    assert cli.main(["gpt", "train", "--text", str(tmp_path / "none.txt")]) == 2
+    assert cli.main(["gpt", "train", "--text", str(tmp_path / "none.txt"), "--out",
+                     str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["gpt", "train", "--steps", "0"]) == 2
     assert "--steps: must be an integer >= 1, got '0'" in capsys.readouterr().err
@@ -136,3 +140,70 @@ def test_small_model_beats_the_unigram_baseline_on_the_help_text():
     assert result.unigram_loss == pytest.approx(3.25, abs=0.05)
     assert result.val_loss < result.unigram_loss - 0.4
     assert math.isfinite(result.tokens_per_s)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", "a", "--temperature", "nan"],
+     "--temperature: must be a finite number, got 'nan'"),
+    (["generate", "--prompt", "a", "--temperature", "-1"], "--temperature: must be >= 0"),
+    (["generate", "--prompt", "a", "--tokens", "-3"], "--tokens: must be an integer >= 0"),
+    (["generate", "--prompt", "a", "--top-k", "0"], "--top-k: must be an integer >= 1"),
+    (["train", "--lr", "inf"], "--lr: must be a finite number"),
+    (["train", "--context", "100000000", "--text", "TEXT"], "is longer than the training text"),
+    (["train", "--context", "60000", "--batch-size", "100000", "--preset", "small"],
+     "GiB, but"),
+    (["train", "--resume"], "nothing to resume"),
+])
+def test_options_are_checked_before_any_work(tmp_path, capsys, argv, message):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    argv = [str(text) if a == "TEXT" else a for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "run")]
+    assert cli.main(["gpt", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_interrupted_training_resumes_exactly_and_keeps_the_old_model(tmp_path, monkeypatch):
+    from attnkit.apps._cli import Interrupted
+    from attnkit.apps.gpt import app
+
+    quiet = dict(preset="tiny", steps=6, eval_every=2, progress=False, plot=False,
+                 log=lambda _: None)
+    straight = train(TEXT, out=tmp_path / "a", **quiet)
+    train(TEXT, out=tmp_path / "b", seed=7, **quiet)  # an older model in the folder
+    before = (tmp_path / "b" / "gpt.pt").read_bytes()
+    calls, lr_at = [0], app._lr_at
+
+    def lr_or_interrupt(*args):  # called once at the start of every training step
+        calls[0] += 1
+        if calls[0] == 6:  # during step 5, after the save at step 4
+            raise KeyboardInterrupt
+        return lr_at(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(app, "_lr_at", lr_or_interrupt)
+        with pytest.raises(Interrupted, match="kept the checkpoint of step 4"):
+            train(TEXT, out=tmp_path / "b", **quiet)
+    assert (tmp_path / "b" / "gpt.pt").read_bytes() == before
+    resumed = train(TEXT, out=tmp_path / "b", resume=True, force=True, **quiet)
+    assert resumed.history == straight.history
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(a, b)
+    assert not (tmp_path / "b" / "resume.pt").exists()
+
+
+def test_a_worse_model_or_another_text_needs_force(tmp_path):
+    lines = []
+    quiet = dict(preset="tiny", eval_every=2, progress=False, plot=False, log=lines.append,
+                 out=tmp_path)
+    train(TEXT, steps=40, **quiet)
+    before = (tmp_path / "gpt.pt").read_bytes()
+    train(TEXT, steps=2, **quiet)
+    assert (tmp_path / "gpt.pt").read_bytes() == before
+    train("a different text, " * 100, steps=2, **quiet)
+    assert (tmp_path / "gpt.pt").read_bytes() == before
+    assert "trained on another text" in lines[-1]
+    train(TEXT, steps=2, force=True, **quiet)
+    assert (tmp_path / "gpt.pt").read_bytes() != before
