@@ -250,3 +250,14 @@ def test_progress_prints_lines_not_carriage_returns_when_not_a_terminal(tmp_path
     assert "\r" not in err
     assert "translate train: step 6/6 (100%), loss" in err
     assert err.count("translate train: step") == 6  # every max(1, 6 // 10) = 1 step
+
+
+def test_one_step_training_runs_end_to_end(tmp_path, capsys):
+    """The real model, one step: outputs are written even when the model answers nonsense
+    (figures label whatever it emits)."""
+    code, out, _ = _run(capsys, "translate", "train", "--steps", "1", "--quiet", "--out",
+                        str(tmp_path))
+    assert code == 0 and f"wrote {tmp_path}" in out
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"checkpoint.pt", "metrics.json", "alignment_1.png"} <= names
+    assert "resume.pt" not in names

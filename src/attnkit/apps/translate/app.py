@@ -152,7 +152,7 @@ def plot_alignment(model: TransformerSeq2Seq, source: str, path) -> Path:
     rows = [list(layer) + [layer.mean(0)] for layer in weights]
     heads = weights.shape[1]
     return panel_grid(rows, [c if c != " " else "\u2423" for c in text],
-                      list(TARGET_VOCAB.decode(tokens[0].tolist())), path,
+                      [TARGET_VOCAB.decode([t]) or "?" for t in tokens[0].tolist()], path,
                       title=f"cross-attention: {source!r}", annotate=False, cmap="gray",
                       row_titles=[f"layer {i}" for i in range(len(rows))],
                       col_titles=[f"head {h}" for h in range(heads)] + ["head average"],
