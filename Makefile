@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test smoke bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,15 +21,22 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 # The main job: the tutorial step by step, then the date translator (trained on first run,
 # a few minutes on 2 cores; later runs reuse out/translate/), then a few translations.
+# Every answer is checked before it is printed: the last line shows a refusal (exit 2).
 demo: $(STAMP)
 	$(BIN)/attnkit walkthrough --out out/walkthrough
 	$(BIN)/attnkit translate train --if-missing --threads 1
-	$(BIN)/attnkit translate "thursday june 25 2009"
+	$(BIN)/attnkit translate thursday june 25 2009
 	$(BIN)/attnkit translate "25th of June, 2009" --plot out/translate/june25.png
-	$(BIN)/attnkit translate "06/25/09"
+	$(BIN)/attnkit translate "06/25/09" "2009-06-25" "25/06/2009"
+	-$(BIN)/attnkit translate "february 30, 2020"
 
+# The whole test suite except the benchmark smoke runs (see smoke).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Each benchmark's --quick mode, and the JSON it writes.
+smoke: $(STAMP)
+	$(BIN)/python -m pytest -q -m bench
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attention.py --quick
