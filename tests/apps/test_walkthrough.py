@@ -77,7 +77,7 @@ def test_a_value_that_does_not_reproduce_fails_the_command(monkeypatch, capsys):
 
 def test_missing_matplotlib_names_the_pip_command(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    assert cli.main(["walkthrough", "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["walkthrough", "--out", str(tmp_path / "o")]) == 2  # a usage error
     err = capsys.readouterr().err
     assert 'pip install "attnkit[viz]"' in err and "--no-plots" in err
     with pytest.raises(ImportError, match=r'install it with: pip install "attnkit\[viz\]"'):

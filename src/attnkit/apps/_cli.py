@@ -38,8 +38,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("%(default)" not in text and action.option_strings
-                and action.default not in (None, False, argparse.SUPPRESS)):
+        default = action.default
+        shown = not (default is None or default is False or default is argparse.SUPPRESS)
+        if "%(default)" not in text and action.option_strings and shown:  # 0 is shown
             text += " (default: %(default)s)"
         return text
 

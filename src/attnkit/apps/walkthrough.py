@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import tutorial, viz
+from ._cli import HelpFormatter, add_common_options, check_out_dir, check_plotting
 
 __all__ = ["SENTENCE", "TOKENS", "EMBEDDINGS", "PUBLISHED", "WalkthroughResult", "run",
            "add_parser"]
@@ -259,11 +260,10 @@ def _multi_head(say: _Report, figure, inputs: Tensor) -> None:
 
 
 def _command(args) -> int:
-    try:
-        result = run(args.out, plots=not args.no_plots)
-    except ImportError as err:
-        print(f"attnkit walkthrough: {err} (or pass --no-plots)", file=sys.stderr)
-        return 1
+    if not args.no_plots:
+        check_out_dir(args.out)
+        check_plotting(True)
+    result = run(args.out, plots=not args.no_plots)
     if result.mismatches:
         print(f"attnkit walkthrough: values differ from the tutorial: {result.mismatches}",
               file=sys.stderr)
@@ -275,11 +275,9 @@ def add_parser(subparsers) -> None:
     """Register ``attnkit walkthrough`` (see :mod:`attnkit.cli`)."""
     parser = subparsers.add_parser(
         "walkthrough", help="print every step of the attention tutorial with its numbers",
-        description='Print every step of the attention tutorial on "Your journey starts with '
-                    'one step", under the tutorial\'s section titles and variable names, check '
+        formatter_class=HelpFormatter,
+        description='Print every step of the attention tutorial on "Your journey starts with\n'
+                    'one step", under the tutorial\'s section titles and variable names, check\n'
                     'the values it publishes, and write PNG heatmaps of the attention weights.')
-    parser.add_argument("--out", type=Path, default=Path("out/walkthrough"), metavar="DIR",
-                        help="directory for the PNG heatmaps (default: out/walkthrough)")
-    parser.add_argument("--no-plots", action="store_true",
-                        help="print only; write no figures (matplotlib not needed)")
+    add_common_options(parser, out="out/walkthrough", seed=False, quiet=False, plots=True)
     parser.set_defaults(func=_command)
