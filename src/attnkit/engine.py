@@ -1,9 +1,11 @@
-"""``attnkit.attention``: one call, every mask, any backend.
+"""``attnkit.attention``: one call, every mask and score function, any backend.
 
-This module validates the call, turns the mask arguments into a :class:`MaskSpec` and hands
-it to a backend from the registry. ``backend="auto"`` picks by the rules in
-:func:`_auto_order`; :func:`explain` says which backend ``auto`` would pick and why each of the
-others was passed over.
+This module validates the call, turns the arguments into one :class:`MaskSpec` (or takes a
+ready one) and hands it to a backend from the registry. ``backend="auto"`` asks every
+registered backend whether it can serve the call (its declared capabilities and check) and
+what it would cost (its cost rule, :mod:`attnkit.backends.cost`), and runs the cheapest:
+no backend name is written into the rule. :func:`explain` takes exactly the same arguments
+and says which backend ``auto`` would pick and why each of the others was passed over.
 
 Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` queries,
 ``S`` keys, ``D`` head dim.
@@ -12,23 +14,17 @@ Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` qu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .backends import available_backends, get_backend
+from .backends.cost import Call
 from .masks import MaskSpec
+from .scores import Alibi, Bias, Softcap, chain
 
-__all__ = ["attention", "check_qkv", "explain", "Explanation"]
-
-# Below this many keys the dense mask SDPA needs is cheap and its fused kernel wins; above
-# it, chunked attention's block skipping wins for windows (w=1024, 1 thread: 2.0x at S=4096,
-# 6.2x at 16384; SDPA cannot run at 65536 in 16 GiB; benchmarks/bench_attention.py).
-# bfloat16 has no rule of its own: on CPUs without native bf16 matmul, SDPA's bf16 kernel
-# ran at 49 GFLOP/s against chunked's 28-30 (T=4096, 8192), so SDPA stays first.
-_WINDOW_MIN_S = 2048
-
+__all__ = ["attention", "check_qkv", "explain", "Explanation", "Call"]
 
 def check_qkv(q, k, v, *, expected: str = "4-D (B, heads, length, head_dim)",
               fix: str = "add a batch or head dim with unsqueeze") -> None:
@@ -68,21 +64,63 @@ def check_qkv(q, k, v, *, expected: str = "4-D (B, heads, length, head_dim)",
                          "for grouped-query attention")
 
 
-def _check_call(q, k, v, dropout_p: float) -> None:
-    check_qkv(q, k, v)
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+
+_MASK_DEFAULTS = {"mask": None, "causal": False, "causal_align": "top_left", "window": None,
+                  "key_padding_mask": None, "mask_mod": None, "score_mod": None,
+                  "softcap": None, "alibi_slopes": None, "bias": None, "sinks": None}
+
+
+def _build_spec(spec, **parts) -> MaskSpec:
+    """One :class:`MaskSpec` from ``spec=`` or from the separate arguments (not both)."""
+    if spec is not None:
+        if not isinstance(spec, MaskSpec):
+            raise TypeError(f"spec must be an attnkit.masks.MaskSpec, got {type(spec).__name__}")
+        given = sorted(n for n, d in _MASK_DEFAULTS.items() if parts[n] is not d
+                       and not (isinstance(d, (bool, str)) and parts[n] == d))
+        if given:
+            raise ValueError(f"pass either spec= or the mask/score arguments, not both; got "
+                             f"spec= and {given}: put them into the MaskSpec instead")
+        return spec
+    causal = parts["causal"]
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}; for a "
+                        f"mask tensor use mask=, for a description mask_mod=")
+    align = parts["causal_align"]
+    score = chain(Softcap(parts["softcap"]) if parts["softcap"] is not None else None,
+                  Alibi(parts["alibi_slopes"], align=align)
+                  if parts["alibi_slopes"] is not None else None,
+                  Bias(parts["bias"]) if parts["bias"] is not None else None,
+                  parts["score_mod"])
+    return MaskSpec(causal=causal, causal_align=align, window=parts["window"],
+                    key_padding_mask=parts["key_padding_mask"], mask=parts["mask"],
+                    mask_mod=parts["mask_mod"], score_mod=score, sinks=parts["sinks"])
+
+
+def _check_scalars(dropout_p, scale) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) \
+            or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not math.isfinite(scale) or scale == 0:
+            raise ValueError(f"scale must be a finite non-zero number or None (1/sqrt(D)), "
+                             f"got {scale!r}")
 
 
-def _auto_order(q: Tensor, k: Tensor, spec: MaskSpec, return_lse: bool) -> tuple[list[str], str]:
-    """Backends in the order ``auto`` tries them, and the rule that set the order."""
-    S = k.shape[-2]
-    if return_lse:
-        return ["chunked", "math"], "the log-sum-exp was asked for"
-    if spec.window is not None and S >= _WINDOW_MIN_S:
-        return ["chunked", "sdpa", "math"], (
-            f"a sliding window at S={S} >= {_WINDOW_MIN_S}: chunked skips blocks outside it")
-    return ["sdpa", "chunked", "math"], "SDPA's fused kernel is the fastest general path"
+def _prepare(q, k, v, dropout_p, scale, spec, parts):
+    check_qkv(q, k, v)
+    _check_scalars(dropout_p, scale)
+    spec = _build_spec(spec, **parts)
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    spec.validate(B, H, T, S)
+    for t in spec.tensors():
+        if t.device != q.device:
+            raise ValueError(f"every mask/score tensor must be on q's device {q.device}, got "
+                             f"one on {t.device}; move it with .to(q.device)")
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *spec.tensors()))
+    call = Call(B, H, k.shape[1], T, S, D, q.dtype, q.device, grad, spec)
+    return spec, call
 
 
 @dataclass(frozen=True)
@@ -93,39 +131,60 @@ class Explanation:
         chosen: the backend name ``auto`` picks.
         reason: why it comes first for this call.
         rejected: for every other backend, why it was not picked.
+        description: the call's mask and score description, as the engine sees it.
+        estimates: estimated seconds of every backend that can serve the call.
     """
 
     chosen: str
     reason: str
     rejected: dict[str, str]
+    description: str = ""
+    estimates: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"auto -> {self.chosen}: {self.reason}"]
+        if self.description:
+            lines.insert(0, f"call: {self.description}")
         lines += [f"  not {name}: {why}" for name, why in self.rejected.items()]
         return "\n".join(lines)
 
 
-def _spec(causal, causal_align, window, key_padding_mask, mask) -> MaskSpec:
-    return MaskSpec(causal=bool(causal), causal_align=causal_align, window=window,
-                    key_padding_mask=key_padding_mask, mask=mask)
-
-
-def _resolve(q, k, v, spec, dropout_p, return_lse) -> Explanation:
-    order, reason = _auto_order(q, k, spec, return_lse)
-    order += [name for name in available_backends() if name not in order]
-    rejected, chosen = {}, None
-    for name in order:
-        why = get_backend(name).why_not(q, k, v, spec, dropout_p=dropout_p,
-                                        return_lse=return_lse)
-        if chosen is None and why is None:
-            chosen = name
+def _rank(q, k, v, spec, call, dropout_p, return_lse, return_weights):
+    """``(ranked names, estimates, refusals)``: every backend that can serve the call,
+    cheapest first, and for the others why not."""
+    refused, costs = {}, {}
+    for name in available_backends():
+        backend = get_backend(name)
+        why = backend.why_not(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse,
+                              return_weights=return_weights)
+        if why is None:
+            costs[name] = backend.estimate(call)
         else:
-            rejected[name] = why or f"ranked below {chosen} ({reason})"
-    if chosen is None:  # math has no limits, so only a custom registry can end here
-        raise ValueError(f"no registered backend can serve this call: {rejected}")
-    if chosen != order[0]:
-        reason = f"{order[0]} cannot serve this call"
-    return Explanation(chosen, reason, rejected)
+            refused[name] = why
+    if not costs:  # math serves everything, so only a custom registry can end here
+        raise ValueError(f"no registered backend can serve this call: {refused}")
+    ranked: list[str] = []  # insertion sort: torch.compile cannot sort by symbolic keys
+    for name in costs:
+        i = 0
+        while i < len(ranked) and not costs[name] < costs[ranked[i]]:
+            i += 1
+        ranked.insert(i, name)
+    return ranked, costs, refused
+
+
+def _resolve(q, k, v, spec, call, dropout_p, return_lse, return_weights) -> Explanation:
+    ranked, costs, refused = _rank(q, k, v, spec, call, dropout_p, return_lse, return_weights)
+    chosen = ranked[0]
+
+    def ms(name):
+        return f"{float(costs[name]) * 1e3:.3g} ms"
+
+    reason = f"lowest estimated cost ({ms(chosen)})"
+    rejected = {name: f"estimated {ms(name)}, above {chosen}'s {ms(chosen)}"
+                for name in ranked[1:]}
+    rejected.update(refused)
+    return Explanation(chosen, reason, rejected, spec.describe(call.T, call.S),
+                       {name: float(c) for name, c in costs.items()})
 
 
 def attention(
@@ -135,15 +194,23 @@ def attention(
     *,
     mask: Tensor | None = None,
     causal: bool = False,
-    causal_align: str = "top_left",
+    causal_align="top_left",
     window: int | None = None,
     key_padding_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    return_weights: bool = False,
+    spec: MaskSpec | None = None,
+    mask_mod=None,
+    score_mod=None,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    bias: Tensor | None = None,
+    sinks: Tensor | None = None,
 ):
-    """Scaled dot-product attention with described masks and a choice of engine.
+    """Scaled dot-product attention with described masks and scores and a choice of engine.
 
     Args:
         q: queries ``(B, H, T, D)``.
@@ -151,49 +218,76 @@ def attention(
             attention: query head ``h`` reads key/value head ``h // (H // Hkv)``).
         v: values ``(B, Hkv, S, D)``.
         mask: optional dense bool mask broadcastable to ``(B, H, T, S)``, True = may attend.
-        causal: hide keys after each query's position.
-        causal_align: ``"top_left"`` (queries and keys start together) or
-            ``"bottom_right"`` (the T queries are the last T of the S keys: KV-cache decoding).
+        causal: hide keys after each query's position (a bool).
+        causal_align: ``"top_left"`` (queries and keys start together),
+            ``"bottom_right"`` (the T queries are the last T of the S keys: KV-cache
+            decoding) or an int offset (query ``i`` sees keys ``j <= i + offset``: a static
+            cache filled up to another point). Also places ALiBi's query positions.
         window: each query sees at most this many most recent keys, itself included
             (implies ``causal``).
         key_padding_mask: ``(B, S)`` bool, True = real key.
         dropout_p: dropout on the attention weights, applied whenever > 0 (a module passes 0
             in eval mode).
-        scale: score multiplier, default ``1/sqrt(D)``.
-        backend: ``"auto"`` or a registered name (``"math"``, ``"sdpa"``, ``"chunked"``).
+        scale: score multiplier, default ``1/sqrt(D)``; finite and non-zero.
+        backend: ``"auto"`` or a registered name (``"math"``, ``"sdpa"``, ``"chunked"``,
+            ``"flex"``).
         return_lse: also return the row log-sum-exp ``(B, H, T)`` in float32 (float64 for
-            float64 inputs); ``-inf`` for rows with no visible key.
+            float64 inputs); ``-inf`` for rows with no visible key. Differentiable.
+        return_weights: also return the attention weights ``(B, H, T, S)`` (after dropout;
+            without the sinks' share). Only backends that build them can (``math``).
+        spec: a ready :class:`MaskSpec` instead of the mask and score arguments.
+        mask_mod: a mask description from :mod:`attnkit.masks` (``documents(ids)``,
+            ``prefix_lm(n)``, ``sliding_window(l, r)`` ...) or a callable
+            ``fn(b, h, q_idx, kv_idx)``, ANDed with the other mask arguments.
+        score_mod: a score description from :mod:`attnkit.scores` or a callable
+            ``fn(score, b, h, q_idx, kv_idx)``, applied after the ones below.
+        softcap: ``c``: scores become ``c * tanh(score / c)`` (Gemma-2), applied first.
+        alibi_slopes: ``(H,)`` float: ALiBi's ``-slope[h] * |i + offset - j|``.
+        bias: float tensor broadcastable to ``(B, H, T, S)`` added to the scores (T5
+            position bias, float masks with ``-inf``); it gets a gradient on chunked/math.
+        sinks: ``(H,)`` float, one learnable logit per head added to the softmax
+            denominator (gpt-oss attention sinks); exact gradient on every backend.
 
     Returns:
-        ``out (B, H, T, D)`` in the input dtype, or ``(out, lse)``. Rows whose keys are all
-        masked are zeros.
+        ``out (B, H, T, D)`` in the input dtype; with ``return_weights`` and/or
+        ``return_lse`` a tuple ``(out, weights, lse)`` with the ones asked for. Rows whose
+        keys are all masked are zeros; a NaN in the input gives NaN.
 
     Raises:
-        TypeError: non-tensor, non-float or mixed-dtype inputs; non-bool masks.
-        ValueError: rank != 4, mismatched batch/head_dim/length, ``H % Hkv != 0``, a mask
-            that does not fit, ``window < 1``, unknown ``causal_align`` or backend, dropout
-            outside [0, 1), or a named backend that cannot serve the call (with the reason).
+        TypeError: non-tensor, non-float or mixed-dtype inputs; non-bool masks; a
+            ``causal`` that is not a bool; descriptions of the wrong type.
+        ValueError: rank != 4, mismatched batch/head_dim/length, ``H % Hkv != 0``, a mask,
+            bias, slopes or sinks that do not fit, ``window < 1``, unknown ``causal_align``
+            or backend, dropout outside [0, 1), a zero or non-finite scale, ``spec=`` with
+            other mask arguments, or a named backend that cannot serve the call (with the
+            reason).
     """
-    _check_call(q, k, v, dropout_p)
-    spec = _spec(causal, causal_align, window, key_padding_mask, mask)
-    spec.validate(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    parts = dict(mask=mask, causal=causal, causal_align=causal_align, window=window,
+                 key_padding_mask=key_padding_mask, mask_mod=mask_mod, score_mod=score_mod,
+                 softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, sinks=sinks)
+    spec, call = _prepare(q, k, v, dropout_p, scale, spec, parts)
     if backend == "auto":
-        backend = _resolve(q, k, v, spec, dropout_p, return_lse).chosen
+        backend = _rank(q, k, v, spec, call, dropout_p, return_lse, return_weights)[0][0]
     chosen = get_backend(backend)
-    why = chosen.why_not(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse)
+    why = chosen.why_not(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse,
+                         return_weights=return_weights)
     if why is not None:
         raise ValueError(f"backend {backend!r} cannot serve this call: {why}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    extra = {"return_weights": True} if return_weights else {}
     return chosen.fn(q, k, v, spec, dropout_p=float(dropout_p), scale=scale,
-                     return_lse=return_lse)
+                     return_lse=return_lse, **extra)
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, *, mask=None, causal=False,
             causal_align="top_left", window=None, key_padding_mask=None, dropout_p=0.0,
-            return_lse=False, **_ignored) -> Explanation:
+            scale=None, backend="auto", return_lse=False, return_weights=False, spec=None,
+            mask_mod=None, score_mod=None, softcap=None, alibi_slopes=None, bias=None,
+            sinks=None) -> Explanation:
     """Which backend ``attention(..., backend="auto")`` would run for these arguments, and why.
 
-    Takes the same arguments as :func:`attention` (``scale`` and ``backend`` are ignored).
+    Takes exactly :func:`attention`'s arguments (a misspelt one is a ``TypeError``, as
+    there); ``backend`` is checked to exist but ``auto``'s choice is explained.
 
     Returns:
         An :class:`Explanation`; ``print`` it for a readable summary.
@@ -201,7 +295,10 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, mask=None, causal=False,
     Raises:
         The same errors as :func:`attention` for bad input.
     """
-    _check_call(q, k, v, dropout_p)
-    spec = _spec(causal, causal_align, window, key_padding_mask, mask)
-    spec.validate(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    return _resolve(q, k, v, spec, dropout_p, return_lse)
+    parts = dict(mask=mask, causal=causal, causal_align=causal_align, window=window,
+                 key_padding_mask=key_padding_mask, mask_mod=mask_mod, score_mod=score_mod,
+                 softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, sinks=sinks)
+    spec, call = _prepare(q, k, v, dropout_p, scale, spec, parts)
+    if backend != "auto":
+        get_backend(backend)
+    return _resolve(q, k, v, spec, call, dropout_p, return_lse, return_weights)

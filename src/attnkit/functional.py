@@ -89,8 +89,10 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     return_weights: bool = False,
     return_lse: bool = False,
+    score_mod=None,
+    sinks: Tensor | None = None,
 ):
-    """softmax(q kᵀ · scale, masked) v, computed the obvious way.
+    """softmax(score_mod(q kᵀ · scale), masked) v, computed the obvious way.
 
     Args:
         q: queries ``(..., T, D)``.
@@ -105,7 +107,12 @@ def scaled_dot_product_attention(
         return_weights: also return the attention weights ``(..., T, S)`` (after dropout).
         return_lse: also return the row log-sum-exp of the scaled, masked scores
             ``(..., T)`` in float32 (float64 for float64 inputs), ``-inf`` for rows where
-            every key is masked.
+            every key is masked (with ``sinks``, the sink is part of the sum).
+        score_mod: optional ``fn(scores, b, h, q_idx, kv_idx) -> scores`` applied to the
+            scaled scores before masking (index tensors broadcast against ``(B, H, T, S)``;
+            ``b`` and ``h`` are 0 for inputs that are not 4-D).
+        sinks: optional ``(H,)`` float logits, one per head (4-D inputs), added to every
+            row's softmax denominator as an extra key with no value (attention sinks).
 
     Returns:
         ``out (..., T, Dv)`` in the input dtype; then ``weights`` and/or ``lse`` if asked,
@@ -128,10 +135,17 @@ def scaled_dot_product_attention(
     if causal:
         allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()  # (T, S)
         mask = allowed if mask is None else mask & allowed
+    if score_mod is not None:
+        scores = score_mod(scores, *_index_grids(scores))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
 
-    weights, lse = safe_softmax(scores, dim=-1)  # (..., T, S), (..., T)
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)  # (..., T, 1)
+        weights, lse = safe_softmax(torch.cat([scores, sink], dim=-1), dim=-1)
+        weights = weights[..., :-1]  # (..., T, S): the sink's share is dropped
+    else:
+        weights, lse = safe_softmax(scores, dim=-1)  # (..., T, S), (..., T)
     if dropout_p > 0.0:
         weights = torch.nn.functional.dropout(weights, p=dropout_p, training=True)
     out = weights.to(v.dtype) @ v  # (..., T, Dv)
@@ -142,6 +156,19 @@ def scaled_dot_product_attention(
     if return_lse:
         extras.append(lse)
     return (out, *extras) if extras else out
+
+
+def _index_grids(scores: Tensor):
+    """Index tensors ``b, h, q_idx, kv_idx`` broadcasting against ``scores (..., T, S)``."""
+    dev, n = scores.device, scores.dim()
+    T, S = scores.shape[-2:]
+    lead = [torch.arange(scores.shape[i], device=dev).view([-1] + [1] * (n - 1 - i))
+            if i < n - 2 else None for i in range(n)]
+    b = lead[n - 4] if n >= 4 else torch.zeros((), dtype=torch.long, device=dev)
+    h = lead[n - 3] if n >= 3 else torch.zeros((), dtype=torch.long, device=dev)
+    q = torch.arange(T, device=dev).view(T, 1)  # (T, 1)
+    k = torch.arange(S, device=dev).view(1, S)  # (1, S)
+    return b, h, q, k
 
 
 def merge_partial_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor):

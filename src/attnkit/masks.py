@@ -1,44 +1,172 @@
 """Attention masks, described rather than materialised.
 
-A :class:`MaskSpec` says *which* keys each query may see (causal with an alignment, a sliding
-window, key padding, an optional dense mask). Each backend turns it into its cheapest form:
-``sdpa`` uses ``is_causal`` when it can, ``chunked`` skips whole blocks and never builds a
-``T x S`` tensor, and ``math`` asks for :meth:`MaskSpec.dense`.
+A mask here is a small frozen *description* (True = "may attend"), a mask function in the
+FlexAttention sense, ``mod(b, h, q_idx, kv_idx) -> bool``, that every backend turns into its
+cheapest form:
+
+* ``math`` evaluates it on broadcast index grids (:meth:`MaskMod.grid`);
+* ``chunked`` asks it, for whole blocks at once, whether a block is empty, full or partial
+  (:meth:`MaskMod.blocks`, interval arithmetic, never a ``T x S`` tensor) and evaluates it
+  only on the partial blocks (:meth:`MaskMod.tile`);
+* ``flex`` hands it to ``create_block_mask`` as is (``mod(b, h, q, kv)``);
+* ``sdpa`` gets ``is_causal`` when that is exact, else the dense grid.
+
+Named kinds compose with ``&`` and ``|`` (or :func:`and_masks` / :func:`or_masks`) and keep
+:meth:`MaskMod.describe` readable::
+
+    documents(ids) & window(left=127)     ->  "same_document(B=1) & causal & window(left=127)"
+
+A plain callable ``fn(b, h, q_idx, kv_idx)`` written with tensor ops works too
+(:class:`MaskFn`): every backend evaluates it, chunked just cannot skip blocks for it.
 
 Polarity everywhere: ``True`` means "may attend". (``torch.nn.MultiheadAttention`` uses the
-opposite for its bool masks.)
+opposite for its bool masks.) :class:`MaskSpec`, the engine's whole description of a call
+(mask plus score functions), lives in :mod:`attnkit.spec` and is re-exported here.
 
-Shape letters: ``B`` batch, ``H`` heads, ``T`` queries, ``S`` keys.
+Shape letters: ``B`` batch, ``H`` heads, ``T`` queries, ``S`` keys. Index tensors: ``b (B, 1,
+1, 1)``, ``h (1, H, 1, 1)``, ``q_idx (1, 1, T, 1)``, ``kv_idx (1, 1, 1, S)`` (or scalars under
+``vmap`` in flex). Block bounds: ``q_lo, q_hi (nQ, 1)``, ``k_lo, k_hi (1, nK)``, inclusive.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from .spec import MaskSpec
+from ._mods import (ALIGNMENTS, And, Causal, ChunkedLocal, Dense, KeyPadding, KeyPrefix,
+                    MaskFn, MaskMod, Or, QueryPadding, SameDocument, Shift, Window, as_mask_mod,
+                    check_align, offset_of)
+
 __all__ = [
-    "ALIGNMENTS",
-    "MaskSpec",
-    "causal_mask",
-    "sliding_window_mask",
-    "padding_mask_from_lengths",
+    "ALIGNMENTS", "MaskMod", "MaskFn", "Causal", "Window", "KeyPadding", "QueryPadding",
+    "SameDocument", "KeyPrefix", "ChunkedLocal", "Dense", "And", "Or", "Shift",
+    "and_masks", "or_masks", "causal", "sliding_window", "key_padding", "query_padding",
+    "documents", "prefix_lm", "chunked_local", "at_positions", "as_mask_mod",
+    "MaskSpec", "causal_mask", "sliding_window_mask", "padding_mask_from_lengths",
     "combine_masks",
 ]
 
-ALIGNMENTS = ("top_left", "bottom_right")
+_check_align = check_align
+_offset = offset_of
 
 
-def _check_align(align: str) -> None:
-    if align not in ALIGNMENTS:
-        raise ValueError(f"causal_align must be one of {ALIGNMENTS}, got {align!r}")
+# --- named constructors ---------------------------------------------------------------------
+
+def and_masks(*mods) -> MaskMod:
+    """A key is visible iff every description allows it (callables are wrapped)."""
+    return And(tuple(as_mask_mod(m) for m in mods))
 
 
-def _offset(T: int, S: int, align: str) -> int:
-    """How many keys precede query 0's own position: 0 top-left, S - T bottom-right."""
-    return 0 if align == "top_left" else S - T
+def or_masks(*mods) -> MaskMod:
+    """A key is visible iff some description allows it."""
+    return Or(tuple(as_mask_mod(m) for m in mods))
 
+
+def causal(*, align: str = "top_left", offset: int | None = None) -> Causal:
+    """Query ``i`` sees key ``j`` iff ``j <= i + offset``.
+
+    ``offset`` defaults from ``align``: 0 top-left, ``S - T`` bottom-right (the T queries
+    are the last T of the S keys). Give an explicit ``offset`` for a static cache whose fill
+    is not the last position. See :func:`causal_mask` for pictures.
+    """
+    return Causal(align=align, offset=offset)
+
+
+def sliding_window(left: int | None = None, right: int | None = 0, *, align: str = "top_left",
+                   offset: int | None = None) -> Window:
+    """Query at position ``p`` sees keys ``p - left .. p + right`` (``None`` = unbounded).
+
+    ``right=0`` is causal local attention (``left = window - 1``); ``left = right = w`` is
+    the two-sided window of local-attention encoders::
+
+        T=S=5, left=1, right=1   k0 k1 k2 k3 k4
+                        q0        1  1  .  .  .
+                        q2        .  1  1  1  .
+    """
+    return Window(left=left, right=right, align=align, offset=offset)
+
+
+def key_padding(mask: Tensor) -> KeyPadding:
+    """``(B, S)`` bool, True = real key."""
+    return KeyPadding(mask)
+
+
+def query_padding(mask: Tensor) -> QueryPadding:
+    """``(B, T)`` bool, True = real query; padded queries see nothing (their rows are 0)."""
+    return QueryPadding(mask)
+
+
+def documents(document_ids: Tensor | None = None, *, cu_seqlens=None, length: int | None = None,
+              kv_document_ids: Tensor | None = None, causal: bool = True) -> MaskMod:
+    """Packed sequences: a query sees only keys of its own document (and, if ``causal``,
+    not later ones)::
+
+        ids = [0, 0, 1, 1, 1]    k0 k1 k2 k3 k4
+                        q1        1  1  .  .  .
+                        q3        .  .  1  1  .
+
+    Args:
+        document_ids: ``(B, T)`` integer document of every position (sorted ids let chunked
+            skip blocks; unsorted ones are still exact, only slower).
+        cu_seqlens: instead of ids, cumulative lengths ``[0, l1, l1+l2, ..., T]`` (one packed
+            row, flash-attn's varlen convention); ``length`` defaults to its last entry.
+        kv_document_ids: ``(B, S)`` ids of the keys when they differ from the queries'.
+        causal: also hide later positions (top-left; shift with :func:`at_positions`).
+
+    Raises:
+        ValueError: neither or both of ``document_ids`` and ``cu_seqlens``; ``cu_seqlens``
+            not starting at 0 or decreasing.
+    """
+    if (document_ids is None) == (cu_seqlens is None):
+        raise ValueError("documents needs exactly one of document_ids (B, T) or cu_seqlens "
+                         f"[0, l1, l1+l2, ...]; got document_ids={type(document_ids).__name__}"
+                         f", cu_seqlens={type(cu_seqlens).__name__}")
+    if cu_seqlens is not None:
+        cu = torch.as_tensor(cu_seqlens, dtype=torch.long)
+        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu.diff() < 0).any()):
+            raise ValueError(f"cu_seqlens must be a 1-D non-decreasing sequence starting at 0, "
+                             f"got {cu.tolist()}")
+        length = int(cu[-1]) if length is None else length
+        pos = torch.arange(length, device=cu.device)
+        document_ids = (torch.searchsorted(cu[1:], pos, right=True)).unsqueeze(0)  # (1, T)
+    same = SameDocument(document_ids, kv_document_ids)
+    return And((same, Causal())) if causal else same
+
+
+def prefix_lm(prefix_length, *, align: str = "top_left") -> MaskMod:
+    """Prefix-LM: every query sees the first ``prefix_length`` keys, the rest causally::
+
+        T=S=5, prefix=2   k0 k1 k2 k3 k4
+                   q0      1  1  .  .  .
+                   q3      1  1  1  1  .
+
+    ``prefix_length`` is an int or a ``(B,)`` tensor (one prefix per sample).
+    """
+    return Or((KeyPrefix(prefix_length), Causal(align=align)))
+
+
+def chunked_local(chunk_size: int, *, causal: bool = True, align: str = "top_left") -> MaskMod:
+    """Fixed attention chunks (Llama-4 style): query and key must share a chunk of
+    ``chunk_size`` positions; with ``causal`` also no later key::
+
+        T=S=5, chunk=2   k0 k1 k2 k3 k4
+                  q1      1  1  .  .  .
+                  q2      .  .  1  .  .
+    """
+    local = ChunkedLocal(chunk_size, align=align)
+    return And((local, Causal(align=align))) if causal else local
+
+
+def at_positions(mod, q_offset: int = 0, kv_offset: int = 0) -> MaskMod:
+    """Evaluate ``mod`` at global positions: local query ``i`` is position ``i + q_offset``,
+    local key ``j`` is ``j + kv_offset``. Ring attention and cached decoding use this so a
+    description written for the whole sequence (documents, prefix-LM) holds on each piece.
+    """
+    return Shift(as_mask_mod(mod), int(q_offset), int(kv_offset))
+
+
+# --- dense builders (tests, peers that need a tensor) ---------------------------------------
 
 def causal_mask(T: int, S: int | None = None, *, align: str = "top_left", device=None) -> Tensor:
     """Bool ``(T, S)`` mask where query ``i`` sees key ``j`` iff ``j <= i + offset``.
@@ -61,9 +189,9 @@ def causal_mask(T: int, S: int | None = None, *, align: str = "top_left", device
     Raises:
         ValueError: unknown ``align``.
     """
-    _check_align(align)
+    check_align(align)
     S = T if S is None else S
-    q_pos = torch.arange(T, device=device).unsqueeze(1) + _offset(T, S, align)  # (T, 1)
+    q_pos = torch.arange(T, device=device).unsqueeze(1) + offset_of(T, S, align)  # (T, 1)
     k_pos = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
     return k_pos <= q_pos
 
@@ -89,7 +217,7 @@ def sliding_window_mask(
         raise ValueError(f"window must be a positive int (keys per query, itself included), "
                          f"got {window!r}")
     S = T if S is None else S
-    q_pos = torch.arange(T, device=device).unsqueeze(1) + _offset(T, S, align)  # (T, 1)
+    q_pos = torch.arange(T, device=device).unsqueeze(1) + offset_of(T, S, align)  # (T, 1)
     k_pos = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
     return causal_mask(T, S, align=align, device=device) & (k_pos > q_pos - window)
 
@@ -115,82 +243,3 @@ def combine_masks(*masks: Tensor | None) -> Tensor | None:
         out = out & m
     return out
 
-
-@dataclass(frozen=True)
-class MaskSpec:
-    """Which keys each query may see, without building a ``T x S`` tensor.
-
-    Attributes:
-        causal: hide keys after the query's own position.
-        causal_align: ``"top_left"`` or ``"bottom_right"`` (see :func:`causal_mask`).
-        window: if set, each query sees at most this many most recent keys (implies causal).
-        key_padding_mask: ``(B, S)`` bool, True = real key.
-        mask: dense bool mask broadcastable to ``(B, H, T, S)``, True = may attend.
-    """
-
-    causal: bool = False
-    causal_align: str = "top_left"
-    window: int | None = None
-    key_padding_mask: Tensor | None = None
-    mask: Tensor | None = None
-
-    def __post_init__(self):
-        _check_align(self.causal_align)
-        if self.window is not None:
-            if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
-                raise ValueError(f"window must be a positive int or None, got {self.window!r}")
-            object.__setattr__(self, "causal", True)  # a sliding window only looks back
-        for name in ("key_padding_mask", "mask"):
-            m = getattr(self, name)
-            if m is not None and (not isinstance(m, Tensor) or m.dtype != torch.bool):
-                got = m.dtype if isinstance(m, Tensor) else type(m).__name__
-                raise TypeError(f"{name} must be a bool tensor (True = attend), got {got}; "
-                                f"convert a 0/1 tensor with .bool()")
-
-    @property
-    def is_empty(self) -> bool:
-        """True when nothing is masked."""
-        return not self.causal and self.key_padding_mask is None and self.mask is None
-
-    def offset(self, T: int, S: int) -> int:
-        """Position of query 0 among the keys (0 top-left, S - T bottom-right)."""
-        return _offset(T, S, self.causal_align)
-
-    def validate(self, B: int, H: int, T: int, S: int) -> None:
-        """Check the tensors against the call's sizes.
-
-        Raises:
-            ValueError: a mask whose shape does not fit ``(B, S)`` / ``(B, H, T, S)``.
-        """
-        kpm = self.key_padding_mask
-        if kpm is not None and tuple(kpm.shape) != (B, S):
-            raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, "
-                             f"got {tuple(kpm.shape)}")
-        if self.mask is not None:
-            m = self.mask
-            ok = m.dim() <= 4
-            if ok:
-                try:
-                    ok = torch.broadcast_shapes(m.shape, (B, H, T, S)) == torch.Size((B, H, T, S))
-                except RuntimeError:
-                    ok = False
-            if not ok:
-                raise ValueError(f"mask of shape {tuple(m.shape)} does not broadcast to "
-                                 f"(B, H, T, S) = {(B, H, T, S)}")
-
-    def dense(self, T: int, S: int, device=None) -> Tensor | None:
-        """The whole description as one bool mask broadcastable to ``(B, H, T, S)``.
-
-        Costs ``T x S`` memory (times B when there is key padding): for the math backend and
-        for peers that need a dense mask, not for long sequences.
-        """
-        structural = None
-        if self.window is not None:
-            structural = sliding_window_mask(T, S, self.window, align=self.causal_align,
-                                             device=device)
-        elif self.causal:
-            structural = causal_mask(T, S, align=self.causal_align, device=device)
-        padding = None
-        if self.key_padding_mask is not None:
-            padding = self.key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
-        return combine_masks(structural, padding, self.mask)

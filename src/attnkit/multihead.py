@@ -381,9 +381,12 @@ class MultiHeadAttention(nn.Module):
 
         dropout_p = self.dropout if self.training else 0.0  # the module owns the training check
         if need_weights:
-            out, weights = math_attention(q, k, v, spec, dropout_p=dropout_p,
-                                          scale=1.0 / math.sqrt(self.head_dim),
-                                          return_lse=False, return_weights=True)
+            # Through the engine: auto picks a backend that declares "weights" (math today),
+            # unless this module's own backend can return them.
+            own = self.backend != "auto" and "weights" in get_backend(self.backend).capabilities
+            out, weights = attention(q, k, v, spec=spec, dropout_p=dropout_p,
+                                     backend=self.backend if own else "auto",
+                                     return_weights=True)
         else:
             out = attention(q, k, v, mask=mask, causal=self.causal,
                             causal_align=spec.causal_align, window=self.window,

@@ -31,72 +31,100 @@ DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
 
 
+_FINE = 64  # key granularity of the block summaries; runs of these form the key blocks
+
+
 class _Layout:
-    """Geometry shared by forward and backward: which key blocks each query tile visits."""
+    """Geometry shared by forward and backward: which key blocks each query tile visits.
+
+    The mask description answers, for every (query tile, 64-key block) pair at once, whether
+    the block is empty, full or partial (:meth:`attnkit.masks.MaskMod.blocks`: interval
+    arithmetic, no ``T x S`` tensor). Each tile then visits only its non-empty runs, cut
+    into key blocks of at most ``block_k``; full runs and partial runs become separate key
+    blocks so only the partial ones build a mask.
+    """
 
     def __init__(self, q: Tensor, k: Tensor, spec: MaskSpec, block_q: int, block_k: int):
         self.B, self.H, self.T, _ = q.shape
         self.Hkv, self.S = k.shape[1], k.shape[2]
         self.G = self.H // self.Hkv
-        self.offset = spec.offset(self.T, self.S)
-        self.causal, self.window = spec.causal, spec.window
         self.block_q, self.block_k = block_q, block_k
-        self.kpm = None
-        if spec.key_padding_mask is not None:
-            self.kpm = spec.key_padding_mask[:, None, None, None, :]  # (B, 1, 1, 1, S)
-        self.dense = None
-        if spec.mask is not None:
-            m = spec.mask.reshape((1,) * (4 - spec.mask.dim()) + tuple(spec.mask.shape))
-            Bm, Hm = m.shape[:2]
-            # Split the head dim into (Hkv, G) so it lines up with the grouped scores.
-            shape = (Bm, self.Hkv, self.G) if Hm == self.H else (Bm, 1, 1)
-            self.dense = m.expand(Bm, Hm, self.T, self.S).reshape(*shape, self.T, self.S)
+        self.mod = spec.mask_mod_for(self.T, self.S)
+        self.score = spec.score_mod_for(self.T, self.S)
+        self.sinks = spec.sinks
+        self.params = tuple(t for t in (self.score.tensors() if self.score else ())
+                            if t.requires_grad)
+        self.plan = self._plan(q.device)
+
+    def _plan(self, device):
+        T, S, bq = self.T, self.S, self.block_q
+        q_starts = list(range(0, T, bq))
+        if self.mod is None or S == 0:
+            blocks = [(k0, min(k0 + self.block_k, S), False) for k0 in range(0, S, self.block_k)]
+            return [(q0, min(q0 + bq, T), blocks) for q0 in q_starts]
+        fine = min(_FINE, self.block_k)
+        q_lo = torch.arange(0, T, bq).view(-1, 1)  # (nQ, 1)
+        q_hi = (q_lo + bq).clamp(max=T) - 1
+        k_lo = torch.arange(0, S, fine).view(1, -1)  # (1, nK)
+        k_hi = (k_lo + fine).clamp(max=S) - 1
+        mod = self.mod
+        if any(t.device.type != "cpu" for t in mod.tensors()):
+            # Summaries are tiny: compute them where the description's tensors live.
+            dev = mod.tensors()[0].device
+            q_lo, q_hi, k_lo, k_hi = (t.to(dev) for t in (q_lo, q_hi, k_lo, k_hi))
+        some, every = mod.blocks(q_lo, q_hi, k_lo, k_hi)
+        some = torch.broadcast_to(some, (len(q_starts), k_lo.shape[1]))
+        every = torch.broadcast_to(every, some.shape)
+        # 0 empty, 1 partial, 2 full, per (tile, fine block).
+        kind = (some.long() + (some & every).long()).cpu()  # (nQ, nK)
+        change = torch.ones_like(kind, dtype=torch.bool)
+        change[:, 1:] = kind[:, 1:] != kind[:, :-1]
+        plan = []
+        for i, q0 in enumerate(q_starts):
+            row = kind[i].tolist()
+            starts = change[i].nonzero().flatten().tolist() + [len(row)]
+            blocks = []
+            for a, b in zip(starts[:-1], starts[1:]):
+                if row[a] == 0:
+                    continue
+                k0, k1 = a * fine, min(b * fine, S)
+                for c0 in range(k0, k1, self.block_k):
+                    blocks.append((c0, min(c0 + self.block_k, k1), row[a] == 1))
+            plan.append((q0, min(q0 + bq, T), blocks))
+        return plan
 
     def tiles(self):
-        """Yield ``(q0, q1, [(k0, k1, needs_position_mask), ...])`` for every query tile."""
-        for q0 in range(0, self.T, self.block_q):
-            q1 = min(q0 + self.block_q, self.T)
-            lo, hi = 0, self.S
-            if self.causal:  # query i sees keys j <= i + offset ...
-                hi = max(0, min(self.S, q1 + self.offset))
-            if self.window is not None:  # ... and j > i + offset - window
-                lo = min(self.S, max(0, q0 + self.offset - self.window + 1))
-            blocks = []
-            for k0 in range(lo, hi, self.block_k):
-                k1 = min(k0 + self.block_k, hi)
-                # A block needs a position mask only where it crosses a diagonal.
-                crosses = self.causal and k1 - 1 > q0 + self.offset
-                if self.window is not None:
-                    crosses = crosses or k0 <= q1 - 1 + self.offset - self.window
-                blocks.append((k0, k1, crosses))
-            yield q0, q1, blocks
+        """``(q0, q1, [(k0, k1, needs_mask), ...])`` for every query tile."""
+        return self.plan
 
-    def block_mask(self, q0, q1, k0, k1, crosses, device) -> Tensor | None:
-        """Bool mask broadcastable to the grouped scores ``(B, Hkv, G, nq, nk)``, or None."""
-        mask = None
-        if crosses:
-            q_pos = torch.arange(q0, q1, device=device).unsqueeze(1) + self.offset  # (nq, 1)
-            k_pos = torch.arange(k0, k1, device=device).unsqueeze(0)  # (1, nk)
-            mask = k_pos <= q_pos
-            if self.window is not None:
-                mask = mask & (k_pos > q_pos - self.window)
-        if self.kpm is not None:
-            pad = self.kpm[..., k0:k1]  # (B, 1, 1, 1, nk)
-            mask = pad if mask is None else mask & pad
-        if self.dense is not None:
-            dense = self.dense[..., q0:q1, k0:k1]  # (B|1, Hkv|1, G|1, nq, nk)
-            mask = dense if mask is None else mask & dense
-        return mask
+    def block_mask(self, q0, q1, k0, k1, partial, device) -> Tensor | None:
+        """Bool mask broadcastable to the scores ``(B, H, nq, nk)``, or None."""
+        if not partial:
+            return None
+        return self.mod.tile(self.B, self.H, q0, q1, k0, k1, device)
 
 
-def _masked_scores(lay: _Layout, qt, kb, mask, nq, nk):
-    """Float32 (float64) scores ``(N, G*nq, nk)`` of pre-scaled queries, masked with -inf."""
+def _scores(lay: _Layout, qt, kb, q0, q1, k0, k1, mask, grad_score=False):
+    """Float32 (float64) scores ``(N, G*nq, nk)`` of pre-scaled queries, score function
+    applied, masked with -inf. With ``grad_score`` also ``(raw, modified)`` for autograd."""
+    nq, nk = q1 - q0, k1 - k0
     s = torch.matmul(qt, kb.transpose(-2, -1))  # (N, G*nq, nk)
     s = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    graph = None
+    if lay.score is not None:
+        if grad_score:
+            with torch.enable_grad():
+                raw = s.detach().requires_grad_()
+                modded = lay.score.tile(raw.view(lay.B, lay.H, nq, nk), q0, q1, k0, k1)
+            graph = (raw, modded)
+            # A copy: the caller works in place, and autograd may have saved ``modded``.
+            s = modded.detach().reshape(s.shape).clone()  # (N, G*nq, nk)
+        else:
+            s = lay.score.tile(s.view(lay.B, lay.H, nq, nk), q0, q1, k0, k1)
+            s = s.reshape(lay.B * lay.Hkv, lay.G * nq, nk)  # (N, G*nq, nk)
     if mask is not None:
-        grouped = s.view(lay.B, lay.Hkv, lay.G, nq, nk)  # (B, Hkv, G, nq, nk)
-        grouped.masked_fill_(~mask, float("-inf"))
-    return s
+        s.view(lay.B, lay.H, nq, nk).masked_fill_(~mask, float("-inf"))  # (B, H, nq, nk)
+    return s, graph
 
 
 def _grouped_queries(q: Tensor, lay: _Layout, mm: torch.dtype, scale: float) -> Tensor:
@@ -120,7 +148,16 @@ def _matmul_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _sink_rows(lay: _Layout, q0: int, q1: int, dtype) -> Tensor:
+    """The sink logit of every row of a tile: ``(H,) -> (N, G*nq, 1)``."""
+    sinks = lay.sinks.to(dtype).view(1, lay.Hkv, lay.G, 1)  # (1, Hkv, G, 1)
+    rows = sinks.expand(lay.B, lay.Hkv, lay.G, q1 - q0)  # (B, Hkv, G, nq)
+    return rows.reshape(lay.B * lay.Hkv, lay.G * (q1 - q0), 1)  # (N, G*nq, 1)
+
+
 def _chunked_forward(q, k, v, lay: _Layout, scale: float):
+    """``(out, lse, single)``: ``single (N, G, T)`` marks rows whose softmax put all its mass
+    on one key (``l == 1``): their gradient is exactly zero, which the backward enforces."""
     N, D, Dv = lay.B * lay.Hkv, q.shape[-1], v.shape[-1]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     mm = _matmul_dtype(q)
@@ -128,17 +165,18 @@ def _chunked_forward(q, k, v, lay: _Layout, scale: float):
     k3, v3 = k.reshape(N, lay.S, D).to(mm), v.reshape(N, lay.S, Dv).to(mm)  # (N, S, D)
     out = torch.zeros(N, lay.G, lay.T, Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((N, lay.G, lay.T), float("-inf"), dtype=acc_dtype, device=q.device)
+    single = torch.zeros(N, lay.G, lay.T, dtype=torch.bool, device=q.device)
     for q0, q1, blocks in lay.tiles():
         nq = q1 - q0
-        if not blocks:
+        if not blocks and lay.sinks is None:
             continue  # no visible key: the rows stay zero with lse = -inf
         qt = _query_tile(q4, q0, q1)  # (N, G*nq, D)
         m = torch.full((N, lay.G * nq, 1), float("-inf"), dtype=acc_dtype, device=q.device)
         l = torch.zeros_like(m)
         acc = torch.zeros(N, lay.G * nq, Dv, dtype=acc_dtype, device=q.device)
-        for k0, k1, crosses in blocks:
-            mask = lay.block_mask(q0, q1, k0, k1, crosses, q.device)
-            s = _masked_scores(lay, qt, k3[:, k0:k1], mask, nq, k1 - k0)
+        for k0, k1, partial in blocks:
+            mask = lay.block_mask(q0, q1, k0, k1, partial, q.device)
+            s, _ = _scores(lay, qt, k3[:, k0:k1], q0, q1, k0, k1, mask)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             # While a row has seen only masked keys its max is -inf; shift by 0 instead.
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -148,20 +186,31 @@ def _chunked_forward(q, k, v, lay: _Layout, scale: float):
             acc.mul_(correction)
             acc += torch.matmul(p.to(mm), v3[:, k0:k1]).to(acc_dtype)
             m = m_new
+        m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         seen = l > 0
-        tile_out = acc / torch.where(seen, l, torch.ones_like(l))  # (N, G*nq, Dv)
-        tile_lse = torch.where(seen, m + torch.log(l), torch.full_like(l, float("-inf")))
+        tile_lse = torch.where(seen, m_safe + torch.log(l), torch.full_like(l, float("-inf")))
+        if lay.sinks is not None:
+            tile_lse = torch.logaddexp(tile_lse, _sink_rows(lay, q0, q1, acc_dtype))
+            share = torch.exp(m_safe - tile_lse)  # acc is relative to m_safe
+            tile_out = acc * torch.where(torch.isinf(tile_lse), torch.zeros_like(share), share)
+        else:
+            tile_out = acc / torch.where(seen, l, torch.ones_like(l))  # (N, G*nq, Dv)
+            single[:, :, q0:q1] = (l == 1).view(N, lay.G, nq)
         out[:, :, q0:q1] = tile_out.view(N, lay.G, nq, Dv).to(q.dtype)
         lse[:, :, q0:q1] = tile_lse.view(N, lay.G, nq)
-    return out.view(lay.B, lay.H, lay.T, Dv), lse.view(lay.B, lay.H, lay.T)
+    return out.view(lay.B, lay.H, lay.T, Dv), lse.view(lay.B, lay.H, lay.T), single
 
 
-def _accumulate_backward(grad_out, q, k, v, lse, delta, lay: _Layout, scale: float, grads):
+def _accumulate_backward(grad_out, q, k, v, lse, delta, lay: _Layout, scale: float, grads,
+                         single=None, param_grads=None, grad_lse=None):
     """Add the gradients of attention over ``k``/``v`` into ``grads = (dq, dk, dv)``.
 
-    ``lse`` and ``delta`` are the rows' log-sum-exp and ``rowsum(dO * O)``; when they are
-    the *global* ones of a longer key sequence (ring attention), the probabilities recomputed
-    here are this block's share of the full softmax and the gradients add up exactly.
+    ``lse`` and ``delta`` are the rows' log-sum-exp and ``rowsum(dO * O)`` (minus the lse's
+    own gradient); when they are the *global* ones of a longer key sequence (ring
+    attention), the probabilities recomputed here are this block's share of the full softmax
+    and the gradients add up exactly. ``single (N, G, T)`` marks rows that saw one key:
+    through the output their gradient is exactly zero, only the lse's gradient ``grad_lse``
+    remains; ``param_grads`` receives the gradients of the score function's tensors.
     """
     N, D, Dv = lay.B * lay.Hkv, q.shape[-1], v.shape[-1]
     acc_dtype, mm = grads[0].dtype, _matmul_dtype(q)
@@ -174,20 +223,42 @@ def _accumulate_backward(grad_out, q, k, v, lse, delta, lay: _Layout, scale: flo
     # .view, not .reshape: the updates must land in the caller's tensors.
     dq = grads[0].view(N, lay.G, lay.T, D)  # (N, G, T, D)
     dk, dv = grads[1].view(N, lay.S, D), grads[2].view(N, lay.S, Dv)  # (N, S, D)
+    want = lay.params if param_grads is not None else ()
     for q0, q1, blocks in lay.tiles():
         nq = q1 - q0
         qt = _query_tile(q4, q0, q1)  # (N, G*nq, D)
         dot = _query_tile(do4, q0, q1)  # (N, G*nq, Dv)
         lse_t = lse[:, :, q0:q1].reshape(N, lay.G * nq, 1)
         delta_t = delta[:, :, q0:q1].reshape(N, lay.G * nq, 1)
+        keep = glse_t = None
+        if single is not None and bool(single[:, :, q0:q1].any()):
+            one = single[:, :, q0:q1].reshape(N, lay.G * nq, 1)
+            keep = (~one).to(acc_dtype)
+            glse_t = torch.zeros_like(keep) if grad_lse is None else \
+                grad_lse.reshape(N, lay.G, lay.T)[:, :, q0:q1].reshape(keep.shape) * one
         dq_t = torch.zeros(N, lay.G * nq, D, dtype=acc_dtype, device=q.device)
-        for k0, k1, crosses in blocks:
+        for k0, k1, partial in blocks:
             kb, vb = k3[:, k0:k1], v3[:, k0:k1]
-            mask = lay.block_mask(q0, q1, k0, k1, crosses, q.device)
-            p = _masked_scores(lay, qt, kb, mask, nq, k1 - k0).sub_(lse_t).exp_()
+            mask = lay.block_mask(q0, q1, k0, k1, partial, q.device)
+            s, graph = _scores(lay, qt, kb, q0, q1, k0, k1, mask, grad_score=lay.score is not None)
+            p = s.sub_(lse_t).exp_()
+            # One visible key: dS = P * (dP - delta) is exactly 0 in exact arithmetic, so
+            # only the lse's own term P * g remains (rounding would leave ~1e-5 otherwise).
+            fix = p * glse_t if keep is not None else None
             dv[:, k0:k1] += torch.matmul(p.to(mm).transpose(-2, -1), dot).to(acc_dtype)
             dp = torch.matmul(dot, vb.transpose(-2, -1)).to(acc_dtype)  # (N, G*nq, nk)
-            ds = p.mul_(dp.sub_(delta_t)).to(mm)  # dL/d(scores), scores = (scale·q) kᵀ
+            ds = p.mul_(dp.sub_(delta_t))  # dL/d(modified scores)
+            if keep is not None:
+                ds.mul_(keep).add_(fix)
+            if graph is not None:  # through the score function, by autograd on the block
+                raw, modded = graph
+                got = torch.autograd.grad(modded, (raw, *want), ds.view(modded.shape),
+                                          allow_unused=True)
+                ds = got[0].reshape(ds.shape)
+                for acc_g, g in zip(param_grads, got[1:]):
+                    if g is not None:
+                        acc_g += g
+            ds = ds.to(mm)
             dq_t += torch.matmul(ds, kb).to(acc_dtype)
             dk[:, k0:k1] += torch.matmul(ds.transpose(-2, -1), qt).to(acc_dtype)  # qt scaled
         # The chain rule through q·scale, once per tile rather than once per block.
@@ -207,7 +278,8 @@ def chunked_block_backward(grad_out, q, k, v, lse, delta, spec: MaskSpec, *, sca
         grad_out: ``(B, H, T, Dv)``; q ``(B, H, T, D)``; k ``(B, Hkv, S, D)``;
             v ``(B, Hkv, S, Dv)``.
         lse, delta: ``(B, H, T)`` in the accumulation dtype (float32 or float64).
-        spec: which keys of this block each query sees (positions relative to the block).
+        spec: which keys of this block each query sees (positions relative to the block,
+            or a description wrapped in :func:`attnkit.masks.at_positions`).
         scale: the score multiplier used in the forward.
         grads: ``(dq, dk, dv)`` shaped like q, k, v in the accumulation dtype, updated in
             place; slices of bigger buffers are fine as long as ``.view`` can merge ``B``
@@ -217,57 +289,76 @@ def chunked_block_backward(grad_out, q, k, v, lse, delta, spec: MaskSpec, *, sca
     _accumulate_backward(grad_out, q, k, v, lse, delta, lay, scale, grads)
 
 
-def _chunked_backward(grad_out, q, k, v, out, lse, lay: _Layout, scale: float):
+def _chunked_backward(grad_out, grad_lse, q, k, v, out, lse, single, lay: _Layout, scale):
     acc_dtype = lse.dtype
-    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax backward's row term.
+    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax backward's row term. The
+    # lse's own gradient g adds P_ij * g_i to dS_ij, i.e. delta_i - g_i in its place.
     delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1)  # (B, H, T)
+    if grad_lse is not None:
+        delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(grad_lse), grad_lse)
     grads = tuple(torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (q, k, v))
-    _accumulate_backward(grad_out, q, k, v, lse, delta, lay, scale, grads)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+    param_grads = [torch.zeros(p.shape, dtype=acc_dtype, device=p.device) for p in lay.params]
+    _accumulate_backward(grad_out, q, k, v, lse, delta, lay, scale, grads, single,
+                         param_grads, grad_lse)
+    dsinks = None
+    if lay.sinks is not None and lay.sinks.requires_grad:
+        # d lse_i / d sink_h = P(sink)_i, and dL/d lse_i enters as -delta_i.
+        share = torch.exp(lay.sinks.to(acc_dtype).view(1, -1, 1) - lse)  # (B, H, T)
+        dsinks = -(torch.where(torch.isinf(lse), torch.zeros_like(share), share) * delta)
+        dsinks = dsinks.sum((0, 2)).to(lay.sinks.dtype)  # (H,)
+    return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v))), dsinks,
+            *(g.to(p.dtype) for g, p in zip(param_grads, lay.params)))
 
 
 class _ChunkedAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lay, scale):
-        out, lse = _chunked_forward(q, k, v, lay, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, lay, scale, sinks, *params):
+        out, lse, single = _chunked_forward(q, k, v, lay, scale)
+        ctx.save_for_backward(q, k, v, out, lse, single)
         ctx.lay, ctx.scale = lay, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        ctx.mark_non_differentiable(single)
+        return out, lse, single
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _chunked_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.lay,
-                                       ctx.scale)
-        return dq, dk, dv, None, None
+    def backward(ctx, grad_out, grad_lse, _grad_single):
+        q, k, v, out, lse, single = ctx.saved_tensors
+        dq, dk, dv, dsinks, *dparams = _chunked_backward(
+            grad_out.contiguous(), grad_lse, q, k, v, out, lse, single, ctx.lay, ctx.scale)
+        return (dq, dk, dv, None, None, dsinks, *dparams)
 
 
-def chunked_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool):
+def chunked_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool,
+                  return_weights: bool = False):
     if dropout_p > 0.0:
         return ("dropout on attention weights is not implemented in the chunked backend; "
                 "use backend='sdpa' or 'math', or dropout_p=0")
+    if return_weights:
+        return "the chunked backend never builds the T x S weights it would have to return"
     return None
 
 
 def chunked_attention(q, k, v, spec: MaskSpec, *, dropout_p: float = 0.0, scale: float,
-                      return_lse: bool = False, block_q: int = DEFAULT_BLOCK_Q,
-                      block_k: int = DEFAULT_BLOCK_K):
+                      return_lse: bool = False, return_weights: bool = False,
+                      block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
     """O(T)-memory exact attention; contract in :mod:`attnkit.backends.registry`.
+
+    The log-sum-exp it returns is differentiable (its gradient flows into q and k), and
+    sinks and the score function's tensors get exact gradients.
 
     Args:
         block_q: query rows per tile (not part of the contract; memory ~ block_q·block_k·H).
         block_k: keys per block.
 
     Raises:
-        ValueError: ``dropout_p > 0`` or a block size below 1.
+        ValueError: ``dropout_p > 0``, ``return_weights``, or a block size below 1.
     """
-    reason = chunked_check(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse)
+    reason = chunked_check(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse,
+                           return_weights=return_weights)
     if reason:
         raise ValueError(reason)
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be >= 1, got {block_q} and {block_k}")
     lay = _Layout(q, k, spec, block_q, block_k)
-    out, lse = _ChunkedAttentionFn.apply(q, k, v, lay, scale)
+    out, lse, _ = _ChunkedAttentionFn.apply(q, k, v, lay, scale, spec.sinks, *lay.params)
     return (out, lse) if return_lse else out

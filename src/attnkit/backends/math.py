@@ -23,11 +23,15 @@ def math_attention(q, k, v, spec: MaskSpec, *, dropout_p: float, scale: float,
                    return_lse: bool, return_weights: bool = False):
     """Plain-math attention; see :mod:`attnkit.backends.registry` for the contract.
 
-    ``return_weights=True`` (not part of the contract) appends the weights ``(B, H, T, S)``.
+    Serves everything: masks and score functions are evaluated on full index grids, sinks
+    join the softmax, and ``return_weights=True`` appends the weights ``(B, H, T, S)``
+    (before the lse when both are asked for).
     """
-    groups = q.shape[1] // k.shape[1]
+    B, H, T = q.shape[:3]
+    S = k.shape[-2]
+    groups = H // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # (B, H, S, D)
     return functional.scaled_dot_product_attention(
-        q, k, v, mask=spec.dense(q.shape[-2], k.shape[-2], device=q.device),
+        q, k, v, mask=spec.dense(T, S, device=q.device, B=B, H=H),
         dropout_p=dropout_p, scale=scale, return_weights=return_weights,
-        return_lse=return_lse)
+        return_lse=return_lse, score_mod=spec.score_mod_for(T, S), sinks=spec.sinks)

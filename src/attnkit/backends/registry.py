@@ -1,18 +1,26 @@
-"""A tiny registry of attention backends.
+"""A tiny registry of attention backends, each declaring what it can serve and what it costs.
 
 Every backend is one function with the same contract::
 
-    fn(q, k, v, spec, *, dropout_p, scale, return_lse) -> out | (out, lse)
+    fn(q, k, v, spec, *, dropout_p, scale, return_lse[, return_weights]) -> out | tuple
 
 with q ``(B, H, T, D)``, k/v ``(B, Hkv, S, D)`` (``H % Hkv == 0``; the backend handles
-grouped-query attention), ``spec`` a :class:`attnkit.masks.MaskSpec`, ``scale`` a float,
-``out (B, H, T, D)`` in the input dtype and ``lse (B, H, T)`` in float32 (float64 for float64
-inputs), ``-inf`` for rows that saw no key.
+grouped-query attention), ``spec`` a :class:`attnkit.masks.MaskSpec` (mask description,
+score function, sinks), ``scale`` a float. It returns ``out (B, H, T, D)`` in the input dtype,
+then, when asked, the weights ``(B, H, T, S)`` and the log-sum-exp ``(B, H, T)`` in float32
+(float64 for float64 inputs; ``-inf`` for rows that saw no key), in that order.
+``return_weights`` is passed only when it is True (and only to backends that declare the
+``"weights"`` capability), so a function written for the older contract keeps working.
 
-A backend may also give a ``check`` with the same arguments (no ``scale``) that returns
-``None`` when it can serve the call, or a sentence saying why it cannot. ``attention`` calls it
-before running a named backend (a clear error, never a silent fallback) and ``explain`` shows
-every backend's answer.
+Registration declares:
+
+* ``capabilities``: a subset of :data:`CAPABILITIES` (default: lse, dropout, grad, masks);
+  a call needing one the backend lacks is refused with that reason;
+* ``check``: optional, same arguments as ``fn`` without ``scale``; ``None`` when it can
+  serve the call, else a sentence saying why it cannot;
+* ``cost``: optional ``cost(call) -> float``, the estimated seconds of the call described by
+  an :class:`attnkit.engine.Call`; ``auto`` runs the cheapest backend that can serve it.
+  Without a cost rule a backend is estimated at one second (``auto`` rarely picks it).
 """
 
 from __future__ import annotations
@@ -20,42 +28,86 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-__all__ = ["Backend", "register_backend", "get_backend", "available_backends"]
+__all__ = ["Backend", "CAPABILITIES", "register_backend", "get_backend", "available_backends"]
+
+CAPABILITIES = {
+    "lse": "return the log-sum-exp",
+    "weights": "return the attention weights",
+    "dropout": "apply dropout to the attention weights",
+    "grad": "compute gradients",
+    "score_mod": "apply a score function (softcap, ALiBi, bias)",
+    "sinks": "add attention sinks",
+}
+_DEFAULT_CAPABILITIES = frozenset({"lse", "dropout", "grad"})
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A registered attention engine: its name, its function and its capability check."""
+    """A registered attention engine: name, function, capabilities, check and cost rule."""
 
     name: str
     fn: Callable
     check: Optional[Callable] = None
+    capabilities: frozenset = _DEFAULT_CAPABILITIES
+    cost: Optional[Callable] = None
 
-    def why_not(self, q, k, v, spec, *, dropout_p: float, return_lse: bool) -> Optional[str]:
+    def why_not(self, q, k, v, spec, *, dropout_p: float, return_lse: bool,
+                return_weights: bool = False) -> Optional[str]:
         """None if this backend can serve the call, else the reason it cannot."""
-        if self.check is None:
-            return None
-        return self.check(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse)
+        needs = []
+        if return_lse:
+            needs.append("lse")
+        if return_weights:
+            needs.append("weights")
+        if dropout_p > 0:
+            needs.append("dropout")
+        if any(t.requires_grad for t in (q, k, v, *spec.tensors())):
+            needs.append("grad")
+        if spec.score_mod is not None:
+            needs.append("score_mod")
+        if spec.sinks is not None:
+            needs.append("sinks")
+        if self.check is not None:  # first: its own words are more specific
+            extra = {"return_weights": True} if return_weights else {}
+            why = self.check(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse, **extra)
+            if why is not None:
+                return why
+        for need in needs:
+            if need not in self.capabilities:
+                return f"{self.name} cannot {CAPABILITIES[need]}"
+        return None
+
+    def estimate(self, call) -> float:
+        """Estimated seconds for ``call`` (an :class:`attnkit.engine.Call`)."""
+        # No float(): under torch.compile the cost may be symbolic, and float() would
+        # specialise on the lengths (a recompile per decoding step).
+        return 1.0 if self.cost is None else self.cost(call)
 
 
 _REGISTRY: dict[str, Backend] = {}
 
 
 def register_backend(name: str, fn: Callable, *, check: Optional[Callable] = None,
+                     capabilities=None, cost: Optional[Callable] = None,
                      replace: bool = False) -> Backend:
     """Add a backend under ``name`` (see the module docstring for the contract).
 
     Raises:
-        ValueError: ``name`` is ``"auto"``, empty, or taken (pass ``replace=True``).
-        TypeError: ``fn`` or ``check`` is not callable.
+        ValueError: ``name`` is ``"auto"``, empty, or taken (pass ``replace=True``); an
+            unknown capability.
+        TypeError: ``fn``, ``check`` or ``cost`` is not callable.
     """
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"backend {name!r} is already registered; pass replace=True to override")
-    if not callable(fn) or (check is not None and not callable(check)):
-        raise TypeError("register_backend needs a callable fn (and check, if given)")
-    backend = Backend(name, fn, check)
+    if not callable(fn) or any(c is not None and not callable(c) for c in (check, cost)):
+        raise TypeError("register_backend needs a callable fn (and check and cost, if given)")
+    caps = _DEFAULT_CAPABILITIES if capabilities is None else frozenset(capabilities)
+    unknown = sorted(caps - set(CAPABILITIES))
+    if unknown:
+        raise ValueError(f"unknown capabilities {unknown}; choose from {sorted(CAPABILITIES)}")
+    backend = Backend(name, fn, check, caps, cost)
     _REGISTRY[name] = backend
     return backend
 

@@ -1,0 +1,208 @@
+"""The ``flex`` backend: ``torch.nn.attention.flex_attention``, compiled once per process.
+
+FlexAttention takes exactly attnkit's descriptions: a mask description *is* a ``mask_mod``
+and a score description a ``score_mod``. What this wrapper adds:
+
+* the :class:`BlockMask` is built from the description's own block summaries
+  (:meth:`attnkit.masks.MaskMod.blocks` at 128 x 128, ``BlockMask.from_kv_blocks``), so no
+  ``T x S`` tensor is ever evaluated, and it is cached by description and shape;
+* ``flex_attention`` is wrapped in ``torch.compile`` once per process (uncompiled it builds
+  the whole score matrix); each new shape or description compiles again (26 s for the first
+  one on a 2-core CPU, a few seconds after), so the cost rule counts that until it is done;
+* ``check`` refuses, with the reason, where it cannot run: no FlexAttention in this torch,
+  no inductor or C++ compiler (CPU) / Triton (CUDA), and on CPU (torch 2.13) gradients and
+  the log-sum-exp, which its compiled CPU kernel does not support, and float64.
+
+Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` queries,
+``S`` keys, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from collections import OrderedDict
+
+import torch
+
+from ..masks import MaskSpec
+from . import cost as _cost
+
+BLOCK = 128
+_CACHE_SIZE = 16
+_compiled = None
+_block_masks: OrderedDict = OrderedDict()
+_score_mods: OrderedDict = OrderedDict()
+_compiled_keys: set = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable(device_type: str) -> str | None:
+    """Why flex cannot run on this device type here, or None."""
+    try:
+        from torch.nn.attention import flex_attention as _fa  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
+    try:
+        import torch._inductor  # noqa: F401
+    except Exception as err:  # pragma: no cover - depends on the install
+        return f"torch.compile's inductor backend is unavailable ({err})"
+    if device_type == "cpu":
+        import os
+        cxx = os.environ.get("CXX") or next(
+            (c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+        if cxx is None or shutil.which(cxx) is None:
+            return "no C++ compiler (g++, c++ or clang++) for torch.compile on CPU"
+    elif device_type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Triton is not installed, and flex on CUDA compiles to Triton"
+    else:
+        return f"flex attention is not supported on {device_type}"
+    return None
+
+
+def _recompile_limit() -> int:
+    cfg = torch._dynamo.config
+    return int(getattr(cfg, "recompile_limit", getattr(cfg, "cache_size_limit", 8)))
+
+
+def _spec_key(spec: MaskSpec, T: int, S: int) -> tuple:
+    """A hashable key for the description; the tensors themselves are kept in the cache
+    entry, so their ids cannot be reused while it lives."""
+    mod, score = spec.mask_mod_for(T, S), spec.score_mod_for(T, S)
+    fns = tuple(id(getattr(m, "fn", None)) for m in _walk(spec.mask_mod) + _walk(spec.score_mod))
+    tensors = spec.tensors()
+    return ((mod.describe() if mod else None), (score.describe() if score else None), fns,
+            tuple((id(t), t._version) for t in tensors)), tensors
+
+
+def _walk(mod) -> list:
+    if mod is None:
+        return []
+    parts = getattr(mod, "parts", None)
+    inner = getattr(mod, "mod", None)
+    if parts:
+        return [x for p in parts for x in _walk(p)]
+    return _walk(inner) + [mod] if inner is not None else [mod]
+
+
+def _lru(cache: OrderedDict, key, make):
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key][0]
+    value = make()
+    cache[key] = value
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value[0]
+
+
+def _make_block_mask(mod, T: int, S: int, device):
+    """A ``BlockMask`` from the description's block summaries (no T x S evaluation)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    q_lo = torch.arange(0, T, BLOCK).view(-1, 1)  # (nQ, 1)
+    q_hi = (q_lo + BLOCK).clamp(max=T) - 1
+    k_lo = torch.arange(0, S, BLOCK).view(1, -1)  # (1, nK)
+    k_hi = (k_lo + BLOCK).clamp(max=S) - 1
+    tensors = mod.tensors()
+    if tensors and tensors[0].device.type != "cpu":
+        q_lo, q_hi, k_lo, k_hi = (t.to(tensors[0].device) for t in (q_lo, q_hi, k_lo, k_hi))
+    some, every = mod.blocks(q_lo, q_hi, k_lo, k_hi)
+    some = torch.broadcast_to(some, (q_lo.shape[0], k_lo.shape[1])).to(device)
+    full = torch.broadcast_to(every, some.shape).to(device) & some
+    partial = some & ~full
+
+    def listing(sel):  # (nQ, nK) bool -> counts (1, 1, nQ), indices (1, 1, nQ, nK)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
+        return (sel.sum(-1).to(torch.int32)[None, None],
+                order.to(torch.int32)[None, None])
+
+    kv_num, kv_idx = listing(partial)
+    full_num, full_idx = listing(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
+                                    mask_mod=mod, seq_lengths=(T, S))
+
+
+def _compile_key(q, k, spec: MaskSpec) -> tuple:
+    key, _ = _spec_key(spec, q.shape[2], k.shape[2])
+    return tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, key[:2]
+
+
+def is_compiled(q, k, spec: MaskSpec) -> bool:
+    """Whether a call of this shape and description has already been compiled here."""
+    return _compile_key(q, k, spec) in _compiled_keys
+
+
+def flex_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool,
+               return_weights: bool = False):
+    if torch.compiler.is_compiling():
+        return "flex compiles itself and is not run inside another torch.compile region"
+    reason = _unavailable(q.device.type)
+    if reason:
+        return reason
+    if dropout_p > 0:
+        return "flex attention has no dropout on the attention weights"
+    if return_weights:
+        return "flex attention never builds the T x S weights it would have to return"
+    if q.device.type == "cpu":
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v, *spec.tensors()))
+        if needs_grad:
+            return (f"FlexAttention has no backward on CPU in torch {torch.__version__} "
+                    f"(inference only); call it under torch.no_grad() or use chunked")
+        if return_lse:
+            return (f"compiled FlexAttention on CPU does not return the log-sum-exp in torch "
+                    f"{torch.__version__}")
+        if q.dtype == torch.float64:
+            return "FlexAttention's CPU kernel runs float32, bfloat16 and float16, not float64"
+    if len(_compiled_keys) >= _recompile_limit() and not is_compiled(q, k, spec):
+        return (f"torch.compile's recompile limit ({_recompile_limit()}) is reached in this "
+                f"process; more shapes would run flex uncompiled (dense)")
+    return None
+
+
+def flex_cost(call) -> float:
+    spec = call.spec
+    key = ((call.B, call.H, call.T, call.D), (call.B, call.Hkv, call.S, call.D), call.dtype,
+           call.device.type, _spec_key(spec, call.T, call.S)[0][:2])
+    return _cost.flex_cost(call, key in _compiled_keys)
+
+
+def flex_attention(q, k, v, spec: MaskSpec, *, dropout_p: float = 0.0, scale: float,
+                   return_lse: bool = False, return_weights: bool = False):
+    """Attention through compiled FlexAttention; contract in :mod:`.registry`.
+
+    Raises:
+        ValueError: the call is one ``flex_check`` refuses (the message says why).
+    """
+    global _compiled
+    reason = flex_check(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse,
+                        return_weights=return_weights)
+    if reason:
+        raise ValueError(reason)
+    from torch.nn.attention.flex_attention import flex_attention as _flex
+
+    if _compiled is None:
+        _compiled = torch.compile(_flex, dynamic=False)
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    key, tensors = _spec_key(spec, T, S)
+    mod = spec.mask_mod_for(T, S)
+    block_mask = None
+    if mod is not None:
+        block_mask = _lru(_block_masks, key + (T, S, q.device),
+                          lambda: (_make_block_mask(mod, T, S, q.device), tensors))
+    score = None
+    if spec.score_mod is not None:
+        score = _lru(_score_mods, key + (T, S), lambda: (spec.score_mod_for(T, S), tensors))
+    result = _compiled(q, k, v, score_mod=score, block_mask=block_mask, scale=scale,
+                       enable_gqa=k.shape[1] != H, return_lse=return_lse)
+    _compiled_keys.add(_compile_key(q, k, spec))
+    out, lse = result if return_lse else (result, None)
+    bad = torch.isnan(q).any(-1, keepdim=True)  # (B, H, T, 1): NaN in, NaN out
+    if bool(bad.any()):
+        out = out.masked_fill(bad, float("nan"))
+    return (out, lse.float() if lse.dtype != torch.float64 else lse) if return_lse else out

@@ -1,0 +1,234 @@
+"""Score functions: described changes to the scaled scores before the softmax.
+
+A score description is FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``
+with a readable name. The kinds: :class:`Softcap` (Gemma-2's ``c * tanh(s / c)``),
+:class:`Alibi` (a per-head linear distance penalty), :class:`Bias` (an additive float tensor:
+T5-style position bias, float masks) and :class:`ScoreFn` (any callable). :func:`chain`
+applies several in order. Attention sinks are not a score function but an extra logit in the
+softmax denominator: pass ``sinks=`` to :func:`attnkit.attention`.
+
+Gradients: ``math`` differentiates through them with autograd; ``chunked`` recomputes each
+block in its backward and differentiates the block with autograd, so every kind (and the
+tensors it holds, such as a learnable bias or slopes) gets an exact gradient.
+
+Shape letters: ``B`` batch, ``H`` heads, ``T`` queries, ``S`` keys; ``score`` is
+``(B, H, T, S)`` (or one block of it) and the index tensors broadcast against it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._mods import _index, check_align, offset_of
+
+__all__ = ["ScoreMod", "Softcap", "Alibi", "Bias", "ScoreFn", "Chain", "chain", "alibi_slopes",
+           "as_score_mod"]
+
+
+class ScoreMod:
+    """Base of every score description."""
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return self.apply(score, b, h, q_idx, kv_idx)
+
+    def apply(self, score, b, h, q, k) -> Tensor:
+        raise NotImplementedError
+
+    def tile(self, score: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor:
+        """``apply`` on the block ``score (B, H, nq, nk)`` of rows q0:q1, keys k0:k1."""
+        B, H = score.shape[:2]
+        return self.apply(score, *_index(B, H, q0, q1, k0, k1, score.device))
+
+    def resolve(self, T: int, S: int) -> "ScoreMod":
+        return self
+
+    def validate(self, B: int, H: int, T: int, S: int) -> None:
+        return None
+
+    def describe(self) -> str:
+        return type(self).__name__.lower()
+
+    def tensors(self) -> tuple:
+        return ()
+
+
+def as_score_mod(mod) -> ScoreMod:
+    """A description as is; a callable ``fn(score, b, h, q_idx, kv_idx)`` wrapped.
+
+    Raises:
+        TypeError: neither.
+    """
+    if isinstance(mod, ScoreMod):
+        return mod
+    if callable(mod):
+        return ScoreFn(mod)
+    raise TypeError(f"score_mod must be a score description from attnkit.scores or a callable "
+                    f"fn(score, b, h, q_idx, kv_idx) -> score, got {type(mod).__name__}")
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreFn(ScoreMod):
+    """A user's ``fn(score, b, h, q_idx, kv_idx)`` written with broadcasting tensor ops."""
+
+    fn: Callable
+
+    def apply(self, score, b, h, q, k):
+        return self.fn(score, b, h, q, k)
+
+    def describe(self):
+        return getattr(self.fn, "__name__", "score_fn")
+
+
+@dataclass(frozen=True, eq=False)
+class Softcap(ScoreMod):
+    """``cap * tanh(score / cap)``: scores squashed into ``(-cap, cap)`` (Gemma-2)."""
+
+    cap: float
+
+    def __post_init__(self):
+        ok = isinstance(self.cap, (int, float)) and not isinstance(self.cap, bool)
+        if not ok or not math.isfinite(self.cap) or self.cap <= 0:
+            raise ValueError(f"softcap must be a finite positive number, got {self.cap!r}")
+
+    def apply(self, score, b, h, q, k):
+        return torch.tanh(score / self.cap) * self.cap
+
+    def tile(self, score, q0, q1, k0, k1):
+        return torch.tanh(score / self.cap) * self.cap
+
+    def describe(self):
+        return f"softcap({self.cap:g})"
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """The ALiBi paper's slopes ``2^(-8 i / H)``, ``i = 1..H`` (float32, ``(H,)``)."""
+    return torch.pow(2.0, -8.0 * torch.arange(1, num_heads + 1, dtype=torch.float32) / num_heads)
+
+
+@dataclass(frozen=True, eq=False)
+class Alibi(ScoreMod):
+    """``score - slopes[h] * |p - j|`` with query position ``p = i + offset`` (ALiBi).
+
+    For causal attention this is the paper's ``slope * (j - p)`` on every visible key; the
+    absolute distance also serves encoders. ``align`` is resolved like causal's.
+    """
+
+    slopes: Tensor
+    align: object = "top_left"
+    offset: int | None = None
+
+    def __post_init__(self):
+        check_align(self.align)
+        if not isinstance(self.slopes, Tensor) or not self.slopes.is_floating_point() \
+                or self.slopes.dim() != 1:
+            got = (f"{self.slopes.dtype} {tuple(self.slopes.shape)}"
+                   if isinstance(self.slopes, Tensor) else type(self.slopes).__name__)
+            raise TypeError(f"alibi_slopes must be a 1-D float tensor (H,), got {got}; "
+                            f"attnkit.scores.alibi_slopes(H) gives the paper's")
+
+    def resolve(self, T, S):
+        return self if self.offset is not None else replace(self, offset=offset_of(T, S, self.align))
+
+    def apply(self, score, b, h, q, k):
+        dist = (q + (self.offset or 0) - k).abs()
+        return score - self.slopes[h].to(score.dtype) * dist.to(score.dtype)
+
+    def validate(self, B, H, T, S):
+        if self.slopes.shape[0] != H:
+            raise ValueError(f"alibi_slopes must have one slope per query head, shape (H,) = "
+                             f"({H},), got {tuple(self.slopes.shape)}")
+
+    def describe(self):
+        return "alibi"
+
+    def tensors(self):
+        return (self.slopes,)
+
+
+@dataclass(frozen=True, eq=False)
+class Bias(ScoreMod):
+    """``score + bias`` with a float ``bias`` broadcastable to ``(B, H, T, S)``; ``-inf``
+    entries mask (a float mask)."""
+
+    bias: Tensor
+
+    def __post_init__(self):
+        if not isinstance(self.bias, Tensor) or not self.bias.is_floating_point():
+            got = self.bias.dtype if isinstance(self.bias, Tensor) else type(self.bias).__name__
+            raise TypeError(f"bias must be a float tensor broadcastable to (B, H, T, S), got "
+                            f"{got}; for a bool mask use mask=")
+
+    def _b4(self):
+        b = self.bias
+        return b.reshape((1,) * (4 - b.dim()) + tuple(b.shape)) if b.dim() <= 4 else b
+
+    def apply(self, score, b, h, q, k):
+        m = self._b4()
+        pick = [i if m.shape[d] > 1 else i * 0 for d, i in enumerate((b, h, q, k))]
+        return score + m[pick[0], pick[1], pick[2], pick[3]].to(score.dtype)
+
+    def tile(self, score, q0, q1, k0, k1):
+        m = self._b4()
+        m = m[..., slice(q0, q1) if m.shape[2] > 1 else slice(None),
+               slice(k0, k1) if m.shape[3] > 1 else slice(None)]
+        return score + m.to(score.dtype)
+
+    def validate(self, B, H, T, S):
+        m, ok = self.bias, self.bias.dim() <= 4
+        if ok:
+            try:
+                ok = torch.broadcast_shapes(m.shape, (B, H, T, S)) == torch.Size((B, H, T, S))
+            except RuntimeError:
+                ok = False
+        if not ok:
+            raise ValueError(f"bias of shape {tuple(m.shape)} does not broadcast to "
+                             f"(B, H, T, S) = {(B, H, T, S)}")
+
+    def describe(self):
+        return f"bias{tuple(self.bias.shape)}"
+
+    def tensors(self):
+        return (self.bias,)
+
+
+@dataclass(frozen=True, eq=False)
+class Chain(ScoreMod):
+    """Apply ``parts`` in order."""
+
+    parts: tuple
+
+    def apply(self, score, b, h, q, k):
+        for p in self.parts:
+            score = p.apply(score, b, h, q, k)
+        return score
+
+    def tile(self, score, q0, q1, k0, k1):
+        for p in self.parts:
+            score = p.tile(score, q0, q1, k0, k1)
+        return score
+
+    def resolve(self, T, S):
+        return Chain(tuple(p.resolve(T, S) for p in self.parts))
+
+    def validate(self, B, H, T, S):
+        for p in self.parts:
+            p.validate(B, H, T, S)
+
+    def describe(self):
+        return " -> ".join(p.describe() for p in self.parts)
+
+    def tensors(self):
+        return tuple(t for p in self.parts for t in p.tensors())
+
+
+def chain(*mods) -> ScoreMod | None:
+    """Several score functions applied in order (``None`` entries skipped)."""
+    present = [as_score_mod(m) for m in mods if m is not None]
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else Chain(tuple(present))

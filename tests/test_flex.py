@@ -1,0 +1,70 @@
+"""The flex backend: its refusals (no compile needed) and two small compiled calls against
+the math path. Compiling costs ~15-30 s on a 2-core CPU, so the compiled cases are few and
+share one mask description; they skip with the reason where flex cannot run here."""
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import masks as M
+from attnkit.backends import flex as flex_mod
+from attnkit.backends import get_backend
+
+
+def qkv(dtype=torch.float32, grad=False):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 200, 16, generator=g, dtype=dtype)
+    k = torch.randn(2, 2, 200, 16, generator=g, dtype=dtype)
+    v = torch.randn(2, 2, 200, 16, generator=g, dtype=dtype)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def _why(q, k, v, **call):
+    spec = attnkit.engine._build_spec(None, **attnkit.engine._MASK_DEFAULTS)
+    return get_backend("flex").why_not(q, k, v, spec, dropout_p=call.pop("dropout_p", 0.0),
+                                       **{"return_lse": False, **call})
+
+
+@pytest.mark.skipif(flex_mod._unavailable("cpu") is not None,
+                    reason=f"flex unavailable: {flex_mod._unavailable('cpu')}")
+def test_cpu_refusals_name_the_reason():
+    assert "no backward on CPU" in _why(*qkv(grad=True))
+    assert "log-sum-exp" in _why(*qkv(), return_lse=True)
+    assert "float64" in _why(*qkv(dtype=torch.float64))
+    assert "dropout" in _why(*qkv(), dropout_p=0.1)
+    assert "weights" in _why(*qkv(), return_weights=True)
+    with pytest.raises(ValueError, match="backend 'flex' cannot serve this call: .*backward"):
+        attnkit.attention(*qkv(grad=True), backend="flex")
+
+
+def test_auto_does_not_compile_flex_on_first_use():
+    q, k, v = qkv()
+    with torch.no_grad():
+        explanation = attnkit.explain(q, k, v, window=30)
+    assert explanation.chosen != "flex"
+    if "flex" in explanation.estimates:  # counted with its compile time until compiled
+        assert explanation.estimates["flex"] > 1.0
+
+
+@pytest.mark.skipif(flex_mod._unavailable("cpu") is not None,
+                    reason=f"flex unavailable: {flex_mod._unavailable('cpu')}")
+def test_compiled_flex_matches_math():
+    q, k, v = qkv()
+    kpm = torch.rand(2, 200, generator=torch.Generator().manual_seed(1)) > 0.2
+    mod = M.documents(cu_seqlens=[0, 70, 150, 200]) & M.sliding_window(40)
+    slopes = attnkit.scores.alibi_slopes(4)
+    cases = [{}, {"softcap": 2.0, "alibi_slopes": slopes}]
+    with torch.no_grad():
+        for extra in cases:
+            ref = attnkit.attention(q, k, v, mask_mod=mod, key_padding_mask=kpm, backend="math",
+                                    **extra)
+            out = attnkit.attention(q, k, v, mask_mod=mod, key_padding_mask=kpm, backend="flex",
+                                    **extra)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        # Compiled now: the cost rule stops charging the compile, and NaN propagates.
+        spec = attnkit.engine._build_spec(None, **{**attnkit.engine._MASK_DEFAULTS,
+                                                   "mask_mod": mod, "key_padding_mask": kpm})
+        assert flex_mod.is_compiled(q, k, spec)
+        q[0, 1, 5, 0] = float("nan")
+        out = attnkit.attention(q, k, v, mask_mod=mod, key_padding_mask=kpm, backend="flex")
+        assert torch.isnan(out[0, 1, 5]).all()
