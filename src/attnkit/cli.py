@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = [
     "attnkit.apps.gpt.app",
     "attnkit.apps.translate.app",
     "attnkit.apps.why_attention.app",
+    "attnkit.apps.explore.app",
 ]
 
 
