@@ -4,7 +4,7 @@
 
 const OFFLINE = window.ATTNKIT_OFFLINE || null;
 const DEFAULT_PROMPT = "def attention(query, key, value):\n    return ";
-const state = { data: {}, query: 1, training: true, view: "tutorial" };
+const state = { data: {}, query: 1, training: true, view: "tutorial", pending: 0 };
 window.attnkit = state;
 
 // ---------------------------------------------------------------- helpers
@@ -418,14 +418,14 @@ async function update(view, first) {
     const data = await api(view, first && OFFLINE ? null : v.params());
     state.data[view] = data; showError(view, null); v.render(data);
   } catch (err) { showError(view, err); }
-  state.pending = (state.pending || 1) - 1;
+  state.pending -= 1;  // the tests wait for 0
 }
 
 function select(view) {
   state.view = view;
   for (const tab of document.querySelectorAll(".tab")) tab.classList.toggle("active", tab.dataset.view === view);
   for (const name of Object.keys(VIEWS)) $("view-" + name).hidden = name !== view;
-  if (!state.data[view] && !state.loaded[view]) { state.loaded[view] = true; state.pending = (state.pending || 0) + 1; update(view, true); }
+  if (!state.data[view] && !state.loaded[view]) { state.loaded[view] = true; state.pending += 1; update(view, true); }
   if (location.hash !== "#" + view) history.replaceState(null, "", "#" + view);
 }
 
@@ -435,7 +435,7 @@ function init() {
   if (OFFLINE) $("offline-note").hidden = false;
   for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => select(tab.dataset.view));
   for (const view of Object.keys(VIEWS)) {
-    $(view + "-form").addEventListener("submit", (e) => { e.preventDefault(); state.pending = (state.pending || 0) + 1; update(view, false); });
+    $(view + "-form").addEventListener("submit", (e) => { e.preventDefault(); state.pending += 1; update(view, false); });
   }
   for (const b of document.querySelectorAll(".save-png")) b.addEventListener("click", () => {
     try {
