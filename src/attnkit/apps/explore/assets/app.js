@@ -121,7 +121,7 @@ function vecLine(key, label, row) {
 }
 
 // ---------------------------------------------------------------- tutorial view
-const DIMS = ["d0", "d1", "d2"], OUT = ["d_out0", "d_out1"];
+const DIMS = ["d0", "d1", "d2"], OUT = ["out0", "out1"];
 
 function renderTutorial(d) {
   const body = $("tutorial-body"); body.textContent = "";
@@ -294,7 +294,7 @@ function renderGPT(d) {
     for (let h = 0; h < d.heads; h++) headSel.append(el("option", { value: h }, String(h)));
     headSel.append(el("option", { value: "all" }, "all (one colour each)"));
   }
-  const rh = Math.max(3, Math.min(18, 760 / T)), top = 30, width = 760;
+  const rh = Math.max(3, Math.min(18, 760 / T)), top = 46, width = 760;
   const canvas = el("canvas", { width, height: top + T * rh + 10, id: "head-view" });
   canvas.dataset.title = `head view: layer ${layerSel.value}, head ${headSel.value} (${T} tokens)`;
   const draw = (focus) => drawHeadView(canvas, d, w, rh, top, focus);
@@ -307,7 +307,7 @@ function renderGPT(d) {
   canvas.addEventListener("mouseleave", () => draw(-1));
   body.append(el("p", { class: "hint" }, `${T} tokens of a context of ${d.context}; the model's next character: `,
                  el("code", {}, d.next), ". Lines join each query (left) to the keys it attends (right), " +
-                 "thinned to the top-k keys above the threshold; hover a token to see only its lines."),
+                 "thinned to the top-k keys above the threshold; hover a token to see only its lines (its top-k keys, whatever their weight)."),
               el("div", { class: "row" }, el("div", { class: "figure" }, el("h4", {}, canvas.dataset.title), canvas),
                  modelView(d, w)));
 }
@@ -321,15 +321,20 @@ function drawHeadView(canvas, d, w, rh, top, focus) {
   ctx.font = "bold 12px system-ui"; ctx.fillStyle = "#1d2433"; ctx.textAlign = "center";
   ctx.fillText("queries", xl - 50, 14); ctx.fillText("keys", xr + 50, 14);
   ctx.lineWidth = Math.max(0.6, Math.min(2, rh / 5));
+  const focusKeys = [];
   for (const h of heads) {
     ctx.strokeStyle = HEAD_COLORS[h % HEAD_COLORS.length];
     for (let i = 0; i < T; i++) {
       if (focus >= 0 && i !== focus) continue;
+      // A hovered token always shows its top-k keys, even in a diffuse head; the rest are
+      // thinned by the threshold as well, so 200+ tokens stay readable.
       const row = [];
-      for (let j = 0; j <= i; j++) { const v = w(l, h, i, j); if (v >= threshold) row.push([v, j]); }
+      for (let j = 0; j <= i; j++) { const v = w(l, h, i, j); if (focus >= 0 || v >= threshold) row.push([v, j]); }
       row.sort((a, b) => b[0] - a[0]);
+      const top1 = row.length ? row[0][0] : 1;
       for (const [v, j] of row.slice(0, topk)) {
-        ctx.globalAlpha = Math.min(1, (focus >= 0 ? 0.25 : 0.08) + v * (focus >= 0 ? 0.9 : 0.6));
+        if (focus >= 0) focusKeys.push([j, v]);
+        ctx.globalAlpha = focus >= 0 ? 0.3 + 0.7 * v / Math.max(top1, 1e-6) : Math.min(1, 0.08 + 0.6 * v);
         ctx.beginPath(); ctx.moveTo(xl, top + (i + 0.5) * rh); ctx.lineTo(xr, top + (j + 0.5) * rh); ctx.stroke();
       }
     }
@@ -338,17 +343,22 @@ function drawHeadView(canvas, d, w, rh, top, focus) {
   const every = rh >= 10 ? 1 : Math.ceil(10 / rh), size = Math.min(12, Math.max(8, rh - 1));
   ctx.font = `${size}px ui-monospace, monospace`; ctx.textBaseline = "middle";
   for (let i = 0; i < T; i++) {
-    const show = i % every === 0 || i === focus;
-    if (!show) continue;
+    const near = focus >= 0 && i !== focus && Math.abs(i - focus) < every;  // keep it legible
+    if (i !== focus && (i % every !== 0 || near)) continue;
     ctx.fillStyle = i === focus ? "#c0392b" : "#1d2433";
     const label = `${d.tokens[i]} ${i}`;
     ctx.textAlign = "right"; ctx.fillText(label, xl - 6, top + (i + 0.5) * rh);
     ctx.textAlign = "left"; ctx.fillText(`${i} ${d.tokens[i]}`, xr + 6, top + (i + 0.5) * rh);
   }
+  for (const [j, v] of focusKeys) {  // the attended keys' labels, with their weights
+    const y = top + (j + 0.5) * rh, text = `${j} ${d.tokens[j]}  ${v.toFixed(3)}`;
+    ctx.fillStyle = "#fff"; ctx.fillRect(xr + 2, y - size / 2 - 1, ctx.measureText(text).width + 8, size + 2);
+    ctx.fillStyle = "#c0392b"; ctx.textAlign = "left"; ctx.fillText(text, xr + 6, y);
+  }
   if (focus >= 0) {
     const context = d.tokens.slice(Math.max(0, focus - 24), focus + 1).join("");
     ctx.fillStyle = "#c0392b"; ctx.textAlign = "left"; ctx.font = "12px ui-monospace, monospace";
-    ctx.fillText(`query ${focus}: ...${context}`, 8, top - 12);
+    ctx.fillText(`query ${focus}: ...${context}`, 8, 34);
   }
 }
 
