@@ -6,8 +6,8 @@ Needs selenium, chromium and chromedriver (``make browser``) and trained models:
     attnkit gpt train --context 256 --out out/gpt
     python examples/explore_screenshots.py --out docs
 
-Writes ``explore_tutorial.png``, ``explore_tutorial_causal.png``, ``explore_mask.png``, ``explore_translate.png`` and
-``explore_gpt.png`` to ``--out``.
+Writes ``explore_tutorial.png``, ``explore_tutorial_causal.png``, ``explore_mask.png``,
+``explore_translate.png`` and ``explore_gpt.png`` to ``--out``.
 """
 
 import argparse

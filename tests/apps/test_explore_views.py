@@ -190,7 +190,7 @@ def test_export_is_self_contained(models, tmp_path):
     assert not re.search(r"<(script|link)[^>]+(src|href)=\"(?!data:)", page)  # all inlined
     assert "http://" not in page and "https://" not in page
     assert "window.ATTNKIT_OFFLINE" in page and "Your journey starts" in page
-    assert page.count("</script>") == 2  # the embedded JSON cannot close its element
+    assert page.count("</script>") == 5  # data + 4 scripts: the JSON cannot close its element
 
 
 def _run(*argv):

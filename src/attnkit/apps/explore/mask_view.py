@@ -85,8 +85,8 @@ def build_mask(params: dict) -> tuple[int, int, dict]:
     if documents:
         if T != S:
             raise ValueError(f"documents need T == S (self-attention), got T={T}, S={S}")
-        doc_id = torch.repeat_interleave(torch.arange(len(lengths := _lengths(documents, S))),
-                                         torch.tensor(lengths))  # (S,)
+        lengths = _lengths(documents, S)
+        doc_id = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # (S,)
         kwargs["mask"] = (doc_id[:, None] == doc_id[None, :])[None, None]  # (1, 1, T, S)
     return T, S, kwargs
 

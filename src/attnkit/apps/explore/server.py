@@ -1,11 +1,11 @@
 """The explorer's local web server and its self-contained HTML export.
 
-One page (``index.html`` + ``app.js`` + ``style.css``, package data under ``assets/``) and a
-small JSON API that computes every view with torch on the server:
+One page (``index.html``, ``style.css`` and :data:`SCRIPTS`; package data under ``assets/``)
+and a small JSON API that computes every view with torch on the server:
 
 ====================  =================================================================
 ``GET /``             the page
-``GET /app.js`` ...   the allow-listed assets (:data:`ASSETS`); nothing else is served
+``GET /core.js`` ...  the allow-listed assets (:data:`ASSETS`); nothing else is served
 ``POST /api/tutorial``  ``{"sentence"}`` -> :func:`~.tutorial_view.tutorial_view`
 ``POST /api/mask``      mask choices -> :func:`~.mask_view.mask_view`
 ``POST /api/translate`` ``{"text"}`` -> :func:`~.model_view.translate_view`
@@ -28,17 +28,19 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
+from ...checkpoint import atomic_write
 from .mask_view import mask_view
 from .model_view import ModelMissing, Models, gpt_view, translate_view
 from .tutorial_view import tutorial_view
 
-__all__ = ["HOST", "ASSETS", "MAX_BODY", "ExploreServer", "make_server", "serve_in_thread",
-           "export_html", "asset"]
+__all__ = ["HOST", "SCRIPTS", "ASSETS", "MAX_BODY", "ExploreServer", "make_server",
+           "serve_in_thread", "export_html", "asset"]
 
+SCRIPTS = ("core.js", "views.js", "models.js", "app.js")  # the page's scripts, in load order
 HOST = "127.0.0.1"  # never any other address: the explorer is for the person at this machine
 ASSETS = {"/": ("index.html", "text/html; charset=utf-8"),
           "/index.html": ("index.html", "text/html; charset=utf-8"),
-          "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+          **{f"/{name}": (name, "text/javascript; charset=utf-8") for name in SCRIPTS},
           "/style.css": ("style.css", "text/css; charset=utf-8")}
 MAX_BODY = 64 * 1024
 DEFAULTS = {"tutorial": {}, "mask": {"T": 16, "S": 16, "causal": True, "block_q": 4,
@@ -48,7 +50,7 @@ DEFAULTS = {"tutorial": {}, "mask": {"T": 16, "S": 16, "causal": True, "block_q"
 
 
 def asset(name: str) -> bytes:
-    """The bytes of one packaged asset (``index.html``, ``app.js``, ``style.css``)."""
+    """The bytes of one packaged asset: ``index.html``, ``style.css`` or one of :data:`SCRIPTS`."""
     return resources.files(__package__).joinpath("assets", name).read_bytes()
 
 
@@ -186,11 +188,13 @@ def export_html(path, models: Models | None = None) -> dict:
     JSON, so the file opens offline (no server, no network). A view whose model is missing
     is embedded as its error message.
 
+    Args:
+        path: the HTML file to write (atomically; its directory must exist).
+        models: where the trained models are (default: the apps' own output folders).
+
     Returns:
         ``{view name: None or the error message}`` for the embedded views.
     """
-    from pathlib import Path
-
     models = models or Models()
     views = {"tutorial": lambda: tutorial_view(_default_sentence()),
              "mask": lambda: mask_view(DEFAULTS["mask"]),
@@ -206,10 +210,11 @@ def export_html(path, models: Models | None = None) -> dict:
             problems[name] = str(err)
     page = asset("index.html").decode("utf-8")
     css = asset("style.css").decode("utf-8")
-    js = asset("app.js").decode("utf-8").replace("</script", "<\\/script")
     page = page.replace('<link rel="stylesheet" href="style.css">', f"<style>\n{css}</style>")
-    page = page.replace('<script src="app.js"></script>',
-                        f"<script>window.ATTNKIT_OFFLINE = {_script_safe(embedded)};</script>\n"
-                        f"<script>\n{js}</script>")
-    Path(path).write_text(page, encoding="utf-8")
+    for number, name in enumerate(SCRIPTS):
+        js = asset(name).decode("utf-8").replace("</script", "<\\/script")
+        data = f"<script>window.ATTNKIT_OFFLINE = {_script_safe(embedded)};</script>\n" \
+            if number == 0 else ""
+        page = page.replace(f'<script src="{name}"></script>', f"{data}<script>\n{js}</script>")
+    atomic_write(path, lambda handle: handle.write(page.encode("utf-8")))
     return problems
