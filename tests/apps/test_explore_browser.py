@@ -123,6 +123,18 @@ def test_default_sentence_shows_the_published_values(driver, server):
     assert len(checks) == len(walkthrough.PUBLISHED)
 
 
+def test_hovering_a_cell_shows_its_number(driver, server):
+    open_page(driver, server.url)
+    canvas = driver.find_element(By.CSS_SELECTOR, 'canvas[data-title="attn_weights_2 = softmax"]')
+    width, height = canvas.size["width"], canvas.size["height"]
+    left, top, cell = 8 + 7 * len("journey"), 24, 46  # the heatmap's layout (core.js)
+    x, y = left + cell // 2, top + cell + cell // 2  # row 1: "journey"
+    ActionChains(driver).move_to_element_with_offset(canvas, x - width // 2,
+                                                     y - height // 2).perform()
+    tip = driver.find_element(By.ID, "tip")
+    assert tip.is_displayed() and "journey -> journey: 0.237891" in tip.text  # 0.2379 published
+
+
 def test_typing_a_sentence_updates_the_numbers(driver, server):
     open_page(driver, server.url)
     sentence = "attention is all you need"

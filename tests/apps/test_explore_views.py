@@ -5,6 +5,7 @@ import base64
 import contextlib
 import io
 import re
+import socket
 
 import pytest
 import torch
@@ -211,3 +212,12 @@ def test_cli_export_and_usage_errors(tmp_path):
     assert code == 2 and "--port must be in [0, 65535], got 70000" in err
     code, _, err = _run("--port", "x")
     assert code == 2 and "invalid int value" in err
+
+
+def test_cli_busy_port_is_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code, _, err = _run("--port", str(busy.getsockname()[1]))
+    assert code == 1 and err.count("\n") == 1
+    assert "cannot listen on 127.0.0.1:" in err and "--port 0" in err
