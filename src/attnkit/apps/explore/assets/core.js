@@ -90,10 +90,10 @@ function heatmap(title, matrix, rowLabels, colLabels, opts = {}) {
       const v = matrix[i][j];
       ctx.fillStyle = color(v, scale, signed);
       ctx.fillRect(left + j * cell, top + i * cell, cell - 1, cell - 1);
-      if (cell >= 40) {
+      if (cell >= 30) {
         const dark = v !== null && Math.abs(v / scale) > 0.55;
         ctx.fillStyle = dark ? "#fff" : "#1d2433"; ctx.textAlign = "center";
-        ctx.font = "11px ui-monospace, monospace";
+        ctx.font = `${cell >= 40 ? 11 : 10}px ui-monospace, monospace`;
         ctx.fillText(v === null ? "-inf" : v.toFixed(2), left + j * cell + cell / 2, top + i * cell + cell / 2);
         ctx.font = "12px ui-monospace, monospace";
       }
@@ -113,7 +113,8 @@ function heatmap(title, matrix, rowLabels, colLabels, opts = {}) {
     return opts.describe ? opts.describe(i, j, v) :
       `${title}[${i}][${j}]  ${rowLabels[i]} -> ${colLabels[j]}: ${v === null ? "-inf" : v.toFixed(6)}`;
   });
-  const fig = el("div", { class: "figure" }, el("h4", {}, title), canvas);
+  const fig = el("div", { class: "figure", style: `max-width:${Math.max(canvas.width, 180)}px` },
+                 el("h4", {}, title), canvas);
   if (opts.caption) fig.append(el("div", { class: "caption" }, opts.caption));
   return fig;
 }

@@ -42,15 +42,16 @@ function renderTutorial(d) {
   add(el("h2", {}, "3.4.2 A compact self-attention class"),
       el("div", { class: "row" }, heatmap(`SelfAttentionV1(3, 2), seed ${tr.seed_v1}`, tr.context_vecs, tok, OUT),
          heatmap(`SelfAttentionV2(3, 2), seed ${tr.seed_v2}`, tr.sa_v2, tok, OUT)));
+  const small = T <= 8 ? { cell: 30 } : {};  // both methods fit side by side
   add(el("h2", {}, "3.5.1 The causal mask, both methods side by side (sa_v2's weights)"),
       el("div", { class: "row" },
          el("div", { class: "side" }, el("b", {}, "Method 1: mask after softmax, renormalise"),
-            el("div", { class: "row" }, heatmap("attn_weights", c.attn_weights, tok, tok, { rotate: true, scale: 1 }),
-               heatmap("mask_simple = tril(ones)", c.mask_simple, tok, tok, { rotate: true, scale: 1 }),
-               heatmap("masked_simple_norm", c.masked_simple_norm, tok, tok, { rotate: true, scale: 1 }))),
+            el("div", { class: "row" }, heatmap("attn_weights", c.attn_weights, tok, tok, { ...small, rotate: true, scale: 1 }),
+               heatmap("mask_simple = tril(ones)", c.mask_simple, tok, tok, { ...small, rotate: true, scale: 1 }),
+               heatmap("masked_simple_norm", c.masked_simple_norm, tok, tok, { ...small, rotate: true, scale: 1 }))),
          el("div", { class: "side" }, el("b", {}, "Method 2: -inf before softmax"),
-            el("div", { class: "row" }, heatmap("masked = attn_scores.masked_fill(-inf)", c.masked_scores, tok, tok, { rotate: true }),
-               heatmap("attn_weights = softmax(masked / sqrt(d_k))", c.causal_weights, tok, tok, { rotate: true, scale: 1 })))),
+            el("div", { class: "row" }, heatmap("masked = attn_scores with -inf above the diagonal", c.masked_scores, tok, tok, { ...small, rotate: true }),
+               heatmap("attn_weights = softmax(masked / sqrt(d_k))", c.causal_weights, tok, tok, { ...small, rotate: true, scale: 1 })))),
       el("p", { "data-key": "causal.agree" }, `Both methods agree: max |difference| = ${c.max_difference.toExponential(1)}`));
   const toggle = el("input", { type: "checkbox", id: "training" });
   toggle.checked = state.training;
