@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = [
     "attnkit.apps.gpt.app",
     "attnkit.apps.translate.cli",
     "attnkit.apps.why_attention.app",
+    "attnkit.apps.explore.app",
 ]
 
 
