@@ -104,7 +104,7 @@ def test_window_padding_and_documents():
     assert "mask=<bool tensor (1, 1, 8, 8)>" in docs["arguments"]
     big = mask_view({"T": 4096, "window": 256})
     assert big["pattern"] is None and big["explain"]["chosen"] == "chunked"
-    assert "sliding window" in big["explain"]["reason"]
+    assert big["explain"]["reason"] and "sdpa" in big["explain"]["rejected"]
 
 
 @pytest.mark.parametrize("params, error, match", [
@@ -128,17 +128,39 @@ def test_build_mask_needs_a_dict():
 
 # --- model views --------------------------------------------------------------------------
 
-def test_translate_view_answers_like_translate(models):
+def test_translate_view_refuses_a_wrong_answer_but_shows_the_attention(models):
     view = translate_view(models, " June 25, 2009 ")
     model = load_translator(models.translator_dir)
-    assert view["answer"] == translate(model, " June 25, 2009 ")
+    with pytest.raises(ValueError, match="the model answered") as refusal:
+        translate(model, " June 25, 2009 ")  # the tiny untrained model is wrong
+    assert view["answer"] is None and view["refused"] == str(refusal.value)
     weights = torch.tensor(view["weights"])  # (L, H, 10, S)
     assert weights.shape == (2, 2, 10, len("june 25, 2009"))
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 10), atol=1e-3, rtol=0)
     assert view["source"][4] == "\u2423"  # spaces made visible
 
 
+def test_translate_view_gives_a_right_answer(models, monkeypatch):
+    model = load_translator(models.translator_dir)
+    monkeypatch.setattr(model, "greedy_decode", _decoding_to("2009-06-25", model.greedy_decode))
+    monkeypatch.setattr(models, "translator", lambda: model)
+    view = translate_view(models, "june 25 2009")
+    assert view["answer"] == "2009-06-25" and view["refused"] is None
+
+
+def _decoding_to(answer, greedy_decode):
+    """greedy_decode whose tokens spell ``answer`` (the attention weights stay the model's)."""
+    from attnkit.apps.translate.app import TARGET_VOCAB
+
+    def decode(src, *args, **kwargs):
+        tokens, *rest = greedy_decode(src, *args, **kwargs)
+        return (torch.tensor([TARGET_VOCAB.encode(answer)] * src.shape[0]), *rest)
+    return decode
+
+
 def test_translate_view_shows_translate_errors(models):
+    with pytest.raises(ValueError, match="not a real date"):
+        translate_view(models, "february 30 2020")
     with pytest.raises(ValueError, match="the input is empty"):
         translate_view(models, "  ")
     with pytest.raises(ValueError, match="not in the vocabulary"):

@@ -106,24 +106,30 @@ def translate_view(models: Models, text) -> dict:
 
     Returns:
         ``{"text", "source" (characters, spaces shown as a visible mark), "answer",
-        "output" (characters), "weights" (L, H, 10, S)}``.
+        "refused", "output" (characters), "weights" (L, H, 10, S)}``. ``answer`` is the checked
+        ISO date, or None with ``refused`` saying why when the model's answer is wrong (the
+        attention is still shown: where did it look?).
 
     Raises:
         TypeError: ``text`` is not a str.
         ValueError: what :func:`~attnkit.apps.translate.app.translate` refuses.
         ModelMissing: no usable translator.
     """
-    from ..translate.app import SOURCE_VOCAB, TARGET_VOCAB, translate
+    from ..translate.app import SOURCE_VOCAB, TARGET_VOCAB, WrongAnswer, translate
 
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     model = models.translator()
-    answer = translate(model, text)  # validates, as the CLI does
-    cleaned = text.strip().lower()  # what translate() reads
+    try:
+        answer, refused = translate(model, text), None  # validates, as the CLI does
+    except WrongAnswer as err:  # a valid date the model gets wrong: show where it looked
+        answer, refused = None, str(err)
+    cleaned = " ".join(text.split()).lower()  # what translate() reads
     with torch.no_grad():
         tokens, _, weights = model.greedy_decode(SOURCE_VOCAB.batch([cleaned]),
                                                  need_weights=True)
     return {"text": text, "source": [_label(c) for c in cleaned], "answer": answer,
+            "refused": refused,
             "output": list(TARGET_VOCAB.decode(tokens[0].tolist())),
             "weights": to_json(weights[:, 0], 4)}  # (L, H, 10, S)
 

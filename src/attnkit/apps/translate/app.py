@@ -43,7 +43,7 @@ from . import dates
 from .model import TransformerConfig, TransformerSeq2Seq, count_parameters
 
 __all__ = ["TrainConfig", "SOURCE_VOCAB", "TARGET_VOCAB", "train", "evaluate", "load_translator",
-           "translate", "translate_many", "plot_alignment", "save_translator",
+           "translate", "translate_many", "WrongAnswer", "plot_alignment", "save_translator",
            "alignment_scores", "existing_score"]
 
 SOURCE_VOCAB = CharVocab(string.ascii_lowercase + string.digits + " ,./-", padding=True)
@@ -304,6 +304,10 @@ def load_translator(out_dir="out/translate") -> TransformerSeq2Seq:
     return model.eval()
 
 
+class WrongAnswer(ValueError):
+    """The input is one valid date, but the model's answer is not it (so it is not given)."""
+
+
 def translate_many(model: TransformerSeq2Seq, texts: list[str]) -> list[str | ValueError]:
     """Translate ``texts`` in one batch; each answer is checked before it is returned.
 
@@ -315,7 +319,8 @@ def translate_many(model: TransformerSeq2Seq, texts: list[str]) -> list[str | Va
     ``06/05/2009``), or a model answer that is wrong.
 
     Returns:
-        One entry per input: the ISO date, or the ``ValueError`` that explains the refusal.
+        One entry per input: the ISO date, or the ``ValueError`` that explains the refusal
+        (a :class:`WrongAnswer` when the input was fine and the model was not).
     """
     results: list[str | ValueError] = []
     todo = []  # (index, cleaned text, the date the text names)
@@ -344,7 +349,7 @@ def translate_many(model: TransformerSeq2Seq, texts: list[str]) -> list[str | Va
                 results[i] = answer
             else:
                 what = "is not a real date" if got is None else "is wrong"
-                results[i] = ValueError(
+                results[i] = WrongAnswer(
                     f"the model answered {answer!r}, which {what}: {cleaned!r} is "
                     f"{expected.isoformat()}; not printing a wrong answer (train longer: "
                     f"attnkit translate train --force)")

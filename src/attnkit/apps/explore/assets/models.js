@@ -4,8 +4,10 @@
 // ---------------------------------------------------------------- translator view
 function renderTranslate(d) {
   const body = $("translate-body"); body.textContent = "";
-  body.append(el("p", {}, "answer: ", el("code", { id: "translate-answer" }, d.answer),
-                 `  (source "${d.text.trim().toLowerCase()}"; rows: output characters, columns: source characters)`));
+  body.append(el("p", {}, "answer: ", d.answer === null
+                   ? el("code", { id: "translate-answer", class: "refused" }, `refused: ${d.refused}`)
+                   : el("code", { id: "translate-answer" }, d.answer),
+                 `  (source "${d.text.trim().toLowerCase()}"; rows: the model's output characters, columns: source characters)`));
   d.weights.forEach((layer, l) => {
     const avg = layer[0].map((row, i) => row.map((_, j) => layer.reduce((a, hd) => a + hd[i][j], 0) / layer.length));
     const cell = Math.max(8, Math.min(14, Math.floor(240 / d.source.length)));
