@@ -1,5 +1,6 @@
 """``attnkit translate``: checked answers, batch input, and training that never loses work."""
 
+import dataclasses
 import functools
 import io
 
@@ -252,9 +253,15 @@ def test_progress_prints_lines_not_carriage_returns_when_not_a_terminal(tmp_path
     assert err.count("translate train: step") == 6  # every max(1, 6 // 10) = 1 step
 
 
-def test_one_step_training_runs_end_to_end(tmp_path, capsys):
-    """The real model, one step: outputs are written even when the model answers nonsense
-    (figures label whatever it emits)."""
+def test_one_step_training_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    """One step: outputs are written even when the model answers nonsense (the figures label
+    whatever it emits). A tiny model and 50 held-out dates keep it quick."""
+    @dataclasses.dataclass(frozen=True)
+    class QuickConfig(TrainConfig):
+        eval_size: int = 50
+
+    monkeypatch.setattr(translate_cli, "TrainConfig", QuickConfig)
+    monkeypatch.setattr(translate_cli, "train", functools.partial(train, model_config=TINY))
     code, out, _ = _run(capsys, "translate", "train", "--steps", "1", "--quiet", "--out",
                         str(tmp_path))
     assert code == 0 and f"wrote {tmp_path}" in out
