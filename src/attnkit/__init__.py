@@ -3,8 +3,10 @@
 Layers, each using only the ones above it:
 
 * :mod:`attnkit.functional` - the executable spec (plain-math attention).
-* :mod:`attnkit.masks` - mask descriptions and builders (True = may attend).
-* :mod:`attnkit.backends` - ``math``, ``sdpa``, ``chunked`` engines behind one contract.
+* :mod:`attnkit.masks` - mask descriptions (``mask_mod``), composable, and builders
+  (True = may attend); :mod:`attnkit.scores` - score functions (softcap, ALiBi, bias).
+* :mod:`attnkit.backends` - ``math``, ``sdpa``, ``chunked``, ``flex`` engines behind one
+  contract, each declaring its capabilities and cost.
 * :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point.
 * :mod:`attnkit.tutorial` - the tutorial's ladder of attention classes, rung by rung.
 * :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache,
@@ -13,7 +15,7 @@ Layers, each using only the ones above it:
 * :mod:`attnkit.apps` - what a person runs: walkthrough, translate, why-attention, gpt.
 """
 
-from . import tutorial
+from . import masks, scores, tutorial
 from .backends import available_backends, register_backend
 from .engine import Explanation, attention, explain
 from .kv_cache import ContextKV, KVCache
@@ -33,6 +35,8 @@ __all__ = [
     "attention",
     "available_backends",
     "explain",
+    "masks",
     "register_backend",
+    "scores",
     "tutorial",
 ]

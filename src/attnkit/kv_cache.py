@@ -159,6 +159,25 @@ class KVCache:
         self.pos = start + length
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]  # (B, Hkv, pos + T, D) each
 
+    def at_positions(self, mask_mod, num_new: int):
+        """A mask description for the whole sequence, placed at this step's positions.
+
+        Call it after :meth:`update` wrote ``num_new`` positions: the step's queries are
+        positions ``pos - num_new .. pos - 1`` and the keys ``0 .. pos - 1``, so a
+        description written for the full sequence (``documents(ids)`` with ids of the whole
+        sequence, ``prefix_lm(n)``, windows) masks the step exactly as it masks a full
+        forward; pass the result as ``attention(..., mask_mod=...)``.
+
+        Raises:
+            ValueError: ``num_new`` is not between 1 and ``pos``.
+        """
+        from .masks import at_positions  # masks imports nothing from here; kept lazy anyway
+
+        if not isinstance(num_new, int) or not 1 <= num_new <= self.pos:
+            raise ValueError(f"num_new must be the positions just written, 1..pos={self.pos}, "
+                             f"got {num_new!r}")
+        return at_positions(mask_mod, q_offset=self.pos - num_new, kv_offset=0)
+
 
 @dataclass(frozen=True, eq=False)  # eq would compare tensors elementwise
 class ContextKV:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..masks import MaskSpec
+from . import _fused_tiles
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
@@ -44,7 +45,8 @@ class _Layout:
     blocks so only the partial ones build a mask.
     """
 
-    def __init__(self, q: Tensor, k: Tensor, spec: MaskSpec, block_q: int, block_k: int):
+    def __init__(self, q: Tensor, k: Tensor, spec: MaskSpec, block_q: int, block_k: int,
+                 fused: bool = False):
         self.B, self.H, self.T, _ = q.shape
         self.Hkv, self.S = k.shape[1], k.shape[2]
         self.G = self.H // self.Hkv
@@ -55,6 +57,7 @@ class _Layout:
         self.params = tuple(t for t in (self.score.tensors() if self.score else ())
                             if t.requires_grad)
         self.plan = self._plan(q.device)
+        self.fused = fused  # run each tile through torch's fused CPU kernel (_fused_tiles)
 
     def _plan(self, device):
         T, S, bq = self.T, self.S, self.block_q
@@ -202,7 +205,7 @@ def _chunked_forward(q, k, v, lay: _Layout, scale: float):
 
 
 def _accumulate_backward(grad_out, q, k, v, lse, delta, lay: _Layout, scale: float, grads,
-                         single=None, param_grads=None, grad_lse=None):
+                         single=None, param_grads=None, grad_lse=None, only=None):
     """Add the gradients of attention over ``k``/``v`` into ``grads = (dq, dk, dv)``.
 
     ``lse`` and ``delta`` are the rows' log-sum-exp and ``rowsum(dO * O)`` (minus the lse's
@@ -225,6 +228,8 @@ def _accumulate_backward(grad_out, q, k, v, lse, delta, lay: _Layout, scale: flo
     dk, dv = grads[1].view(N, lay.S, D), grads[2].view(N, lay.S, Dv)  # (N, S, D)
     want = lay.params if param_grads is not None else ()
     for q0, q1, blocks in lay.tiles():
+        if only is not None and q0 not in only:
+            continue
         nq = q1 - q0
         qt = _query_tile(q4, q0, q1)  # (N, G*nq, D)
         dot = _query_tile(do4, q0, q1)  # (N, G*nq, Dv)
@@ -298,8 +303,15 @@ def _chunked_backward(grad_out, grad_lse, q, k, v, out, lse, single, lay: _Layou
         delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(grad_lse), grad_lse)
     grads = tuple(torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (q, k, v))
     param_grads = [torch.zeros(p.shape, dtype=acc_dtype, device=p.device) for p in lay.params]
-    _accumulate_backward(grad_out, q, k, v, lse, delta, lay, scale, grads, single,
-                         param_grads, grad_lse)
+    only = None
+    if lay.fused and (grad_lse is None or not bool(grad_lse.any())):
+        # Tiles with a one-key row go through the block loop, which makes their gradient
+        # exactly zero; the fused kernel would leave rounding there.
+        only = {q0 for q0, q1, _ in lay.tiles() if bool(single[:, :, q0:q1].any())}
+        _fused_tiles.backward(grad_out, q, k, v, out, lse, lay, scale, grads, skip=only)
+    if only is None or only:
+        _accumulate_backward(grad_out, q, k, v, lse, delta, lay, scale, grads, single,
+                             param_grads, grad_lse, only)
     dsinks = None
     if lay.sinks is not None and lay.sinks.requires_grad:
         # d lse_i / d sink_h = P(sink)_i, and dL/d lse_i enters as -delta_i.
@@ -313,7 +325,10 @@ def _chunked_backward(grad_out, grad_lse, q, k, v, out, lse, single, lay: _Layou
 class _ChunkedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lay, scale, sinks, *params):
-        out, lse, single = _chunked_forward(q, k, v, lay, scale)
+        if lay.fused:
+            out, lse, single = _fused_tiles.forward(q, k, v, lay, scale)
+        else:
+            out, lse, single = _chunked_forward(q, k, v, lay, scale)
         ctx.save_for_backward(q, k, v, out, lse, single)
         ctx.lay, ctx.scale = lay, scale
         ctx.mark_non_differentiable(single)
@@ -359,6 +374,6 @@ def chunked_attention(q, k, v, spec: MaskSpec, *, dropout_p: float = 0.0, scale:
         raise ValueError(reason)
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be >= 1, got {block_q} and {block_k}")
-    lay = _Layout(q, k, spec, block_q, block_k)
+    lay = _Layout(q, k, spec, block_q, block_k, fused=_fused_tiles.usable(q, spec))
     out, lse, _ = _ChunkedAttentionFn.apply(q, k, v, lay, scale, spec.sinks, *lay.params)
     return (out, lse) if return_lse else out

@@ -12,8 +12,9 @@ matters for ``auto`` is their ratios, which hold roughly across thread counts:
 
 * SDPA's fused kernel is the fastest per FLOP but computes every pair unless ``is_causal``
   applies, and a dense mask costs a ``T x S`` tensor plus a slower kernel path;
-* chunked computes only the visited blocks, about 2.5x slower per FLOP than SDPA, plus
-  Python overhead per block;
+* chunked computes only the visited blocks: through its fused tiles (CPU, no score
+  function) at about 0.75x SDPA's speed per FLOP plus a call per tile, otherwise through its
+  block loop at about 0.4x plus Python overhead per block;
 * flex (compiled) visits 128 x 128 blocks at about 1.6x SDPA's cost per FLOP, and its
   first call for a new shape or description compiles (seconds to tens of seconds);
 * math materialises the scores: slowest per FLOP and ``B*H*T*S`` memory.
@@ -26,13 +27,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ..masks import MaskSpec
+from . import _fused_tiles
 
 # FLOP/s of one CPU thread (float32), and fixed overheads in seconds.
 SDPA_RATE = 40e9
 SDPA_MASKED_SLOWDOWN = 1.3  # the masked kernel path, plus reading the mask
 MASK_BUILD_S_PER_ELEMENT = 2e-9  # building a bool T x S mask and SDPA's float copy of it
 CHUNKED_RATE = 16e9
-CHUNKED_BLOCK_S = 4e-5  # Python and dispatch overhead per visited key block
+CHUNKED_BLOCK_S = 4e-5  # Python and dispatch overhead per visited 512-key block
+CHUNKED_FUSED_RATE = 30e9  # chunked's fused tiles: torch's CPU flash kernel per tile
+FUSED_TILE_S = 1e-4
 MATH_RATE = 8e9
 FLEX_RATE = 25e9
 FLEX_COMPILE_S = 30.0  # first compile in a process (measured 26 s on this CPU)
@@ -107,12 +111,18 @@ def sdpa_cost(call: Call) -> float:
     return call.flops() * call.passes() * SDPA_MASKED_SLOWDOWN / SDPA_RATE + build + 2e-5
 
 
-def chunked_cost(call: Call, block_q: int = 256, block_k: int = 512) -> float:
-    frac, blocks = call.visited(block_q, block_k)
+def chunked_cost(call: Call, block_q: int = 256, block_k: int = 64) -> float:
+    frac, blocks = call.visited(block_q, block_k)  # the plan's own granularity
+    tiles = -(-call.T // block_q)
+    per_call = 5e-5
+    if _fused_tiles.usable_for(call.device, call.dtype, call.spec):
+        # One fused kernel call per tile over its visible span (backward: two per tile).
+        return (frac * call.flops() * call.passes() / CHUNKED_FUSED_RATE
+                + tiles * FUSED_TILE_S * (2.0 if call.grad else 1.0) + per_call)
     scored = 1.3 if call.spec.score_mod is not None else 1.0
-    per_block = CHUNKED_BLOCK_S * (2.0 if call.grad else 1.0)
-    return (frac * call.flops() * call.passes() * scored / CHUNKED_RATE + blocks * per_block
-            + 5e-5)
+    per_block = CHUNKED_BLOCK_S * (2.0 if call.grad else 1.0) * max(1.0, 64 / block_k)
+    return (frac * call.flops() * call.passes() * scored / CHUNKED_RATE
+            + blocks * per_block / 8 + per_call)
 
 
 def flex_cost(call: Call, compiled: bool) -> float:

@@ -50,7 +50,7 @@ from torch import Tensor
 from ..backends.chunked import chunked_block_backward
 from ..engine import attention
 from ..functional import merge_partial_attention
-from ..masks import MaskSpec
+from ..masks import Causal, MaskSpec, and_masks, as_mask_mod, at_positions
 from .sharding import (LAYOUTS, check_layout, check_same_on_all_ranks, check_shard_length,
                        check_shards, rank_and_size, resolve_group)
 
@@ -119,27 +119,56 @@ def _unpack(buf: Tensor, *shapes) -> list[Tensor]:
     return views
 
 
-def _pieces(layout: str, causal: bool, rank: int, src: int, n: int):
+def _runs(layout: str, rank: int, size: int, n: int):
+    """``(local slice, global start)`` of each position-contiguous run of a rank's shard."""
+    if layout == "contiguous":
+        return [(slice(0, n), rank * n)]
+    h = n // 2
+    return [(slice(0, h), rank * h), (slice(h, n), (2 * size - 1 - rank) * h)]
+
+
+def _described_pieces(mod, layout: str, rank: int, src: int, size: int, n: int):
+    """Pieces for a mask description at global positions: every pair of contiguous runs,
+    with the description shifted to them (:func:`attnkit.masks.at_positions`), skipping
+    pairs its block summary proves empty."""
+    pieces = []
+    for rows, q0 in _runs(layout, rank, size, n):
+        for keys, k0 in _runs(layout, src, size, n):
+            nq, nk = rows.stop - rows.start, keys.stop - keys.start
+            local = at_positions(mod, q0, k0).resolve(nq, nk)
+            some, _ = local.blocks(torch.tensor([[0]]), torch.tensor([[nq - 1]]),
+                                   torch.tensor([[0]]), torch.tensor([[nk - 1]]))
+            if bool(some.all()):
+                pieces.append((rows, keys, MaskSpec(mask_mod=local)))
+    return pieces
+
+
+def _pieces(layout: str, causal: bool, rank: int, src: int, n: int, size: int = 1,
+            mod=None):
     """The visible sub-blocks when rank ``rank`` holds the keys of rank ``src``.
 
-    Returns a list of ``(query rows, key rows, causal mask?)``; empty if nothing is visible.
-    ``n`` is the local length (zigzag: two chunks of ``n // 2``).
+    Returns a list of ``(query rows, key rows, MaskSpec)``; empty if nothing is visible.
+    ``n`` is the local length (zigzag: two chunks of ``n // 2``). With a mask description
+    ``mod`` (global positions), see :func:`_described_pieces`.
     """
+    if mod is not None:
+        return _described_pieces(and_masks(mod, Causal()) if causal else mod, layout, rank,
+                                 src, size, n)
     every = slice(None)
     if not causal:
-        return [(every, every, False)]
+        return [(every, every, MaskSpec())]
     if src == rank:
-        return [(every, every, True)]
+        return [(every, every, MaskSpec(causal=True))]
     if layout == "contiguous":
-        return [(every, every, False)] if src < rank else []
+        return [(every, every, MaskSpec())] if src < rank else []
     half = n // 2
     if src < rank:  # its early chunk precedes both of ours, its late chunk follows both
-        return [(every, slice(0, half), False)]
+        return [(every, slice(0, half), MaskSpec())]
     # Both its chunks lie between ours: only our late chunk sees them, and all of them.
-    return [(slice(half, None), every, False)]
+    return [(slice(half, None), every, MaskSpec())]
 
 
-def _ring_forward(q, k, v, ring: _Ring, causal: bool, layout: str, scale: float):
+def _ring_forward(q, k, v, ring: _Ring, causal: bool, layout: str, scale: float, mod=None):
     B, H, T, _ = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     # Merge in float32 (or float64) so P merges do not round P times in half precision.
@@ -152,8 +181,8 @@ def _ring_forward(q, k, v, ring: _Ring, causal: bool, layout: str, scale: float)
             incoming, works = ring.start(kv, f"forward step {step + 1} of {ring.size - 1}")
         k_s, v_s = _unpack(kv, k.shape, v.shape)
         src = (ring.rank - step) % ring.size
-        for rows, keys, masked in _pieces(layout, causal, ring.rank, src, T):
-            o, l = attention(q[:, :, rows], k_s[:, :, keys], v_s[:, :, keys], causal=masked,
+        for rows, keys, spec in _pieces(layout, causal, ring.rank, src, T, ring.size, mod):
+            o, l = attention(q[:, :, rows], k_s[:, :, keys], v_s[:, :, keys], spec=spec,
                              scale=scale, backend="chunked", return_lse=True)
             out[:, :, rows], lse[:, :, rows] = merge_partial_attention(
                 out[:, :, rows], lse[:, :, rows], o, l)
@@ -164,7 +193,7 @@ def _ring_forward(q, k, v, ring: _Ring, causal: bool, layout: str, scale: float)
 
 
 def _ring_backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, layout: str,
-                   scale: float):
+                   scale: float, mod=None):
     acc = lse.dtype
     delta = (dout.to(acc) * out.to(acc)).sum(-1)  # (B, H, T): the softmax backward's row term
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -175,12 +204,13 @@ def _ring_backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, layout: s
     for step in range(ring.size):
         k_s, v_s, dk_s, dv_s = _unpack(buf, k.shape, v.shape, k.shape, v.shape)
         src = (ring.rank - step) % ring.size
-        for rows, keys, masked in _pieces(layout, causal, ring.rank, src, q.shape[2]):
+        for rows, keys, spec in _pieces(layout, causal, ring.rank, src, q.shape[2],
+                                        ring.size, mod):
             # dk_s/dv_s are views into buf: the gradient travels on with its block.
             grads = (dq[:, :, rows], dk_s[:, :, keys], dv_s[:, :, keys])
             chunked_block_backward(dout[:, :, rows], q[:, :, rows], k_s[:, :, keys],
                                    v_s[:, :, keys], lse[:, :, rows], delta[:, :, rows],
-                                   MaskSpec(causal=masked), scale=scale, grads=grads,
+                                   spec, scale=scale, grads=grads,
                                    block_q=_BLOCK_Q, block_k=_BLOCK_K)
         if step + 1 < ring.size:
             buf = ring.exchange(buf, f"backward step {step + 1} of {ring.size}")
@@ -193,10 +223,10 @@ def _ring_backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, layout: s
 
 class _RingAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring, causal, layout, scale):
-        out, lse = _ring_forward(q, k, v, ring, causal, layout, scale)
+    def forward(ctx, q, k, v, ring, causal, layout, scale, mod):
+        out, lse = _ring_forward(q, k, v, ring, causal, layout, scale, mod)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.config = (ring, causal, layout, scale)
+        ctx.config = (ring, causal, layout, scale, mod)
         return out
 
     @staticmethod
@@ -204,11 +234,12 @@ class _RingAttentionFn(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.config)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, group=None,
-                   layout: str = "zigzag", scale: float | None = None) -> Tensor:
+                   layout: str = "zigzag", scale: float | None = None,
+                   mask_mod=None) -> Tensor:
     """Exact attention over a sequence sharded across the ranks of ``group``.
 
     Call it on every rank of the group with that rank's shard (see
@@ -224,6 +255,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, gro
         layout: how the sequence was sharded, ``"zigzag"`` (balanced for causal) or
             ``"contiguous"``; must match the sharding (it decides the causal masks).
         scale: score multiplier, default ``1/sqrt(D)``.
+        mask_mod: a mask description from :mod:`attnkit.masks` written for the *whole*
+            sequence (global positions: ``documents(ids)`` with ids ``(B, T)``,
+            ``prefix_lm(n)``, windows ...); every rank must pass the same one. Each block
+            sees it shifted to its positions, and blocks it leaves empty are skipped.
 
     Returns:
         This rank's output shard ``(B, H, T/P, Dv)`` in the input dtype.
@@ -244,7 +279,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, gro
         "B": q.shape[0], "H": q.shape[1], "Hkv": k.shape[1], "T/P": q.shape[2],
         "S/P": k.shape[2], "D": q.shape[3], "Dv": v.shape[3], "itemsize": q.element_size(),
         "causal": int(bool(causal)), "layout": LAYOUTS.index(layout),
+        "mask_mod": int(mask_mod is not None),
     }, q.device, "ring_attention")
     check_shard_length(layout, q.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _RingAttentionFn.apply(q, k, v, _Ring(group), bool(causal), layout, scale)
+    mod = None if mask_mod is None else as_mask_mod(mask_mod)
+    return _RingAttentionFn.apply(q, k, v, _Ring(group), bool(causal), layout, scale, mod)

@@ -82,7 +82,7 @@ def _heads_to_seq(x: Tensor, P: int, group) -> Tensor:
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, group=None,
                       backend: str = "auto", layout: str = "zigzag",
-                      scale: float | None = None) -> Tensor:
+                      scale: float | None = None, mask_mod=None) -> Tensor:
     """Exact attention over a sequence sharded across ranks, by all-to-all over heads.
 
     Takes and returns the same shards as :func:`ring_attention`, so the two are
@@ -98,6 +98,9 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
         layout: how the sequence was sharded (``"zigzag"`` or ``"contiguous"``); with
             ``causal`` the gathered tokens are put in position order before attending.
         scale: score multiplier, default ``1/sqrt(D)``.
+        mask_mod: a mask description for the whole sequence (global positions), as in
+            :func:`attnkit.distributed.ring_attention`; each rank applies it to all ``T``
+            positions of its heads (so ``h`` in a callable is the rank-local head index).
 
     Returns:
         This rank's output shard ``(B, H, T/P, Dv)`` in the input dtype.
@@ -118,6 +121,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
         "B": q.shape[0], "H": q.shape[1], "Hkv": k.shape[1], "T/P": q.shape[2],
         "S/P": k.shape[2], "D": q.shape[3], "Dv": v.shape[3], "itemsize": q.element_size(),
         "causal": int(bool(causal)), "layout": LAYOUTS.index(layout),
+        "mask_mod": int(mask_mod is not None),
     }, q.device, "ulysses_attention")
     H, Hkv, n = q.shape[1], k.shape[1], q.shape[2]
     check_shard_length(layout, n)
@@ -131,12 +135,13 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
     # a causal mask the order is irrelevant (keys are a set, rows go back where they came
     # from); with one, sort into position order and undo it afterwards.
     order = None
-    if causal and layout != "contiguous" and P > 1:
+    if (causal or mask_mod is not None) and layout != "contiguous" and P > 1:
         where = torch.cat([position_ids(n * P, layout=layout, rank=r, world_size=P)
                            for r in range(P)]).to(q.device)  # (T,): position of each slot
         order = torch.argsort(where)
         q, k, v = (t.index_select(2, order) for t in (q, k, v))  # (B, H/P, T, D), in order
-    out = attention(q, k, v, causal=causal, backend=backend, scale=scale)  # (B, H/P, T, Dv)
+    out = attention(q, k, v, causal=causal, backend=backend, scale=scale,
+                    mask_mod=mask_mod)  # (B, H/P, T, Dv)
     if order is not None:
         out = out.index_select(2, torch.argsort(order))  # back to the gathered order
     return _heads_to_seq(out, P, group)  # (B, H, T/P, Dv)
