@@ -212,7 +212,7 @@ def _thin(ax, which: str, extent: float, spacing: float) -> bool:
     the axis, in the same unit as the tick ``spacing``) plus a gap of a third of the font size
     never touch; the stride only grows and is rounded up to 2, 5, 10, 20, 25, 50, ...
 
-    Thinned token labels carry their position (``"40 t"``: a lone character every fifth place
+    Thinned token labels carry their position (``"40:t"``: a lone character every fifth place
     says little), drawn vertically on the x axis, and the axis name says what is shown.
 
     Returns:
@@ -234,13 +234,13 @@ def _thin(ax, which: str, extent: float, spacing: float) -> bool:
     style["stride"] = k
     setattr(ax, f"_attnkit_{which}_set", True)
     if k > 1 and style["named"]:
-        labels = [f"{i} {label}" for i, label in enumerate(labels)]
+        labels = [f"{i}:{label}" for i, label in enumerate(labels)]
         if which == "x":
             style["kwargs"]["rotation"] = 90
     _set_ticks(ax, which, _kept(len(labels), k), labels)
     if k > 1:
-        shown = "position and token" if style["named"] else "position"
-        label = f"{style['name']}: every {_ordinal(k)} {shown} shown"
+        shown = ", as position:token" if style["named"] else ""
+        label = f"{style['name']} (every {_ordinal(k)} shown{shown})"
         (ax.set_xlabel if which == "x" else ax.set_ylabel)(label)
     return True
 
