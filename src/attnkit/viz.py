@@ -381,7 +381,8 @@ def grid_figure(panels: Sequence[Sequence], x_labels=None, y_labels=None, *, tit
                   default=1)
     margin_w = 0.45 + 0.07 * min(y_width, 12)
     margin_h = 0.85 + (0.07 * min(longest, 12) if x_named else 0)
-    bar_w, title_h = 1.1, 0.5 if title else 0.0
+    bar_w = 1.1
+    title_h = 0.45 if title else 0.0  # one line; more are added below once wrapped
     cell = min(_CELL_ANNOTATED if annotated else _CELL_PLAIN,
                (max_size[0] - bar_w - ncols * margin_w) / (ncols * cols),
                (max_size[1] - title_h - nrows * margin_h) / (nrows * rows))
@@ -389,25 +390,26 @@ def grid_figure(panels: Sequence[Sequence], x_labels=None, y_labels=None, *, tit
     # Titles need about 1.6 in; a narrow panel (a short source) is widened around its cells.
     panel_w = max(cols * cell, 1.6)
     width = ncols * (panel_w + margin_w) + bar_w
-    height = nrows * (rows * cell + margin_h) + title_h
+    title = wrap(title, width - 0.3, 12)  # to the figure's width; each line adds height
+    title_h = 0.22 * (title.count("\n") + 1) + 0.25 if title else 0.0
+    names = [[wrap(panel_titles[r][c] if panel_titles is not None else ", ".join(
+        t for t in ((row_titles or [None] * nrows)[r], (col_titles or [None] * ncols)[c]) if t),
+        panel_w, 10) for c in range(ncols)] for r in range(nrows)]
+    extra = max((name or "").count("\n") for row in names for name in row)  # wrapped lines
+    height = nrows * (rows * cell + margin_h + 0.18 * extra) + title_h
     fig, axes = new_figure(nrows, ncols, figsize=(width, height))
     fontsize = _tick_fontsize(cell)
     image = None
     for r, row in enumerate(matrices):
         for c, matrix in enumerate(row):
-            if panel_titles is not None:
-                name = panel_titles[r][c]
-            else:
-                name = ", ".join(t for t in ((row_titles or [None] * nrows)[r],
-                                             (col_titles or [None] * ncols)[c]) if t)
-            image = draw_heatmap(axes[r, c], matrix, x_labels, y_labels,
-                                 wrap(name, panel_w, 10), annotate=annotated, fontsize=fontsize,
+            image = draw_heatmap(axes[r, c], matrix, x_labels, y_labels, names[r][c],
+                                 annotate=annotated, fontsize=fontsize,
                                  cell_inches=cell,
                                  **draw_kwargs)
     _colorbar(fig, image, axes, flat, draw_kwargs["vmax"], colorbar_label,
               shrink=0.8 if nrows == 1 else 0.6)
     if title:
-        fig.suptitle(wrap(title, width - bar_w, 12), fontsize=12)
+        fig.suptitle(title, fontsize=12)
     return fig
 
 
