@@ -121,7 +121,7 @@ _NICE_STRIDES = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000)
 
 def draw_heatmap(ax, matrix, x_labels=None, y_labels=None, title=None, *, annotate=None,
                  vmin=0.0, vmax=None, cmap="viridis", x_name="key", y_name="query",
-                 fontsize=None, cell_inches=None):
+                 fontsize=None, cell_inches=None, label_x=True, label_y=True):
     """Draw ``matrix`` (rows = queries, columns = keys) on ``ax`` and return the image.
 
     Tick labels are thinned to every k-th (first and last kept) when they would not fit the
@@ -141,6 +141,8 @@ def draw_heatmap(ax, matrix, x_labels=None, y_labels=None, title=None, *, annota
         fontsize: tick label size in points; default from the cell size (6 to 9 points).
         cell_inches: the side of one cell once laid out, for the font size and the first
             guess of the label stride; default from the Axes' share of the figure.
+        label_x, label_y: False leaves that axis bare (no ticks, labels or name), for inner
+            panels of a grid whose outer panels carry them.
 
     Raises:
         ValueError: ``matrix`` is not 2-D, or a label list does not match its size.
@@ -167,15 +169,20 @@ def draw_heatmap(ax, matrix, x_labels=None, y_labels=None, title=None, *, annota
         "y": {"labels": ys, "name": y_name, "stride": 1, "named": y_labels is not None,
               "kwargs": dict(fontsize=fontsize)},
     }
-    ax.set_xlabel(x_name)
-    ax.set_ylabel(y_name)
     # A first guess of the stride from the font size (a label about 1.2 em tall, a character
     # about 0.65 em wide); fit_tick_labels corrects it once the layout is known. Labelling
     # only every k-th position from the start keeps long sequences quick to lay out.
     spacing = cell_inches * 72
     longest = 1 if vertical else max(map(len, xs))
-    _thin(ax, "x", (1.2 if vertical else 0.65 * longest) * fontsize, spacing)
-    _thin(ax, "y", 1.2 * fontsize, spacing)
+    for which, shown, name, extent in (
+            ("x", label_x, x_name, (1.2 if vertical else 0.65 * longest) * fontsize),
+            ("y", label_y, y_name, 1.2 * fontsize)):
+        if shown:
+            (ax.set_xlabel if which == "x" else ax.set_ylabel)(name)
+            _thin(ax, which, extent, spacing)
+        else:
+            ax._attnkit_ticks[which]["labels"] = []
+            (ax.set_xticks if which == "x" else ax.set_yticks)([])
     ax.tick_params(length=2)
     if title:
         ax.set_title(title, fontsize=10)
@@ -339,7 +346,8 @@ def _check_grid(panels) -> tuple[int, int]:
 
 def grid_figure(panels: Sequence[Sequence], x_labels=None, y_labels=None, *, title=None,
                 row_titles=None, col_titles=None, panel_titles=None, annotate=None,
-                colorbar_label=COLORBAR_LABEL, max_size=_FIG_MAX, **draw_kwargs):
+                colorbar_label=COLORBAR_LABEL, max_size=_FIG_MAX, label_outer=False,
+                **draw_kwargs):
     """A grid of heatmaps, ``panels[r][c]`` a ``(T, S)`` matrix, on one colour scale.
 
     The shared scale (0 to the largest value of any panel unless ``vmax`` is given) keeps
@@ -360,6 +368,8 @@ def grid_figure(panels: Sequence[Sequence], x_labels=None, y_labels=None, *, tit
         annotate: as :func:`draw_heatmap`.
         colorbar_label: what the colours measure.
         max_size: ``(width, height)`` cap in inches.
+        label_outer: tick labels and axis names only on the bottom row (x) and the left
+            column (y), as the panels share them: less clutter, quicker to draw.
         draw_kwargs: as :func:`draw_heatmap` (``vmax``, ``cmap``, ``x_name``, ``y_name``).
 
     Raises:
@@ -374,38 +384,42 @@ def grid_figure(panels: Sequence[Sequence], x_labels=None, y_labels=None, *, tit
     rows = max(m.shape[0] for m in flat)
     cols = max(m.shape[1] for m in flat)
     annotated = annotate if annotate is not None else rows * cols <= _ANNOTATE_MAX_CELLS
-    # Room around each panel (inches) for tick labels, axis names and its title.
+    # Room (inches) for tick labels and axis names, beside each panel or only beside the
+    # outer ones, plus a gap and a title line around every panel.
     x_named = x_labels is not None and max(len(str(s)) for s in x_labels) > 1
     longest = max((len(str(s)) for s in x_labels), default=1) if x_named else 1
     y_width = max((len(str(s)) for s in (y_labels if y_labels is not None else [rows])),
                   default=1)
-    margin_w = 0.45 + 0.07 * min(y_width, 12)
-    margin_h = 0.85 + (0.07 * min(longest, 12) if x_named else 0)
-    bar_w = 1.1
-    title_h = 0.45 if title else 0.0  # one line; more are added below once wrapped
+    if rows > 40:  # thinned labels carry their position ("120:t")
+        y_width = max(y_width, len(str(rows)) + 2)
+    label_w = 0.35 + 0.07 * min(y_width, 12)
+    label_h = 0.5 + (0.07 * min(longest, 12) if x_named else 0)
+    label_w, label_h = (label_w, label_h) if label_outer else (ncols * label_w, nrows * label_h)
+    gap_w, gap_h, bar_w = 0.15, 0.4, 1.1
+    title_h = 0.5 if title else 0.0  # one line; more are added below once wrapped
     cell = min(_CELL_ANNOTATED if annotated else _CELL_PLAIN,
-               (max_size[0] - bar_w - ncols * margin_w) / (ncols * cols),
-               (max_size[1] - title_h - nrows * margin_h) / (nrows * rows))
+               (max_size[0] - bar_w - label_w - ncols * gap_w) / (ncols * cols),
+               (max_size[1] - title_h - label_h - nrows * gap_h) / (nrows * rows))
     cell = max(cell, _CELL_MIN)
     # Titles need about 1.6 in; a narrow panel (a short source) is widened around its cells.
     panel_w = max(cols * cell, 1.6)
-    width = ncols * (panel_w + margin_w) + bar_w
+    width = ncols * (panel_w + gap_w) + label_w + bar_w
     title = wrap(title, width - 0.3, 12)  # to the figure's width; each line adds height
     title_h = 0.22 * (title.count("\n") + 1) + 0.25 if title else 0.0
     names = [[wrap(panel_titles[r][c] if panel_titles is not None else ", ".join(
         t for t in ((row_titles or [None] * nrows)[r], (col_titles or [None] * ncols)[c]) if t),
         panel_w, 10) for c in range(ncols)] for r in range(nrows)]
     extra = max((name or "").count("\n") for row in names for name in row)  # wrapped lines
-    height = nrows * (rows * cell + margin_h + 0.18 * extra) + title_h
+    height = nrows * (rows * cell + gap_h + 0.18 * extra) + label_h + title_h
     fig, axes = new_figure(nrows, ncols, figsize=(width, height))
     fontsize = _tick_fontsize(cell)
     image = None
     for r, row in enumerate(matrices):
         for c, matrix in enumerate(row):
             image = draw_heatmap(axes[r, c], matrix, x_labels, y_labels, names[r][c],
-                                 annotate=annotated, fontsize=fontsize,
-                                 cell_inches=cell,
-                                 **draw_kwargs)
+                                 annotate=annotated, fontsize=fontsize, cell_inches=cell,
+                                 label_x=not label_outer or r == nrows - 1,
+                                 label_y=not label_outer or c == 0, **draw_kwargs)
     _colorbar(fig, image, axes, flat, draw_kwargs["vmax"], colorbar_label,
               shrink=0.8 if nrows == 1 else 0.6)
     if title:
@@ -434,6 +448,9 @@ def head_grid_figure(weights, x_labels=None, y_labels=None, *, title=None, row_t
                      annotate=None, **draw_kwargs):
     """One panel per head: ``(H, T, S)`` as a row, ``(L, H, T, S)`` as layers by heads.
 
+    All panels share their tokens, so only the bottom row and the left column are labelled
+    (pass ``label_outer=False`` to label every panel).
+
     Args:
         weights: attention weights of one sample, ``(H, T, S)`` or ``(L, H, T, S)``.
         row_titles: one per row; default ``"layer l"`` for 4-D input.
@@ -450,6 +467,7 @@ def head_grid_figure(weights, x_labels=None, y_labels=None, *, title=None, row_t
     if row_titles is None and len(shape) == 4:
         row_titles = [f"layer {layer}" for layer in range(shape[0])]
     col_titles = [f"head {h}" for h in range(grid.shape[1])]
+    draw_kwargs.setdefault("label_outer", True)
     return grid_figure([list(layer) for layer in grid], x_labels, y_labels, title=title,
                        row_titles=row_titles, col_titles=col_titles, annotate=annotate,
                        **draw_kwargs)
@@ -532,11 +550,14 @@ def overlapping_texts(fig, *, tolerance: float = 1.0) -> list[tuple[str, str]]:
     if fit_tick_labels(fig) or not getattr(fig, "_attnkit_fitted", None):
         fig.draw_without_rendering()
     renderer = fig.canvas.get_renderer()
-    boxes = [(name, text.get_window_extent(renderer)) for name, text in _visible_texts(fig)]
-    pairs = []
-    for i, (name_a, a) in enumerate(boxes):
-        for name_b, b in boxes[i + 1:]:
-            if (min(a.x1, b.x1) - max(a.x0, b.x0) > tolerance
-                    and min(a.y1, b.y1) - max(a.y0, b.y0) > tolerance):
-                pairs.append((name_a, name_b))
-    return pairs
+    import numpy as np
+
+    texts = _visible_texts(fig)
+    if not texts:
+        return []
+    boxes = np.array([text.get_window_extent(renderer).extents for _, text in texts])
+    x0, y0, x1, y1 = (boxes[:, i] for i in range(4))  # (N,) each, pixels
+    wide = np.minimum(x1[:, None], x1[None]) - np.maximum(x0[:, None], x0[None]) > tolerance
+    tall = np.minimum(y1[:, None], y1[None]) - np.maximum(y0[:, None], y0[None]) > tolerance
+    first, second = np.nonzero(np.triu(wide & tall, k=1))  # each pair once, not with itself
+    return [(texts[i][0], texts[j][0]) for i, j in zip(first.tolist(), second.tolist())]
