@@ -54,7 +54,7 @@ def test_gpt_attention_figure(prompt_len):
         torch.ones(prompt_len, prompt_len, dtype=torch.bool).triu(1), float("-inf"))
     fig = attention_figure(torch.softmax(scores, -1), prompt)  # (L, H, T, T) = (2, 4, T, T)
     assert viz.overlapping_texts(fig) == []
-    assert f"{prompt_len}-character prompt, 2 layers x 4 heads" in fig.get_suptitle()
+    assert f"prompt of {prompt_len} characters, 2 layers x 4 heads" in fig.get_suptitle()
     assert colour_bar_labels(fig)[0].startswith("attention weight")
     labels = [t.get_text() for t in heatmap_axes(fig)[0].get_yticklabels()]
     if prompt_len == 8:

@@ -182,7 +182,7 @@ def _plot_losses(result: TrainResult, path: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/char)")
     ax.set_title(viz.wrap(f"GPT training: validation {result.val_loss:.3f} vs unigram "
-                          f"{result.unigram_loss:.3f} nats/char", 5.5, 12))
+                          f"{result.unigram_loss:.3f} nats/char", 6.0, 11), fontsize=11)
     ax.legend()
     return viz.save_figure(fig, path)
 
@@ -311,7 +311,7 @@ def attention_figure(grid: torch.Tensor, prompt: str):
     vmax = float(grid[:, :, 2:].max()) if grid.shape[2] > 2 else 1.0
     return viz.head_grid_figure(
         grid, labels, labels, annotate=False, vmax=vmax,
-        title=f"GPT attention for a {len(prompt)}-character prompt, {grid.shape[0]} layers x "
+        title=f"GPT attention for a prompt of {len(prompt)} characters, {grid.shape[0]} layers x "
               f"{grid.shape[1]} heads (rows: queries, columns: keys; causal, so only keys at "
               f"or before the query)")
 
