@@ -130,6 +130,7 @@ def test_walkthrough_figures(tmp_path, captured):
     assert len(captured) == len(result.files) == 4
     for fig in captured:
         assert viz.overlapping_texts(fig) == []
-        assert colour_bar_labels(fig) == ["attention weight"]
+        assert colour_bar_labels(fig)[0].startswith("attention weight")
         bottom = heatmap_axes(fig)[-1]  # grids label their outer panels; 6 tokens: all shown
         assert [t.get_text() for t in bottom.get_xticklabels()] == list(walkthrough.TOKENS)
+    assert colour_bar_labels(captured[2]) == ["attention weight after dropout (survivors x 2)"]
