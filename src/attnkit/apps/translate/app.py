@@ -162,15 +162,13 @@ def alignment_figure(model: TransformerSeq2Seq, source: str):
     weights = weights[:, 0]  # (layers, H, 10, S)
     layers, heads, steps, length = weights.shape
     panels = [list(weights[layer]) + [weights[layer].mean(0)] for layer in range(layers)]
-    heads_titles = [f"head {h}" for h in range(heads)] + ["head average"]
-    layer_titles = [f"decoder layer {i}" for i in range(layers)]
+    titles = [[f"decoder layer {layer}, " + (f"head {h}" if h < heads else "head average")
+               for h in range(heads + 1)] for layer in range(layers)]
     across = (heads + 1) * length / (layers * steps)  # width / height, heads across
     down = layers * length / ((heads + 1) * steps)  # width / height, heads down
     if abs(math.log(down / 1.6)) < abs(math.log(across / 1.6)):
-        panels = [list(column) for column in zip(*panels)]  # rows: heads, columns: layers
-        row_titles, col_titles = heads_titles, layer_titles
-    else:
-        row_titles, col_titles = layer_titles, heads_titles
+        # rows: heads, columns: layers
+        panels, titles = ([list(column) for column in zip(*grid)] for grid in (panels, titles))
     output = TARGET_VOCAB.decode(tokens[0].tolist())
     # One label per output step; a special token (an untrained model's) shows as "·".
     characters = [TARGET_VOCAB.decode([t]) or "\u00b7" for t in tokens[0].tolist()]
@@ -178,8 +176,8 @@ def alignment_figure(model: TransformerSeq2Seq, source: str):
                        title=f"cross-attention: {source!r} -> {output} (bright: the source "
                              f"characters each output character reads)",
                        annotate=False, cmap="gray",
-                       row_titles=row_titles, col_titles=col_titles, x_name="source",
-                       y_name="output", max_size=(18.0, 20.0))
+                       panel_titles=titles, x_name="source", y_name="output",
+                       max_size=(18.0, 20.0))
 
 
 def plot_alignment(model: TransformerSeq2Seq, source: str, path) -> Path:
