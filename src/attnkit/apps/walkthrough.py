@@ -224,7 +224,8 @@ def _causal(say: _Report, figure, inputs: Tensor, sa_v2: nn.Module) -> None:
     dropped = dropout(causal)
     say.table("dropout(attn_weights)", dropped, TOKENS)
     figure(viz.heatmap, "causal_weights_dropout.png", dropped, TOKENS, TOKENS,
-           "Causal weights after dropout (p = 0.5)")
+           "Causal weights after dropout (p = 0.5)",
+           colorbar_label="attention weight after dropout (survivors x 2)")
 
 
 def _multi_head(say: _Report, figure, inputs: Tensor) -> None:

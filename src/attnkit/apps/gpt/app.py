@@ -33,7 +33,7 @@ from .._vocab import CharVocab
 from .data import get_batch, load_text, split_ids, unigram_loss
 from .model import GPT, GPTConfig, PRESETS, load_checkpoint, save_checkpoint
 
-__all__ = ["TrainResult", "train", "add_parser"]
+__all__ = ["TrainResult", "train", "attention_figure", "add_parser"]
 
 CHECKPOINT_NAME = "gpt.pt"
 DEFAULT_OUT = Path("out/gpt")
@@ -271,8 +271,8 @@ def _plot_losses(result: TrainResult, path: Path) -> Path:
     ax.axhline(result.unigram_loss, color="grey", linestyle="--", label="unigram baseline")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/char)")
-    ax.set_title(f"GPT training: validation {result.val_loss:.3f} vs unigram "
-                 f"{result.unigram_loss:.3f}")
+    ax.set_title(viz.wrap(f"GPT training: validation {result.val_loss:.3f} vs unigram "
+                          f"{result.unigram_loss:.3f} nats/char", 6.0, 11), fontsize=11)
     ax.legend()
     return viz.save_figure(fig, path)
 
@@ -354,19 +354,33 @@ def _attention_command(args) -> int:
     with torch.no_grad():
         _, weights = model(prompt[None], need_weights=True)  # L tensors (1, H, T, T)
     grid = torch.stack([w[0] for w in weights])  # (L, H, T, T)
-    labels = [_label(c) for c in args.prompt]
-    # The first queries see one or two keys, so their weights are 1.0 and 0.5 and would
-    # darken every other cell on a shared scale; scale to the later rows (earlier ones clip).
-    vmax = float(grid[:, :, 2:].max()) if grid.shape[2] > 2 else 1.0
-    try:
-        path = viz.head_grid(grid, labels, labels, args.out, annotate=False, vmax=vmax,
-                             title=f"GPT attention, {grid.shape[0]} layers x {grid.shape[1]} "
-                                   f"heads (rows: queries, columns: keys)")
-    except ImportError as err:
-        print(f"attnkit gpt attention: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
+    print(f"wrote {viz.save_figure(attention_figure(grid, args.prompt), args.out)}")
     return 0
+
+
+def attention_figure(grid: torch.Tensor, prompt: str):
+    """The layer x head grid of attention maps of ``prompt``, as a matplotlib Figure.
+
+    Args:
+        grid: attention weights ``(L, H, T, T)`` of one prompt of ``T`` characters.
+        prompt: the characters (tick labels, whitespace made visible).
+
+    Long prompts stay readable: square cells that shrink once the figure reaches its size
+    cap, and every k-th character labelled with its position (:mod:`attnkit.viz`).
+
+    Raises:
+        ImportError: matplotlib is missing.
+    """
+    labels = [_label(c) for c in prompt]
+    # The first queries see one or two keys, so their weights are 1.0 and 0.5 and would
+    # darken every other cell on a shared scale; scale to the later rows (earlier ones clip,
+    # and the colour bar's arrow says so).
+    vmax = float(grid[:, :, 2:].max()) if grid.shape[2] > 2 else 1.0
+    return viz.head_grid_figure(
+        grid, labels, labels, annotate=False, vmax=vmax,
+        title=f"GPT attention for a prompt of {len(prompt)} characters, {grid.shape[0]} layers x "
+              f"{grid.shape[1]} heads (rows: queries, columns: keys; causal, so only keys at "
+              f"or before the query)")
 
 
 def _non_negative_float(text: str) -> float:
