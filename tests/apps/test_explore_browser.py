@@ -159,7 +159,7 @@ def test_bad_input_shows_a_clear_message(driver, server):
     assert "the sentence is empty" in error_text(driver, "tutorial")
     open_page(driver, server.url, "gpt")
     submit(driver, "gpt", "prompt", "caf\u00e9")
-    assert "not in the vocabulary: '\u00e9'" in error_text(driver, "gpt")
+    assert "the model never saw in training: '\u00e9'" in error_text(driver, "gpt")
     submit(driver, "gpt", "prompt", "a" * 257)
     assert "257 characters but the model's context is 256" in error_text(driver, "gpt")
     open_page(driver, server.url, "mask")

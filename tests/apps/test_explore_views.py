@@ -183,7 +183,7 @@ def test_gpt_view_weights_round_trip(models):
 
 @pytest.mark.parametrize("prompt, match", [
     ("", "the prompt is empty"),
-    ("caf\u00e9 \u2603", r"2 character\(s\) not in the vocabulary: '\u00e9', '\u2603'"),
+    ("caf\u00e9 \u2603", r"2 character\(s\) the model never saw in training: '\u00e9', '\u2603'"),
     ("a" * (GPT_CONTEXT + 1), f"{GPT_CONTEXT + 1} characters but the model's context is "
                               f"{GPT_CONTEXT}"),
 ])

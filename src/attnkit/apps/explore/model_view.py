@@ -22,6 +22,7 @@ import torch
 
 from ...checkpoint import CheckpointError
 from .._vocab import CharVocab
+from ..gpt.app import encode_prompt
 from .tutorial_view import to_json
 
 __all__ = ["ModelMissing", "Models", "translate_view", "gpt_view"]
@@ -134,18 +135,6 @@ def translate_view(models: Models, text) -> dict:
             "weights": to_json(weights[:, 0], 4)}  # (L, H, 10, S)
 
 
-def _encode_prompt(prompt, model, vocab: CharVocab) -> torch.Tensor:
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    if not prompt:
-        raise ValueError("the prompt is empty; type at least one character")
-    limit = model.config.max_seq_len
-    if len(prompt) > limit:
-        raise ValueError(f"the prompt has {len(prompt)} characters but the model's context "
-                         f"is {limit}; shorten it")
-    return torch.tensor(vocab.encode(prompt), dtype=torch.long)  # (T,); names unknown chars
-
-
 def gpt_view(models: Models, prompt) -> dict:
     """Every layer's and head's attention weights of the GPT on ``prompt``.
 
@@ -159,7 +148,7 @@ def gpt_view(models: Models, prompt) -> dict:
         ModelMissing: no usable GPT.
     """
     model, vocab = models.gpt()
-    idx = _encode_prompt(prompt, model, vocab)
+    idx = encode_prompt(prompt, model, vocab)
     with torch.no_grad():
         logits, weights = model(idx[None], need_weights=True)  # L tensors (1, H, T, T)
     grid = torch.stack([w[0] for w in weights]).float()  # (L, H, T, T)

@@ -289,18 +289,34 @@ def _load(args) -> tuple[GPT, CharVocab]:
     return model, CharVocab(metadata["chars"])
 
 
-def _encode_prompt(prompt: str, model: GPT, tokenizer: CharVocab) -> torch.Tensor:
+def encode_prompt(prompt, model: GPT, vocab: CharVocab) -> torch.Tensor:
+    """The token ids ``(T,)`` of a prompt the model can read.
+
+    Raises:
+        TypeError: ``prompt`` is not a str.
+        ValueError: an empty prompt, characters the model never saw (named), or more
+            characters than the model's context.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if not prompt:
-        raise UsageError("--prompt is empty; give at least one character")
-    missing = tokenizer.unknown(prompt)
+        raise ValueError("the prompt is empty; give at least one character")
+    missing = vocab.unknown(prompt)
     if missing:
-        raise UsageError(f"the prompt has {len(missing)} character(s) the model never saw in "
+        raise ValueError(f"the prompt has {len(missing)} character(s) the model never saw in "
                          f"training: {', '.join(repr(c) for c in missing)}")
     limit = model.config.max_seq_len
     if len(prompt) > limit:
-        raise UsageError(f"the prompt has {len(prompt)} characters but the model's context "
+        raise ValueError(f"the prompt has {len(prompt)} characters but the model's context "
                          f"is {limit}; shorten it")
-    return torch.tensor(tokenizer.encode(prompt), dtype=torch.long)  # (T,)
+    return torch.tensor(vocab.encode(prompt), dtype=torch.long)  # (T,)
+
+
+def _encode_prompt(prompt: str, model: GPT, tokenizer: CharVocab) -> torch.Tensor:
+    try:
+        return encode_prompt(prompt, model, tokenizer)
+    except ValueError as err:  # on the command line, a usage error
+        raise UsageError(str(err).replace("the prompt is empty", "--prompt is empty")) from None
 
 
 def _label(char: str) -> str:
