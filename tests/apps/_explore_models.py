@@ -4,10 +4,13 @@ Untrained weights are enough: the explorer shows whatever the model attends to, 
 check the plumbing (shapes, validation, messages), not what the model learned.
 """
 
+import contextlib
 import string
 
 import torch
 
+from attnkit.apps.explore.model_view import Models
+from attnkit.apps.explore.server import make_server, serve_in_thread
 from attnkit.apps.gpt.model import GPT, GPTConfig, save_checkpoint
 from attnkit.apps.translate.app import SOURCE_VOCAB, TARGET_VOCAB, save_translator
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq
@@ -32,3 +35,17 @@ def save_tiny_models(root):
     save_translator(translator, translator_dir)
     gpt_path = save_checkpoint(root / "gpt" / "gpt.pt", gpt, chars=GPT_CHARS)
     return translator_dir, gpt_path
+
+
+@contextlib.contextmanager
+def running_server(root):
+    """The explorer's server on an ephemeral 127.0.0.1 port, serving tiny models saved in
+    ``root``; shut down on exit."""
+    translator_dir, gpt_path = save_tiny_models(root)
+    srv = make_server(0, models=Models(translator_dir, gpt_path))
+    serve_in_thread(srv)
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()

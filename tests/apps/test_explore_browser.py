@@ -18,13 +18,12 @@ from attnkit.apps.explore.model_view import Models
 from attnkit.apps.explore.server import export_html, make_server, serve_in_thread
 from attnkit.apps.explore.tutorial_view import embed
 
-from _explore_models import save_tiny_models
+from _explore_models import running_server
 
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium is not installed: pip install -e '.[dev]'")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,15 +54,8 @@ def driver():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    translator_dir, gpt_path = save_tiny_models(tmp_path_factory.mktemp("explore-browser"))
-    srv = make_server(0, models=Models(translator_dir, gpt_path))
-    serve_in_thread(srv)
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    torch.set_num_threads(threads)
+    with running_server(tmp_path_factory.mktemp("explore-browser")) as srv:
+        yield srv
 
 
 def settle(driver):

@@ -6,26 +6,18 @@ import json
 import time
 
 import pytest
-import torch
 
 from attnkit.apps.explore.model_view import Models
 from attnkit.apps.explore.server import ASSETS, HOST, MAX_BODY, asset, make_server, \
     serve_in_thread
 
-from _explore_models import save_tiny_models
+from _explore_models import running_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small requests: threads would only fight over 2 cores
-    translator_dir, gpt_path = save_tiny_models(tmp_path_factory.mktemp("explore-server"))
-    srv = make_server(0, models=Models(translator_dir, gpt_path))
-    serve_in_thread(srv)
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    torch.set_num_threads(threads)
+    with running_server(tmp_path_factory.mktemp("explore-server")) as srv:
+        yield srv
 
 
 def request(srv, method, path, body=None, headers=None, timeout=30):

@@ -3,7 +3,6 @@
 import contextlib
 import io
 import math
-import sys
 
 import pytest
 import torch

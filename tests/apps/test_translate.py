@@ -8,8 +8,8 @@ import torch
 from attnkit import cli
 from attnkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq
-from attnkit.apps.translate.app import (SOURCE_VOCAB, TARGET_VOCAB, TrainConfig, save_translator,
-                               train, translate)
+from attnkit.apps.translate.app import (SOURCE_VOCAB, TARGET_VOCAB, TrainConfig,
+                                        save_translator, train)
 
 TINY = TransformerConfig(len(SOURCE_VOCAB), len(TARGET_VOCAB), embed_dim=32, num_heads=2,
                          num_encoder_layers=1, num_decoder_layers=2, ff_dim=64)
