@@ -112,3 +112,36 @@ def test_cli_errors_are_checked_before_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(viz, "require_matplotlib", no_matplotlib)
     assert cli.main(["why-attention", "--out", str(tmp_path)]) == 2
     assert "(or pass --no-plots)" in capsys.readouterr().err
+
+
+def test_a_real_ctrl_c_keeps_the_last_checkpoint(tmp_path):
+    """SIGINT to a running command (what Ctrl-C sends): one line, exit 130, a loadable
+    resume.pt, and nothing else half-written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from attnkit.checkpoint import load_checkpoint
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attnkit", "why-attention", "--steps", "100000",
+         "--hidden-size", "8", "--max-len", "6", "--eval-per-length", "2", "--no-plots",
+         "--checkpoint-every", "5", "--threads", "1", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "resume.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let a few more steps run past the first save
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("attnkit why-attention: interrupted at step ") and \
+        "kept the checkpoint of step" in lines[-1] and lines[-1].endswith("--resume"), err
+    assert "Traceback" not in err
+    state = load_checkpoint(tmp_path / "resume.pt", kind="why-attention-resume")
+    assert state["step"] % 5 == 0 and state["step"] >= 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resume.pt"]  # no temp files
