@@ -62,7 +62,7 @@ class MaskMod:
         return self.grid(*_index(B, H, q0, q1, k0, k1, device))
 
     def blocks(self, q_lo, q_hi, k_lo, k_hi):
-        shape = torch.broadcast_shapes(q_lo.shape, k_lo.shape)
+        shape = (q_lo.shape[0], k_lo.shape[-1])  # (nQ, 1) with (1, nK)
         return (torch.ones(shape, dtype=torch.bool, device=q_lo.device),
                 torch.zeros(shape, dtype=torch.bool, device=q_lo.device))
 
@@ -150,7 +150,7 @@ class Window(MaskMod):
 
     def blocks(self, q_lo, q_hi, k_lo, k_hi):
         o = self._o()
-        shape = torch.broadcast_shapes(q_lo.shape, k_lo.shape)
+        shape = (q_lo.shape[0], k_lo.shape[-1])  # (nQ, 1) with (1, nK)
         some = every = torch.ones(shape, dtype=torch.bool, device=q_lo.device)  # narrowed below
         if self.left is not None:
             some = some & (k_hi >= q_lo + o - self.left)
