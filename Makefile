@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test smoke bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,20 +16,42 @@ $(BIN)/python:
 # Reinstall only when the project metadata changes, so a second run starts in seconds.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,viz,hf]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,viz,hf]" "$(TORCH)"
 	touch $(STAMP)
 
 # The main job: the tutorial step by step, then the date translator (trained on first run,
 # a few minutes on 2 cores; later runs reuse out/translate/), then a few translations.
+# Every answer is checked before it is printed: the last line shows a refusal (exit 2).
 demo: $(STAMP)
 	$(BIN)/attnkit walkthrough --out out/walkthrough
 	$(BIN)/attnkit translate train --if-missing --threads 1
-	$(BIN)/attnkit translate "thursday june 25 2009"
+	$(BIN)/attnkit translate thursday june 25 2009
 	$(BIN)/attnkit translate "25th of June, 2009" --plot out/translate/june25.png
-	$(BIN)/attnkit translate "06/25/09"
+	$(BIN)/attnkit translate "06/25/09" "2009-06-25" "25/06/2009"
+	-$(BIN)/attnkit translate "february 30, 2020"
 
-test: $(STAMP)
+# The explorer's browser tests drive Debian's chromium; install it (and its driver) when it is
+# missing and apt-get can run (root, or sudo without a password). Never fails the build: without
+# a browser those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make browser: no apt-get; the browser tests will skip (install chromium and chromedriver)"; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+		else echo "make browser: not root and no sudo; the browser tests will skip"; exit 0; fi; \
+		($$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install \
+			-y -qq chromium chromium-driver >/dev/null) \
+		|| echo "make browser: apt-get could not install chromium; the browser tests will skip"; \
+	fi
+
+# The whole test suite except the benchmark smoke runs (see smoke).
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# Each benchmark's --quick mode, and the JSON it writes.
+smoke: $(STAMP)
+	$(BIN)/python -m pytest -q -m bench
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attention.py --quick

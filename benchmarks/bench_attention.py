@@ -183,8 +183,12 @@ def main(argv=None) -> int:
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         tmp = a.json + ".tmp"
+        env = {"torch": torch.__version__, "threads": threads,
+               "device": f"cpu ({platform.processor() or platform.machine()})"}
+        results = [dict(r, median_ms=r.get("ms"), gflops=r.get("gflops"),
+                        peak_mib=r.get("peak_mib")) for r in rows]  # the shared JSON columns
         with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"environment": env, "config": vars(a), "results": results}, f, indent=1)
         os.replace(tmp, a.json)  # atomic: an interrupted run never leaves half a file
     return 0
 

@@ -1,6 +1,6 @@
 """GPT generation with and without the KV cache, and GPT training throughput.
 
-The model is the ``small`` preset of :mod:`attnkit.models.gpt` (4 layers, 4 heads, 128
+The model is the ``small`` preset of :mod:`attnkit.apps.gpt.model` (4 layers, 4 heads, 128
 dims, about 0.8 M parameters, float32, character vocabulary of 103) with its context set to
 ``prompt + tokens`` so no run restarts its context. Weights are random: speed does not depend
 on them, and no checkpoint is needed.
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-from attnkit.models.gpt import GPT, GPTConfig  # noqa: E402
+from attnkit.apps.gpt.model import GPT, GPTConfig  # noqa: E402
 
 VOCAB = 103  # the default corpus's character vocabulary
 
@@ -64,8 +64,16 @@ def generation_rows(preset: str, prompts: list[int], tokens: int, reps: int) -> 
                for name, cache in (("cache", True), ("no cache", False))}
         times = _common.time_interleaved(fns, warmup=0, reps=reps)  # ms per call
         medians = {name: statistics.median(ms) for name, ms in times.items()}
+        # FLOPs of generation, the usual estimate: 2 per parameter per token processed (the
+        # cache processes each new token once; without it every step reprocesses the context).
+        params = sum(p.numel() for p in model.parameters())
+        processed = {"cache": length + tokens,
+                     "no cache": sum(min(length + t, model.config.max_seq_len)
+                                     for t in range(1, tokens + 1))}
         for name, ms in medians.items():
             rows.append({"prompt": length, "tokens": tokens, "impl": name, "median_ms": ms,
+                         "gflops": 2 * params * processed[name] / (ms * 1e-3) / 1e9,
+                         "peak_mib": _common.peak_memory_mib(fns[name]),
                          "tokens_per_s": tokens / ms * 1e3,
                          "speedup": medians["no cache"] / ms})
         print(f"  timed prompt {length}", file=sys.stderr, flush=True)
@@ -87,8 +95,11 @@ def training_row(preset: str, batch_size: int, context: int, steps: int) -> dict
         if step >= 2:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
+    params = sum(p.numel() for p in model.parameters())
     return {"batch_size": batch_size, "context": context, "steps": steps,
-            "median_ms": seconds * 1e3, "tokens_per_s": batch_size * context / seconds}
+            "median_ms": seconds * 1e3, "tokens_per_s": batch_size * context / seconds,
+            # forward + backward: about 6 FLOPs per parameter per token
+            "gflops": 6 * params * batch_size * context / seconds / 1e9, "peak_mib": None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = generation_rows(preset, prompts, tokens, reps)
     print(_common.format_table(rows, [("prompt", "prompt", ""), ("impl", "impl", ""),
                                       ("ms/call", "median_ms", ".0f"),
+                                      ("GFLOP/s", "gflops", ".2f"),
+                                      ("peak MiB", "peak_mib", ".1f"),
                                       ("tokens/s", "tokens_per_s", ".1f"),
                                       ("speed-up vs no cache", "speedup", ".1f")]))
     train = training_row(preset, *train_shape)

@@ -135,7 +135,8 @@ def cases(args) -> list[_common.Case]:
 COLUMNS = [("pattern", "pattern", ""), ("mode", "mode", ""), ("T", "T", ""),
            ("impl", "impl", ""), ("auto picks", "auto_picks", ""),
            ("median ms", "median_ms", ".1f"), ("x fastest", "ratio", ".2f"),
-           ("min ms", "min_ms", ".1f"), ("GFLOP/s", "gflops", ".1f"),
+           ("min ms", "min_ms", ".1f"), ("x (paired)", "ratio_paired", ".2f"),
+           ("GFLOP/s", "gflops", ".1f"),
            ("peak MiB", "peak_mib", ".0f"), ("compile s", "compile_s", ".1f")]
 
 
@@ -150,8 +151,10 @@ def summary(rows: list[dict]) -> list[str]:
         for peer in ("sdpa", "flex", "chunked"):
             if (group, peer) in by:
                 p = by[(group, peer)]
+                paired = p["ratio_paired"] / auto["ratio_paired"]
                 lines.append(f"{group}: {peer} / auto = {p['median_ms'] / auto['median_ms']:.2f}x"
-                             f" (median), {p['min_ms'] / auto['min_ms']:.2f}x (min)")
+                             f" (median), {p['min_ms'] / auto['min_ms']:.2f}x (min), "
+                             f"{paired:.2f}x (paired)")
     return lines
 
 

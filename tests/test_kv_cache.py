@@ -1,12 +1,15 @@
 """KVCache on its own (writes, positions, errors) and through MultiHeadAttention: cached
-decoding, token by token or chunk by chunk, equals one full forward."""
+decoding, token by token or chunk by chunk, equals one full forward. ContextKV on its own
+(its use by MultiHeadAttention is tested in test_multihead.py)."""
+
+import dataclasses
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
 from attnkit.multihead import MultiHeadAttention
-from attnkit.kv_cache import KVCache
+from attnkit.kv_cache import ContextKV, KVCache
 
 
 def kv(B=2, Hkv=3, T=4, D=5, dtype=torch.float32, seed=0):
@@ -168,3 +171,28 @@ def test_compiled_decoding_recompiles_a_bounded_number_of_times():
             outs.append(step(x[:, t:t + 1], cache=cache))
         assert after_warmup <= 2 and counter.frame_count == after_warmup
         torch.testing.assert_close(torch.cat(outs, 1), mha(x))
+
+
+def test_context_kv_sizes_repr_and_frozen():
+    k, v = kv(B=2, Hkv=3, T=7, D=5)
+    context = ContextKV(k, v)
+    sizes = (context.batch_size, context.num_kv_heads, context.length, context.head_dim)
+    assert sizes == (2, 3, 7, 5)
+    assert "length=7" in repr(context) and "dtype=torch.float32" in repr(context)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        context.k = v
+
+
+def test_context_kv_errors():
+    k, v = kv()
+    with pytest.raises(TypeError, match="ContextKV.v must be a torch.Tensor, got list"):
+        ContextKV(k, [1.0])
+    with pytest.raises(ValueError, match=r"ContextKV.k must be \(B, Hkv, S, D\), got shape "
+                                         r"\(3, 4, 5\)"):
+        ContextKV(k[0], v[0])
+    with pytest.raises(ValueError, match=r"ContextKV.v must have k's shape \(2, 3, 4, 5\), got "
+                                         r"\(2, 3, 2, 5\)"):
+        ContextKV(k, v[:, :, :2])
+    with pytest.raises(TypeError, match="ContextKV.k has dtype torch.float32 but v has "
+                                        "torch.float64"):
+        ContextKV(k, v.double())

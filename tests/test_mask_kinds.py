@@ -122,7 +122,7 @@ def _qkv(T, S, H=4, Hkv=2, D=5, seed=0, dtype=torch.float64):
             for h, n in ((H, T), (Hkv, S), (Hkv, S))]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(kind=st.sampled_from(sorted(MODS)), block_q=st.integers(1, 20),
        block_k=st.integers(1, 40), seed=st.integers(0, 1000))
 def test_chunked_matches_math_for_every_kind(kind, block_q, block_k, seed):

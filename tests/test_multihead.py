@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from attnkit import functional
+from attnkit.kv_cache import ContextKV
 from attnkit.multihead import MultiHeadAttention
 from attnkit.masks import MaskSpec
 from attnkit.rope import RoPE
@@ -256,15 +257,21 @@ def test_autocast_bfloat16_input_is_allowed():
 
 
 @pytest.mark.parametrize("kwargs", [
-    {}, {"cache": True}, {"context": True}, {"need_weights": True}])
+    {}, {"cache": True}, {"context": True}, {"need_weights": True}, {"context_kv": True},
+    {"positions": True}, {"cache": True, "positions": True}])
 def test_forward_has_no_graph_breaks(kwargs):
     torch.manual_seed(0)
-    mha = MultiHeadAttention(16, 4, num_kv_heads=2, causal=True, rope="context" not in kwargs)
+    cross = "context" in kwargs or "context_kv" in kwargs
+    mha = MultiHeadAttention(16, 4, num_kv_heads=2, causal=True, rope=not cross)
     x = torch.randn(2, 5, 16)
     if kwargs.get("cache"):
         kwargs["cache"] = mha.init_cache(2, 8)
     if kwargs.get("context"):
         kwargs["context"] = torch.randn(2, 7, 16)
+    if kwargs.pop("context_kv", False):
+        kwargs["cache"] = mha.cache_context(torch.randn(2, 7, 16))
+    if kwargs.get("positions"):
+        kwargs["positions"] = torch.arange(5).expand(2, 5) + torch.tensor([[0], [3]])  # (B, T)
     explanation = torch._dynamo.explain(mha)(x, **kwargs)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, \
         explanation.break_reasons
@@ -359,3 +366,197 @@ def test_cross_only_module_needs_context():
 def test_repr_names_the_configuration():
     text = repr(MultiHeadAttention(16, 4, num_kv_heads=2, kv_dim=8, causal=True))
     assert "num_kv_heads=2" in text and "kv_dim=8" in text and "kv_proj" in text
+
+
+# --- A precomputed cross-attention context: cache_context() -> ContextKV, passed as cache= ---
+
+CONTEXT_CASES = {
+    "fused": {},
+    "fused_bias_gqa": {"bias": True, "num_kv_heads": 2},
+    "kv_dim_mqa_causal": {"kv_dim": 10, "num_kv_heads": 1, "causal": True},
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "math", "chunked"])
+@pytest.mark.parametrize("case", list(CONTEXT_CASES))
+def test_context_kv_equals_context(case, backend):
+    """The same operations on the same numbers: identical, with padding and need_weights."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(24, 6, backend=backend, **CONTEXT_CASES[case]).double()
+    x, context = randn(2, 5, 24), randn(2, 9, mha.kv_dim, seed=1)
+    padding = torch.tensor([[True] * 6 + [False] * 3, [True] * 9])
+    kv = mha.cache_context(context)
+    assert (kv.batch_size, kv.num_kv_heads, kv.length, kv.head_dim) == (2, mha.num_kv_heads, 9, 4)
+    with torch.no_grad():
+        for kwargs in ({}, {"key_padding_mask": padding}):
+            assert torch.equal(mha(x, cache=kv, **kwargs), mha(x, context, **kwargs))
+        out, weights = mha(x, cache=kv, key_padding_mask=padding, need_weights=True)
+        ref_out, ref_weights = mha(x, context, key_padding_mask=padding, need_weights=True)
+        assert torch.equal(out, ref_out) and torch.equal(weights, ref_weights)
+        torch.testing.assert_close(out, reference(mha, x, context, key_padding_mask=padding))
+
+
+def test_context_kv_step_by_step_equals_one_forward_and_carries_gradients():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(24, 6, num_kv_heads=3, bias=True).double()
+    x, context = randn(2, 6, 24), randn(2, 9, 24, seed=1)
+    kv = mha.cache_context(context)  # once; reused by every step
+    steps = torch.cat([mha(x[:, t:t + 1], cache=kv) for t in range(6)], dim=1)  # (B, T, E)
+    full = mha(x, context)
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-13)
+    params = list(mha.parameters())
+    grads = torch.autograd.grad(steps.sum(), params)
+    for grad, expected in zip(grads, torch.autograd.grad(full.sum(), params)):
+        torch.testing.assert_close(grad, expected)
+
+
+def test_context_kv_errors():
+    mha = MultiHeadAttention(16, 4, num_kv_heads=2)
+    x, context = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    kv = mha.cache_context(context)
+    cases = [
+        (dict(context=context, cache=kv), ValueError,
+         r"got both context= and a ContextKV in cache=; pass the context either raw"),
+        (dict(cache=MultiHeadAttention(16, 4).cache_context(context)), ValueError,
+         r"the ContextKV has num_kv_heads=4, head_dim=4 but this module has num_kv_heads=2, "
+         r"head_dim=4; make it with this module's cache_context\(\)"),
+        (dict(cache=MultiHeadAttention(16, 2).cache_context(context)), ValueError,
+         r"has num_kv_heads=2, head_dim=8 but this module has num_kv_heads=2, head_dim=4"),
+        (dict(cache=mha.cache_context(torch.randn(3, 3, 16))), ValueError,
+         "the ContextKV holds batch size 3 but x has 2"),
+        (dict(cache=ContextKV(kv.k.double(), kv.v.double())), TypeError,
+         "the ContextKV has dtype torch.float64 but x has torch.float32"),
+        (dict(cache=kv, positions=torch.arange(5)), ValueError,
+         r"positions= are the rotary positions of self-attention; cross-attention"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            mha(x, **kwargs)
+    with pytest.raises(ValueError, match="this module uses rope, which applies to "
+                                         "self-attention only"):  # a self-attention-only layer
+        MultiHeadAttention(16, 4, num_kv_heads=2, rope=True)(x, cache=kv)
+
+
+@pytest.mark.parametrize("arg, error, match", [
+    (torch.randn(2, 3, 8), ValueError, r"context must be \(B, length, kv_dim=16\), got shape"),
+    (torch.randn(2, 3, 16).double(), TypeError, "context has dtype torch.float64 but the "
+                                                "module's parameters are torch.float32"),
+    (torch.randn(2, 3, 16, device="meta"), ValueError, "context is on meta but the module's"),
+    ([1.0], TypeError, "context must be a torch.Tensor, got list"),
+])
+def test_cache_context_errors(arg, error, match):
+    with pytest.raises(error, match=match):
+        MultiHeadAttention(16, 4).cache_context(arg)
+
+
+def test_cache_context_refuses_a_rope_module():
+    with pytest.raises(ValueError, match=r"cache_context\(\) makes a cross-attention context, "
+                                         r"but this module uses rope"):
+        MultiHeadAttention(16, 4, rope=True).cache_context(torch.randn(2, 3, 16))
+
+
+# --- Explicit rotary positions: forward(..., positions=(T,) or (B, T)) ---
+
+ROPE = dict(embed_dim=24, num_heads=6, num_kv_heads=2, rope=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_default_positions_are_arange(causal):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(**ROPE, causal=causal).double()
+    x, prefix = randn(2, 7, 24), randn(2, 5, 24, seed=3)
+    with torch.no_grad():
+        assert torch.equal(mha(x, positions=torch.arange(7)), mha(x))
+        assert torch.equal(mha(x, positions=torch.arange(7).expand(2, 7)), mha(x))  # (B, T)
+        outs = []
+        for positions in (None, torch.arange(5, 12)):  # with a cache: arange(pos, pos + T)
+            cache = mha.init_cache(2, 12)
+            mha(prefix, cache=cache)
+            outs.append(mha(x, cache=cache, positions=positions))
+        assert torch.equal(*outs)
+
+
+def test_per_sample_positions_equal_running_each_sample_alone():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(**ROPE, causal=True).double()
+    x = randn(3, 6, 24)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12], [0, 1, 2, 0, 1, 2]])
+    with torch.no_grad():
+        out = mha(x, positions=positions)  # (B, T, E)
+        for b in range(3):
+            torch.testing.assert_close(out[b:b + 1], mha(x[b:b + 1], positions=positions[b]))
+
+
+def test_left_padded_batch_with_positions_equals_each_sample_unpadded():
+    """Per-sample positions start each sample's real tokens at 0 behind its left padding."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(**ROPE, causal=True).double()
+    lengths = torch.tensor([6, 4, 1])
+    pad = 6 - lengths  # (B,) pad tokens in front
+    x = randn(3, 6, 24)
+    real = torch.arange(6) >= pad[:, None]  # (B, T) True = real token
+    positions = (torch.arange(6) - pad[:, None]).clamp(min=0)  # (B, T)
+    with torch.no_grad():
+        out = mha(x, key_padding_mask=real, positions=positions)
+        for b, n in enumerate(lengths.tolist()):
+            torch.testing.assert_close(out[b, 6 - n:], mha(x[b:b + 1, 6 - n:])[0])
+
+
+def test_shifted_positions_equal_a_cache_at_that_offset():
+    """positions=arange(c, c + T) rotates like a cache whose pos is c (its prefix masked)."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(**ROPE, causal=True).double()
+    c, x = 5, randn(2, 4, 24)
+    cache = mha.init_cache(2, c + 4)
+    hide_prefix = torch.arange(c + 4).expand(2, c + 4) >= c  # (B, c + T): only the new keys
+    with torch.no_grad():
+        mha(randn(2, c, 24, seed=2), cache=cache)
+        from_cache = mha(x, cache=cache, key_padding_mask=hide_prefix)
+        torch.testing.assert_close(mha(x, positions=torch.arange(c, c + 4)), from_cache)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_shifting_every_position_leaves_self_attention_unchanged(causal):
+    """RoPE scores depend on positions only through q_pos - k_pos."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(**ROPE, causal=causal).double()
+    x = randn(2, 7, 24)
+    with torch.no_grad():
+        base = mha(x)
+        for shift in (3, 1000):
+            torch.testing.assert_close(mha(x, positions=torch.arange(7) + shift), base)
+        per_sample = torch.arange(7) + torch.tensor([[11], [57]])  # (B, T): a shift per sample
+        torch.testing.assert_close(mha(x, positions=per_sample), base)
+        assert not torch.allclose(mha(x, positions=torch.arange(7) * 2), base)  # not relative
+
+
+POSITION_ERRORS = {  # name: (module options, call changes, error, message)
+    "no_rope": ({"rope": None}, {}, ValueError,
+                "positions= sets rotary positions, but this module has no rope"),
+    "float": ({}, {"positions": torch.arange(5.0)}, TypeError,
+              r"positions must be an integer tensor such as torch.arange\(T\), got dtype "
+              r"torch.float32"),
+    "bool": ({}, {"positions": torch.ones(5, dtype=torch.bool)}, TypeError, "got dtype torch.bool"),
+    "list": ({}, {"positions": [0, 1, 2, 3, 4]}, TypeError,
+             "positions must be an integer torch.Tensor .*, got list"),
+    "length": ({}, {"positions": torch.arange(4)}, ValueError,
+               r"positions must have shape \(T,\) = \(5,\) or \(B, T\) = \(2, 5\), got \(4,\)"),
+    "batch": ({}, {"positions": torch.zeros(3, 5, dtype=torch.long)}, ValueError,
+              r"= \(2, 5\), got \(3, 5\)"),
+    "device": ({}, {"positions": torch.arange(5, device="meta")}, ValueError,
+               "positions is on meta but x is on cpu"),
+    "context": ({"rope": None}, {"context": torch.randn(2, 3, 16)}, ValueError,
+                "positions= are the rotary positions of self-attention; cross-attention "
+                r"\(context= or a ContextKV\) takes none"),
+}
+
+
+@pytest.mark.parametrize("case", list(POSITION_ERRORS))
+def test_positions_errors_leave_the_cache_untouched(case):
+    init, changes, error, match = POSITION_ERRORS[case]
+    mha = MultiHeadAttention(16, 4, **{"rope": True, "causal": True, **init})
+    kwargs = {"positions": torch.arange(5), **changes}
+    cache = None if "context" in kwargs else mha.init_cache(2, 8)
+    with pytest.raises(error, match=match):
+        mha(torch.randn(2, 5, 16), cache=cache, **kwargs)
+    assert cache is None or cache.pos == 0

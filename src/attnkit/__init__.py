@@ -9,15 +9,16 @@ Layers, each using only the ones above it:
   contract, each declaring its capabilities and cost.
 * :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point.
 * :mod:`attnkit.tutorial` - the tutorial's ladder of attention classes, rung by rung.
-* :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache).
+* :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache,
+  cached cross-attention context).
 * :mod:`attnkit.viz` - attention heatmaps and head grids (optional extra ``viz``, lazy).
-* :mod:`attnkit.walkthrough` - ``attnkit walkthrough``: the tutorial step by step, with numbers.
+* :mod:`attnkit.apps` - what a person runs: walkthrough, translate, why-attention, gpt.
 """
 
 from . import masks, scores, tutorial
 from .backends import available_backends, register_backend
 from .engine import Explanation, attention, explain
-from .kv_cache import KVCache
+from .kv_cache import ContextKV, KVCache
 from .masks import MaskSpec
 from .multihead import MultiHeadAttention
 from .rope import RoPE
@@ -25,6 +26,7 @@ from .rope import RoPE
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContextKV",
     "Explanation",
     "KVCache",
     "MaskSpec",

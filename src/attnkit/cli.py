@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module, which exposes ``add_parser(subparsers)``: it adds
 its parser and binds the function to run with ``set_defaults(func=...)``. That function takes
-the parsed arguments and returns an exit code. A new feature adds a subcommand by appending
+the parsed arguments and returns an exit code, or raises
+:class:`attnkit.apps._cli.UsageError` (printed as one line, exit 2). A new feature adds a subcommand by appending
 its module to :data:`SUBCOMMAND_MODULES`; this file does not otherwise change.
 """
 
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 
 SUBCOMMAND_MODULES = [
-    "attnkit.walkthrough",
-    "attnkit.gpt_cli",
-    "attnkit.translate",
-    "attnkit.why_attention",
+    "attnkit.apps.walkthrough",
+    "attnkit.apps.gpt.app",
+    "attnkit.apps.translate.cli",
+    "attnkit.apps.why_attention.app",
+    "attnkit.apps.explore.app",
 ]
 
 
@@ -25,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand in :data:`SUBCOMMAND_MODULES`."""
     from . import __version__
 
+    from .apps._cli import HelpFormatter
+
     parser = argparse.ArgumentParser(
-        prog="attnkit",
+        prog="attnkit", formatter_class=HelpFormatter,
         description="Attention mechanisms explained step by step and implemented for real "
                     "training.")
     parser.add_argument("--version", action="version", version=f"attnkit {__version__}")
@@ -50,4 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)  # a subcommand that returns None succeeded
+    from .apps._cli import Interrupted, UsageError
+
+    try:
+        return int(args.func(args) or 0)  # a subcommand that returns None succeeded
+    except UsageError as err:  # a mistake the user can fix: one line, exit 2
+        print(f"attnkit {getattr(args, 'prog_name', args.command)}: error: {err}",
+              file=sys.stderr)
+        return 2
+    except Interrupted as err:  # Ctrl-C during a long run: one line saying what was kept
+        print(f"attnkit {getattr(args, 'prog_name', args.command)}: {err}", file=sys.stderr)
+        return 130

@@ -19,15 +19,22 @@ One :class:`KVCache` serves one attention layer. Make it with
 the layer. The position is explicit (``cache.pos``): it is the number of filled slots, the
 position the next token is written at, and the offset rotary embeddings use.
 
-Shape letters: ``B`` batch, ``Hkv`` key/value heads, ``T`` new positions, ``D`` head dim.
+Cross-attention needs no growing cache: its keys and values come from a context (an encoder
+output) that is fixed for the whole decode. :class:`ContextKV` holds them projected once, from
+:meth:`attnkit.MultiHeadAttention.cache_context`, so each decode step projects only its query.
+
+Shape letters: ``B`` batch, ``Hkv`` key/value heads, ``T`` new positions, ``S`` context
+length, ``D`` head dim.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-__all__ = ["KVCache"]
+__all__ = ["ContextKV", "KVCache"]
 
 
 def _positive_int(name: str, value) -> int:
@@ -170,3 +177,61 @@ class KVCache:
             raise ValueError(f"num_new must be the positions just written, 1..pos={self.pos}, "
                              f"got {num_new!r}")
         return at_positions(mask_mod, q_offset=self.pos - num_new, kv_offset=0)
+
+
+@dataclass(frozen=True, eq=False)  # eq would compare tensors elementwise
+class ContextKV:
+    """A cross-attention context's keys and values, projected once and reused every step.
+
+    Make it with :meth:`attnkit.MultiHeadAttention.cache_context` (which applies that layer's
+    k/v projection) and pass it as ``cache=`` to the same layer's forward in place of
+    ``context=``: the output is the same, without re-projecting the context. It is read-only
+    (nothing is appended while decoding) and holds whatever autograd graph produced it.
+
+    Args:
+        k: keys ``(B, Hkv, S, D)``, already projected.
+        v: values ``(B, Hkv, S, D)``, already projected.
+
+    Raises:
+        TypeError: ``k`` or ``v`` not a tensor, or their dtypes differ.
+        ValueError: ``k`` not 4-D, ``v``'s shape other than ``k``'s, or another device.
+    """
+
+    k: Tensor
+    v: Tensor
+
+    def __post_init__(self):
+        for name, t in (("k", self.k), ("v", self.v)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"ContextKV.{name} must be a torch.Tensor, got {type(t).__name__}")
+        if self.k.dim() != 4:
+            raise ValueError(f"ContextKV.k must be (B, Hkv, S, D), got shape {tuple(self.k.shape)}")
+        if self.v.shape != self.k.shape:
+            raise ValueError(f"ContextKV.v must have k's shape {tuple(self.k.shape)}, got "
+                             f"{tuple(self.v.shape)}")
+        if self.v.dtype != self.k.dtype:
+            raise TypeError(f"ContextKV.k has dtype {self.k.dtype} but v has {self.v.dtype}")
+        if self.v.device != self.k.device:
+            raise ValueError(f"ContextKV.k is on {self.k.device} but v is on {self.v.device}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def length(self) -> int:
+        """``S``, the number of context positions (keys)."""
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3]
+
+    def __repr__(self) -> str:
+        return (f"ContextKV(batch_size={self.batch_size}, num_kv_heads={self.num_kv_heads}, "
+                f"length={self.length}, head_dim={self.head_dim}, dtype={self.k.dtype}, "
+                f"device={self.k.device})")

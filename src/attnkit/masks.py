@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from .spec import MaskSpec
-from ._mods import (ALIGNMENTS, And, Causal, ChunkedLocal, Dense, KeyPadding, KeyPrefix,
-                    MaskFn, MaskMod, Or, QueryPadding, SameDocument, Shift, Window, as_mask_mod,
-                    check_align, offset_of)
+from ._mod_kinds import ChunkedLocal, KeyPadding, KeyPrefix, QueryPadding, SameDocument
+from ._mods import (ALIGNMENTS, And, Causal, Dense, MaskFn, MaskMod, Or, Shift, Window,
+                    as_mask_mod, check_align, offset_of)
 
 __all__ = [
     "ALIGNMENTS", "MaskMod", "MaskFn", "Causal", "Window", "KeyPadding", "QueryPadding",

@@ -1,9 +1,10 @@
 """The production multi-head attention module.
 
 :class:`MultiHeadAttention` is the tutorial's module grown up, built by composition: linear
-projections, optional rotary embeddings (:mod:`attnkit.rope`), an optional KV cache
-(:mod:`attnkit.kv_cache`), and :func:`attnkit.attention` for the attention itself, so every
-backend, mask and grouped-query rule of the engine applies unchanged.
+projections, optional rotary embeddings (:mod:`attnkit.rope`), an optional KV cache or
+precomputed cross-attention context (:mod:`attnkit.kv_cache`), and :func:`attnkit.attention`
+for the attention itself, so every backend, mask and grouped-query rule of the engine applies
+unchanged.
 
 Parameter layout (what ``state_dict`` holds):
 
@@ -30,11 +31,14 @@ from torch import Tensor, nn
 
 from .backends import get_backend, math_attention
 from .engine import attention
-from .kv_cache import KVCache
+from .kv_cache import ContextKV, KVCache
 from .masks import MaskSpec
 from .rope import RoPE
 
 __all__ = ["MultiHeadAttention"]
+
+
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _check_tensor(name: str, t, features: int, feature_name: str) -> None:
@@ -149,7 +153,78 @@ class MultiHeadAttention(nn.Module):
                        dtype=weight.dtype if dtype is None else dtype,
                        device=weight.device if device is None else device)
 
-    def _check_inputs(self, x, context, cache) -> None:
+    def cache_context(self, context: Tensor) -> ContextKV:
+        """Project a cross-attention context once, to reuse at every decode step.
+
+        ``forward(x, cache=self.cache_context(context))`` equals ``forward(x, context)`` (the
+        same operations on the same numbers) but projects only the queries, so a decoder
+        that attends to a fixed encoder output computes its keys/values once per input
+        instead of once per generated token. Gradients flow through the result as usual.
+
+        Args:
+            context: ``(B, S, kv_dim)``, on the parameters' device and dtype.
+
+        Returns:
+            A :class:`ContextKV` with keys and values ``(B, Hkv, S, D)``, for this module only.
+
+        Raises:
+            TypeError: ``context`` not a tensor, or a dtype other than the parameters'.
+            ValueError: a shape other than ``(B, S, kv_dim)``, another device, or a module
+                with rope (self-attention only).
+        """
+        _check_tensor("context", context, self.kv_dim, "kv_dim")
+        weight = self.out_proj.weight
+        if self.rope is not None:
+            raise ValueError("cache_context() makes a cross-attention context, but this module "
+                             "uses rope, which applies to self-attention only")
+        if context.device != weight.device:
+            raise ValueError(f"context is on {context.device} but the module's parameters are "
+                             f"on {weight.device}; move one of them")
+        if context.dtype != weight.dtype and not torch.is_autocast_enabled(context.device.type):
+            raise TypeError(f"context has dtype {context.dtype} but the module's parameters are "
+                            f"{weight.dtype}; convert one of them")
+        return ContextKV(*self._project_kv(context))
+
+    def _check_context_kv(self, x, context, cache: ContextKV) -> None:
+        if context is not None:
+            raise ValueError("got both context= and a ContextKV in cache=; pass the context "
+                             "either raw (context=) or projected once (cache=cache_context(...)), "
+                             "not both")
+        if self.rope is not None:
+            raise ValueError("cache= got a ContextKV (cross-attention), but this module uses "
+                             "rope, which applies to self-attention only; use the ContextKV with "
+                             "the cross-attention layer whose cache_context() made it")
+        if (cache.num_kv_heads, cache.head_dim) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(f"the ContextKV has num_kv_heads={cache.num_kv_heads}, head_dim="
+                             f"{cache.head_dim} but this module has num_kv_heads="
+                             f"{self.num_kv_heads}, head_dim={self.head_dim}; make it with this "
+                             f"module's cache_context()")
+        if cache.batch_size != x.shape[0]:
+            raise ValueError(f"the ContextKV holds batch size {cache.batch_size} but x has "
+                             f"{x.shape[0]}; make it from a context of this batch")
+        if cache.k.dtype != x.dtype:
+            raise TypeError(f"the ContextKV has dtype {cache.k.dtype} but x has {x.dtype}")
+        if cache.k.device != x.device:
+            raise ValueError(f"the ContextKV is on {cache.k.device} but x is on {x.device}")
+
+    def _check_positions(self, x, positions) -> None:
+        if self.rope is None:
+            raise ValueError("positions= sets rotary positions, but this module has no rope; "
+                             "build it with rope=True or drop positions=")
+        if not isinstance(positions, Tensor):
+            raise TypeError(f"positions must be an integer torch.Tensor such as torch.arange(T), "
+                            f"got {type(positions).__name__}")
+        if positions.dtype not in _INTEGER_DTYPES:
+            raise TypeError(f"positions must be an integer tensor such as torch.arange(T), got "
+                            f"dtype {positions.dtype}")
+        B, T = x.shape[0], x.shape[1]
+        if tuple(positions.shape) not in ((T,), (B, T)):
+            raise ValueError(f"positions must have shape (T,) = ({T},) or (B, T) = ({B}, {T}), "
+                             f"got {tuple(positions.shape)}")
+        if positions.device != x.device:
+            raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
+
+    def _check_inputs(self, x, context, cache, positions=None) -> None:
         _check_tensor("x", x, self.embed_dim, "embed_dim")
         weight = self.out_proj.weight
         if x.device != weight.device:
@@ -159,10 +234,19 @@ class MultiHeadAttention(nn.Module):
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x has dtype {x.dtype} but the module's parameters are "
                             f"{weight.dtype}; convert one of them (x.to(...) or module.to(...))")
+        if positions is not None and (context is not None or isinstance(cache, ContextKV)):
+            raise ValueError("positions= are the rotary positions of self-attention; "
+                             "cross-attention (context= or a ContextKV) takes none")
+        if isinstance(cache, ContextKV):
+            self._check_context_kv(x, context, cache)
+            return
+        if positions is not None:
+            self._check_positions(x, positions)
         if context is None:
             if self.kv_dim != self.embed_dim:
                 raise ValueError(f"this module projects keys/values from kv_dim={self.kv_dim} "
-                                 f"features (cross-attention); pass context=(B, S, {self.kv_dim})")
+                                 f"features (cross-attention); pass context=(B, S, {self.kv_dim}) "
+                                 f"or cache=cache_context(context)")
         else:
             _check_tensor("context", context, self.kv_dim, "kv_dim")
             if context.shape[0] != x.shape[0]:
@@ -177,46 +261,79 @@ class MultiHeadAttention(nn.Module):
                                  "cross-attention context has its own positions")
         if cache is not None:
             if not isinstance(cache, KVCache):
-                raise TypeError(f"cache must be a KVCache from init_cache(), got "
-                                f"{type(cache).__name__}")
+                raise TypeError(f"cache must be a KVCache from init_cache() or a ContextKV from "
+                                f"cache_context(), got {type(cache).__name__}")
             cache.check_write(x.shape[0], x.shape[1])
 
     def _project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """q ``(B, H, T, D)``, k and v ``(B, Hkv, S, D)`` from the inputs."""
+        if context is not None:
+            return (self._project_q(x), *self._project_kv(context))
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if context is None:
-            q, k, v = self.qkv_proj(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
-        else:
-            if hasattr(self, "qkv_proj"):  # split the fused rows: q reads x, k/v the context
-                w_q, w_kv = self.qkv_proj.weight.split((H * D, 2 * Hkv * D))
-                b = self.qkv_proj.bias
-                b_q, b_kv = (None, None) if b is None else b.split((H * D, 2 * Hkv * D))
-                q, kv = F.linear(x, w_q, b_q), F.linear(context, w_kv, b_kv)
-            else:
-                q, kv = self.q_proj(x), self.kv_proj(context)
-            k, v = kv.chunk(2, dim=-1)  # (B, S, Hkv*D) each
-        B, T, S = x.shape[0], x.shape[1], k.shape[1]
+        q, k, v = self.qkv_proj(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        B, T = x.shape[0], x.shape[1]
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        return q, k, v
+
+    def _split_fused(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """The fused ``qkv_proj`` as ``(w_q, b_q, w_kv, b_kv)``: q rows, then k/v rows."""
+        q_rows, kv_rows = self.num_heads * self.head_dim, 2 * self.num_kv_heads * self.head_dim
+        w_q, w_kv = self.qkv_proj.weight.split((q_rows, kv_rows))
+        b = self.qkv_proj.bias
+        b_q, b_kv = (None, None) if b is None else b.split((q_rows, kv_rows))
+        return w_q, b_q, w_kv, b_kv
+
+    def _project_q(self, x: Tensor) -> Tensor:
+        """Cross-attention queries ``(B, H, T, D)`` from ``x`` ``(B, T, E)``."""
+        if hasattr(self, "qkv_proj"):  # the fused rows: q reads x, k/v the context
+            w_q, b_q, _, _ = self._split_fused()
+            q = F.linear(x, w_q, b_q)  # (B, T, H*D)
+        else:
+            q = self.q_proj(x)  # (B, T, H*D)
+        B, T = x.shape[0], x.shape[1]
+        return q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def _project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values, each ``(B, Hkv, S, D)``, from ``(B, S, kv_dim)``."""
+        if hasattr(self, "qkv_proj"):
+            _, _, w_kv, b_kv = self._split_fused()
+            kv = F.linear(context, w_kv, b_kv)  # (B, S, 2*Hkv*D)
+        else:
+            kv = self.kv_proj(context)  # (B, S, 2*Hkv*D)
+        k, v = kv.chunk(2, dim=-1)  # (B, S, Hkv*D) each
+        B, S, Hkv, D = context.shape[0], context.shape[1], self.num_kv_heads, self.head_dim
         k = k.view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
         v = v.view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
-        return q, k, v
+        return k, v
 
     def forward(self, x: Tensor, context: Tensor | None = None, *,
                 key_padding_mask: Tensor | None = None, mask: Tensor | None = None,
-                cache: KVCache | None = None, need_weights: bool = False):
+                cache: KVCache | ContextKV | None = None, positions: Tensor | None = None,
+                need_weights: bool = False):
         """Attend from ``x`` to itself (or to ``context``) and project back to ``E``.
 
         Args:
             x: ``(B, T, E)``.
             context: ``(B, S, kv_dim)`` for cross-attention; ``None`` for self-attention.
-            key_padding_mask: ``(B, S)`` bool, True = real key. With a cache, ``S`` counts
-                every cached position plus the new ones (``cache.pos + T``).
+            key_padding_mask: ``(B, S)`` bool, True = real key. With a :class:`KVCache`,
+                ``S`` counts every cached position plus the new ones (``cache.pos + T``).
             mask: bool mask broadcastable to ``(B, H, T, S)``, True = may attend.
-            cache: a :class:`KVCache` from :meth:`init_cache`. The new keys/values are
-                written at ``cache.pos`` (which advances by ``T``), rotary positions start
-                there, and the queries attend over all ``cache.pos + T`` cached positions
-                with bottom-right causal alignment, so decoding token by token or chunk by
-                chunk equals one full forward.
+            cache: a :class:`KVCache` from :meth:`init_cache` (self-attention): the new
+                keys/values are written at ``cache.pos`` (which advances by ``T``), rotary
+                positions start there, and the queries attend over all ``cache.pos + T``
+                cached positions with bottom-right causal alignment, so decoding token by
+                token or chunk by chunk equals one full forward. Or a :class:`ContextKV` from
+                :meth:`cache_context` (cross-attention): the queries attend to its
+                precomputed keys/values, exactly as ``context=`` would, without projecting
+                the context again. ``cache`` names whatever was computed before this call; a
+                cross-attention layer has nothing to append, so the two kinds never mix.
+            positions: integer rotary positions of the ``T`` new tokens, ``(T,)`` shared by
+                the batch or ``(B, T)`` per sample (left-padded or packed batches). Default
+                ``arange(cache.pos, cache.pos + T)``, or ``arange(T)`` without a cache. They
+                only rotate queries and keys: cache slots and the causal mask still count
+                positions from slot 0. Needs ``rope``; self-attention only.
             need_weights: also return the per-head attention weights ``(B, H, T, S)``. They
                 come from the ``math`` backend, which builds the full ``B*H*T*S`` score
                 tensor: O(B·H·T·S) memory and slower than the fused path; use it to inspect.
@@ -228,24 +345,36 @@ class MultiHeadAttention(nn.Module):
 
         Raises:
             TypeError: non-tensor inputs, a dtype other than the parameters' (outside
-                autocast), non-bool masks, a cache that is not a :class:`KVCache`.
+                autocast), non-bool masks, a cache that is neither a :class:`KVCache` nor a
+                :class:`ContextKV`, non-integer ``positions``.
             ValueError: wrong rank or feature size, a context that does not fit,
-                context with a cache or RoPE, masks that do not fit, a cache for another
-                batch size, a device other than the parameters'.
+                context with a cache or RoPE, a ContextKV with a context, on a rope module,
+                or from a module with other ``num_kv_heads``/head dim, ``positions`` without
+                rope, with cross-attention or of the wrong shape, masks that do not fit, a
+                cache for another batch size, a device other than the parameters'.
             RuntimeError: the cache has no room for ``T`` more positions.
         """
-        self._check_inputs(x, context, cache)
+        self._check_inputs(x, context, cache, positions)
         B, T, _ = x.shape
-        S = context.shape[1] if context is not None else T + (0 if cache is None else cache.pos)
+        if isinstance(cache, ContextKV):  # cross-attention, keys/values projected before
+            context_kv, cache, S = cache, None, cache.length
+        else:
+            context_kv = None
+            S = (context.shape[1] if context is not None
+                 else T + (0 if cache is None else cache.pos))
         spec = MaskSpec(causal=self.causal, window=self.window, mask=mask,
                         key_padding_mask=key_padding_mask,
                         causal_align="top_left" if cache is None else "bottom_right")
         spec.validate(B, self.num_heads, T, S)  # before the cache is written
 
-        q, k, v = self._project(x, context)
+        if context_kv is not None:
+            q, k, v = self._project_q(x), context_kv.k, context_kv.v  # k, v (B, Hkv, S, D)
+        else:
+            q, k, v = self._project(x, context)
         if self.rope is not None:
-            start = 0 if cache is None else cache.pos
-            positions = torch.arange(start, start + T, device=x.device)  # (T,)
+            if positions is None:
+                start = 0 if cache is None else cache.pos
+                positions = torch.arange(start, start + T, device=x.device)  # (T,)
             q, k = self.rope(q, positions), self.rope(k, positions)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, pos + T, D) each

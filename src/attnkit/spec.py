@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._mods import (And, Causal, Dense, KeyPadding, MaskMod, Window, as_mask_mod, check_align,
-                    offset_of)
+from ._mod_kinds import KeyPadding
+from ._mods import And, Causal, Dense, MaskMod, Window, as_mask_mod, check_align, offset_of
 from .scores import ScoreMod, as_score_mod
 
 __all__ = ["MaskSpec"]

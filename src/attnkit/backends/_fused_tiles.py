@@ -9,8 +9,11 @@ tile's output *and* log-sum-exp over that span, with the tile's mask as an addit
 Python call per tile instead of ~15 per key block: about 2x the per-FLOP speed of the
 block loop on one CPU thread (benchmarks/bench_masks.py).
 
-Used when the call has no score function, no sinks, float32/float64 inputs on CPU and the
-kernel exists. Fully masked rows come back with ``lse = 0`` from the kernel and are set to
+Used for float32/float64 inputs on CPU when the kernel exists and the score function, if
+any, is additive and needs no gradient (a bias, ALiBi: they join the tile's float mask).
+Sinks are applied after the tiles (``out * sigmoid(lse - sink)``, lse with the sink), and
+the kernel's backward, given that output and lse, is exactly the backward with sinks.
+Fully masked rows come back with ``lse = 0`` from the kernel and are set to
 ``-inf`` here; rows that see exactly one key are reported so the backward can give them
 an exactly zero gradient through the block loop.
 
@@ -22,15 +25,26 @@ from __future__ import annotations
 
 import torch
 
+from ..scores import Alibi, Bias, Chain
+
 _OPS = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _additive(score) -> bool:
+    """An additive score function without gradient: it can ride in the kernel's float mask."""
+    if score is None:
+        return True
+    if isinstance(score, Chain):
+        return all(_additive(p) for p in score.parts)
+    return isinstance(score, (Bias, Alibi)) and not any(t.requires_grad for t in score.tensors())
 
 
 def usable_for(device, dtype, spec) -> bool:
     """Whether the fused tile path can serve a call on ``device`` in ``dtype``."""
     return (_OPS is not None and _BWD is not None and torch.device(device).type == "cpu"
-            and dtype in (torch.float32, torch.float64) and spec.score_mod is None
-            and spec.sinks is None and not torch.compiler.is_compiling())
+            and dtype in (torch.float32, torch.float64) and _additive(spec.score_mod)
+            and not torch.compiler.is_compiling())
 
 
 def usable(q, spec) -> bool:
@@ -45,17 +59,30 @@ def _span(blocks):
     return k0, k1, gaps or any(partial for *_, partial in blocks)
 
 
+def _needs_mask(lay, blocks) -> bool:
+    return _span(blocks)[2] or lay.score is not None
+
+
+def _grouped(t, lay, nq, nk):
+    """``(B|1, H|1, nq|1, nk|1) -> (B|1, Hkv|1, G*nq, nk)``: rows grouped like the queries."""
+    t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)).expand(-1, -1, nq, nk)
+    if t.shape[1] == lay.H:
+        return t.reshape(t.shape[0], lay.Hkv, lay.G * nq, nk)  # (B|1, Hkv, G*nq, nk)
+    return t.repeat(1, 1, lay.G, 1)  # (B|1, 1, G*nq, nk): every head of a group alike
+
+
 def _tile_mask(lay, q0, q1, k0, k1, dtype, device):
-    """``(additive mask (B|1, Hkv|1, G*nq, nk), visible counts (B|1, Hkv|1, G*nq))``."""
+    """``(additive mask (B|1, Hkv|1, G*nq, nk), visible counts (B|1, Hkv|1, G*nq))``:
+    ``-inf`` where the mask hides a key, plus any additive score (bias, ALiBi)."""
     nq, nk = q1 - q0, k1 - k0
-    m = lay.mod.tile(lay.B, lay.H, q0, q1, k0, k1, device)
-    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)).expand(-1, -1, nq, nk)
-    if m.shape[1] == lay.H:
-        m = m.reshape(m.shape[0], lay.Hkv, lay.G * nq, nk)  # (B|1, Hkv, G*nq, nk)
-    else:
-        m = m.repeat(1, 1, lay.G, 1)  # (B|1, 1, G*nq, nk): every head of a group alike
-    add = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, float("-inf"))
-    return add, m.sum(-1)
+    add = torch.zeros(1, 1, lay.G * nq, nk, dtype=dtype, device=device)
+    if lay.score is not None:
+        zero = torch.zeros(1, lay.H, nq, nk, dtype=dtype, device=device)  # h matters (ALiBi)
+        add = add + _grouped(lay.score.tile(zero, q0, q1, k0, k1), lay, nq, nk).to(dtype)
+    if lay.mod is not None:
+        m = _grouped(lay.mod.tile(lay.B, lay.H, q0, q1, k0, k1, device), lay, nq, nk)
+        add = add.masked_fill(~m, float("-inf"))
+    return add, torch.isfinite(add).sum(-1)
 
 
 def _rows(t, lay, q0, q1):
@@ -75,7 +102,8 @@ def forward(q, k, v, lay, scale: float):
         if not blocks:
             continue
         nq = q1 - q0
-        k0, k1, masked = _span(blocks)
+        k0, k1, _ = _span(blocks)
+        masked = _needs_mask(lay, blocks)
         mask, count = (_tile_mask(lay, q0, q1, k0, k1, q.dtype, q.device) if masked
                        else (None, None))
         o, l = _OPS(_rows(q, lay, q0, q1), k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask,
@@ -87,8 +115,14 @@ def forward(q, k, v, lay, scale: float):
             single[:, :, :, q0:q1] = True
         out[:, :, :, q0:q1] = o.reshape(B, Hkv, G, nq, -1)
         lse[:, :, :, q0:q1] = l.reshape(B, Hkv, G, nq).to(acc)
-    return (out.view(B, lay.H, T, -1), lse.view(B, lay.H, T),
-            single.view(B * Hkv, G, T))
+    out, lse = out.view(B, lay.H, T, -1), lse.view(B, lay.H, T)
+    if lay.sinks is not None:
+        # The sink is one more logit in every row's denominator: rescale by its complement.
+        total = torch.logaddexp(lse, lay.sinks.to(acc).view(1, -1, 1))  # (B, H, T)
+        share = torch.exp(lse - total).unsqueeze(-1)  # 0 for rows that saw no key
+        return (out * share.to(out.dtype), total,
+                torch.zeros(B * Hkv, G, T, dtype=torch.bool, device=q.device))
+    return out, lse, single.view(B * Hkv, G, T)
 
 
 def backward(grad_out, q, k, v, out, lse, lay, scale: float, grads, skip) -> None:
@@ -100,7 +134,8 @@ def backward(grad_out, q, k, v, out, lse, lay, scale: float, grads, skip) -> Non
         if not blocks or q0 in skip:
             continue
         nq = q1 - q0
-        k0, k1, masked = _span(blocks)
+        k0, k1, _ = _span(blocks)
+        masked = _needs_mask(lay, blocks)
         mask = _tile_mask(lay, q0, q1, k0, k1, q.dtype, q.device)[0] if masked else None
         l = lse[:, :, q0:q1].reshape(lay.B, lay.Hkv, lay.G * nq).to(q.dtype)
         gq, gk, gv = _BWD(_rows(grad_out, lay, q0, q1), _rows(q, lay, q0, q1),

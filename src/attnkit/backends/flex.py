@@ -20,6 +20,8 @@ Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` qu
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 import shutil
 from collections import OrderedDict
 
@@ -38,25 +40,22 @@ _compiled_keys: set = set()
 
 @functools.lru_cache(maxsize=None)
 def _unavailable(device_type: str) -> str | None:
-    """Why flex cannot run on this device type here, or None."""
-    try:
-        from torch.nn.attention import flex_attention as _fa  # noqa: F401
-    except ImportError:
+    """Why flex cannot run on this device type here, or None.
+
+    Uses ``find_spec``, not ``import``: importing inductor costs ~2 s, paid only when flex
+    actually runs.
+    """
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
-    try:
-        import torch._inductor  # noqa: F401
-    except Exception as err:  # pragma: no cover - depends on the install
-        return f"torch.compile's inductor backend is unavailable ({err})"
+    if importlib.util.find_spec("torch._inductor") is None:  # pragma: no cover
+        return "torch.compile's inductor backend is not installed"
     if device_type == "cpu":
-        import os
         cxx = os.environ.get("CXX") or next(
             (c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
         if cxx is None or shutil.which(cxx) is None:
             return "no C++ compiler (g++, c++ or clang++) for torch.compile on CPU"
     elif device_type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("triton") is None:
             return "Triton is not installed, and flex on CUDA compiles to Triton"
     else:
         return f"flex attention is not supported on {device_type}"
@@ -158,7 +157,9 @@ def flex_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool,
                     f"{torch.__version__}")
         if q.dtype == torch.float64:
             return "FlexAttention's CPU kernel runs float32, bfloat16 and float16, not float64"
-    if len(_compiled_keys) >= _recompile_limit() and not is_compiled(q, k, spec):
+    # (Only once something compiled: reading the limit imports dynamo, ~2 s.)
+    if _compiled_keys and len(_compiled_keys) >= _recompile_limit() \
+            and not is_compiled(q, k, spec):
         return (f"torch.compile's recompile limit ({_recompile_limit()}) is reached in this "
                 f"process; more shapes would run flex uncompiled (dense)")
     return None

@@ -1,0 +1,209 @@
+"""The mask kinds that hold data or positions: padding, documents, prefix, chunked-local.
+
+Part of :mod:`attnkit.masks` (import them from there); the protocol every kind follows is in
+:mod:`attnkit._mods`. Shape letters as in :mod:`attnkit.masks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from ._mods import MaskMod, check_align, offset_of
+
+
+def _check_bool(name: str, m, dims: int) -> None:
+    if not isinstance(m, Tensor) or m.dtype != torch.bool:
+        got = m.dtype if isinstance(m, Tensor) else type(m).__name__
+        raise TypeError(f"{name} must be a bool tensor (True = attend), got {got}; convert a "
+                        f"0/1 tensor with .bool()")
+    if m.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(m.shape)}")
+
+
+def _range_counts(mask: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """True entries of ``mask (B, L)`` in each inclusive range ``[lo, hi]``: ``(B, *lo)``."""
+    cs = torch.nn.functional.pad(mask.long().cumsum(1), (1, 0))  # (B, L + 1)
+    return cs[:, hi + 1] - cs[:, lo]
+
+
+@dataclass(frozen=True, eq=False)
+class KeyPadding(MaskMod):
+    """``mask (B, S)``: True = real key."""
+
+    mask: Tensor
+
+    def __post_init__(self):
+        _check_bool("key_padding_mask", self.mask, 2)
+
+    def grid(self, b, h, q, k):
+        return self.mask[b, k]
+
+    def tile(self, B, H, q0, q1, k0, k1, device):
+        return self.mask[:, None, None, k0:k1]  # (B, 1, 1, nk)
+
+    def blocks(self, q_lo, q_hi, k_lo, k_hi):
+        cnt = _range_counts(self.mask, k_lo[0], k_hi[0])  # (B, nK)
+        some = (cnt > 0).any(0) & (q_lo >= 0)  # (nQ, nK)
+        every = (cnt == (k_hi[0] - k_lo[0] + 1)).all(0) & (q_lo >= 0)
+        return some, every
+
+    def validate(self, B, H, T, S):
+        if tuple(self.mask.shape) != (B, S):
+            raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, "
+                             f"got {tuple(self.mask.shape)}")
+
+    def describe(self):
+        return "key_padding"
+
+    def tensors(self):
+        return (self.mask,)
+
+
+@dataclass(frozen=True, eq=False)
+class QueryPadding(MaskMod):
+    """``mask (B, T)``: True = real query; a padded query sees no key."""
+
+    mask: Tensor
+
+    def __post_init__(self):
+        _check_bool("query_padding_mask", self.mask, 2)
+
+    def grid(self, b, h, q, k):
+        return self.mask[b, q]
+
+    def tile(self, B, H, q0, q1, k0, k1, device):
+        return self.mask[:, None, q0:q1, None]  # (B, 1, nq, 1)
+
+    def blocks(self, q_lo, q_hi, k_lo, k_hi):
+        cnt = _range_counts(self.mask, q_lo[:, 0], q_hi[:, 0])[..., None]  # (B, nQ, 1)
+        some = (cnt > 0).any(0) & (k_lo >= 0)
+        every = (cnt == (q_hi - q_lo + 1)).all(0) & (k_lo >= 0)
+        return some, every
+
+    def validate(self, B, H, T, S):
+        if tuple(self.mask.shape) != (B, T):
+            raise ValueError(f"query_padding_mask must have shape (B, T) = {(B, T)}, "
+                             f"got {tuple(self.mask.shape)}")
+
+    def describe(self):
+        return "query_padding"
+
+    def tensors(self):
+        return (self.mask,)
+
+
+@dataclass(frozen=True, eq=False)
+class SameDocument(MaskMod):
+    """Query and key belong to the same document: ``ids (B, T)``, ``kv_ids (B, S)``."""
+
+    ids: Tensor
+    kv_ids: Tensor | None = None
+    sorted: bool = field(init=False, default=False)
+
+    def __post_init__(self):
+        for name, t in (("document_ids", self.ids), ("kv_document_ids", self.kv_ids)):
+            if t is None:
+                continue
+            if not isinstance(t, Tensor) or t.dtype in (torch.bool,) or t.is_floating_point():
+                got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(f"{name} must be an integer tensor (B, length), got {got}")
+            if t.dim() != 2:
+                raise ValueError(f"{name} must be (B, length), got shape {tuple(t.shape)}")
+        kv = self.keys()
+        ok = bool((self.ids.diff(dim=1) >= 0).all()) and bool((kv.diff(dim=1) >= 0).all())
+        object.__setattr__(self, "sorted", ok)
+
+    def keys(self) -> Tensor:
+        return self.ids if self.kv_ids is None else self.kv_ids
+
+    def grid(self, b, h, q, k):
+        kv = self.keys()
+        bq = b if self.ids.shape[0] > 1 else b * 0  # one row of ids serves every sample
+        bk = b if kv.shape[0] > 1 else b * 0
+        return self.ids[bq, q] == kv[bk, k]
+
+    def tile(self, B, H, q0, q1, k0, k1, device):
+        return self.ids[:, None, q0:q1, None] == self.keys()[:, None, None, k0:k1]
+
+    def blocks(self, q_lo, q_hi, k_lo, k_hi):
+        if not self.sorted:
+            return super().blocks(q_lo, q_hi, k_lo, k_hi)
+        kv = self.keys()
+        qmin, qmax = self.ids[:, q_lo], self.ids[:, q_hi]  # (B, nQ, 1)
+        kmin, kmax = kv[:, k_lo], kv[:, k_hi]  # (B, 1, nK)
+        some = ((qmin <= kmax) & (kmin <= qmax)).any(0)  # (nQ, nK)
+        every = ((qmin == qmax) & (kmin == kmax) & (qmin == kmin)).all(0)
+        return some, every
+
+    def validate(self, B, H, T, S):
+        kv = self.keys()
+        if self.ids.shape[0] not in (1, B) or self.ids.shape[1] != T or kv.shape[1] != S:
+            raise ValueError(f"document ids must be (B, T) = {(B, T)} for queries and (B, S) = "
+                             f"{(B, S)} for keys, got {tuple(self.ids.shape)} and "
+                             f"{tuple(kv.shape)}; pass kv_document_ids when S != T")
+
+    def describe(self):
+        return f"same_document(B={self.ids.shape[0]})"
+
+    def tensors(self):
+        return (self.ids,) if self.kv_ids is None else (self.ids, self.kv_ids)
+
+
+@dataclass(frozen=True, eq=False)
+class KeyPrefix(MaskMod):
+    """Key index below ``n`` (an int or ``(B,)`` tensor): the prefix of prefix-LM."""
+
+    n: object
+
+    def grid(self, b, h, q, k):
+        n = self.n[b] if isinstance(self.n, Tensor) else self.n
+        return k < n
+
+    def tile(self, B, H, q0, q1, k0, k1, device):
+        k = torch.arange(k0, k1, device=device).view(1, 1, 1, -1)  # (1, 1, 1, nk)
+        n = self.n.view(-1, 1, 1, 1) if isinstance(self.n, Tensor) else self.n  # (B, 1, 1, 1)
+        return k < n
+
+    def blocks(self, q_lo, q_hi, k_lo, k_hi):
+        if isinstance(self.n, Tensor):
+            lo, hi = int(self.n.min()), int(self.n.max())
+        else:
+            lo = hi = int(self.n)
+        return (k_lo < hi) & (q_lo >= 0), (k_hi < lo) & (q_lo >= 0)
+
+    def describe(self):
+        return f"prefix({self.n if not isinstance(self.n, Tensor) else 'per-sample'})"
+
+    def tensors(self):
+        return (self.n,) if isinstance(self.n, Tensor) else ()
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkedLocal(MaskMod):
+    """Query position ``p = i + offset`` and key ``j`` lie in the same ``size``-chunk."""
+
+    size: int
+    align: object = "top_left"
+    offset: int | None = None
+
+    def __post_init__(self):
+        check_align(self.align)
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {self.size!r}")
+
+    def resolve(self, T, S):
+        return self if self.offset is not None else replace(self, offset=offset_of(T, S, self.align))
+
+    def grid(self, b, h, q, k):
+        return (q + (self.offset or 0)) // self.size == k // self.size
+
+    def blocks(self, q_lo, q_hi, k_lo, k_hi):
+        o, c = self.offset or 0, self.size
+        qa, qb, ka, kb = (q_lo + o) // c, (q_hi + o) // c, k_lo // c, k_hi // c
+        return (qa <= kb) & (ka <= qb), (qa == qb) & (ka == kb) & (qa == ka)
+
+    def describe(self):
+        return f"chunked_local({self.size})"

@@ -1,0 +1,69 @@
+// attnkit explore, part 4 of 4: PNG export and wiring (tabs, forms, first load).
+"use strict";
+
+// ---------------------------------------------------------------- PNG export
+function exportPNG(view) {
+  const canvases = [...document.querySelectorAll(`#view-${view} canvas`)];
+  if (!canvases.length) throw new Error("nothing to save yet in this view");
+  const gap = 26, width = Math.max(...canvases.map((c) => c.width)) + 20;
+  const height = 40 + canvases.reduce((a, c) => a + c.height + gap, 0);
+  const out = el("canvas", { width, height }), ctx = out.getContext("2d");
+  ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, width, height);
+  ctx.fillStyle = "#1d2433"; ctx.font = "bold 15px system-ui";
+  ctx.fillText(`attnkit explore: ${view}`, 10, 22);
+  let y = 40;
+  ctx.font = "12px ui-monospace, monospace";
+  for (const c of canvases) { ctx.fillText(c.dataset.title || "", 10, y + 12); ctx.drawImage(c, 10, y + 18); y += c.height + gap; }
+  return out.toDataURL("image/png");
+}
+state.exportPNG = exportPNG;
+
+// ---------------------------------------------------------------- wiring
+const VIEWS = {
+  tutorial: { render: renderTutorial, params: () => ({ sentence: $("sentence").value }) },
+  mask: { render: renderMask, params: maskParams },
+  translate: { render: renderTranslate, params: () => ({ text: $("date").value }) },
+  gpt: { render: renderGPT, params: () => ({ prompt: $("prompt").value }) },
+};
+
+async function update(view, first) {
+  const v = VIEWS[view];
+  try {
+    const data = await api(view, first && OFFLINE ? null : v.params());
+    state.data[view] = data; showError(view, null); v.render(data);
+  } catch (err) { showError(view, err); }
+  state.pending -= 1;  // the tests wait for 0
+}
+
+function select(view) {
+  state.view = view;
+  for (const tab of document.querySelectorAll(".tab")) tab.classList.toggle("active", tab.dataset.view === view);
+  for (const name of Object.keys(VIEWS)) $("view-" + name).hidden = name !== view;
+  if (!state.data[view] && !state.loaded[view]) { state.loaded[view] = true; state.pending += 1; update(view, true); }
+  if (location.hash !== "#" + view) history.replaceState(null, "", "#" + view);
+}
+
+function init() {
+  state.loaded = {};
+  $("prompt").value = DEFAULT_PROMPT;
+  if (OFFLINE) $("offline-note").hidden = false;
+  for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => select(tab.dataset.view));
+  for (const view of Object.keys(VIEWS)) {
+    $(view + "-form").addEventListener("submit", (e) => { e.preventDefault(); state.pending += 1; update(view, false); });
+  }
+  for (const b of document.querySelectorAll(".save-png")) b.addEventListener("click", () => {
+    try {
+      const a = el("a", { href: exportPNG(b.dataset.view), download: `attnkit-${b.dataset.view}.png` });
+      document.body.append(a); a.click(); a.remove();
+    } catch (err) { showError(b.dataset.view, err); }
+  });
+  for (const id of ["gpt-layer", "gpt-head", "gpt-topk"]) $(id).addEventListener("change", () => state.data.gpt && renderGPT(state.data.gpt));
+  $("gpt-threshold").addEventListener("input", () => {
+    $("gpt-threshold-value").textContent = Number($("gpt-threshold").value).toFixed(2);
+    if (state.data.gpt) renderGPT(state.data.gpt);
+  });
+  window.addEventListener("hashchange", () => { const v = location.hash.slice(1); if (VIEWS[v] && v !== state.view) select(v); });
+  const start = location.hash.slice(1);
+  select(VIEWS[start] ? start : "tutorial");
+}
+init();

@@ -1,0 +1,219 @@
+"""The explorer's local web server and its self-contained HTML export.
+
+One page (``index.html``, ``style.css`` and :data:`SCRIPTS`; package data under ``assets/``)
+and a small JSON API that computes every view with torch on the server:
+
+====================  =================================================================
+``GET /``             the page
+``GET /core.js`` ...  the allow-listed assets (:data:`ASSETS`); nothing else is served
+``POST /api/tutorial``  ``{"sentence"}`` -> :func:`~.tutorial_view.tutorial_view`
+``POST /api/mask``      mask choices -> :func:`~.mask_view.mask_view`
+``POST /api/translate`` ``{"text"}`` -> :func:`~.model_view.translate_view`
+``POST /api/gpt``       ``{"prompt"}`` -> :func:`~.model_view.gpt_view`
+====================  =================================================================
+
+Errors are JSON ``{"error": message}``: 400 for bad JSON or bad input, 404 for an unknown
+path or a missing checkpoint, 413 for a body over :data:`MAX_BODY`, 500 (logged) for a bug.
+URL paths are looked up in :data:`ASSETS` by exact name, never joined to a file-system path,
+so no request can reach a file outside the assets. The server binds 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+
+from ...checkpoint import atomic_write
+from .mask_view import mask_view
+from .model_view import ModelMissing, Models, gpt_view, translate_view
+from .tutorial_view import tutorial_view
+
+__all__ = ["HOST", "SCRIPTS", "ASSETS", "MAX_BODY", "ExploreServer", "make_server",
+           "serve_in_thread", "export_html", "asset"]
+
+SCRIPTS = ("core.js", "views.js", "models.js", "app.js")  # the page's scripts, in load order
+HOST = "127.0.0.1"  # never any other address: the explorer is for the person at this machine
+ASSETS = {"/": ("index.html", "text/html; charset=utf-8"),
+          "/index.html": ("index.html", "text/html; charset=utf-8"),
+          **{f"/{name}": (name, "text/javascript; charset=utf-8") for name in SCRIPTS},
+          "/style.css": ("style.css", "text/css; charset=utf-8")}
+MAX_BODY = 64 * 1024
+DEFAULTS = {"tutorial": {}, "mask": {"T": 16, "S": 16, "causal": True, "block_q": 4,
+                                     "block_k": 4},
+            "translate": {"text": "thursday june 25 2009"},
+            "gpt": {"prompt": "def attention(query, key, value):\n    return "}}
+
+
+def asset(name: str) -> bytes:
+    """The bytes of one packaged asset: ``index.html``, ``style.css`` or one of :data:`SCRIPTS`."""
+    return resources.files(__package__).joinpath("assets", name).read_bytes()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "attnkit-explore"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, payload: dict) -> None:
+        self._send(status, json.dumps(payload, allow_nan=False).encode("utf-8"),
+                   "application/json")
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        path = self.path.split("?", 1)[0]
+        if path not in ASSETS:
+            self._json(404, {"error": f"not found: {path[:200]!r}; this server serves only "
+                                      f"{sorted(ASSETS)} and POST /api/..."})
+            return
+        name, content_type = ASSETS[path]
+        self._send(200, asset(name), content_type)
+
+    do_HEAD = do_GET
+
+    def do_POST(self):  # noqa: N802
+        view = self.server.views.get(self.path)
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True  # the body, if any, is not read
+            self._json(413 if length > MAX_BODY else 400,
+                       {"error": f"a POST needs a Content-Length between 0 and {MAX_BODY}"})
+            return
+        raw = self.rfile.read(length)
+        if view is None:
+            self._json(404, {"error": f"no such API: {self.path[:200]!r}; use one of "
+                                      f"{sorted(self.server.views)}"})
+            return
+        try:
+            params = json.loads(raw.decode("utf-8") or "{}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            self._json(400, {"error": f"the request body is not valid JSON: {err}"})
+            return
+        if not isinstance(params, dict):
+            self._json(400, {"error": "the request body must be a JSON object"})
+            return
+        try:
+            self._json(200, view(params))
+        except (ValueError, TypeError) as err:
+            self._json(400, {"error": str(err)})
+        except ModelMissing as err:
+            self._json(404, {"error": str(err)})
+        except Exception as err:  # a bug: report it, keep serving
+            traceback.print_exc(file=sys.stderr)
+            self._json(500, {"error": f"internal error ({type(err).__name__}); see the "
+                                      "server's log"})
+
+
+class ExploreServer(ThreadingHTTPServer):
+    """A threading HTTP server bound to 127.0.0.1 with the explorer's views.
+
+    Args:
+        port: TCP port; 0 picks a free one (read it back from ``server_address``).
+        models: where the trained models live.
+        verbose: log every request on stderr.
+    """
+
+    daemon_threads = True
+    request_queue_size = 128  # bursts of concurrent connections wait instead of failing
+
+    def __init__(self, port: int = 0, models: Models | None = None, verbose: bool = False):
+        self.models, self.verbose = models or Models(), verbose
+        self.views = {
+            "/api/tutorial": lambda p: tutorial_view(p.get("sentence", _default_sentence())),
+            "/api/mask": mask_view,
+            "/api/translate": lambda p: translate_view(self.models, p.get("text", "")),
+            "/api/gpt": lambda p: gpt_view(self.models, p.get("prompt", "")),
+        }
+        super().__init__((HOST, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT/``."""
+        return f"http://{HOST}:{self.server_address[1]}/"
+
+
+def _default_sentence() -> str:
+    from ..walkthrough import SENTENCE
+    return SENTENCE
+
+
+def make_server(port: int = 0, **kwargs) -> ExploreServer:
+    """An :class:`ExploreServer` on 127.0.0.1:``port`` (not yet serving).
+
+    Raises:
+        ValueError: ``port`` is not an int in [0, 65535].
+        OSError: the port is taken.
+    """
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
+    return ExploreServer(port, **kwargs)
+
+
+def serve_in_thread(server: ExploreServer) -> threading.Thread:
+    """Start ``server.serve_forever`` in a daemon thread (stop with ``server.shutdown()``)."""
+    thread = threading.Thread(target=server.serve_forever, name="attnkit-explore", daemon=True)
+    thread.start()
+    return thread
+
+
+def _script_safe(payload: dict) -> str:
+    """JSON that cannot close the ``<script>`` element it is embedded in."""
+    text = json.dumps(payload, allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def export_html(path, models: Models | None = None) -> dict:
+    """Write the page as one self-contained HTML file with the default inputs' views.
+
+    The CSS and JavaScript are inlined and the views of the default inputs are embedded as
+    JSON, so the file opens offline (no server, no network). A view whose model is missing
+    is embedded as its error message.
+
+    Args:
+        path: the HTML file to write (atomically; its directory must exist).
+        models: where the trained models are (default: the apps' own output folders).
+
+    Returns:
+        ``{view name: None or the error message}`` for the embedded views.
+    """
+    models = models or Models()
+    views = {"tutorial": lambda: tutorial_view(_default_sentence()),
+             "mask": lambda: mask_view(DEFAULTS["mask"]),
+             "translate": lambda: translate_view(models, DEFAULTS["translate"]["text"]),
+             "gpt": lambda: gpt_view(models, DEFAULTS["gpt"]["prompt"])}
+    embedded, problems = {}, {}
+    for name, compute in views.items():
+        try:
+            embedded[name] = compute()
+            problems[name] = None
+        except (ValueError, TypeError, ModelMissing) as err:
+            embedded[name] = {"error": str(err)}
+            problems[name] = str(err)
+    page = asset("index.html").decode("utf-8")
+    css = asset("style.css").decode("utf-8")
+    page = page.replace('<link rel="stylesheet" href="style.css">', f"<style>\n{css}</style>")
+    for number, name in enumerate(SCRIPTS):
+        js = asset(name).decode("utf-8").replace("</script", "<\\/script")
+        data = f"<script>window.ATTNKIT_OFFLINE = {_script_safe(embedded)};</script>\n" \
+            if number == 0 else ""
+        page = page.replace(f'<script src="{name}"></script>', f"{data}<script>\n{js}</script>")
+    atomic_write(path, lambda handle: handle.write(page.encode("utf-8")))
+    return problems

@@ -1,0 +1,6 @@
+"""The date translator: human-written dates to ISO with a Transformer encoder-decoder.
+
+* :mod:`.dates` - the generated data (formats, field spans, the ``strptime`` check).
+* :mod:`.model` - :class:`~.model.TransformerSeq2Seq`, every attention an attnkit module.
+* :mod:`.app` - training, evaluation, alignment figures and ``attnkit translate``.
+"""
