@@ -179,3 +179,19 @@ def test_import_attnkit_does_not_import_the_integration():
     code = ("import sys, attnkit; bad = [m for m in sys.modules if m == 'transformers' or "
             "m.startswith('attnkit.integrations')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("left_padding", [[0, 0], [3, 70]])
+def test_chunked_skipping_is_exact_for_llama4_chunks(left_padding):
+    """The per-sample chunk description's block summaries never lie: chunked == math."""
+    import attnkit
+
+    mask = hf.mask_interface(batch_size=2, q_length=150, kv_length=230, q_offset=80,
+                             mask_function=mu.chunked_causal_mask_function(
+                                 48, torch.tensor(left_padding)))
+    assert not mask.dense
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 150, 8), torch.randn(2, 2, 230, 8), torch.randn(2, 2, 230, 8)
+    ours = attnkit.attention(q, k, v, mask_mod=mask.mask_mod, backend="chunked")
+    ref = attnkit.attention(q, k, v, mask_mod=mask.mask_mod, backend="math")
+    torch.testing.assert_close(ours, ref)
