@@ -194,3 +194,31 @@ def test_dropout_in_training_is_applied():
         assert torch.equal(ours(ids[:1]).logits, eval_logits)
     assert torch.isfinite(train_a).all()
     assert not torch.allclose(train_a, eval_logits) and not torch.allclose(train_a, train_b)
+
+
+def test_static_cache_uses_the_causal_offset_not_a_copy(monkeypatch):
+    """Prefill then one decode step into a StaticCache: attnkit gets the cache's own
+    (B, Hkv, max_cache_len, D) tensors and a causal offset; logits equal eager's."""
+    from transformers import StaticCache
+
+    ref, ours = models("llama", "chunked")
+    calls = []
+    real = hf._engine.attention
+
+    def spy(q, k, v, **kw):
+        calls.append((k.data_ptr(), k.shape[2], kw["mask_mod"].describe()))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(hf._engine, "attention", spy)
+    ids, _ = _inputs(B=1, pad=0)
+    logits = []
+    for model in (ref, ours):
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        with torch.no_grad():
+            model(ids[:, :8], cache=cache, use_cache=True)
+            logits.append(model(ids[:, 8:9], cache=cache, use_cache=True).logits)
+    _close(logits[1], logits[0], "decode step")
+    keys = [layer.keys.data_ptr() for layer in cache.layers]
+    assert [c[0] for c in calls] == keys * 2  # the cache's storage, prefill and decode
+    assert {c[1] for c in calls} == {32}
+    assert [c[2] for c in calls] == ["causal"] * 2 + ["causal(offset=8)"] * 2
