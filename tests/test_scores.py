@@ -227,3 +227,26 @@ def test_explain_takes_exactly_attentions_arguments():
         attnkit.explain(q, k, v, windw=4)
     with pytest.raises(ValueError, match="unknown backend"):
         attnkit.explain(q, k, v, backend="flash9")
+
+
+def test_auto_ranks_a_registered_backend_by_its_declared_cost(monkeypatch):
+    """No backend name is written into auto: a new one with a lower cost wins, and one that
+    lacks a capability the call needs is refused with that capability named."""
+    from attnkit.backends import registry
+
+    calls = []
+
+    def cheap(q, k, v, spec, *, dropout_p, scale, return_lse):
+        calls.append(spec.describe(q.shape[2], k.shape[2]))
+        return attnkit.backends.math_attention(q, k, v, spec, dropout_p=dropout_p, scale=scale,
+                                               return_lse=return_lse)
+
+    monkeypatch.setitem(registry._REGISTRY, "cheap", registry.Backend(
+        "cheap", cheap, capabilities=frozenset({"lse", "grad"}), cost=lambda call: 0.0))
+    q, k, v = qkv(grad=False)
+    assert attnkit.explain(q, k, v, causal=True).chosen == "cheap"
+    attnkit.attention(q, k, v, causal=True)
+    assert calls == ["causal"]
+    refused = attnkit.explain(q, k, v, softcap=2.0)
+    assert refused.chosen != "cheap"
+    assert refused.rejected["cheap"] == "cheap cannot apply a score function (softcap, ALiBi, bias)"
