@@ -250,3 +250,18 @@ def test_auto_ranks_a_registered_backend_by_its_declared_cost(monkeypatch):
     refused = attnkit.explain(q, k, v, softcap=2.0)
     assert refused.chosen != "cheap"
     assert refused.rejected["cheap"] == "cheap cannot apply a score function (softcap, ALiBi, bias)"
+
+
+@pytest.mark.parametrize("kwargs", [{"window": 7}, {"sinks": torch.zeros(2, dtype=torch.float64)}])
+def test_value_head_dim_may_differ(kwargs):
+    """Dv != D: chunked's fused tiles need equal head sizes and step aside for its block loop."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 50, 8, generator=g, dtype=torch.float64).requires_grad_()
+            for _ in range(2))
+    v = torch.randn(1, 2, 50, 5, generator=g, dtype=torch.float64).requires_grad_()
+    ref = attnkit.attention(q, k, v, backend="math", **kwargs)
+    out = attnkit.attention(q, k, v, backend="chunked", **kwargs)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(ref.sum(), (q, k, v)),
+                    torch.autograd.grad(out.sum(), (q, k, v))):
+        torch.testing.assert_close(b, a)
