@@ -23,13 +23,11 @@ Shape letters: ``B`` batch, ``T`` query length, ``S`` key/value length, ``E`` em
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import get_backend, math_attention
+from .backends import get_backend
 from .engine import attention
 from .kv_cache import ContextKV, KVCache
 from .masks import MaskSpec

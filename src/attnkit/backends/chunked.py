@@ -374,6 +374,8 @@ def chunked_attention(q, k, v, spec: MaskSpec, *, dropout_p: float = 0.0, scale:
         raise ValueError(reason)
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be >= 1, got {block_q} and {block_k}")
-    lay = _Layout(q, k, spec, block_q, block_k, fused=_fused_tiles.usable(q, spec))
+    # The fused kernel needs one head size for q, k and v.
+    fused = _fused_tiles.usable(q, spec) and v.shape[-1] == q.shape[-1]
+    lay = _Layout(q, k, spec, block_q, block_k, fused=fused)
     out, lse, _ = _ChunkedAttentionFn.apply(q, k, v, lay, scale, spec.sinks, *lay.params)
     return (out, lse) if return_lse else out
