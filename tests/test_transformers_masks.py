@@ -195,3 +195,16 @@ def test_chunked_skipping_is_exact_for_llama4_chunks(left_padding):
     ours = attnkit.attention(q, k, v, mask_mod=mask.mask_mod, backend="chunked")
     ref = attnkit.attention(q, k, v, mask_mod=mask.mask_mod, backend="math")
     torch.testing.assert_close(ours, ref)
+
+
+def test_position_bias_and_a_missing_mask():
+    import attnkit
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 6, 4)
+    bias = torch.randn(1, 2, 6, 6)
+    out, _ = hf.attention_forward(None, q, q, q, None, position_bias=bias, is_causal=False)
+    torch.testing.assert_close(out, attnkit.attention(q, q, q, bias=bias).transpose(1, 2))
+    out, _ = hf.attention_forward(None, q, q, q, None, sliding_window=2)  # is_causal default
+    ref = attnkit.attention(q, q, q, window=2)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
