@@ -26,6 +26,23 @@ from torch import Tensor
 ALIGNMENTS = ("top_left", "bottom_right")
 
 
+def check_broadcasts(name: str, t: Tensor, B: int, H: int, T: int, S: int) -> None:
+    """Check that tensor argument ``name`` broadcasts to ``(B, H, T, S)``.
+
+    Raises:
+        ValueError: more than 4 dims, or a shape that does not broadcast (named in the message).
+    """
+    ok = t.dim() <= 4
+    if ok:
+        try:
+            ok = torch.broadcast_shapes(t.shape, (B, H, T, S)) == torch.Size((B, H, T, S))
+        except RuntimeError:
+            ok = False
+    if not ok:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to "
+                         f"(B, H, T, S) = {(B, H, T, S)}")
+
+
 def check_align(align) -> None:
     """``align`` is a name from :data:`ALIGNMENTS` or an explicit int offset."""
     if isinstance(align, bool) or not (align in ALIGNMENTS or isinstance(align, int)):
@@ -205,15 +222,7 @@ class Dense(MaskMod):
                slice(k0, k1) if m.shape[3] > 1 else slice(None)]
 
     def validate(self, B, H, T, S):
-        m, ok = self.mask, self.mask.dim() <= 4
-        if ok:
-            try:
-                ok = torch.broadcast_shapes(m.shape, (B, H, T, S)) == torch.Size((B, H, T, S))
-            except RuntimeError:
-                ok = False
-        if not ok:
-            raise ValueError(f"mask of shape {tuple(m.shape)} does not broadcast to "
-                             f"(B, H, T, S) = {(B, H, T, S)}")
+        check_broadcasts("mask", self.mask, B, H, T, S)
 
     def describe(self):
         return f"dense{tuple(self.mask.shape)}"

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._mods import _index, check_align, offset_of
+from ._mods import _index, check_align, check_broadcasts, offset_of
 
 __all__ = ["ScoreMod", "Softcap", "Alibi", "Bias", "ScoreFn", "Chain", "chain", "alibi_slopes",
            "as_score_mod"]
@@ -179,15 +179,7 @@ class Bias(ScoreMod):
         return score + m.to(score.dtype)
 
     def validate(self, B, H, T, S):
-        m, ok = self.bias, self.bias.dim() <= 4
-        if ok:
-            try:
-                ok = torch.broadcast_shapes(m.shape, (B, H, T, S)) == torch.Size((B, H, T, S))
-            except RuntimeError:
-                ok = False
-        if not ok:
-            raise ValueError(f"bias of shape {tuple(m.shape)} does not broadcast to "
-                             f"(B, H, T, S) = {(B, H, T, S)}")
+        check_broadcasts("bias", self.bias, B, H, T, S)
 
     def describe(self):
         return f"bias{tuple(self.bias.shape)}"
