@@ -17,7 +17,7 @@ __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 
 SUBCOMMAND_MODULES = [
     "attnkit.apps.walkthrough",
-    "attnkit.apps.gpt.app",
+    "attnkit.apps.gpt.cli",
     "attnkit.apps.translate.cli",
     "attnkit.apps.why_attention.app",
     "attnkit.apps.explore.app",
