@@ -16,7 +16,8 @@ from attnkit.apps.explore.mask_view import build_mask, mask_view
 from attnkit.apps.explore.model_view import ModelMissing, Models, gpt_view, translate_view
 from attnkit.apps.explore.server import export_html
 from attnkit.apps.explore.tutorial_view import embed, tutorial_view
-from attnkit.apps.translate.app import load_translator, translate
+from attnkit.apps.translate.answer import translate
+from attnkit.apps.translate.app import load_translator
 
 from _explore_models import GPT_CONTEXT, save_tiny_models
 

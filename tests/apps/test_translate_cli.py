@@ -10,8 +10,9 @@ import torch
 from attnkit import cli
 from attnkit.apps._cli import Interrupted
 from attnkit.apps.translate import cli as translate_cli, dates
+from attnkit.apps.translate.answer import translate, translate_many
 from attnkit.apps.translate.app import (SOURCE_VOCAB, TARGET_VOCAB, TrainConfig, save_translator,
-                                        train, translate, translate_many)
+                                        train)
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq
 from attnkit.checkpoint import load_checkpoint
 

@@ -2,7 +2,7 @@
 
 Models are loaded on first use and kept (:class:`Models`), reloaded when the checkpoint file
 changes. Input is validated the way each app's CLI does it: the translator through
-:func:`attnkit.apps.translate.app.translate` itself (its ``ValueError`` message is shown as
+:func:`attnkit.apps.translate.answer.translate` itself (its ``ValueError`` message is shown as
 is), the GPT prompt against the model's vocabulary and context.
 
 GPT weights are large at long prompts (``L x H x T x T``: 4 x 4 x 256 x 256 is a million
@@ -113,10 +113,11 @@ def translate_view(models: Models, text) -> dict:
 
     Raises:
         TypeError: ``text`` is not a str.
-        ValueError: what :func:`~attnkit.apps.translate.app.translate` refuses.
+        ValueError: what :func:`~attnkit.apps.translate.answer.translate` refuses.
         ModelMissing: no usable translator.
     """
-    from ..translate.app import SOURCE_VOCAB, TARGET_VOCAB, WrongAnswer, translate
+    from ..translate.answer import WrongAnswer, translate
+    from ..translate.app import SOURCE_VOCAB, TARGET_VOCAB
 
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")

@@ -2,5 +2,7 @@
 
 * :mod:`.dates` - the generated data (formats, field spans, the ``strptime`` check).
 * :mod:`.model` - :class:`~.model.TransformerSeq2Seq`, every attention an attnkit module.
-* :mod:`.app` - training, evaluation, alignment figures and ``attnkit translate``.
+* :mod:`.app` - training, evaluation, alignment figures, saving and loading.
+* :mod:`.answer` - checked translation: an answer only when it is the date written.
+* :mod:`.cli` - ``attnkit translate``.
 """

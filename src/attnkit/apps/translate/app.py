@@ -17,15 +17,13 @@ The alignment score of a field is the share of output digits of that field (year
 day) whose strongest source position, in the head-averaged cross-attention, lies inside the
 field's span in the source.
 
-:func:`translate_many` never returns an unchecked answer: each input is read independently
-with ``datetime.strptime`` and the model's answer is returned only when it is that date.
-The command line is :mod:`attnkit.apps.translate.cli`.
+Checked translation is :mod:`attnkit.apps.translate.answer`; the command line is
+:mod:`attnkit.apps.translate.cli`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import math
 import random
 import string
@@ -43,8 +41,7 @@ from . import dates
 from .model import TransformerConfig, TransformerSeq2Seq, count_parameters
 
 __all__ = ["TrainConfig", "SOURCE_VOCAB", "TARGET_VOCAB", "train", "evaluate", "load_translator",
-           "translate", "translate_many", "WrongAnswer", "alignment_figure",
-           "plot_alignment", "save_translator", "alignment_scores", "existing_score"]
+           "alignment_figure", "plot_alignment", "save_translator", "alignment_scores", "existing_score"]
 
 SOURCE_VOCAB = CharVocab(string.ascii_lowercase + string.digits + " ,./-", padding=True)
 TARGET_VOCAB = CharVocab(string.digits + "-", specials=("<bos>",), padding=True)
@@ -328,68 +325,3 @@ def load_translator(out_dir="out/translate") -> TransformerSeq2Seq:
         raise CheckpointError(f"checkpoint in {out_dir} does not fit the translator model "
                               f"({type(err).__name__}); train again") from err
     return model.eval()
-
-
-class WrongAnswer(ValueError):
-    """The input is one valid date, but the model's answer is not it (so it is not given)."""
-
-
-def translate_many(model: TransformerSeq2Seq, texts: list[str]) -> list[str | ValueError]:
-    """Translate ``texts`` in one batch; each answer is checked before it is returned.
-
-    Each input is first read independently with ``datetime.strptime``
-    (:func:`attnkit.apps.translate.dates.parse_date`); the model's answer is returned only
-    when it is a real ISO date and the same date. Anything else becomes a ``ValueError``
-    saying why, in place of the answer: an empty, over-long or unknown-character input, text
-    that is not one date in 1900-2099 (an impossible day, a wrong weekday, an ambiguous
-    ``06/05/2009``), or a model answer that is wrong.
-
-    Returns:
-        One entry per input: the ISO date, or the ``ValueError`` that explains the refusal
-        (a :class:`WrongAnswer` when the input was fine and the model was not).
-    """
-    results: list[str | ValueError] = []
-    todo = []  # (index, cleaned text, the date the text names)
-    for i, text in enumerate(texts):
-        cleaned = " ".join(text.split()).lower()  # the vocabulary is lower case
-        try:
-            if not cleaned:
-                raise ValueError("the input is empty; give a date such as \"june 25, 2009\"")
-            if len(cleaned) > model.config.max_src_len:
-                raise ValueError(f"the input has {len(cleaned)} characters; at most "
-                                 f"{model.config.max_src_len} are allowed")
-            SOURCE_VOCAB.encode(cleaned)  # names unknown characters
-            todo.append((i, cleaned, dates.parse_date(cleaned)))
-            results.append(ValueError("not translated"))  # replaced below
-        except ValueError as err:
-            results.append(err)
-    if todo:
-        tokens, _ = model.greedy_decode(SOURCE_VOCAB.batch([t for _, t, _ in todo]))
-        for (i, cleaned, expected), row in zip(todo, tokens.tolist()):
-            answer = TARGET_VOCAB.decode(row)
-            try:
-                got = dt.date.fromisoformat(answer)
-            except ValueError:
-                got = None
-            if got == expected:
-                results[i] = answer
-            else:
-                what = "is not a real date" if got is None else "is wrong"
-                results[i] = WrongAnswer(
-                    f"the model answered {answer!r}, which {what}: {cleaned!r} is "
-                    f"{expected.isoformat()}; not printing a wrong answer (train longer: "
-                    f"attnkit translate train --force)")
-    return results
-
-
-def translate(model: TransformerSeq2Seq, text: str) -> str:
-    """The ISO date the model reads in ``text``, checked (see :func:`translate_many`).
-
-    Raises:
-        ValueError: the input is not one supported date in range, or the model's answer is
-            not that date (the message says which).
-    """
-    (result,) = translate_many(model, [text])
-    if isinstance(result, ValueError):
-        raise result
-    return result

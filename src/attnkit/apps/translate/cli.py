@@ -7,7 +7,7 @@ Usage::
     printf '25/06/2009\\n6/25/09\\n' | attnkit translate -    # one date per line on stdin
     attnkit translate train [--steps N] [--resume] [--force] [--if-missing]
 
-Every answer is checked before it is printed (:func:`attnkit.apps.translate.app.translate_many`):
+Every answer is checked before it is printed (:func:`attnkit.apps.translate.answer.translate_many`):
 an input that is not one real date in 1900-2099, or a model answer that is not that date,
 is a one-line error and exit code 2, never a made-up date.
 """
@@ -22,8 +22,9 @@ from ...checkpoint import CheckpointError
 from .._cli import (UsageError, add_common_options, apply_threads, check_out_dir,
                     check_plotting, positive_int)
 from . import dates
+from .answer import translate_many
 from .app import (CHECKPOINT_NAME, TrainConfig, existing_score, load_translator, plot_alignment,
-                  train, translate_many)
+                  train)
 
 __all__ = ["add_parser", "split_inputs"]
 
