@@ -85,6 +85,20 @@ class MaskMod:
         return (torch.ones(shape, dtype=torch.bool, device=q_lo.device),
                 torch.zeros(shape, dtype=torch.bool, device=q_lo.device))
 
+    def summary(self, T: int, S: int, block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
+        """``(some, every)``, bool ``(nQ, nK)``: whether some / every key of each block of
+        ``block_q`` queries x ``block_k`` keys is visible, from :meth:`blocks` (interval
+        arithmetic, never a ``T x S`` tensor), on the device of the description's tensors."""
+        tensors = self.tensors()
+        device = tensors[0].device if tensors else None
+        q_lo = torch.arange(0, T, block_q, device=device).view(-1, 1)  # (nQ, 1)
+        q_hi = (q_lo + block_q).clamp(max=T) - 1
+        k_lo = torch.arange(0, S, block_k, device=device).view(1, -1)  # (1, nK)
+        k_hi = (k_lo + block_k).clamp(max=S) - 1
+        some, every = self.blocks(q_lo, q_hi, k_lo, k_hi)
+        shape = (q_lo.shape[0], k_lo.shape[1])
+        return torch.broadcast_to(some, shape), torch.broadcast_to(every, shape)
+
     def resolve(self, T: int, S: int) -> "MaskMod":
         return self
 

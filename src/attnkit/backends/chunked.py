@@ -66,18 +66,8 @@ class _Layout:
             blocks = [(k0, min(k0 + self.block_k, S), False) for k0 in range(0, S, self.block_k)]
             return [(q0, min(q0 + bq, T), blocks) for q0 in q_starts]
         fine = min(_FINE, self.block_k)
-        q_lo = torch.arange(0, T, bq).view(-1, 1)  # (nQ, 1)
-        q_hi = (q_lo + bq).clamp(max=T) - 1
-        k_lo = torch.arange(0, S, fine).view(1, -1)  # (1, nK)
-        k_hi = (k_lo + fine).clamp(max=S) - 1
-        mod = self.mod
-        if any(t.device.type != "cpu" for t in mod.tensors()):
-            # Summaries are tiny: compute them where the description's tensors live.
-            dev = mod.tensors()[0].device
-            q_lo, q_hi, k_lo, k_hi = (t.to(dev) for t in (q_lo, q_hi, k_lo, k_hi))
-        some, every = mod.blocks(q_lo, q_hi, k_lo, k_hi)
-        some = torch.broadcast_to(some, (len(q_starts), k_lo.shape[1]))
-        every = torch.broadcast_to(every, some.shape)
+        # Summaries are tiny: computed where the description's tensors live.
+        some, every = self.mod.summary(T, S, bq, fine)  # (nQ, nK) each
         # 0 empty, 1 partial, 2 full, per (tile, fine block).
         kind = (some.long() + (some & every).long()).cpu()  # (nQ, nK)
         change = torch.ones_like(kind, dtype=torch.bool)

@@ -83,16 +83,10 @@ class Call:
         if self.spec.plain_causal(T, S) or torch.compiler.is_compiling() or T * S < _SMALL:
             frac = 0.5 if self.spec.plain_causal(T, S) else 1.0
             return frac, max(1, int(n_blocks * frac))
-        q_lo = torch.arange(0, T, block_q).view(-1, 1)  # (nQ, 1)
-        q_hi = (q_lo + block_q).clamp(max=T) - 1
-        k_lo = torch.arange(0, S, block_k).view(1, -1)  # (1, nK)
-        k_hi = (k_lo + block_k).clamp(max=S) - 1
-        tensors = mod.tensors()
-        if tensors and tensors[0].device.type != "cpu":
-            q_lo, q_hi, k_lo, k_hi = (t.to(tensors[0].device) for t in (q_lo, q_hi, k_lo, k_hi))
-        some, _ = mod.blocks(q_lo, q_hi, k_lo, k_hi)
-        some = torch.broadcast_to(some, (q_lo.shape[0], k_lo.shape[1])).cpu()
-        pairs = (q_hi - q_lo + 1).cpu() * (k_hi - k_lo + 1).cpu()  # (nQ, nK)
+        some = mod.summary(T, S, block_q, block_k)[0].cpu()  # (nQ, nK)
+        rows = (torch.arange(0, T, block_q) + block_q).clamp(max=T) - torch.arange(0, T, block_q)
+        cols = (torch.arange(0, S, block_k) + block_k).clamp(max=S) - torch.arange(0, S, block_k)
+        pairs = rows.view(-1, 1) * cols.view(1, -1)  # (nQ, nK) query-key pairs per block
         visited = float((pairs * some).sum()) / (T * S)
         return visited, int(some.sum())
 

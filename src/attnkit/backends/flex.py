@@ -102,16 +102,8 @@ def _make_block_mask(mod, T: int, S: int, device):
     """A ``BlockMask`` from the description's block summaries (no T x S evaluation)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    q_lo = torch.arange(0, T, BLOCK).view(-1, 1)  # (nQ, 1)
-    q_hi = (q_lo + BLOCK).clamp(max=T) - 1
-    k_lo = torch.arange(0, S, BLOCK).view(1, -1)  # (1, nK)
-    k_hi = (k_lo + BLOCK).clamp(max=S) - 1
-    tensors = mod.tensors()
-    if tensors and tensors[0].device.type != "cpu":
-        q_lo, q_hi, k_lo, k_hi = (t.to(tensors[0].device) for t in (q_lo, q_hi, k_lo, k_hi))
-    some, every = mod.blocks(q_lo, q_hi, k_lo, k_hi)
-    some = torch.broadcast_to(some, (q_lo.shape[0], k_lo.shape[1])).to(device)
-    full = torch.broadcast_to(every, some.shape).to(device) & some
+    some, every = (t.to(device) for t in mod.summary(T, S, BLOCK, BLOCK))  # (nQ, nK) each
+    full = every & some
     partial = some & ~full
 
     def listing(sel):  # (nQ, nK) bool -> counts (1, 1, nQ), indices (1, 1, nQ, nK)
