@@ -149,6 +149,9 @@ def scaled_dot_product_attention(
     if dropout_p > 0.0:
         weights = torch.nn.functional.dropout(weights, p=dropout_p, training=True)
     out = weights.to(v.dtype) @ v  # (..., T, Dv)
+    # A row that sees no key is zeros even where a hidden value is NaN (0 * NaN = NaN in @).
+    sees_none = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (..., T, 1)
+    out = out.masked_fill(sees_none, 0.0)
 
     extras = []
     if return_weights:

@@ -14,7 +14,8 @@ any, is additive and needs no gradient (a bias, ALiBi: they join the tile's floa
 Sinks are applied after the tiles (``out * sigmoid(lse - sink)``, lse with the sink), and
 the kernel's backward, given that output and lse, is exactly the backward with sinks.
 Fully masked rows come back with ``lse = 0`` from the kernel and are set to
-``-inf`` here; rows that see exactly one key are reported so the backward can give them
+``-inf`` here; rows whose visible scores are all NaN come back the same way and are set to
+NaN (:mod:`._edges`); rows that see exactly one key are reported so the backward can give them
 an exactly zero gradient through the block loop.
 
 Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``G = H // Hkv``,
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..scores import Alibi, Bias, Chain
+from ._edges import row_flags
 
 _OPS = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -106,8 +108,14 @@ def forward(q, k, v, lay, scale: float):
         masked = _needs_mask(lay, blocks)
         mask, count = (_tile_mask(lay, q0, q1, k0, k1, q.dtype, q.device) if masked
                        else (None, None))
-        o, l = _OPS(_rows(q, lay, q0, q1), k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask,
+        qr, kr = _rows(q, lay, q0, q1), k[:, :, k0:k1]  # (B, Hkv, G*nq, D), (B, Hkv, nk, D)
+        o, l = _OPS(qr, kr, v[:, :, k0:k1], attn_mask=mask,
                     scale=scale)  # (B, Hkv, G*nq, Dv), (B, Hkv, G*nq)
+        # The kernel returns zeros for rows whose visible scores are all NaN (_edges).
+        bad, none = row_flags(qr, kr, None if mask is None else mask > float("-inf"))
+        o, l = o.masked_fill(bad.unsqueeze(-1), float("nan")), l.masked_fill(bad, float("nan"))
+        if mask is not None:  # a NaN key behind the mask reaches rows that see nothing
+            o = o.masked_fill(none.unsqueeze(-1), 0.0)
         if count is not None:
             l = l.masked_fill(count.expand(l.shape) == 0, float("-inf"))
             single[:, :, :, q0:q1] = (count == 1).expand(l.shape).reshape(B, Hkv, G, nq)

@@ -29,6 +29,7 @@ import torch
 
 from ..masks import MaskSpec
 from . import cost as _cost
+from ._edges import restore_nan_described
 
 BLOCK = 128
 _CACHE_SIZE = 16
@@ -195,7 +196,9 @@ def flex_attention(q, k, v, spec: MaskSpec, *, dropout_p: float = 0.0, scale: fl
                        enable_gqa=k.shape[1] != H, return_lse=return_lse)
     _compiled_keys.add(_compile_key(q, k, spec))
     out, lse = result if return_lse else (result, None)
-    bad = torch.isnan(q).any(-1, keepdim=True)  # (B, H, T, 1): NaN in, NaN out
-    if bool(bad.any()):
-        out = out.masked_fill(bad, float("nan"))
+    # Compiled flex on CPU loses NaN scores (_edges): every row that sees one is set here.
+    if lse is None:
+        out = restore_nan_described(out, q, k, v, mod)
+    else:
+        out, lse = restore_nan_described(out, q, k, v, mod, lse)
     return (out, lse.float() if lse.dtype != torch.float64 else lse) if return_lse else out

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..masks import MaskSpec
 from ..scores import Bias
+from ._edges import restore_nan
 
 
 def _as_sdpa_mask(spec: MaskSpec, B: int, H: int, T: int, S: int, device):
@@ -60,8 +61,8 @@ def sdpa_attention(q, k, v, spec: MaskSpec, *, dropout_p: float, scale: float,
                    return_lse: bool, return_weights: bool = False):
     """Attention through ``F.scaled_dot_product_attention``; contract in ``registry``.
 
-    A query row holding NaN gives a NaN output row, as on every other backend (the fused
-    CPU kernel would return zeros for it).
+    A NaN reaches every row that sees it, as on every other backend: the fused CPU kernel
+    returns zeros for rows whose visible scores are all NaN, and :mod:`._edges` restores them.
     """
     B, H, T = q.shape[:3]
     is_causal, attn_mask = _as_sdpa_mask(spec, B, H, T, k.shape[-2], q.device)
@@ -70,5 +71,11 @@ def sdpa_attention(q, k, v, spec: MaskSpec, *, dropout_p: float, scale: float,
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal, scale=scale, **gqa)
-    # Branch-free (no sync, no graph break): one pass over q and out, O(T·D).
-    return out.masked_fill(torch.isnan(q).any(-1, keepdim=True), float("nan"))  # (B, H, T, D)
+    # Branch-free (no sync, no graph break): one pass over q and k, O((T + S)·D).
+    if is_causal:
+        visible = 0
+    elif attn_mask is not None and attn_mask.is_floating_point():
+        visible = attn_mask > float("-inf")
+    else:
+        visible = attn_mask
+    return restore_nan(out, q, k, visible)  # (B, H, T, D)
