@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._mod_kinds import KeyPadding
-from ._mods import And, Causal, Dense, MaskMod, Window, as_mask_mod, check_align, offset_of
+from .masks.base import And, MaskMod, as_mask_mod, check_align, offset_of
+from .masks.data import Dense, KeyPadding
+from .masks.structural import Causal, Window
 from .scores import ScoreMod, as_score_mod
 
 __all__ = ["MaskSpec"]
