@@ -161,15 +161,23 @@ def test_attention_forward_rejects_a_mask_of_other_lengths():
         hf.mask_interface(batch_size=1, q_length=3, kv_length=6, attention_mask=mask)
 
 
+def _forget_the_integration(monkeypatch):
+    import attnkit.integrations as package
+
+    for name in [m for m in sys.modules if m.startswith("attnkit.integrations.transformers")]:
+        monkeypatch.delitem(sys.modules, name)
+        monkeypatch.delattr(package, name.rsplit(".", 1)[1], raising=False)
+
+
 def test_missing_transformers_says_how_to_install(monkeypatch):
-    monkeypatch.delitem(sys.modules, "attnkit.integrations.transformers")
+    _forget_the_integration(monkeypatch)
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r'pip install "attnkit\[hf\]"'):
         importlib.import_module("attnkit.integrations.transformers")
 
 
 def test_transformers_4_is_refused(monkeypatch):
-    monkeypatch.delitem(sys.modules, "attnkit.integrations.transformers")
+    _forget_the_integration(monkeypatch)
     monkeypatch.setattr(transformers, "__version__", "4.57.1")
     with pytest.raises(ImportError, match=r"supports transformers 5.x, found 4.57.1"):
         importlib.import_module("attnkit.integrations.transformers")

@@ -36,6 +36,8 @@ from torch import Tensor
 from .base import (ALIGNMENTS, And, MaskFn, MaskMod, Or, Shift, as_mask_mod, check_align,
                    offset_of)
 from .data import Dense, KeyPadding, QueryPadding, SameDocument
+from .per_sample_chunks import PerSampleChunks
+from .simplify import depends_on_difference_only, merge_and, visible_key_bound
 from .structural import Causal, ChunkedLocal, KeyPrefix, Window
 
 __all__ = [
@@ -44,7 +46,8 @@ __all__ = [
     "and_masks", "or_masks", "causal", "sliding_window", "key_padding", "query_padding",
     "documents", "prefix_lm", "chunked_local", "at_positions", "as_mask_mod",
     "MaskSpec", "causal_mask", "sliding_window_mask", "padding_mask_from_lengths",
-    "combine_masks",
+    "combine_masks", "PerSampleChunks", "merge_and", "visible_key_bound",
+    "depends_on_difference_only",
 ]
 
 
