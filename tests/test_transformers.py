@@ -198,16 +198,16 @@ def test_dropout_in_training_is_applied():
 def test_static_cache_reads_only_the_filled_part_as_views(monkeypatch):
     """Prefill then one decode step into a StaticCache of 32: attnkit gets views of the
     cache's own storage cut to the filled length (8, then 9 keys), plain causal at prefill
-    (SDPA's is_causal) and no mask at the decode step; logits equal eager's."""
+    and no mask at the decode step; logits equal eager's."""
     from transformers import StaticCache
 
     ref, ours = models("llama", "chunked")
     calls = []
     real = hf._engine.attention
-    mask_args = ("causal", "causal_align", "mask_mod", "mask", "key_padding_mask")
 
     def spy(q, k, v, **kw):
-        calls.append((k.data_ptr(), k.shape[2], {a: kw[a] for a in mask_args if a in kw}))
+        mod = kw.get("mask_mod")
+        calls.append((k.data_ptr(), k.shape[2], mod and mod.describe(), kw.get("mask")))
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(hf._engine, "attention", spy)
@@ -222,4 +222,5 @@ def test_static_cache_reads_only_the_filled_part_as_views(monkeypatch):
     keys = [layer.keys.data_ptr() for layer in cache.layers]
     assert [c[0] for c in calls] == keys * 2  # the cache's storage, prefill and decode
     assert [c[1] for c in calls] == [8, 8, 9, 9]  # the filled part only
-    assert [c[2] for c in calls] == [dict(causal=True, causal_align=0)] * 2 + [{}] * 2
+    assert [c[2] for c in calls] == ["causal"] * 2 + [None] * 2
+    assert [c[3] for c in calls] == [None] * 4

@@ -20,8 +20,9 @@ A name goes into two transformers registries:
   S, D), value, attention_mask, dropout=, scaling=, sliding_window=, softcap=, s_aux=,
   is_causal=, **kwargs)`` and wants ``(out (B, T, H, D), weights (B, H, T, S) or None)``. It
   calls :func:`attnkit.attention` with ``key[:, :, :keys]`` views of the keys a query can
-  see (a static cache's filled part, no copy), GQA without repeating K/V, plain causal as
-  ``causal=True`` (SDPA's ``is_causal``) and key padding as ``key_padding_mask=``.
+  see (a static cache's filled part, no copy), GQA without repeating K/V, and the
+  description as ``mask_mod=`` (the engine's lowering turns plain causal into SDPA's
+  ``is_causal``).
 
 The transformers names both rely on (some private) are in one table,
 :mod:`.transformers_api`. Differences from ``eager``, on purpose: a query row whose keys are
@@ -40,7 +41,7 @@ from torch import Tensor
 from . import transformers_api as _api
 from .. import engine as _engine
 from ..backends import available_backends
-from ..masks import And, Causal, KeyPadding, Window
+from ..masks import Window
 from .transformers_masks import HFMask, dense_fallbacks, describe_mask_function, mask_interface
 
 __all__ = ["register", "unregister", "HFMask", "attention_forward", "mask_interface",
@@ -73,30 +74,6 @@ def _wants_weights(kwargs) -> bool:
         return False
     collected = collector.get()
     return bool(collected) and "attentions" in collected
-
-
-def _engine_mask(mod) -> dict:
-    """The engine arguments for a description: plain causal as ``causal=True`` with its
-    offset (SDPA's ``is_causal`` at offset 0), key padding as ``key_padding_mask``, the rest
-    as ``mask_mod``."""
-    if mod is None:
-        return {}
-    parts = mod.parts if isinstance(mod, And) else (mod,)
-    causal = [p for p in parts if isinstance(p, Causal) and isinstance(p.offset, int)]
-    padding = [p for p in parts if isinstance(p, KeyPadding)]
-    rest = [p for p in parts if not any(p is c for c in causal + padding)]
-    out = {}
-    if len(causal) == 1:
-        out.update(causal=True, causal_align=causal[0].offset)
-    else:
-        rest = causal + rest
-    if len(padding) == 1:
-        out["key_padding_mask"] = padding[0].mask
-    else:
-        rest = padding + rest
-    if rest:
-        out["mask_mod"] = rest[0] if len(rest) == 1 else And(tuple(rest))
-    return out
 
 
 def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
@@ -149,7 +126,7 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
             key, value = key[:, :, :keys], value[:, :, :keys]  # (B, Hkv, keys, D)
             if bias is not None and bias.shape[-1] == S:
                 bias = bias[..., :keys]
-        parts = _engine_mask(attention_mask.mask_mod)
+        parts = dict(mask_mod=attention_mask.mask_mod)  # lowered by the engine
     elif attention_mask is None:
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         if causal and T > 1:
