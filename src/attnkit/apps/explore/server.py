@@ -12,14 +12,18 @@ and a small JSON API that computes every view with torch on the server:
 ``POST /api/gpt``       ``{"prompt"}`` -> :func:`~.model_view.gpt_view`
 ====================  =================================================================
 
-Errors are JSON ``{"error": message}``: 400 for bad JSON or bad input, 404 for an unknown
-path or a missing checkpoint, 413 for a body over :data:`MAX_BODY`, 500 (logged) for a bug.
+Errors are JSON ``{"error": message}``: 400 for bad JSON, bad input or a request over a cost
+cap (:mod:`.guard`), 403 for a foreign ``Host:`` or a ``POST`` from a foreign ``Origin:``
+(:mod:`.guard`; the reason is one line, also kept in ``server.refusals``), 404 for an
+unknown path or a missing checkpoint, 413 for a body over :data:`MAX_BODY`, 500 (logged)
+for a bug.
 URL paths are looked up in :data:`ASSETS` by exact name, never joined to a file-system path,
 so no request can reach a file outside the assets. The server binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 import threading
@@ -28,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
 from ...checkpoint import atomic_write
+from .guard import cost_refusal, host_refusal, origin_refusal
 from .mask_view import mask_view
 from .model_view import ModelMissing, Models, gpt_view, translate_view
 from .tutorial_view import tutorial_view
@@ -75,7 +80,23 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(payload, allow_nan=False).encode("utf-8"),
                    "application/json")
 
+    def _refuse(self, status: int, reason: str) -> None:
+        self.server.refusals.append((status, self.command, self.path[:200], reason))
+        if self.server.verbose:
+            self.log_message("%s", reason)
+        self.close_connection = True  # an unread body must not be taken for a request
+        self._json(status, {"error": reason})
+
+    def _foreign_host(self) -> bool:
+        """Refuse (403) a request whose Host is not this server's; True when refused."""
+        reason = host_refusal(self.headers.get("Host"), self.server.server_address[1])
+        if reason:
+            self._refuse(403, reason)
+        return reason is not None
+
     def do_GET(self):  # noqa: N802 - http.server's naming
+        if self._foreign_host():
+            return
         path = self.path.split("?", 1)[0]
         if path not in ASSETS:
             self._json(404, {"error": f"not found: {path[:200]!r}; this server serves only "
@@ -86,7 +107,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
+    def do_OPTIONS(self):  # noqa: N802 - a CORS preflight: no other page may call the API
+        if not self._foreign_host():
+            self._refuse(403, "refused: the explorer answers no cross-origin (CORS) requests; "
+                              "only its own page may call its API")
+
     def do_POST(self):  # noqa: N802
+        if self._foreign_host():
+            return
+        reason = origin_refusal(self.headers.get("Origin"), self.server.server_address[1])
+        if reason:
+            self._refuse(403, reason)
+            return
         view = self.server.views.get(self.path)
         try:
             length = int(self.headers.get("Content-Length", ""))
@@ -110,6 +142,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(params, dict):
             self._json(400, {"error": "the request body must be a JSON object"})
             return
+        reason = cost_refusal(self.path, params)
+        if reason:
+            self._refuse(400, reason)
+            return
         try:
             self._json(200, view(params))
         except (ValueError, TypeError) as err:
@@ -129,6 +165,9 @@ class ExploreServer(ThreadingHTTPServer):
         port: TCP port; 0 picks a free one (read it back from ``server_address``).
         models: where the trained models live.
         verbose: log every request on stderr.
+
+    Attributes:
+        refusals: the last 100 refused requests as ``(status, method, path, reason)``.
     """
 
     daemon_threads = True
@@ -136,6 +175,7 @@ class ExploreServer(ThreadingHTTPServer):
 
     def __init__(self, port: int = 0, models: Models | None = None, verbose: bool = False):
         self.models, self.verbose = models or Models(), verbose
+        self.refusals = collections.deque(maxlen=100)
         self.views = {
             "/api/tutorial": lambda p: tutorial_view(p.get("sentence", _default_sentence())),
             "/api/mask": mask_view,
