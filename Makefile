@@ -25,7 +25,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/attnkit walkthrough --out out/walkthrough
 	$(BIN)/attnkit translate train --if-missing --threads 1
-	$(BIN)/attnkit translate thursday june 25 2009
+	$(BIN)/attnkit translate "thursday june 25 2009"
 	$(BIN)/attnkit translate "25th of June, 2009" --plot out/translate/june25.png
 	$(BIN)/attnkit translate "06/25/09" "2009-06-25" "25/06/2009"
 	-$(BIN)/attnkit translate "february 30, 2020"

@@ -69,6 +69,8 @@ def test_a_wrong_answer_is_refused(answer, message):
 
 @pytest.mark.parametrize("text, message", [
     ("2009-06-25x", "not a date in a supported format"),
+    ("2001-3-1", "is an unsupported format: the translator was trained on '2001-03-01'"),
+    ("1th of march, 2001", "trained on '1st of march, 2001' but never on this spelling"),
     ("February 30, 2020", "not a real date"),
     ("13/13/2013", "not a date in a supported format"),
     ("hello world", "not a date in a supported format"),
@@ -94,11 +96,11 @@ def test_cli_refuses_a_wrong_model_answer(untrained_dir, capsys):
 
 # --- batch input ----------------------------------------------------------------------------
 
-def test_split_inputs_joins_unquoted_words_and_splits_quoted_dates():
+def test_split_inputs_takes_each_argument_as_one_date():
     split = translate_cli.split_inputs
-    assert split(["june", "25", "2009"]) == ["june 25 2009"]
+    assert split(["june", "25", "2009"]) == ["june", "25", "2009"]
     assert split(["june 25 2009", "2009-06-26"]) == ["june 25 2009", "2009-06-26"]
-    assert split(["hello", "world"]) == ["hello world"]
+    assert split(["hello world"]) == ["hello world"]
     assert split([], io.StringIO("25/06/2009\n\n 6/25/09 \n")) == ["25/06/2009", "6/25/09"]
     assert split(["-"], io.StringIO("2009-06-25\n")) == ["2009-06-25"]
 
@@ -116,6 +118,37 @@ def test_batch_prints_one_line_per_date_and_fails_the_bad_ones(untrained_dir, ca
     assert code == 2 and out.splitlines() == ["june 25 2009\t2009-06-25"]
     assert err.strip() == ("attnkit translate: error: input 2: 'february 30 2020' is not a "
                            "real date (the day is out of range for its month)")
+
+
+def test_ten_arguments_two_refused_give_eight_answers_and_two_input_lines(
+        untrained_dir, capsys, monkeypatch):
+    texts = ["1st of March, 2001", "March 1st, 2001", "2001-3-1", "06/25/09", "25 jun 2009",
+             "February 30, 2020", "2009-06-25", "25.06.2009", "thursday june 25 2009",
+             "25/06/2009"]
+    truth = {i: dates.parse_date(t).isoformat() for i, t in enumerate(texts)
+             if i not in (2, 5)}
+    monkeypatch.setattr(translate_cli, "load_translator",
+                        lambda out: _Answers(list(truth.values())))
+    code, out, err = _run(capsys, "translate", *texts, "--out", str(untrained_dir))
+    assert code == 2
+    assert out.splitlines() == [f"{texts[i]}\t{iso}" for i, iso in truth.items()]
+    lines = err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(
+        "attnkit translate: error: input 3: '2001-3-1' is an unsupported format: the "
+        "translator was trained on '2001-03-01'")
+    assert "train longer" not in err and "2009-06-25" in lines[0]  # the list of formats
+    assert lines[1] == ("attnkit translate: error: input 6: 'february 30, 2020' is not a real "
+                        "date (the day is out of range for its month)")
+
+
+def test_unquoted_words_are_separate_inputs_with_a_hint(untrained_dir, capsys):
+    code, out, err = _run(capsys, "translate", "june", "25", "2009", "--out",
+                          str(untrained_dir))
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert [line.split(":")[2] for line in lines[:3]] == [" input 1", " input 2", " input 3"]
+    assert lines[3] == ('attnkit translate: hint: each argument is one date; quote a date '
+                        'with spaces: attnkit translate "june 25 2009"')
 
 
 def test_translate_many_decodes_valid_inputs_in_one_batch():
