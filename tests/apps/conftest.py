@@ -1,6 +1,7 @@
 """Fixtures shared by the app tests: one torch thread, and one headless chromium for every
 browser test module (started on first use)."""
 
+import os
 import shutil
 
 import pytest
@@ -17,6 +18,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def english_terminal():
+    """The apps pick their language from the terminal's locale; the tests expect English
+    wherever they do not choose (a Chinese locale on the test machine must not change them)."""
+    names = ("LC_ALL", "LC_MESSAGES", "LANG", "LANGUAGE")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    os.environ["LANG"] = "C.UTF-8"
+    yield
+    for name, value in saved.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value
 
 
 def _find(*names):

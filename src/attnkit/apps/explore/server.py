@@ -4,7 +4,7 @@ One page (``index.html``, ``style.css`` and :data:`SCRIPTS`; package data under 
 and a small JSON API that computes every view with torch on the server:
 
 ====================  =================================================================
-``GET /``             the page
+``GET /``             the page, with the catalogues of :mod:`attnkit.apps._i18n` inlined
 ``GET /core.js`` ...  the allow-listed assets (:data:`ASSETS`); nothing else is served
 ``POST /api/tutorial``  ``{"sentence"}`` -> :func:`~.tutorial_view.tutorial_view`
 ``POST /api/mask``      mask choices -> :func:`~.mask_view.mask_view`
@@ -32,13 +32,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
 from ...checkpoint import atomic_write
+from .._i18n import LANGUAGES, catalogue
 from .guard import cost_refusal, host_refusal, origin_refusal
 from .mask_view import mask_view
 from .model_view import ModelMissing, Models, gpt_view, translate_view
 from .tutorial_view import tutorial_view
 
 __all__ = ["HOST", "SCRIPTS", "ASSETS", "MAX_BODY", "ExploreServer", "make_server",
-           "serve_in_thread", "export_html", "asset"]
+           "serve_in_thread", "export_html", "asset", "page"]
 
 SCRIPTS = ("core.js", "views.js", "models.js", "app.js")  # the page's scripts, in load order
 HOST = "127.0.0.1"  # never any other address: the explorer is for the person at this machine
@@ -56,6 +57,15 @@ DEFAULTS = {"tutorial": {}, "mask": {"T": 16, "S": 16, "causal": True, "block_q"
 def asset(name: str) -> bytes:
     """The bytes of one packaged asset: ``index.html``, ``style.css`` or one of :data:`SCRIPTS`."""
     return resources.files(__package__).joinpath("assets", name).read_bytes()
+
+
+def page() -> str:
+    """``index.html`` with every language's catalogue inlined (``window.ATTNKIT_I18N``), so
+    the page's words come from the same files as the walkthrough's."""
+    words = _script_safe({language: catalogue(language) for language in LANGUAGES})
+    first = f'<script src="{SCRIPTS[0]}"></script>'
+    return asset("index.html").decode("utf-8").replace(
+        first, f"<script>window.ATTNKIT_I18N = {words};</script>\n{first}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -103,7 +113,8 @@ class _Handler(BaseHTTPRequestHandler):
                                       f"{sorted(ASSETS)} and POST /api/..."})
             return
         name, content_type = ASSETS[path]
-        self._send(200, asset(name), content_type)
+        body = page().encode("utf-8") if name == "index.html" else asset(name)
+        self._send(200, body, content_type)
 
     do_HEAD = do_GET
 
@@ -247,13 +258,13 @@ def export_html(path, models: Models | None = None) -> dict:
         except (ValueError, TypeError, ModelMissing) as err:
             embedded[name] = {"error": str(err)}
             problems[name] = str(err)
-    page = asset("index.html").decode("utf-8")
+    html = page()
     css = asset("style.css").decode("utf-8")
-    page = page.replace('<link rel="stylesheet" href="style.css">', f"<style>\n{css}</style>")
+    html = html.replace('<link rel="stylesheet" href="style.css">', f"<style>\n{css}</style>")
     for number, name in enumerate(SCRIPTS):
         js = asset(name).decode("utf-8").replace("</script", "<\\/script")
         data = f"<script>window.ATTNKIT_OFFLINE = {_script_safe(embedded)};</script>\n" \
             if number == 0 else ""
-        page = page.replace(f'<script src="{name}"></script>', f"{data}<script>\n{js}</script>")
-    atomic_write(path, lambda handle: handle.write(page.encode("utf-8")))
+        html = html.replace(f'<script src="{name}"></script>', f"{data}<script>\n{js}</script>")
+    atomic_write(path, lambda handle: handle.write(html.encode("utf-8")))
     return problems
