@@ -214,7 +214,8 @@ def test_export_is_self_contained(models, tmp_path):
     assert not re.search(r"<(script|link)[^>]+(src|href)=\"(?!data:)", page)  # all inlined
     assert "http://" not in page and "https://" not in page
     assert "window.ATTNKIT_OFFLINE" in page and "Your journey starts" in page
-    assert page.count("</script>") == 5  # data + 4 scripts: the JSON cannot close its element
+    assert "window.ATTNKIT_I18N" in page and "没有可训练权重的简单自注意力机制" in page
+    assert page.count("</script>") == 6  # words + data + 4 scripts: no JSON closes its element
 
 
 def _run(*argv):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attnkit import cli
-from attnkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json
+from attnkit.apps.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq
 from attnkit.apps.translate.app import (SOURCE_VOCAB, TARGET_VOCAB, TrainConfig,
                                         save_translator, train)

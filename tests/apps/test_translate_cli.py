@@ -14,7 +14,7 @@ from attnkit.apps.translate.answer import translate, translate_many
 from attnkit.apps.translate.app import (SOURCE_VOCAB, TARGET_VOCAB, TrainConfig, save_translator,
                                         train)
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq
-from attnkit.checkpoint import load_checkpoint
+from attnkit.apps.checkpoint import load_checkpoint
 
 TINY = TransformerConfig(len(SOURCE_VOCAB), len(TARGET_VOCAB), embed_dim=32, num_heads=2,
                          num_encoder_layers=1, num_decoder_layers=1, ff_dim=64)

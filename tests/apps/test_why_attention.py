@@ -123,7 +123,7 @@ def test_a_real_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     import sys
     import time
 
-    from attnkit.checkpoint import load_checkpoint
+    from attnkit.apps.checkpoint import load_checkpoint
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(

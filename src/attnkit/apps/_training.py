@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ._cli import Interrupted, UsageError
 
 __all__ = ["RESUME_NAME", "ResumableRun", "check_replace"]

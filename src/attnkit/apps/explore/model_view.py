@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ...checkpoint import CheckpointError
+from ..checkpoint import CheckpointError
 from .._vocab import CharVocab
 from ..gpt.app import encode_prompt
 from .tutorial_view import to_json

@@ -31,7 +31,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
-from ...checkpoint import atomic_write
+from ..checkpoint import atomic_write
 from .._i18n import LANGUAGES, catalogue
 from .guard import cost_refusal, host_refusal, origin_refusal
 from .mask_view import mask_view

@@ -4,7 +4,7 @@
 date pairs (:mod:`attnkit.apps.translate.dates`) and writes to ``out_dir`` (default
 ``out/translate/``), every file atomically:
 
-* ``checkpoint.pt`` - weights and config (:mod:`attnkit.checkpoint`);
+* ``checkpoint.pt`` - weights and config (:mod:`attnkit.apps.checkpoint`);
 * ``resume.pt`` - the whole training state, every ``checkpoint_every`` steps while training
   (removed when the run finishes);
 * ``metrics.json`` - held-out exact match and character accuracy on 2,000 dates never seen in
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json
 from .._progress import Progress
 from .._training import ResumableRun, check_replace
 from .._vocab import CharVocab

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ...checkpoint import CheckpointError
+from ..checkpoint import CheckpointError
 from .._cli import (UsageError, add_common_options, apply_threads, check_out_dir,
                     check_plotting, positive_int)
 from . import dates

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...checkpoint import write_json
+from ..checkpoint import write_json
 from .._cli import (HelpFormatter, UsageError, add_common_options, apply_threads,
                     check_out_dir, check_plotting, positive_int)
 from .._progress import Progress
