@@ -12,7 +12,7 @@ import torch
 from attnkit.apps.explore.model_view import Models
 from attnkit.apps.explore.server import make_server, serve_in_thread
 from attnkit.apps.gpt.model import GPT, GPTConfig, save_checkpoint
-from attnkit.apps.translate.app import SOURCE_VOCAB, TARGET_VOCAB, save_translator
+from attnkit.apps.translate.train import SOURCE_VOCAB, TARGET_VOCAB, save_translator
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq
 
 #: chromium resolves this name to 127.0.0.1 (``--host-resolver-rules`` in conftest's driver):

@@ -13,7 +13,8 @@ from attnkit import viz  # noqa: E402
 from figure_overlap import overlapping_texts  # noqa: E402
 from attnkit.apps import walkthrough  # noqa: E402
 from attnkit.apps.gpt.app import TrainResult, _plot_losses, attention_figure  # noqa: E402
-from attnkit.apps.translate.app import SOURCE_VOCAB, TARGET_VOCAB, plot_alignment  # noqa: E402
+from attnkit.apps.translate.figures import plot_alignment  # noqa: E402
+from attnkit.apps.translate.model import SOURCE_VOCAB, TARGET_VOCAB  # noqa: E402
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq  # noqa: E402
 from attnkit.apps.why_attention.app import comparison_figure  # noqa: E402
 

@@ -18,7 +18,7 @@ from attnkit.apps.explore.model_view import ModelMissing, Models, gpt_view, tran
 from attnkit.apps.explore.server import export_html
 from attnkit.apps.explore.tutorial_view import embed, tutorial_view
 from attnkit.apps.translate.answer import translate
-from attnkit.apps.translate.app import load_translator
+from attnkit.apps.translate.train import load_translator
 
 from _explore_models import GPT_CONTEXT, save_tiny_models
 
@@ -152,7 +152,7 @@ def test_translate_view_gives_a_right_answer(models, monkeypatch):
 
 def _decoding_to(answer, greedy_decode):
     """greedy_decode whose tokens spell ``answer`` (the attention weights stay the model's)."""
-    from attnkit.apps.translate.app import TARGET_VOCAB
+    from attnkit.apps.translate.train import TARGET_VOCAB
 
     def decode(src, *args, **kwargs):
         tokens, *rest = greedy_decode(src, *args, **kwargs)

@@ -1,7 +1,6 @@
 """``attnkit translate``: checked answers, batch input, and training that never loses work."""
 
 import dataclasses
-import functools
 import io
 
 import pytest
@@ -9,16 +8,27 @@ import torch
 
 from attnkit import cli
 from attnkit.apps._cli import Interrupted
+from attnkit.apps._training import ResumeError, RunOptions
 from attnkit.apps.translate import cli as translate_cli, dates
 from attnkit.apps.translate.answer import translate, translate_many
-from attnkit.apps.translate.app import (SOURCE_VOCAB, TARGET_VOCAB, TrainConfig, save_translator,
+from attnkit.apps.translate.train import (SOURCE_VOCAB, TARGET_VOCAB, TrainConfig, save_translator,
                                         train)
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq
 from attnkit.apps.checkpoint import load_checkpoint
 
 TINY = TransformerConfig(len(SOURCE_VOCAB), len(TARGET_VOCAB), embed_dim=32, num_heads=2,
                          num_encoder_layers=1, num_decoder_layers=1, ff_dim=64)
-QUICK = TrainConfig(steps=6, batch_size=16, eval_size=20, warmup=2)
+QUICK = TrainConfig(steps=6, batch_size=16, eval_size=20, warmup=2, model=TINY)
+
+
+def _config(out, config=QUICK, **run):
+    """``config`` writing to ``out``, with the run options ``run`` (default: quiet, no figures)."""
+    return dataclasses.replace(config, model=TINY, run=RunOptions(out=out, **run))
+
+
+def _tiny_train(config):
+    """The CLI's ``train`` with the tiny model (the CLI builds the full-size one)."""
+    return train(dataclasses.replace(config, model=TINY))
 
 
 def _model(seed=0):
@@ -196,8 +206,7 @@ def test_corrupt_checkpoint_is_a_usage_error_and_if_missing_verifies_it(tmp_path
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
     code, _, err = _run(capsys, "translate", "25 jun 2009", "--out", str(tmp_path))
     assert code == 2 and "corrupt" in err
-    monkeypatch.setattr(translate_cli, "train",
-                        functools.partial(train, model_config=TINY, checkpoint_every=3))
+    monkeypatch.setattr(translate_cli, "train", _tiny_train)
     code, out, _ = _run(capsys, "translate", "train", "--if-missing", "--steps", "3",
                         "--no-plots", "--quiet", "--out", str(tmp_path))
     assert code == 0 and "does not load" in out
@@ -225,7 +234,7 @@ def _interrupt_at(monkeypatch, call):
 def test_interrupt_keeps_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path,
                                                                            monkeypatch):
     straight = tmp_path / "straight"
-    train(straight, QUICK, TINY, progress=False, figures=0, checkpoint_every=2)
+    train(_config(straight, checkpoint_every=2))
     reference = load_checkpoint(straight / "checkpoint.pt")["state_dict"]
     assert not (straight / "resume.pt").exists()  # a finished run removes its resume state
 
@@ -237,11 +246,10 @@ def test_interrupt_keeps_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_
         with pytest.raises(Interrupted, match=r"interrupted at step 5/6; kept the checkpoint "
                                               r"of step 4 in .*resume.pt; continue with: "
                                               r"attnkit translate train --out .* --resume"):
-            train(stopped, QUICK, TINY, progress=False, figures=0, checkpoint_every=2)
+            train(_config(stopped, checkpoint_every=2))
     assert (stopped / "checkpoint.pt").read_bytes() == before  # the old model is intact
     assert load_checkpoint(stopped / "resume.pt")["step"] == 4
-    metrics = train(stopped, QUICK, TINY, progress=False, figures=0, checkpoint_every=2,
-                    resume=True)
+    metrics = train(_config(stopped, checkpoint_every=2, resume=True))
     assert metrics["saved"]
     resumed = load_checkpoint(stopped / "checkpoint.pt")["state_dict"]
     for name, tensor in reference.items():
@@ -252,14 +260,16 @@ def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         _interrupt_at(patch, call=4)
         with pytest.raises(Interrupted):
-            train(tmp_path, QUICK, TINY, progress=False, figures=0, checkpoint_every=2)
+            train(_config(tmp_path, checkpoint_every=2))
     other = TrainConfig(steps=6, batch_size=16, eval_size=20, warmup=2, seed=1)
-    with pytest.raises(Exception, match="was started with .*seed=0"):
-        train(tmp_path, other, TINY, progress=False, figures=0, resume=True)
+    with pytest.raises(ResumeError, match="was started with .*seed=0"):
+        train(_config(tmp_path, other, resume=True))
+    with pytest.raises(ResumeError, match="nothing to resume: no resume.pt"):
+        train(_config(tmp_path / "empty", resume=True))
 
 
 def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(translate_cli, "train", functools.partial(train, model_config=TINY))
+    monkeypatch.setattr(translate_cli, "train", _tiny_train)
     _interrupt_at(monkeypatch, call=1)
     code, out, err = _run(capsys, "translate", "train", "--steps", "4", "--no-plots",
                           "--checkpoint-every", "2", "--out", str(tmp_path))
@@ -272,15 +282,17 @@ def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
 def test_a_worse_run_does_not_replace_a_better_model_without_force(tmp_path, capsys):
     save_translator(_model(seed=5), tmp_path, metrics={"exact_match": 0.99})
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    metrics = train(tmp_path, QUICK, TINY, progress=False, figures=0)
+    lines = []
+    metrics = train(_config(tmp_path, log=lines.append))
     assert not metrics["saved"] and (tmp_path / "checkpoint.pt").read_bytes() == before
-    assert "pass --force to replace it" in capsys.readouterr().out
-    metrics = train(tmp_path, QUICK, TINY, progress=False, figures=0, force=True)
+    assert len(lines) == 1 and "pass --force to replace it" in lines[0]
+    assert capsys.readouterr().out == ""  # the library prints nothing itself
+    metrics = train(_config(tmp_path, force=True))
     assert metrics["saved"] and (tmp_path / "checkpoint.pt").read_bytes() != before
 
 
 def test_progress_prints_lines_not_carriage_returns_when_not_a_terminal(tmp_path, capsys):
-    train(tmp_path, QUICK, TINY, progress=True, figures=0)
+    train(_config(tmp_path, progress=True))
     err = capsys.readouterr().err
     assert "\r" not in err
     assert "translate train: step 6/6 (100%), loss" in err
@@ -295,7 +307,7 @@ def test_one_step_training_runs_end_to_end(tmp_path, capsys, monkeypatch):
         eval_size: int = 50
 
     monkeypatch.setattr(translate_cli, "TrainConfig", QuickConfig)
-    monkeypatch.setattr(translate_cli, "train", functools.partial(train, model_config=TINY))
+    monkeypatch.setattr(translate_cli, "train", _tiny_train)
     code, out, _ = _run(capsys, "translate", "train", "--steps", "1", "--quiet", "--out",
                         str(tmp_path))
     assert code == 0 and f"wrote {tmp_path}" in out

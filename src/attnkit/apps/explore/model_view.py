@@ -68,7 +68,7 @@ class Models:
         Raises:
             ModelMissing: no checkpoint, or one that cannot be used (the reason is named).
         """
-        from ..translate.app import CHECKPOINT_NAME, load_translator
+        from ..translate.train import CHECKPOINT_NAME, load_translator
 
         def load():
             try:
@@ -117,7 +117,7 @@ def translate_view(models: Models, text) -> dict:
         ModelMissing: no usable translator.
     """
     from ..translate.answer import WrongAnswer, translate
-    from ..translate.app import SOURCE_VOCAB, TARGET_VOCAB
+    from ..translate.model import SOURCE_VOCAB, TARGET_VOCAB
 
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")

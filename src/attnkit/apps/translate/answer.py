@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 
 from . import dates
-from .app import SOURCE_VOCAB, TARGET_VOCAB
+from .model import SOURCE_VOCAB, TARGET_VOCAB
 from .model import TransformerSeq2Seq
 
 __all__ = ["WrongAnswer", "translate_many", "translate"]

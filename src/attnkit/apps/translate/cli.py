@@ -22,10 +22,11 @@ from pathlib import Path
 from ..checkpoint import CheckpointError
 from .._cli import (UsageError, add_common_options, apply_threads, check_out_dir,
                     check_plotting, positive_int)
+from .._training import ResumeError, RunOptions
 from . import dates
 from .answer import translate_many
-from .app import (CHECKPOINT_NAME, TrainConfig, existing_score, load_translator, plot_alignment,
-                  train)
+from .figures import plot_alignment
+from .train import CHECKPOINT_NAME, TrainConfig, existing_score, load_translator, train
 
 __all__ = ["add_parser", "split_inputs"]
 
@@ -58,12 +59,9 @@ def _quote_hint(words: list[str]) -> str | None:
         return None
     return f'each argument is one date; quote a date with spaces: attnkit translate "{joined}"'
 
-
-
 def _train(args) -> int:
     if args.plot or args.words[1:]:
         raise UsageError("translate train takes no dates and no --plot")
-    config = TrainConfig(steps=args.steps, seed=args.seed)
     out = check_out_dir(args.out)
     check_plotting(not args.no_plots)
     checkpoint = out / CHECKPOINT_NAME
@@ -80,9 +78,13 @@ def _train(args) -> int:
         print(f"{checkpoint} exists (held-out exact match {score:.2%}); this run replaces it "
               f"only if it does at least as well (--force replaces it anyway)")
     apply_threads(args)
-    metrics = train(out, config, progress=not args.quiet, figures=0 if args.no_plots else 4,
-                    resume=args.resume, force=args.force,
-                    checkpoint_every=args.checkpoint_every)
+    run = RunOptions(out=out, progress=not args.quiet, figures=not args.no_plots,
+                     resume=args.resume, force=args.force,
+                     checkpoint_every=args.checkpoint_every, log=print)
+    try:
+        metrics = train(TrainConfig(steps=args.steps, seed=args.seed, run=run))
+    except ResumeError as err:
+        raise UsageError(str(err)) from None
     print(f"held-out exact match {metrics['exact_match']:.2%}, char accuracy "
           f"{metrics['char_accuracy']:.2%} on {metrics['num_examples']} dates; "
           f"{metrics['train_seconds']:.0f} s training"
