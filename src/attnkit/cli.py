@@ -19,7 +19,7 @@ SUBCOMMAND_MODULES = [
     "attnkit.apps.walkthrough",
     "attnkit.apps.gpt.cli",
     "attnkit.apps.translate.cli",
-    "attnkit.apps.why_attention.app",
+    "attnkit.apps.why_attention.cli",
     "attnkit.apps.explore.app",
 ]
 

@@ -16,7 +16,7 @@ from attnkit.apps.gpt.app import TrainResult, _plot_losses, attention_figure  # 
 from attnkit.apps.translate.figures import plot_alignment  # noqa: E402
 from attnkit.apps.translate.model import SOURCE_VOCAB, TARGET_VOCAB  # noqa: E402
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq  # noqa: E402
-from attnkit.apps.why_attention.app import comparison_figure  # noqa: E402
+from attnkit.apps.why_attention.figures import comparison_figure  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
