@@ -20,7 +20,7 @@ SUBCOMMAND_MODULES = [
     "attnkit.apps.gpt.cli",
     "attnkit.apps.translate.cli",
     "attnkit.apps.why_attention.cli",
-    "attnkit.apps.explore.app",
+    "attnkit.apps.explore.cli",
 ]
 
 

@@ -12,7 +12,8 @@ pytest.importorskip("matplotlib")
 from attnkit import viz  # noqa: E402
 from figure_overlap import overlapping_texts  # noqa: E402
 from attnkit.apps import walkthrough  # noqa: E402
-from attnkit.apps.gpt.app import TrainResult, _plot_losses, attention_figure  # noqa: E402
+from attnkit.apps.gpt.figures import attention_figure, plot_losses  # noqa: E402
+from attnkit.apps.gpt.train import TrainResult  # noqa: E402
 from attnkit.apps.translate.figures import plot_alignment  # noqa: E402
 from attnkit.apps.translate.model import SOURCE_VOCAB, TARGET_VOCAB  # noqa: E402
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq  # noqa: E402
@@ -68,7 +69,7 @@ def test_gpt_attention_figure(prompt_len):
 def test_gpt_loss_curve(tmp_path, captured):
     result = TrainResult(model=None, tokenizer=None, history=[(100, 2.5, 2.6), (200, 2.0, 2.1)],
                          val_loss=2.1, unigram_loss=3.25)
-    path = _plot_losses(result, tmp_path / "loss.png")
+    path = plot_losses(result, tmp_path / "loss.png")
     assert path.read_bytes().startswith(PNG_MAGIC)
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]
     assert overlapping_texts(captured[0]) == []

@@ -22,7 +22,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from .._vocab import CharVocab
-from ..gpt.app import encode_prompt
+from ..gpt.data import encode_prompt
 from .tutorial_view import to_json
 
 __all__ = ["ModelMissing", "Models", "translate_view", "gpt_view"]

@@ -129,3 +129,26 @@ def unigram_loss(train: Tensor, val: Tensor, vocab_size: int) -> float:
     counts = torch.bincount(train.long(), minlength=vocab_size).double() + 1.0  # (V,)
     log_p = counts.log() - math.log(float(counts.sum()))  # (V,)
     return float(-log_p[val.long()].mean())
+
+
+def encode_prompt(prompt, model, vocab) -> torch.Tensor:
+    """The token ids ``(T,)`` of a prompt the model can read.
+
+    Raises:
+        TypeError: ``prompt`` is not a str.
+        ValueError: an empty prompt, characters the model never saw (named), or more
+            characters than the model's context.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one character")
+    missing = vocab.unknown(prompt)
+    if missing:
+        raise ValueError(f"the prompt has {len(missing)} character(s) the model never saw in "
+                         f"training: {', '.join(repr(c) for c in missing)}")
+    limit = model.config.max_seq_len
+    if len(prompt) > limit:
+        raise ValueError(f"the prompt has {len(prompt)} characters but the model's context "
+                         f"is {limit}; shorten it")
+    return torch.tensor(vocab.encode(prompt), dtype=torch.long)  # (T,)
