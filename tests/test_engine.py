@@ -21,7 +21,7 @@ def _skip_if_refused(backend, q, k, v, kwargs, **call):
     """Skip, with the backend's own reason, a call it declares it cannot serve."""
     if backend == "auto":
         return
-    spec = attnkit.engine._build_spec(None, **{**attnkit.engine._MASK_DEFAULTS, **kwargs})
+    spec = attnkit.MaskSpec.from_args(**kwargs)
     why = attnkit.backends.get_backend(backend).why_not(q, k, v, spec, dropout_p=0.0, **call)
     if why:
         pytest.skip(f"{backend}: {why}")
@@ -134,7 +134,7 @@ def test_merge_with_an_empty_part():
 
 def test_gradcheck_chunked_float64():
     q, k, v = qkv(B=1, H=2, Hkv=1, T=5, S=7, D=3, grad=True)
-    spec = MaskSpec(window=3, causal_align="bottom_right")
+    spec = MaskSpec.from_args(window=3, causal_align="bottom_right")
 
     def fn(q, k, v):
         return chunked_attention(q, k, v, spec, scale=0.7, block_q=2, block_k=3)
@@ -157,7 +157,7 @@ def test_chunked_property(T, S, D, groups, causal, align, window, padding, dense
     H, Hkv = groups
     q, k, v = qkv(B=2, H=H, Hkv=Hkv, T=T, S=S, D=D, grad=True, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
-    spec = MaskSpec(
+    spec = MaskSpec.from_args(
         causal=causal, causal_align=align, window=window,
         key_padding_mask=(torch.rand(2, S, generator=g) > 0.3) if padding else None,
         mask=(torch.rand(2, 1, T, S, generator=g) > 0.2) if dense else None)
@@ -250,9 +250,9 @@ def test_explain_reasons():
 def test_registry_custom_backend():
     calls = []
 
-    def doubled(q, k, v, spec, *, dropout_p, scale, return_lse):
-        calls.append(spec.causal)
-        return 2 * attnkit.backends.math_attention(q, k, v, spec, dropout_p=dropout_p,
+    def doubled(q, k, v, call, *, dropout_p, scale, return_lse):
+        calls.append(call.plain_causal)
+        return 2 * attnkit.backends.math_attention(q, k, v, call, dropout_p=dropout_p,
                                                    scale=scale, return_lse=return_lse)
 
     attnkit.register_backend("test_doubled", doubled, replace=True)

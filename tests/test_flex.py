@@ -20,7 +20,7 @@ def qkv(dtype=torch.float32, grad=False):
 
 
 def _why(q, k, v, **call):
-    spec = attnkit.engine._build_spec(None, **attnkit.engine._MASK_DEFAULTS)
+    spec = attnkit.MaskSpec.from_args()
     return get_backend("flex").why_not(q, k, v, spec, dropout_p=call.pop("dropout_p", 0.0),
                                        **{"return_lse": False, **call})
 
@@ -62,8 +62,7 @@ def test_compiled_flex_matches_math():
                                     **extra)
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         # Compiled now: the cost rule stops charging the compile, and NaN propagates.
-        spec = attnkit.engine._build_spec(None, **{**attnkit.engine._MASK_DEFAULTS,
-                                                   "mask_mod": mod, "key_padding_mask": kpm})
+        spec = attnkit.MaskSpec.from_args(mask_mod=mod, key_padding_mask=kpm)
         assert flex_mod.is_compiled(q, k, spec)
         q[0, 1, 5, 0] = float("nan")
         out = attnkit.attention(q, k, v, mask_mod=mod, key_padding_mask=kpm, backend="flex")

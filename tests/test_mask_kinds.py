@@ -17,7 +17,7 @@ def _grid(rows):
 
 
 def dense(mod, T, S, B=1, H=1):
-    return M.MaskSpec(mask_mod=mod).dense(T, S, B=B, H=H).expand(B, H, T, S)
+    return M.MaskSpec.from_args(mask_mod=mod).dense(T, S, B=B, H=H).expand(B, H, T, S)
 
 
 def test_two_sided_window_truth_table():
@@ -29,7 +29,7 @@ def test_causal_explicit_offset_truth_table():
     # A static cache filled up to position 3: query 0 is position 2 of 6 slots.
     expected = _grid(["111000", "111100"])
     assert torch.equal(dense(M.causal(offset=2), 2, 6)[0, 0], expected)
-    spec = M.MaskSpec(causal=True, causal_align=2)
+    spec = M.MaskSpec.from_args(causal=True, causal_align=2)
     assert torch.equal(spec.dense(2, 6)[0, 0], expected)
 
 
@@ -99,7 +99,7 @@ def test_block_summaries_never_lie(kind, bq, bk, seed):
     """``some`` False => nothing visible in the block; ``every`` True => all visible."""
     T = S = 31
     mod = M.as_mask_mod(MODS[kind](torch.Generator().manual_seed(seed))).resolve(T, S)
-    full = M.MaskSpec(mask_mod=mod).dense(T, S, B=2, H=3).expand(2, 3, T, S)
+    full = M.MaskSpec.from_args(mask_mod=mod).dense(T, S, B=2, H=3).expand(2, 3, T, S)
     q_lo = torch.arange(0, T, bq).view(-1, 1)
     q_hi = (q_lo + bq).clamp(max=T) - 1
     k_lo = torch.arange(0, S, bk).view(1, -1)
@@ -128,7 +128,7 @@ def _qkv(T, S, H=4, Hkv=2, D=5, seed=0, dtype=torch.float64):
 def test_chunked_matches_math_for_every_kind(kind, block_q, block_k, seed):
     """Outputs, lse and gradients in float64, any block size, 31 x 31."""
     q, k, v = _qkv(31, 31, seed=seed)
-    spec = M.MaskSpec(mask_mod=MODS[kind](torch.Generator().manual_seed(seed)))
+    spec = M.MaskSpec.from_args(mask_mod=MODS[kind](torch.Generator().manual_seed(seed)))
     ref, ref_lse = attnkit.backends.math_attention(q, k, v, spec, dropout_p=0.0, scale=0.4,
                                                    return_lse=True)
     out, lse = chunked_attention(q, k, v, spec, scale=0.4, return_lse=True, block_q=block_q,
@@ -154,9 +154,9 @@ def test_every_backend_serves_every_kind(backend, kind):
 def test_chunked_skips_empty_blocks():
     """A packed batch of 4 documents of 64 visits about a quarter of the 256 x 256 pairs."""
     q, k, v = (t.detach() for t in _qkv(256, 256, H=1, Hkv=1))
-    spec = M.MaskSpec(mask_mod=M.documents(cu_seqlens=[0, 64, 128, 192, 256]))
+    spec = M.MaskSpec.from_args(mask_mod=M.documents(cu_seqlens=[0, 64, 128, 192, 256]))
     from attnkit.backends.chunked import _Layout
-    lay = _Layout(q, k, spec, 64, 64)
+    lay = _Layout(q, k, attnkit.spec.Call.of(q, k, spec, False), 64, 64)
     visited = sum((k1 - k0) * (q1 - q0) for q0, q1, blocks in lay.tiles()
                   for k0, k1, _ in blocks)
     assert visited == 4 * 64 * 64
@@ -176,9 +176,9 @@ ERRORS = [
     (lambda: M.query_padding(torch.ones(3, dtype=torch.bool)), ValueError,
      "query_padding_mask must have 2 dims"),
     (lambda: M.as_mask_mod(3), TypeError, "mask_mod must be a mask description"),
-    (lambda: M.MaskSpec(mask_mod=M.query_padding(torch.ones(2, 4, dtype=torch.bool)))
+    (lambda: M.MaskSpec.from_args(mask_mod=M.query_padding(torch.ones(2, 4, dtype=torch.bool)))
      .validate(2, 1, 3, 3), ValueError, r"query_padding_mask must have shape \(B, T\)"),
-    (lambda: M.MaskSpec(mask_mod=M.documents(torch.zeros(1, 4, dtype=torch.long)))
+    (lambda: M.MaskSpec.from_args(mask_mod=M.documents(torch.zeros(1, 4, dtype=torch.long)))
      .validate(1, 1, 4, 5), ValueError, "pass kv_document_ids"),
 ]
 
@@ -191,6 +191,6 @@ def test_errors(call, exc, match):
 
 def test_named_backend_refusal_reasons_name_the_capability():
     q, k, v = _qkv(4, 4)
-    why = get_backend("sdpa").why_not(q, k, v, M.MaskSpec(sinks=torch.zeros(4)),
+    why = get_backend("sdpa").why_not(q, k, v, M.MaskSpec.from_args(sinks=torch.zeros(4)),
                                       dropout_p=0.0, return_lse=False)
     assert "sinks" in why

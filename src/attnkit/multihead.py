@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .backends import get_backend
 from .engine import attention
 from .kv_cache import ContextKV, KVCache
-from .masks import MaskSpec
+from .spec import MaskSpec, window_mask
 from .rope import RoPE
 
 __all__ = ["MultiHeadAttention"]
@@ -93,7 +93,8 @@ class MultiHeadAttention(nn.Module):
                              f"({num_kv_heads}): each key/value head serves a whole group")
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        MaskSpec(window=window)  # validates window with the engine's own message
+        if window is not None:
+            window_mask(window)  # validates window with the engine's own message
         if backend != "auto":
             get_backend(backend)  # fail now, not at the first forward
 
@@ -360,9 +361,9 @@ class MultiHeadAttention(nn.Module):
             context_kv = None
             S = (context.shape[1] if context is not None
                  else T + (0 if cache is None else cache.pos))
-        spec = MaskSpec(causal=self.causal, window=self.window, mask=mask,
-                        key_padding_mask=key_padding_mask,
-                        causal_align="top_left" if cache is None else "bottom_right")
+        spec = MaskSpec.from_args(causal=self.causal, window=self.window, mask=mask,
+                                  key_padding_mask=key_padding_mask,
+                                  causal_align="top_left" if cache is None else "bottom_right")
         spec.validate(B, self.num_heads, T, S)  # before the cache is written
 
         if context_kv is not None:
@@ -378,18 +379,14 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.update(k, v)  # (B, Hkv, pos + T, D) each
 
         dropout_p = self.dropout if self.training else 0.0  # the module owns the training check
-        if need_weights:
-            # Through the engine: auto picks a backend that declares "weights" (math today),
-            # unless this module's own backend can return them.
-            own = self.backend != "auto" and "weights" in get_backend(self.backend).capabilities
-            out, weights = attention(q, k, v, spec=spec, dropout_p=dropout_p,
-                                     backend=self.backend if own else "auto",
-                                     return_weights=True)
-        else:
-            out = attention(q, k, v, mask=mask, causal=self.causal,
-                            causal_align=spec.causal_align, window=self.window,
-                            key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                            backend=self.backend)  # (B, H, T, D)
+        # One path into the engine; with need_weights auto picks a backend that declares
+        # "weights" (math today), unless this module's own backend can return them.
+        backend = self.backend
+        if need_weights and (backend == "auto" or "weights" not in get_backend(backend).capabilities):
+            backend = "auto"
+        result = attention(q, k, v, spec=spec, dropout_p=dropout_p, backend=backend,
+                           return_weights=need_weights)
+        out, weights = result if need_weights else (result, None)  # out (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
         out = self.out_proj(out)  # (B, T, E)
         return (out, weights) if need_weights else out

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._mods import _index, check_align, check_broadcasts, offset_of
+from .masks.base import _index, check_align, check_broadcasts, offset_of
 
 __all__ = ["ScoreMod", "Softcap", "Alibi", "Bias", "ScoreFn", "Chain", "chain", "alibi_slopes",
            "as_score_mod"]

@@ -27,11 +27,12 @@ from collections import OrderedDict
 
 import torch
 
-from ..masks import MaskSpec
-from . import cost as _cost
 from ._edges import restore_nan_described
+from .registry import BACKWARD_FACTOR, Backend, as_call
 
 BLOCK = 128
+FLEX_RATE = 22e9  # FLOP/s of one CPU thread on its 128-granular blocks (bench_masks)
+FLEX_COMPILE_S = 30.0  # first compile in a process (measured 26 s on this CPU)
 _CACHE_SIZE = 16
 _compiled = None
 _block_masks: OrderedDict = OrderedDict()
@@ -68,13 +69,14 @@ def _recompile_limit() -> int:
     return int(getattr(cfg, "recompile_limit", getattr(cfg, "cache_size_limit", 8)))
 
 
-def _spec_key(spec: MaskSpec, T: int, S: int) -> tuple:
-    """A hashable key for the description; the tensors themselves are kept in the cache
-    entry, so their ids cannot be reused while it lives."""
-    mod, score = spec.mask_mod_for(T, S), spec.score_mod_for(T, S)
+def _spec_key(call) -> tuple:
+    """A hashable key for the call's description; the tensors themselves are kept in the
+    cache entry, so their ids cannot be reused while it lives."""
+    spec = call.spec
     fns = tuple(id(getattr(m, "fn", None)) for m in _walk(spec.mask_mod) + _walk(spec.score_mod))
     tensors = spec.tensors()
-    return ((mod.describe() if mod else None), (score.describe() if score else None), fns,
+    return ((call.mask.describe() if call.mask else None),
+            (call.score.describe() if call.score else None), fns,
             tuple((id(t), t._version) for t in tensors)), tensors
 
 
@@ -99,36 +101,21 @@ def _lru(cache: OrderedDict, key, make):
     return value[0]
 
 
-def _make_block_mask(mod, T: int, S: int, device):
-    """A ``BlockMask`` from the description's block summaries (no T x S evaluation)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    some, every = (t.to(device) for t in mod.summary(T, S, BLOCK, BLOCK))  # (nQ, nK) each
-    full = every & some
-    partial = some & ~full
-
-    def listing(sel):  # (nQ, nK) bool -> counts (1, 1, nQ), indices (1, 1, nQ, nK)
-        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
-        return (sel.sum(-1).to(torch.int32)[None, None],
-                order.to(torch.int32)[None, None])
-
-    kv_num, kv_idx = listing(partial)
-    full_num, full_idx = listing(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
-                                    mask_mod=mod, seq_lengths=(T, S))
+def _compile_key(call) -> tuple:
+    return ((call.B, call.H, call.T, call.D), (call.B, call.Hkv, call.S, call.D), call.dtype,
+            call.device.type, _spec_key(call)[0][:2])
 
 
-def _compile_key(q, k, spec: MaskSpec) -> tuple:
-    key, _ = _spec_key(spec, q.shape[2], k.shape[2])
-    return tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, key[:2]
-
-
-def is_compiled(q, k, spec: MaskSpec) -> bool:
+def is_compiled(q, k, call) -> bool:
     """Whether a call of this shape and description has already been compiled here."""
-    return _compile_key(q, k, spec) in _compiled_keys
+    from ..spec import Call, MaskSpec
+
+    if isinstance(call, MaskSpec):
+        call = Call.of(q, k, call, grad=False)
+    return _compile_key(call) in _compiled_keys
 
 
-def flex_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool,
+def flex_check(q, k, v, call, *, dropout_p: float, return_lse: bool,
                return_weights: bool = False):
     if torch.compiler.is_compiling():
         return "flex compiles itself and is not run inside another torch.compile region"
@@ -140,9 +127,7 @@ def flex_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool,
     if return_weights:
         return "flex attention never builds the T x S weights it would have to return"
     if q.device.type == "cpu":
-        needs_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v, *spec.tensors()))
-        if needs_grad:
+        if call.grad:
             return (f"FlexAttention has no backward on CPU in torch {torch.__version__} "
                     f"(inference only); call it under torch.no_grad() or use chunked")
         if return_lse:
@@ -152,28 +137,31 @@ def flex_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool,
             return "FlexAttention's CPU kernel runs float32, bfloat16 and float16, not float64"
     # (Only once something compiled: reading the limit imports dynamo, ~2 s.)
     if _compiled_keys and len(_compiled_keys) >= _recompile_limit() \
-            and not is_compiled(q, k, spec):
+            and _compile_key(call) not in _compiled_keys:
         return (f"torch.compile's recompile limit ({_recompile_limit()}) is reached in this "
                 f"process; more shapes would run flex uncompiled (dense)")
     return None
 
 
 def flex_cost(call) -> float:
-    spec = call.spec
-    key = ((call.B, call.H, call.T, call.D), (call.B, call.Hkv, call.S, call.D), call.dtype,
-           call.device.type, _spec_key(spec, call.T, call.S)[0][:2])
-    return _cost.flex_cost(call, key in _compiled_keys)
+    """Estimated seconds: the visited 128 x 128 blocks at flex's rate, plus the compile until
+    this shape and description have been compiled in this process."""
+    passes = BACKWARD_FACTOR if call.grad else 1.0
+    frac, _ = call.visited(BLOCK, BLOCK)
+    run = frac * call.flops() * passes / FLEX_RATE + 2e-4
+    return run if _compile_key(call) in _compiled_keys else run + FLEX_COMPILE_S
 
 
-def flex_attention(q, k, v, spec: MaskSpec, *, dropout_p: float = 0.0, scale: float,
+def flex_attention(q, k, v, call, *, dropout_p: float = 0.0, scale: float,
                    return_lse: bool = False, return_weights: bool = False):
     """Attention through compiled FlexAttention; contract in :mod:`.registry`.
 
     Raises:
         ValueError: the call is one ``flex_check`` refuses (the message says why).
     """
+    call = as_call(q, k, v, call)  # a bare MaskSpec works too
     global _compiled
-    reason = flex_check(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse,
+    reason = flex_check(q, k, v, call, dropout_p=dropout_p, return_lse=return_lse,
                         return_weights=return_weights)
     if reason:
         raise ValueError(reason)
@@ -181,20 +169,20 @@ def flex_attention(q, k, v, spec: MaskSpec, *, dropout_p: float = 0.0, scale: fl
 
     if _compiled is None:
         _compiled = torch.compile(_flex, dynamic=False)
-    B, H, T, _ = q.shape
-    S = k.shape[2]
-    key, tensors = _spec_key(spec, T, S)
-    mod = spec.mask_mod_for(T, S)
+    H, T, S = q.shape[1], q.shape[2], k.shape[2]
+    key, tensors = _spec_key(call)
+    mod = call.mask
     block_mask = None
     if mod is not None:
         block_mask = _lru(_block_masks, key + (T, S, q.device),
-                          lambda: (_make_block_mask(mod, T, S, q.device), tensors))
+                          lambda: (call.summary(BLOCK, BLOCK).to_block_mask(mod, q.device),
+                                   tensors))
     score = None
-    if spec.score_mod is not None:
-        score = _lru(_score_mods, key + (T, S), lambda: (spec.score_mod_for(T, S), tensors))
+    if call.score is not None:
+        score = _lru(_score_mods, key + (T, S), lambda: (call.score, tensors))
     result = _compiled(q, k, v, score_mod=score, block_mask=block_mask, scale=scale,
                        enable_gqa=k.shape[1] != H, return_lse=return_lse)
-    _compiled_keys.add(_compile_key(q, k, spec))
+    _compiled_keys.add(_compile_key(call))
     out, lse = result if return_lse else (result, None)
     # Compiled flex on CPU loses NaN scores (_edges): every row that sees one is set here.
     if lse is None:
@@ -202,3 +190,7 @@ def flex_attention(q, k, v, spec: MaskSpec, *, dropout_p: float = 0.0, scale: fl
     else:
         out, lse = restore_nan_described(out, q, k, v, mod, lse)
     return (out, lse.float() if lse.dtype != torch.float64 else lse) if return_lse else out
+
+
+BACKEND = Backend("flex", flex_attention, flex_check,
+                  frozenset({"lse", "grad", "score_mod"}), flex_cost)

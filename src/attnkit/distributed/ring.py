@@ -158,7 +158,7 @@ def _pieces(layout: str, causal: bool, rank: int, src: int, n: int, size: int = 
     if not causal:
         return [(every, every, MaskSpec())]
     if src == rank:
-        return [(every, every, MaskSpec(causal=True))]
+        return [(every, every, MaskSpec(mask_mod=Causal()))]
     if layout == "contiguous":
         return [(every, every, MaskSpec())] if src < rank else []
     half = n // 2

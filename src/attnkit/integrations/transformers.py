@@ -59,7 +59,8 @@ if not transformers.__version__.startswith("5."):
 
 from .. import engine as _engine
 from ..backends import available_backends
-from ..masks import (Causal, ChunkedLocal, Dense, KeyPadding, MaskMod, Or, Window, and_masks,
+from ..masks import (And, Causal, ChunkedLocal, Dense, KeyPadding, MaskMod, Or, Window,
+                     and_masks,
                      at_positions, documents)
 
 __all__ = ["register", "unregister", "HFMask", "attention_forward", "mask_interface",
@@ -217,7 +218,7 @@ def _and(parts) -> MaskMod | None:
     for p in parts:
         if p is None:
             continue
-        flat.extend(p.parts if type(p).__name__ == "And" else (p,))
+        flat.extend(p.parts if isinstance(p, And) else (p,))
     windows = [p for p in flat if _is_window(p)]
     others = [p for p in flat if not _is_window(p)]
     if windows and len({w.offset for w in windows}) == 1:
@@ -305,7 +306,7 @@ def _visible_keys(mod, T: int) -> int | None:
     """How many leading keys can be visible at all (a causal bound), None if unbounded."""
     if _is_window(mod):
         return None if mod.right is None else max(0, T - 1 + mod.offset + mod.right + 1)
-    if type(mod).__name__ == "And":
+    if isinstance(mod, And):
         bounds = [b for b in (_visible_keys(p, T) for p in mod.parts) if b is not None]
         return min(bounds) if bounds else None
     return None

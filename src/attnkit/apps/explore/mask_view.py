@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ... import explain
 from ...backends import chunked
-from ...masks import MaskSpec
+from ...spec import Call, MaskSpec
 
 __all__ = ["MAX_LEN", "MAX_CELLS_SHOWN", "KINDS", "build_mask", "mask_view"]
 
@@ -94,10 +94,10 @@ def build_mask(params: dict) -> tuple[int, int, dict]:
 def _visited(T: int, S: int, kwargs: dict, block_q: int, block_k: int) -> Tensor:
     """``(nq, nk)`` bool: the blocks chunked attention computes (its own tile walk)."""
     q, k = torch.zeros(1, 1, T, 1), torch.zeros(1, 1, S, 1)
-    spec = MaskSpec(**kwargs)
+    spec = MaskSpec.from_args(**kwargs)
     nq, nk = -(-T // block_q), -(-S // block_k)
     visited = torch.zeros(nq, nk, dtype=torch.bool)
-    for q0, _, blocks in chunked._Layout(q, k, spec, block_q, block_k).tiles():
+    for q0, _, blocks in chunked._Layout(q, k, Call.of(q, k, spec, False), block_q, block_k).tiles():
         for k0, k1, _ in blocks:
             # Tiles may start mid-block (a window's first key); mark every block touched.
             visited[q0 // block_q, k0 // block_k:(k1 - 1) // block_k + 1] = True
@@ -109,7 +109,7 @@ def mask_view(params: dict) -> dict:
 
     Args:
         params: as :func:`build_mask`, plus ``block_q``/``block_k`` (block sizes; default
-            chunked's own, ``DEFAULT_BLOCK_Q``/``DEFAULT_BLOCK_K``).
+            chunked's own, ``BLOCK_Q``/``BLOCK_K``).
 
     Returns:
         ``{"T", "S", "pattern" (rows of "1"/"0", or None when larger than
@@ -121,9 +121,9 @@ def mask_view(params: dict) -> dict:
         TypeError, ValueError: as :func:`build_mask`, or block sizes out of range.
     """
     T, S, kwargs = build_mask(params)
-    block_q = _int(params, "block_q", chunked.DEFAULT_BLOCK_Q, 1, MAX_LEN)
-    block_k = _int(params, "block_k", chunked.DEFAULT_BLOCK_K, 1, MAX_LEN)
-    dense = MaskSpec(**kwargs).dense(T, S)
+    block_q = _int(params, "block_q", chunked.BLOCK_Q, 1, MAX_LEN)
+    block_k = _int(params, "block_k", chunked.BLOCK_K, 1, MAX_LEN)
+    dense = MaskSpec.from_args(**kwargs).dense(T, S)
     grid = torch.ones(T, S, dtype=torch.bool) if dense is None else \
         dense.expand(1, 1, T, S)[0, 0]  # (T, S)
     nq, nk = -(-T // block_q), -(-S // block_k)

@@ -1,6 +1,6 @@
-"""The mask protocol and the structural kinds behind :mod:`attnkit.masks` (import them from
-there); the kinds holding data (padding, documents, prefix, chunked-local) are in
-:mod:`attnkit._mod_kinds`.
+"""The mask protocol and its algebra (``&``, ``|``, shifts) behind :mod:`attnkit.masks`
+(import them from there); the kinds are in :mod:`.structural` (positions only) and
+:mod:`.data` (kinds holding tensors).
 
 Every kind answers four questions, each in the form one backend needs:
 
@@ -146,128 +146,38 @@ class MaskFn(MaskMod):
         return getattr(self.fn, "__name__", "mask_fn")
 
 
-@dataclass(frozen=True, eq=False)
-class Window(MaskMod):
-    """Query at position ``p = i + offset`` sees keys ``p - left <= j <= p + right``."""
-
-    left: int | None = None
-    right: int | None = 0
-    align: object = "top_left"
-    offset: int | None = None
-
-    def __post_init__(self):
-        check_align(self.align)
-        for name in ("left", "right"):
-            val = getattr(self, name)
-            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 0):
-                raise ValueError(f"{name} must be a non-negative int (keys on that side of the "
-                                 f"query) or None for unbounded, got {val!r}")
-        if self.offset is not None and (not isinstance(self.offset, int)
-                                        or isinstance(self.offset, bool)):
-            raise ValueError(f"offset must be an int, got {self.offset!r}")
-
-    def resolve(self, T, S):
-        return self if self.offset is not None else replace(self, offset=offset_of(T, S, self.align))
-
-    def _o(self):
-        return 0 if self.offset is None else self.offset
-
-    def grid(self, b, h, q, k):
-        p = q + self._o()
-        ok = None
-        if self.left is not None:
-            ok = k >= p - self.left
-        if self.right is not None:
-            ok = (k <= p + self.right) if ok is None else ok & (k <= p + self.right)
-        return torch.ones_like(k - p, dtype=torch.bool) if ok is None else ok
-
-    def blocks(self, q_lo, q_hi, k_lo, k_hi):
-        o = self._o()
-        shape = (q_lo.shape[0], k_lo.shape[-1])  # (nQ, 1) with (1, nK)
-        some = every = torch.ones(shape, dtype=torch.bool, device=q_lo.device)  # narrowed below
-        if self.left is not None:
-            some = some & (k_hi >= q_lo + o - self.left)
-            every = every & (k_lo >= q_hi + o - self.left)
-        if self.right is not None:
-            some = some & (k_lo <= q_hi + o + self.right)
-            every = every & (k_hi <= q_lo + o + self.right)
-        return some, every
-
-    def describe(self):
-        at = f", offset={self.offset}" if self.offset else ""
-        return f"window(left={self.left}, right={self.right}{at})"
-
-
-@dataclass(frozen=True, eq=False)
-class Causal(Window):
-    """``Window(left=None, right=0)``: no key after the query's own position."""
-
-    def describe(self):
-        if self.offset:
-            return f"causal(offset={self.offset})"
-        return "causal" if self.offset is not None or self.align == "top_left" else \
-            f"causal({self.align})"
-
-
-@dataclass(frozen=True, eq=False)
-class Dense(MaskMod):
-    """A bool tensor broadcastable to ``(B, H, T, S)``: the escape hatch."""
-
-    mask: Tensor
-
-    def __post_init__(self):
-        if not isinstance(self.mask, Tensor) or self.mask.dtype != torch.bool:
-            got = self.mask.dtype if isinstance(self.mask, Tensor) else type(self.mask).__name__
-            raise TypeError(f"mask must be a bool tensor (True = attend), got {got}; convert a "
-                            f"0/1 tensor with .bool()")
-
-    def _m4(self) -> Tensor:
-        m = self.mask
-        return m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() <= 4 else m
-
-    def grid(self, b, h, q, k):
-        m = self._m4()
-        pick = [i if m.shape[d] > 1 else i * 0 for d, i in enumerate((b, h, q, k))]
-        return m[pick[0], pick[1], pick[2], pick[3]]
-
-    def tile(self, B, H, q0, q1, k0, k1, device):
-        m = self._m4()
-        return m[..., slice(q0, q1) if m.shape[2] > 1 else slice(None),
-               slice(k0, k1) if m.shape[3] > 1 else slice(None)]
-
-    def validate(self, B, H, T, S):
-        check_broadcasts("mask", self.mask, B, H, T, S)
-
-    def describe(self):
-        return f"dense{tuple(self.mask.shape)}"
-
-    def tensors(self):
-        return (self.mask,)
-
-
-@dataclass(frozen=True, eq=False)
-class And(MaskMod):
-    """Visible iff every part allows it."""
+class _Combination(MaskMod):
+    """A combination of descriptions: ``And`` and ``Or`` differ only in the operator that
+    joins the parts' grids and block summaries (siblings, not one a subclass of the other)."""
 
     parts: tuple
+    _symbol = "?"
+
+    @staticmethod
+    def _join(a, b):
+        raise NotImplementedError
+
+    @staticmethod
+    def _join_summary(a, b):
+        raise NotImplementedError
 
     def grid(self, b, h, q, k):
         out = self.parts[0].grid(b, h, q, k)
         for p in self.parts[1:]:
-            out = out & p.grid(b, h, q, k)
+            out = self._join(out, p.grid(b, h, q, k))
         return out
 
     def tile(self, B, H, q0, q1, k0, k1, device):
         out = self.parts[0].tile(B, H, q0, q1, k0, k1, device)
         for p in self.parts[1:]:
-            out = out & p.tile(B, H, q0, q1, k0, k1, device)
+            out = self._join(out, p.tile(B, H, q0, q1, k0, k1, device))
         return out
 
     def blocks(self, q_lo, q_hi, k_lo, k_hi):
         some, every = self.parts[0].blocks(q_lo, q_hi, k_lo, k_hi)
         for p in self.parts[1:]:
             s, e = p.blocks(q_lo, q_hi, k_lo, k_hi)
-            some, every = some & s, every & e
+            some, every = self._join(some, s), self._join_summary(every, e)
         return some, every
 
     def resolve(self, T, S):
@@ -278,39 +188,42 @@ class And(MaskMod):
             p.validate(B, H, T, S)
 
     def describe(self):
-        return " & ".join(f"({p.describe()})" if isinstance(p, Or) else p.describe()
-                          for p in self.parts)
+        def name(p):  # parenthesise the other operator
+            return f"({p.describe()})" if isinstance(p, _Combination) and \
+                type(p) is not type(self) else p.describe()
+        return f" {self._symbol} ".join(name(p) for p in self.parts)
 
     def tensors(self):
         return tuple(t for p in self.parts for t in p.tensors())
 
 
 @dataclass(frozen=True, eq=False)
-class Or(And):
-    """Visible iff some part allows it."""
+class And(_Combination):
+    """Visible iff every part allows it (block summaries: some AND some, every AND every)."""
 
-    def grid(self, b, h, q, k):
-        out = self.parts[0].grid(b, h, q, k)
-        for p in self.parts[1:]:
-            out = out | p.grid(b, h, q, k)
-        return out
+    parts: tuple
+    _symbol = "&"
 
-    def tile(self, B, H, q0, q1, k0, k1, device):
-        out = self.parts[0].tile(B, H, q0, q1, k0, k1, device)
-        for p in self.parts[1:]:
-            out = out | p.tile(B, H, q0, q1, k0, k1, device)
-        return out
+    @staticmethod
+    def _join(a, b):
+        return a & b
 
-    def blocks(self, q_lo, q_hi, k_lo, k_hi):
-        some, every = self.parts[0].blocks(q_lo, q_hi, k_lo, k_hi)
-        for p in self.parts[1:]:
-            s, e = p.blocks(q_lo, q_hi, k_lo, k_hi)
-            some, every = some | s, every | e
-        return some, every
+    _join_summary = _join
 
-    def describe(self):
-        return " | ".join(f"({p.describe()})" if isinstance(p, And) and not isinstance(p, Or)
-                          else p.describe() for p in self.parts)
+
+@dataclass(frozen=True, eq=False)
+class Or(_Combination):
+    """Visible iff some part allows it (some OR some; every OR every: one full part fills
+    the block)."""
+
+    parts: tuple
+    _symbol = "|"
+
+    @staticmethod
+    def _join(a, b):
+        return a | b
+
+    _join_summary = _join
 
 
 @dataclass(frozen=True, eq=False)

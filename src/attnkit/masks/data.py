@@ -1,17 +1,17 @@
-"""The mask kinds that hold data or positions: padding, documents, prefix, chunked-local.
+"""The mask kinds that hold data: key and query padding, documents, a dense tensor.
 
 Part of :mod:`attnkit.masks` (import them from there); the protocol every kind follows is in
-:mod:`attnkit._mods`. Shape letters as in :mod:`attnkit.masks`.
+:mod:`attnkit.masks.base`. Shape letters as in :mod:`attnkit.masks`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ._mods import MaskMod, check_align, offset_of
+from .base import MaskMod, check_broadcasts
 
 
 def _check_bool(name: str, m, dims: int) -> None:
@@ -153,57 +153,36 @@ class SameDocument(MaskMod):
 
 
 @dataclass(frozen=True, eq=False)
-class KeyPrefix(MaskMod):
-    """Key index below ``n`` (an int or ``(B,)`` tensor): the prefix of prefix-LM."""
+class Dense(MaskMod):
+    """A bool tensor broadcastable to ``(B, H, T, S)``: the escape hatch."""
 
-    n: object
-
-    def grid(self, b, h, q, k):
-        n = self.n[b] if isinstance(self.n, Tensor) else self.n
-        return k < n
-
-    def tile(self, B, H, q0, q1, k0, k1, device):
-        k = torch.arange(k0, k1, device=device).view(1, 1, 1, -1)  # (1, 1, 1, nk)
-        n = self.n.view(-1, 1, 1, 1) if isinstance(self.n, Tensor) else self.n  # (B, 1, 1, 1)
-        return k < n
-
-    def blocks(self, q_lo, q_hi, k_lo, k_hi):
-        if isinstance(self.n, Tensor):
-            lo, hi = int(self.n.min()), int(self.n.max())
-        else:
-            lo = hi = int(self.n)
-        return (k_lo < hi) & (q_lo >= 0), (k_hi < lo) & (q_lo >= 0)
-
-    def describe(self):
-        return f"prefix({self.n if not isinstance(self.n, Tensor) else 'per-sample'})"
-
-    def tensors(self):
-        return (self.n,) if isinstance(self.n, Tensor) else ()
-
-
-@dataclass(frozen=True, eq=False)
-class ChunkedLocal(MaskMod):
-    """Query position ``p = i + offset`` and key ``j`` lie in the same ``size``-chunk."""
-
-    size: int
-    align: object = "top_left"
-    offset: int | None = None
+    mask: Tensor
 
     def __post_init__(self):
-        check_align(self.align)
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {self.size!r}")
+        if not isinstance(self.mask, Tensor) or self.mask.dtype != torch.bool:
+            got = self.mask.dtype if isinstance(self.mask, Tensor) else type(self.mask).__name__
+            raise TypeError(f"mask must be a bool tensor (True = attend), got {got}; convert a "
+                            f"0/1 tensor with .bool()")
 
-    def resolve(self, T, S):
-        return self if self.offset is not None else replace(self, offset=offset_of(T, S, self.align))
+    def _m4(self) -> Tensor:
+        m = self.mask
+        return m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() <= 4 else m
 
     def grid(self, b, h, q, k):
-        return (q + (self.offset or 0)) // self.size == k // self.size
+        m = self._m4()
+        pick = [i if m.shape[d] > 1 else i * 0 for d, i in enumerate((b, h, q, k))]
+        return m[pick[0], pick[1], pick[2], pick[3]]
 
-    def blocks(self, q_lo, q_hi, k_lo, k_hi):
-        o, c = self.offset or 0, self.size
-        qa, qb, ka, kb = (q_lo + o) // c, (q_hi + o) // c, k_lo // c, k_hi // c
-        return (qa <= kb) & (ka <= qb), (qa == qb) & (ka == kb) & (qa == ka)
+    def tile(self, B, H, q0, q1, k0, k1, device):
+        m = self._m4()
+        return m[..., slice(q0, q1) if m.shape[2] > 1 else slice(None),
+               slice(k0, k1) if m.shape[3] > 1 else slice(None)]
+
+    def validate(self, B, H, T, S):
+        check_broadcasts("mask", self.mask, B, H, T, S)
 
     def describe(self):
-        return f"chunked_local({self.size})"
+        return f"dense{tuple(self.mask.shape)}"
+
+    def tensors(self):
+        return (self.mask,)

@@ -33,10 +33,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .spec import MaskSpec
-from ._mod_kinds import ChunkedLocal, KeyPadding, KeyPrefix, QueryPadding, SameDocument
-from ._mods import (ALIGNMENTS, And, Causal, Dense, MaskFn, MaskMod, Or, Shift, Window,
-                    as_mask_mod, check_align, offset_of)
+from .base import (ALIGNMENTS, And, MaskFn, MaskMod, Or, Shift, as_mask_mod, check_align,
+                   offset_of)
+from .data import Dense, KeyPadding, QueryPadding, SameDocument
+from .structural import Causal, ChunkedLocal, KeyPrefix, Window
 
 __all__ = [
     "ALIGNMENTS", "MaskMod", "MaskFn", "Causal", "Window", "KeyPadding", "QueryPadding",
@@ -47,8 +47,14 @@ __all__ = [
     "combine_masks",
 ]
 
-_check_align = check_align
-_offset = offset_of
+
+
+def __getattr__(name):
+    # MaskSpec lives in attnkit.spec, which imports this package: re-exported lazily.
+    if name == "MaskSpec":
+        from ..spec import MaskSpec
+        return MaskSpec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- named constructors ---------------------------------------------------------------------
