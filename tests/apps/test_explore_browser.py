@@ -166,3 +166,24 @@ def test_exported_html_renders_offline(driver, server, tmp_path):
     submit(driver, "tutorial", "sentence", "new words")
     assert "needs the server" in error_text(driver, "tutorial")
     assert severe(driver) == []
+
+
+def test_mask_view_draws_a_composed_description_and_its_block_map(driver, server):
+    open_page(driver, server.url, "mask")
+    for field, value in (("mask-T", "16"), ("mask-S", "16"), ("mask-docs", "6,10"),
+                         ("mask-valid", "14"), ("mask-chunk", "8")):
+        box = driver.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    driver.find_element(By.CSS_SELECTOR, "#mask-form button[type=submit]").click()
+    settle(driver)
+    assert error_text(driver, "mask") == ""
+    text = driver.find_element(By.ID, "explain-text").get_attribute("textContent")
+    assert "mask_mod=(masks.causal() & masks.chunked_local(8, causal=False) & " \
+           "masks.documents(cu_seqlens=[0, 6, 16], causal=False)) & masks.key_padding(" in text
+    assert "description: causal & chunked_local(8) & same_document(B=1) & key_padding" in text
+    block_map = driver.find_element(By.ID, "block-map")
+    assert block_map.get_attribute("data-title") == "block map (4 x 4 blocks)"
+    legend = driver.find_element(By.CSS_SELECTOR, "#mask-body .legend").text
+    assert "skipped (empty) (" in legend and "full (no mask) (" in legend
+    assert severe(driver) == []

@@ -81,29 +81,33 @@ function renderTutorial(d) {
 }
 
 // ---------------------------------------------------------------- mask view
+// The block map is the engine's BlockSummary at chunked's granularity (block_q x tile_k):
+// s = skipped (empty), f = full (no mask), p = partial (masked), e = planned partial but
+// every cell masked (the interval arithmetic could not prove it empty).
 const BLOCK_COLORS = { s: "#eceef2", e: "#f6c28b", p: "#9cc0f0", f: "#1f4e9c" };
+function tileOf(d, i, j) { return d.blocks[Math.floor(i / d.block_q)][Math.floor(j / d.tile_k)]; }
+
 function renderMask(d) {
   const body = $("mask-body"); body.textContent = "";
   const figs = el("div", { class: "row" });
   if (d.pattern) {
     const cell = Math.max(1, Math.min(24, Math.floor(520 / Math.max(d.T, d.S))));
     const canvas = el("canvas", { width: d.S * cell + 2, height: d.T * cell + 2 });
-    canvas.dataset.title = L("explore.mask.pattern_title", { T: d.T, S: d.S, block_q: d.block_q, block_k: d.block_k });
+    canvas.dataset.title = L("explore.mask.pattern_title", { T: d.T, S: d.S, block_q: d.block_q, block_k: d.tile_k });
     const ctx = canvas.getContext("2d");
     ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, canvas.width, canvas.height);
     d.pattern.forEach((row, i) => { for (let j = 0; j < d.S; j++) {
-      const skipped = d.blocks[Math.floor(i / d.block_q)][Math.floor(j / d.block_k)] === "s";
-      ctx.fillStyle = row[j] === "1" ? "#1f4e9c" : (skipped ? "#eceef2" : "#c9ccd4");
+      ctx.fillStyle = row[j] === "1" ? "#1f4e9c" : (tileOf(d, i, j) === "s" ? "#eceef2" : "#c9ccd4");
       ctx.fillRect(j * cell, i * cell, Math.max(1, cell - (cell > 3 ? 1 : 0)), Math.max(1, cell - (cell > 3 ? 1 : 0)));
     } });
     ctx.strokeStyle = "#e0771b"; ctx.lineWidth = 1;
     for (let i = 0; i <= d.T; i += d.block_q) { ctx.beginPath(); ctx.moveTo(0, i * cell + 0.5); ctx.lineTo(d.S * cell, i * cell + 0.5); ctx.stroke(); }
-    for (let j = 0; j <= d.S; j += d.block_k) { ctx.beginPath(); ctx.moveTo(j * cell + 0.5, 0); ctx.lineTo(j * cell + 0.5, d.T * cell); ctx.stroke(); }
+    for (let j = 0; j <= d.S; j += d.tile_k) { ctx.beginPath(); ctx.moveTo(j * cell + 0.5, 0); ctx.lineTo(j * cell + 0.5, d.T * cell); ctx.stroke(); }
     hover(canvas, (x, y) => {
       const i = Math.floor(y / cell), j = Math.floor(x / cell);
       if (i < 0 || j < 0 || i >= d.T || j >= d.S) return null;
-      const b = d.blocks[Math.floor(i / d.block_q)][Math.floor(j / d.block_k)];
-      return L("explore.mask.cell", { i, j, what: L(d.pattern[i][j] === "1" ? "explore.mask.may_attend" : "explore.mask.masked"), block: L("explore.block." + b) });
+      return L("explore.mask.cell", { i, j, what: L(d.pattern[i][j] === "1" ? "explore.mask.may_attend" : "explore.mask.masked"),
+                                       block: L("explore.block." + tileOf(d, i, j)) });
     });
     figs.append(el("div", { class: "figure" }, el("h4", {}, canvas.dataset.title), canvas,
       el("div", { class: "caption" }, L("explore.mask.caption"))));
@@ -111,7 +115,7 @@ function renderMask(d) {
     figs.append(el("p", { class: "hint" }, L("explore.mask.too_large", { T: d.T, S: d.S })));
   }
   const nq = d.blocks.length, nk = d.blocks[0].length, bc = Math.max(2, Math.min(28, Math.floor(420 / Math.max(nq, nk))));
-  const map = el("canvas", { width: nk * bc + 2, height: nq * bc + 2 });
+  const map = el("canvas", { width: nk * bc + 2, height: nq * bc + 2, id: "block-map" });
   map.dataset.title = L("explore.mask.block_map", { nq, nk });
   const mctx = map.getContext("2d");
   mctx.fillStyle = "#fff"; mctx.fillRect(0, 0, map.width, map.height);
@@ -120,25 +124,29 @@ function renderMask(d) {
   hover(map, (x, y) => {
     const i = Math.floor(y / bc), j = Math.floor(x / bc);
     if (i < 0 || j < 0 || i >= nq || j >= nk) return null;
-    return L("explore.mask.block", { q0: i * d.block_q, q1: Math.min(d.T, (i + 1) * d.block_q) - 1, k0: j * d.block_k,
-                                     k1: Math.min(d.S, (j + 1) * d.block_k) - 1, what: L("explore.block." + d.blocks[i][j]) });
+    return L("explore.mask.block", { q0: i * d.block_q, q1: Math.min(d.T, (i + 1) * d.block_q) - 1, k0: j * d.tile_k,
+                                     k1: Math.min(d.S, (j + 1) * d.tile_k) - 1, what: L("explore.block." + d.blocks[i][j]) });
   });
   const counts = {}; d.blocks.join("").split("").forEach((b) => { counts[b] = (counts[b] || 0) + 1; });
   const legend = el("div", { class: "legend" });
-  for (const b of "sepf") legend.append(el("span", { style: `background:${BLOCK_COLORS[b]}` }), `${L("explore.block." + b)} (${counts[b] || 0})`);
-  figs.append(el("div", { class: "figure" }, el("h4", {}, map.dataset.title), map, legend));
+  for (const b of "sfpe") legend.append(el("span", { style: `background:${BLOCK_COLORS[b]}` }), `${L("explore.block." + b)} (${counts[b] || 0})`);
+  figs.append(el("div", { class: "figure" }, el("h4", {}, map.dataset.title), map, legend,
+    el("div", { class: "caption" }, L("explore.mask.plan", { visited: (100 * d.visited_fraction).toFixed(1), blocks: d.key_blocks,
+                                                             masked: d.masked_key_blocks, block_k: d.block_k }))));
   const ex = d.explain;
-  const lines = [`${d.arguments}`, "", `auto -> ${ex.chosen}: ${ex.reason}`,
+  const lines = [d.arguments, "", L("explore.mask.describe", { text: d.describe }), "", `auto -> ${ex.chosen}: ${ex.reason}`,
                  ...Object.entries(ex.rejected).map(([n, why]) => `  not ${n}: ${why}`), "",
                  L("explore.mask.visible", { visible: d.visible, cells: d.T * d.S })];
-  figs.append(el("div", { class: "figure" }, el("h4", {}, "attnkit.explain(q, k, v, ...)"),
+  figs.append(el("div", { class: "figure" }, el("h4", {}, "attnkit.explain(q, k, v, mask_mod=...)"),
                  el("pre", { class: "explain", id: "explain-text" }, lines.join("\n"))));
   body.append(figs);
 }
 
 function maskParams() {
-  const num = (id) => Number($(id).value);
-  return { T: num("mask-T"), S: num("mask-S"), causal: $("mask-causal").checked, align: $("mask-align").value,
-           window: num("mask-window"), valid_keys: num("mask-valid"), documents: $("mask-docs").value.trim(),
+  const num = (id) => Number($(id).value), text = (id) => $(id).value.trim();
+  return { T: num("mask-T"), S: num("mask-S"), align: $("mask-align").value, causal: $("mask-causal").checked,
+           causal_offset: text("mask-offset"), window_on: $("mask-window-on").checked, window_left: text("mask-left"),
+           window_right: text("mask-right"), prefix: num("mask-prefix"), chunk: num("mask-chunk"),
+           documents: text("mask-docs"), combine: $("mask-combine").value, valid_keys: num("mask-valid"),
            block_q: num("mask-bq"), block_k: num("mask-bk") };
 }
