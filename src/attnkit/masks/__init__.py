@@ -136,7 +136,8 @@ def documents(document_ids: Tensor | None = None, *, cu_seqlens=None, length: in
         length = int(cu[-1]) if length is None else length
         pos = torch.arange(length, device=cu.device)
         document_ids = (torch.searchsorted(cu[1:], pos, right=True)).unsqueeze(0)  # (1, T)
-    same = SameDocument(document_ids, kv_document_ids)
+    same = SameDocument(document_ids, kv_document_ids,
+                        None if cu_seqlens is None else tuple(cu.tolist()))
     return And((same, Causal())) if causal else same
 
 
