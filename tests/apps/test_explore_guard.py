@@ -87,6 +87,7 @@ def test_post_from_its_own_origin_or_without_origin_is_served(server):
     ({"T": 4096, "S": 4097}, "too large: T x S = 4096 x 4097"),
     ({"T": "4097", "S": 4096}, "too large"),
     ({"T": 4096, "block_q": 1, "block_k": 64}, "too many blocks: 4096/1 x 4096/64"),
+    ({"T": 4096, "block_q": 8, "block_k": 4096}, "4096/8 x 4096/64 gives 32768 tiles"),
     ({"T": 256, "block_q": 1, "block_k": 1}, "at most 16384 (128 x 128)"),
 ])
 def test_oversized_mask_requests_get_400(server, payload, message):

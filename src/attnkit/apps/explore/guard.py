@@ -18,11 +18,13 @@ Each function returns None when the request may go on, else the one-line reason.
 
 from __future__ import annotations
 
+from ...backends import chunked
+
 __all__ = ["MAX_MASK_CELLS", "MAX_MASK_BLOCKS", "MAX_GPT_TOKENS", "allowed_hosts",
            "host_refusal", "origin_refusal", "cost_refusal"]
 
 MAX_MASK_CELLS = 4096 * 4096  # the mask view's T * S
-MAX_MASK_BLOCKS = 128 * 128  # the block map's tiles (each is classed in Python)
+MAX_MASK_BLOCKS = 128 * 128  # the block map's tiles (block_q x min(block_k, chunked.FINE))
 MAX_GPT_TOKENS = 512  # prompt characters (tokens) the GPT view runs, whatever its context
 
 
@@ -87,15 +89,17 @@ def cost_refusal(view: str, params: dict) -> str | None:
         if T * S > MAX_MASK_CELLS:
             return (f"too large: T x S = {T} x {S} = {T * S} cells; one request may ask for at "
                     f"most {MAX_MASK_CELLS} (e.g. 4096 x 4096)")
-        # Absent block sizes mean the backend's defaults (>= 32: at most 128 x 128 blocks).
-        block_q, block_k = _number(params, "block_q", 32), _number(params, "block_k", 32)
+        block_q = _number(params, "block_q", chunked.BLOCK_Q)
+        block_k = _number(params, "block_k", chunked.BLOCK_K)
         if block_q is None or block_k is None:
             return None
-        blocks = -(-T // block_q) * -(-S // block_k)
+        tile_k = min(chunked.FINE, block_k)  # the block map's key granularity (mask_view)
+        blocks = -(-T // block_q) * -(-S // tile_k)
         if blocks > MAX_MASK_BLOCKS:
-            return (f"too many blocks: {T}/{block_q} x {S}/{block_k} gives {blocks} blocks; "
-                    f"one request may ask for at most {MAX_MASK_BLOCKS} (128 x 128): use "
-                    "larger block_q/block_k")
+            return (f"too many blocks: {T}/{block_q} x {S}/{tile_k} gives {blocks} tiles of "
+                    f"the block map; one request may ask for at most {MAX_MASK_BLOCKS} "
+                    f"(128 x 128): use a larger block_q (the key side is min(block_k, "
+                    f"{chunked.FINE}))")
     if view == "/api/gpt":
         prompt = params.get("prompt", "")
         if isinstance(prompt, str) and len(prompt) > MAX_GPT_TOKENS:
