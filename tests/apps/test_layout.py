@@ -77,6 +77,11 @@ def test_translate_and_why_configs_keep_run_options_out_of_their_settings():
 
     assert "run" not in TrainConfig().settings() and "model" not in TrainConfig().settings()
     assert "run" not in WhyConfig().settings()
-    with pytest.raises(ValueError, match="config.run.out is None"):
+    with pytest.raises(ValueError, match="config.run.out is None; the translator's training"):
         importlib.import_module("attnkit.apps.translate.train").train(
             TrainConfig(run=RunOptions()))
+    with pytest.raises(ValueError, match="config.run.out is None; the comparison needs"):
+        importlib.import_module("attnkit.apps.why_attention.train").train(
+            WhyConfig(run=RunOptions()))
+    with pytest.raises(ValueError, match="steps must be positive, got 0"):
+        WhyConfig(steps=0)
