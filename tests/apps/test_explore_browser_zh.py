@@ -12,7 +12,7 @@ pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select  # noqa: E402
 
-from _browser import error_text, open_page, settle, severe  # noqa: E402
+from _browser import error_text, open_page, settle, severe, submit  # noqa: E402
 
 ZH = _i18n.catalogue("zh")
 VIEWS = ("tutorial", "mask", "translate", "gpt")
@@ -102,3 +102,17 @@ def test_the_exported_page_speaks_zh_offline(driver, server, tmp_path):
     assert driver.find_element(By.ID, "offline-note").text == ZH["explore.offline_note"]
     assert headings(driver)[0] == "3.3.1 没有可训练权重的简单自注意力机制"
     assert severe(driver) == []
+
+
+def test_input_errors_are_shown_in_chinese(fresh, server):
+    driver = fresh
+    open_page(driver, server.url + "?lang=zh")
+    submit(driver, "tutorial", "sentence", "")
+    assert error_text(driver, "tutorial").startswith("句子是空的;请输入几个单词")
+    open_page(driver, server.url + "?lang=zh", "mask")
+    submit(driver, "mask", "mask-docs", "3,3")
+    assert "各文档的长度必须为正,且加起来等于 S=16" in error_text(driver, "mask")
+    open_page(driver, server.url + "?lang=zh", "translate")
+    submit(driver, "translate", "date", "2001-3-1")
+    assert "是不支持的格式" in error_text(driver, "translate")
+    driver.get_log("browser")  # the 400 responses are logged; they are the point here

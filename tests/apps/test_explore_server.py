@@ -112,3 +112,11 @@ def test_100_concurrent_requests(server):
     seconds = time.perf_counter() - started
     assert [status for status, _, _ in results] == [200] * 100
     assert seconds < 60, f"100 requests took {seconds:.1f} s"
+
+
+def test_input_errors_follow_the_pages_language(server):
+    for language, start in (("zh", "句子是空的"), ("en", "the sentence is empty"),
+                            ("fr", "the sentence is empty")):
+        status, _, body = request(server, "POST", "/api/tutorial", b'{"sentence": ""}',
+                                  {"X-Attnkit-Language": language})
+        assert status == 400 and json.loads(body)["error"].startswith(start), language

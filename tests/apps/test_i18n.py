@@ -39,10 +39,10 @@ def test_catalogues_are_the_packaged_json_files():
 
 
 def _used_keys() -> set[str]:
-    code = (APPS / "walkthrough.py").read_text(encoding="utf-8")
+    code = "".join(p.read_text(encoding="utf-8") for p in sorted(APPS.rglob("*.py")))
     page = "".join((ASSETS / name).read_text(encoding="utf-8")
                    for name in ("index.html", "core.js", "views.js", "models.js", "app.js"))
-    used = set(re.findall(r"""["']((?:walkthrough|explore)\.[\w.]+)["']""", code + page))
+    used = set(re.findall(r"""["']((?:walkthrough|explore|error)\.[\w.]+)["']""", code + page))
     used |= {f"walkthrough.section.{s}" for s in re.findall(r'section\("([\w.]+)"', code)}
     used |= {f"explore.block.{code}" for code in "sepf"}  # L("explore.block." + b)
     return {key for key in used if not key.endswith(".")}
@@ -110,3 +110,15 @@ def test_walkthrough_refuses_an_unknown_language(capsys):
     assert "invalid choice: 'fr'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="language must be one of"):
         walkthrough.run(plots=False, language="fr", stream=io.StringIO())
+
+
+def test_input_errors_are_worded_by_the_catalogues_in_both_languages():
+    from attnkit.apps._i18n import LocalizedError
+    from attnkit.apps.translate import dates
+
+    with pytest.raises(LocalizedError) as caught:
+        dates.parse_date("2001-3-1")
+    assert str(caught.value).startswith("'2001-3-1' is an unsupported format: the translator")
+    assert caught.value.text("zh").startswith("'2001-3-1' 是不支持的格式:翻译模型训练时见过 "
+                                              "'2001-03-01'")
+    assert caught.value.text("fr") == str(caught.value)  # unknown language: English

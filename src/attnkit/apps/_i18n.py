@@ -10,6 +10,9 @@ tutorial attnkit grew from; numbers and variable names stay as in the code.
 * :func:`catalogue` - one language's catalogue.
 * :func:`translator` - ``tr(key, **fields)`` for one language.
 * :func:`terminal_language` - ``zh`` when the terminal's locale is Chinese, else ``en``.
+* :class:`LocalizedError` - a ``ValueError`` whose message is a catalogue text: ``str()`` is
+  English (the command line prints it), :meth:`LocalizedError.text` gives any language (the
+  explorer answers in the page's).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import os
 import string
 from importlib import resources
 
-__all__ = ["LANGUAGES", "catalogue", "translator", "terminal_language", "fields"]
+__all__ = ["LANGUAGES", "catalogue", "translator", "terminal_language", "fields",
+           "Localized", "LocalizedError", "localized"]
 
 LANGUAGES = ("en", "zh")
 
@@ -90,3 +94,30 @@ def terminal_language(environ=None) -> str:
             first = value.split(":")[0].lower()
             return "zh" if first.startswith("zh") else "en"
     return "en"
+
+
+class Localized:
+    """Mix-in for an exception worded by the catalogues: ``str(err)`` is the English text,
+    ``err.text("zh")`` the Chinese one (same fields: numbers, names and quoted input as given).
+
+    Args:
+        key: the catalogue key.
+        **fields: the text's ``{name}`` fields, already formatted as they should appear.
+    """
+
+    def __init__(self, key: str, **fields):
+        self.key, self.fields = key, fields
+        super().__init__(translator("en")(key, **fields))
+
+    def text(self, language: str) -> str:
+        """The message in ``language`` (``en`` for an unknown one)."""
+        return translator(language if language in LANGUAGES else "en")(self.key, **self.fields)
+
+
+class LocalizedError(Localized, ValueError):
+    """A mistake in the input, worded by the catalogues (see :class:`Localized`)."""
+
+
+def localized(err: BaseException, language: str) -> str:
+    """``err``'s message in ``language`` when the catalogues word it, else ``str(err)``."""
+    return err.text(language) if isinstance(err, Localized) else str(err)

@@ -19,6 +19,7 @@ Each function returns None when the request may go on, else the one-line reason.
 from __future__ import annotations
 
 from ...backends import chunked
+from .._i18n import LANGUAGES, translator
 
 __all__ = ["MAX_MASK_CELLS", "MAX_MASK_BLOCKS", "MAX_GPT_TOKENS", "allowed_hosts",
            "host_refusal", "origin_refusal", "cost_refusal"]
@@ -72,7 +73,7 @@ def _number(params: dict, name: str, default: int) -> int | None:
         else None  # the view itself names a bad value
 
 
-def cost_refusal(view: str, params: dict) -> str | None:
+def cost_refusal(view: str, params: dict, language: str = "en") -> str | None:
     """Why the ``view`` request ``params`` costs too much to compute (None: it may run).
 
     Only the sizes are checked here; malformed values are left to the view, which names them.
@@ -80,15 +81,16 @@ def cost_refusal(view: str, params: dict) -> str | None:
     Args:
         view: the API path, e.g. ``"/api/mask"``.
         params: the request's JSON object.
+        language: the language of the reason (the page's; see :mod:`attnkit.apps._i18n`).
     """
+    tr = translator(language if language in LANGUAGES else "en")
     if view == "/api/mask":
         T = _number(params, "T", 16)
         S = _number(params, "S", T or 16)
         if T is None or S is None:
             return None
         if T * S > MAX_MASK_CELLS:
-            return (f"too large: T x S = {T} x {S} = {T * S} cells; one request may ask for at "
-                    f"most {MAX_MASK_CELLS} (e.g. 4096 x 4096)")
+            return tr("error.cost_cells", T=T, S=S, cells=T * S, limit=MAX_MASK_CELLS)
         block_q = _number(params, "block_q", chunked.BLOCK_Q)
         block_k = _number(params, "block_k", chunked.BLOCK_K)
         if block_q is None or block_k is None:
@@ -96,13 +98,10 @@ def cost_refusal(view: str, params: dict) -> str | None:
         tile_k = min(chunked.FINE, block_k)  # the block map's key granularity (mask_view)
         blocks = -(-T // block_q) * -(-S // tile_k)
         if blocks > MAX_MASK_BLOCKS:
-            return (f"too many blocks: {T}/{block_q} x {S}/{tile_k} gives {blocks} tiles of "
-                    f"the block map; one request may ask for at most {MAX_MASK_BLOCKS} "
-                    f"(128 x 128): use a larger block_q (the key side is min(block_k, "
-                    f"{chunked.FINE}))")
+            return tr("error.cost_blocks", T=T, S=S, block_q=block_q, tile_k=tile_k,
+                      blocks=blocks, limit=MAX_MASK_BLOCKS, fine=chunked.FINE)
     if view == "/api/gpt":
         prompt = params.get("prompt", "")
         if isinstance(prompt, str) and len(prompt) > MAX_GPT_TOKENS:
-            return (f"too long: the prompt has {len(prompt)} characters (tokens); one request "
-                    f"may ask for at most {MAX_GPT_TOKENS}")
+            return tr("error.cost_prompt", length=len(prompt), limit=MAX_GPT_TOKENS)
     return None

@@ -26,6 +26,7 @@ from ... import explain, masks
 from ...backends import chunked
 from ...spec import Call, MaskSpec
 from ...summary import EMPTY, FULL, PARTIAL
+from .._i18n import LocalizedError
 
 __all__ = ["MAX_LEN", "MAX_CELLS_SHOWN", "KINDS", "build_mask", "mask_view"]
 
@@ -43,7 +44,7 @@ def _int(params: dict, name: str, default, low: int, high: int, *, blank=False):
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        raise LocalizedError("error.mask_int", name=name, low=low, high=high, value=repr(value))
     return value
 
 
@@ -53,11 +54,9 @@ def _lengths(text, S: int) -> list[int]:
     try:
         lengths = [int(p) for p in parts if p != ""]
     except (TypeError, ValueError):
-        raise ValueError(f"documents must be lengths separated by commas, e.g. '4,8,4', "
-                         f"got {text!r}") from None
+        raise LocalizedError("error.docs_format", text=repr(text)) from None
     if not lengths or min(lengths) < 1 or sum(lengths) != S:
-        raise ValueError(f"document lengths must be positive and add up to S={S}, got "
-                         f"{lengths} (sum {sum(lengths)})")
+        raise LocalizedError("error.docs_sum", S=S, lengths=lengths, total=sum(lengths))
     return lengths
 
 
@@ -91,7 +90,7 @@ def _terms(params: dict, T: int, S: int, align: str) -> list[tuple[object, str]]
     documents = params.get("documents") or ""
     if documents:
         if T != S:
-            raise ValueError(f"documents need T == S (self-attention), got T={T}, S={S}")
+            raise LocalizedError("error.docs_square", T=T, S=S)
         lengths = _lengths(documents, S)
         cu = [0] + torch.tensor(lengths).cumsum(0).tolist()
         terms.append((masks.documents(cu_seqlens=cu, causal=False),
@@ -124,10 +123,10 @@ def build_mask(params: dict) -> tuple[int, int, object, str]:
     S = _int(params, "S", T, 1, MAX_LEN)
     align = params.get("align", "top_left")
     if align not in ("top_left", "bottom_right"):
-        raise ValueError(f"align must be 'top_left' or 'bottom_right', got {align!r}")
+        raise LocalizedError("error.mask_align", value=repr(align))
     combine = params.get("combine", "and")
     if combine not in ("and", "or"):
-        raise ValueError(f"combine must be 'and' or 'or', got {combine!r}")
+        raise LocalizedError("error.mask_combine", value=repr(combine))
     terms = _terms(params, T, S, align)
     op = " & " if combine == "and" else " | "
     mod = None

@@ -16,7 +16,8 @@ Errors are JSON ``{"error": message}``: 400 for bad JSON, bad input or a request
 cap (:mod:`.guard`), 403 for a foreign ``Host:`` or a ``POST`` from a foreign ``Origin:``
 (:mod:`.guard`; the reason is one line, also kept in ``server.refusals``), 404 for an
 unknown path or a missing checkpoint, 413 for a body over :data:`MAX_BODY`, 500 (logged)
-for a bug.
+for a bug. Messages about the input (400, 404 for a missing model) are in the page's language,
+sent as ``X-Attnkit-Language`` (:mod:`attnkit.apps._i18n`); the others are English.
 URL paths are looked up in :data:`ASSETS` by exact name, never joined to a file-system path,
 so no request can reach a file outside the assets. The server binds 127.0.0.1 only.
 """
@@ -32,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
 from ..checkpoint import atomic_write
-from .._i18n import LANGUAGES, catalogue
+from .._i18n import LANGUAGES, catalogue, localized
 from .guard import cost_refusal, host_refusal, origin_refusal
 from .mask_view import mask_view
 from .model_view import ModelMissing, Models, gpt_view, translate_view
@@ -153,16 +154,17 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(params, dict):
             self._json(400, {"error": "the request body must be a JSON object"})
             return
-        reason = cost_refusal(self.path, params)
+        language = self.headers.get("X-Attnkit-Language", "en")  # the page's language
+        reason = cost_refusal(self.path, params, language)
         if reason:
             self._refuse(400, reason)
             return
         try:
             self._json(200, view(params))
         except (ValueError, TypeError) as err:
-            self._json(400, {"error": str(err)})
+            self._json(400, {"error": localized(err, language)})
         except ModelMissing as err:
-            self._json(404, {"error": str(err)})
+            self._json(404, {"error": localized(err, language)})
         except Exception as err:  # a bug: report it, keep serving
             traceback.print_exc(file=sys.stderr)
             self._json(500, {"error": f"internal error ({type(err).__name__}); see the "
@@ -256,7 +258,8 @@ def export_html(path, models: Models | None = None) -> dict:
             embedded[name] = compute()
             problems[name] = None
         except (ValueError, TypeError, ModelMissing) as err:
-            embedded[name] = {"error": str(err)}
+            embedded[name] = {"error": str(err),  # and in every language, for the page
+                              "errors": {lang: localized(err, lang) for lang in LANGUAGES}}
             problems[name] = str(err)
     html = page()
     css = asset("style.css").decode("utf-8")

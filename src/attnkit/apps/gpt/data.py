@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._i18n import LocalizedError
+
 __all__ = ["default_corpus", "load_text", "split_ids", "get_batch",
            "unigram_loss"]
 
@@ -142,13 +144,12 @@ def encode_prompt(prompt, model, vocab) -> torch.Tensor:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if not prompt:
-        raise ValueError("the prompt is empty; give at least one character")
+        raise LocalizedError("error.prompt_empty")
     missing = vocab.unknown(prompt)
     if missing:
-        raise ValueError(f"the prompt has {len(missing)} character(s) the model never saw in "
-                         f"training: {', '.join(repr(c) for c in missing)}")
+        raise LocalizedError("error.prompt_unknown", count=len(missing),
+                             chars=", ".join(repr(c) for c in missing))
     limit = model.config.max_seq_len
     if len(prompt) > limit:
-        raise ValueError(f"the prompt has {len(prompt)} characters but the model's context "
-                         f"is {limit}; shorten it")
+        raise LocalizedError("error.prompt_long", length=len(prompt), limit=limit)
     return torch.tensor(vocab.encode(prompt), dtype=torch.long)  # (T,)

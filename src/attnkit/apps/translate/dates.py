@@ -26,6 +26,8 @@ import re
 import time
 from dataclasses import dataclass
 
+from .._i18n import LocalizedError
+
 __all__ = ["FORMATS", "DateFormat", "DatePair", "FIELDS", "render", "readings", "parse_date",
            "supported_examples", "split_dates", "sample_pairs", "FIRST_DATE", "LAST_DATE"]
 
@@ -275,25 +277,24 @@ def _readings(text: str) -> list[tuple[dt.date, DateFormat, bool]]:
             if date is not None and weekday == date.weekday()]
 
 
-def _why_not(text: str) -> str:
+def _why_not(text: str) -> LocalizedError:
     """Why ``text`` matches no format: an impossible day, a wrong weekday, a shape the model
     was not trained on, or no format at all."""
     loose = None
     for fmt, date, err, weekday, shape in _strptime(text):
         if err is not None and "out of range" in str(err):  # the day does not exist
-            return f"{text!r} is not a real date (the day is out of range for its month)"
+            return LocalizedError("error.date_unreal", text=repr(text))
         if date is not None and shape:
-            return (f"{text!r} names the wrong weekday: {date.isoformat()} is a "
-                    f"{_WEEKDAYS[date.weekday()]}")
+            return LocalizedError("error.date_weekday", text=repr(text), date=date.isoformat(),
+                                  weekday=_WEEKDAYS[date.weekday()])
         if date is not None and loose is None:
             loose = fmt, date
     if loose is not None:
         fmt, date = loose
-        return (f"{text!r} is an unsupported format: the translator was trained on "
-                f"{fmt.write(date)!r} but never on this spelling; supported formats (shown "
-                f"for 2009-06-25): {'; '.join(supported_examples())}")
-    return (f"{text!r} is not a date in a supported format (e.g. \"june 25, 2009\", "
-            f"\"2009-06-25\", \"25/06/2009\"; see attnkit translate --help)")
+        return LocalizedError("error.date_unsupported", text=repr(text),
+                              trained=repr(fmt.write(date)),
+                              formats="; ".join(supported_examples()))
+    return LocalizedError("error.date_unknown", text=repr(text))
 
 
 def _order(fmt: DateFormat) -> str:
@@ -316,14 +317,13 @@ def parse_date(text: str) -> dt.date:
     if len(distinct) > 1:
         shown = " or ".join(f"{d.isoformat()} ({_order(f)})" for d, f in
                             sorted({d: f for d, f, _ in found}.items()))
-        raise ValueError(f"{text!r} is ambiguous: it reads as {shown}; write the month as a "
-                         f"name or use ISO (YYYY-MM-DD)")
+        raise LocalizedError("error.date_ambiguous", text=repr(text), readings=shown)
     if not any(shape for _, _, shape in found):
-        raise ValueError(_why_not(text))
+        raise _why_not(text)
     date = distinct[0]
     if not FIRST_DATE <= date <= LAST_DATE:
-        raise ValueError(f"{text!r} is {date.isoformat()}, outside the range the translator "
-                         f"knows ({FIRST_DATE.isoformat()} to {LAST_DATE.isoformat()})")
+        raise LocalizedError("error.date_range", text=repr(text), date=date.isoformat(),
+                             first=FIRST_DATE.isoformat(), last=LAST_DATE.isoformat())
     return date
 
 

@@ -54,11 +54,11 @@ async function api(view, params) {
   if (OFFLINE) {
     if (params !== null) throw new Error(L("explore.offline_error"));
     const data = OFFLINE[view];
-    if (data.error) throw new Error(data.error);
+    if (data.error) throw new Error((data.errors || {})[state.lang] || data.error);
     return data;
   }
   const response = await fetch("api/" + view, {
-    method: "POST", headers: { "Content-Type": "application/json" },
+    method: "POST", headers: { "Content-Type": "application/json", "X-Attnkit-Language": state.lang },
     body: JSON.stringify(params || {}) });
   const data = await response.json();
   if (!response.ok) throw new Error(data.error || ("HTTP " + response.status));
