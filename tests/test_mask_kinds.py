@@ -89,6 +89,7 @@ MODS = {
     "or": lambda g: M.or_masks(M.sliding_window(2, 0), M.prefix_lm(3)),
     "shifted": lambda g: M.at_positions(M.causal(), q_offset=5, kv_offset=0),
     "offset_causal": lambda g: M.causal(offset=-3),
+    "dilated": lambda g: M.dilated(3, window=9) | M.Dilated(4, offset=1),
 }
 
 
