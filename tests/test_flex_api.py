@@ -16,6 +16,9 @@ from attnkit.summary import EMPTY, FULL, PARTIAL
 flex_mod = pytest.importorskip("torch.nn.attention.flex_attention",
                                reason="this torch has no FlexAttention")
 torch_flex, torch_cbm = flex_mod.flex_attention, flex_mod.create_block_mask
+# torch's eager flex (the reference here) warns that it is unfused, and about return_lse.
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without"),
+              pytest.mark.filterwarnings("ignore:return_lse is deprecated")]
 
 
 def qkv(B=2, H=4, Hkv=4, T=300, S=None, D=16, grad=False, seed=0):
