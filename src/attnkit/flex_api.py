@@ -287,8 +287,12 @@ class BlockMask:
         """Percent of tiles that are skipped (torch's ``BlockMask.sparsity``)."""
         return 100.0 * float((self.summary.kind == EMPTY).float().mean())
 
-    def as_mask(self) -> BlockGrid:
-        """The description read through this summary (what :func:`flex_attention` runs)."""
+    def as_mask(self) -> MaskMod:
+        """What :func:`flex_attention` runs: the description itself when it has interval
+        arithmetic of its own (the engine's lowering and block plans see it, so causal
+        reaches SDPA's ``is_causal``), else the description read through this summary."""
+        if not _opaque(self.mask_mod):
+            return self.mask_mod
         return BlockGrid(self.mask_mod, self.summary.kind[None, None], self.summary.block_q,
                          self.summary.block_k, self.seq_lengths, authoritative=False)
 
