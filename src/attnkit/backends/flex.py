@@ -123,22 +123,27 @@ def _bucket(n: int) -> int:
     return max(BLOCK, 1 << (n - 1).bit_length())
 
 
-def _lengths(call) -> tuple[int, int]:
-    """``(T, S)`` the graph is compiled for: the next power of two (at least one block) when
-    the description reads no tensor shaped by the lengths and no user function (which may
-    index its own tensors), so that every length up to it shares one graph; else exact."""
+def _bucketable(call) -> bool:
+    """Whether the description reads no tensor shaped by the lengths and no user function
+    (which may index tensors of its own), so that padded positions are safe to evaluate."""
     from ..masks.base import MaskFn
     from ..scores import ScoreFn
 
     spec = call.spec
     leaves = _walk(spec.mask_mod) + _walk(spec.score_mod)
-    if any(isinstance(m, (MaskFn, ScoreFn)) for m in leaves) or any(
-            n in t.shape for t in spec.tensors() for n in (call.T, call.S)):
-        return call.T, call.S
-    return _bucket(call.T), _bucket(call.S)
+    return not any(isinstance(m, (MaskFn, ScoreFn)) for m in leaves) and not any(
+        n in t.shape for t in spec.tensors() for n in (call.T, call.S))
 
 
-def _block_mask(call, Tb: int, Sb: int, device):
+def _lengths(call) -> tuple[int, int]:
+    """``(T, S)`` the graph is compiled for: the next power of two (at least one block) when
+    :func:`_bucketable`, so that every length up to it shares one graph; else exact."""
+    if _bucketable(call):
+        return _bucket(call.T), _bucket(call.S)
+    return call.T, call.S
+
+
+def _block_mask(call, Tb: int, Sb: int, device, bucketed: bool):
     """torch's BlockMask for the call at ``(Tb, Sb)`` >= its lengths: the summary at
     ``BLOCK x BLOCK`` padded with empty tiles; keys past ``S`` hidden by a tensor bound (a
     graph input, so lengths in one bucket share the graph)."""
@@ -147,7 +152,7 @@ def _block_mask(call, Tb: int, Sb: int, device):
     T, S, mod = call.T, call.S, call.mask
     summary = call.summary(BLOCK, BLOCK) if mod is not None else \
         BlockSummary.build(None, T, S, BLOCK, BLOCK)
-    if (Tb, Sb) == (T, S):
+    if not bucketed:
         return summary.to_block_mask(mod, device)
     nq, nk = summary.kind.shape
     kind = torch.full((-(-Tb // BLOCK), -(-Sb // BLOCK)), EMPTY, dtype=torch.int8)
@@ -255,15 +260,17 @@ def flex_attention(q, k, v, call, *, dropout_p: float = 0.0, scale: float,
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
     if _compiled is None:
-        _compiled = torch.compile(_flex, dynamic=False)
+        with _quiet():
+            _compiled = torch.compile(_flex, dynamic=False)
     H, T, S = q.shape[1], q.shape[2], k.shape[2]
     Tb, Sb = _lengths(call)
     key, tensors = _spec_key(call)
     mod = call.mask
     block_mask = None
-    if mod is not None or (Tb, Sb) != (T, S):
+    bucketed = _bucketable(call)
+    if mod is not None or bucketed:
         block_mask = _lru(_block_masks, key + (T, S, q.device),
-                          lambda: (_block_mask(call, Tb, Sb, q.device), tensors))
+                          lambda: (_block_mask(call, Tb, Sb, q.device, bucketed), tensors))
     score = None
     if call.score is not None:
         score = _lru(_score_mods, key + (T, S), lambda: (call.score, tensors))
@@ -271,8 +278,8 @@ def flex_attention(q, k, v, call, *, dropout_p: float = 0.0, scale: float,
     if (Tb, Sb) != (T, S):  # one graph per bucket: padded rows and keys sit in empty tiles
         qp = torch.nn.functional.pad(q, (0, 0, 0, Tb - T))
         kp, vp = (torch.nn.functional.pad(t, (0, 0, 0, Sb - S)) for t in (k, v))
-    from torch._dynamo.utils import counters
-
+    with _quiet():  # importing dynamo warns too
+        from torch._dynamo.utils import counters
     before = counters["stats"]["unique_graphs"]
     try:
         with _quiet(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
