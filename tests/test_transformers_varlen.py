@@ -169,3 +169,21 @@ def test_main_register_also_registers_the_flash_name():
         assert "attnkit_t_flash" in transformers.AttentionInterface._global_mapping
     finally:
         hf.unregister("attnkit_t")
+
+
+@pytest.mark.bench
+def test_bench_serving_quick_reports_identical_tokens(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
+    out = tmp_path / "serving.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {r["group"] for r in rows} == {"generate_batch", "mask build", "packed train step"}
+    cb = [r for r in rows if r["group"] == "generate_batch"]
+    assert [r["impl"] for r in cb] == ["sdpa", "paged|eager", "attnkit_flash"]
+    assert all(r["same_tokens"] is True and r["tokens_per_s"] > 0 for r in cb)

@@ -115,9 +115,32 @@ def test_softcap_alibi_sinks_scale_and_gqa():
     torch.testing.assert_close(out, ref)
 
 
+def test_one_sequence_chunk_over_a_cache_split_and_merged():
+    # one sequence: a 6-query chunk over 40 keys runs as past + diagonal, merged by LSE
+    q, k, v, cu_q, cu_k = _packed([6], [40], H=4, Hkv=2, grad=True)
+    slopes = attnkit.scores.alibi_slopes(4).double()
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64, requires_grad=True)
+    kw = dict(softcap=2.0, alibi_slopes=slopes, sinks=sinks, scale=0.3)
+    out, lse = attnkit.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True, **kw)
+    ref = _ref(q, k, v, cu_q, cu_k, softcap=2.0, slopes=slopes, sinks=sinks, scale=0.3)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v, sinks), g),
+                    torch.autograd.grad(ref, (q, k, v, sinks), g)):
+        torch.testing.assert_close(a, b)
+    qs = q.transpose(0, 1)[None]  # (1, H, 6, D)
+    ks, vs = (t.transpose(0, 1).repeat_interleave(2, 0)[None] for t in (k, v))  # (1, H, 40, D)
+
+    def score(sc, b, h, i, j):
+        return 2.0 * torch.tanh(sc / 2.0) - slopes.view(-1, 1, 1) * (i + 34 - j).abs()
+    _, ref_lse = sdpa_ref(qs, ks, vs, mask=M.causal_mask(6, 40, align="bottom_right"),
+                          scale=0.3, sinks=sinks, score_mod=score, return_lse=True)
+    torch.testing.assert_close(lse, ref_lse[0])
+
+
 @pytest.mark.parametrize("backend", ["auto", "math", "chunked"])
 def test_exact_gradients(backend):
-    q, k, v, cu_q, cu_k = _packed([3, 1, 6], [3, 8, 6], grad=True)
+    q, k, v, cu_q, cu_k = _packed([3, 1, 60], [3, 80, 70], grad=True)
     out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, backend=backend)
     ref_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     ref = _ref(*ref_in, cu_q, cu_k)
@@ -143,8 +166,8 @@ def test_plan_groups_merges_small_and_splits_wasteful():
     assert plan_groups([1] * 4, [10] * 4, 64.0) == [(0, 4)]  # tiny: one call
     big = plan_groups([1] * 4, [100_000] * 4, 1024.0)
     assert big == [(0, 1), (1, 2), (2, 3), (3, 4)]  # 2x+ waste of large reads: one each
-    assert plan_groups([512, 512], [512, 512], 1024.0) == [(0, 2)]  # long: chunked skips
-    assert plan_groups([512, 1, 512], [512, 9000, 512], 1024.0) == [(0, 1), (1, 2), (2, 3)]
+    assert plan_groups([512, 512], [512, 512], 1024.0) == [(0, 1), (1, 2)]  # long: alone
+    assert plan_groups([2, 3, 2], [4, 3, 5], 1024.0) == [(0, 3)]
 
 
 @pytest.mark.parametrize("cu,match", [

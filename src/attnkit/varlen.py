@@ -8,12 +8,12 @@ starts. Within a sequence causality is aligned bottom-right: its ``Lq`` queries 
 ``total x total`` tensor).
 
 How it runs: consecutive sequences are grouped so that a group's dense rectangle wastes little
-(at most 1.5x its useful pairs or a few MFLOP, or long sequences whose
-query tiles stay within one). A group of one sequence is an ordinary
-bottom-right causal call (SDPA's ``is_causal`` when it applies); a larger group is one call with
-the varlen mask, where chunked skips the cross-sequence blocks. Each group goes through
-:func:`attnkit.attention`, so every backend, GQA, softcap, sinks and exact gradients come from
-the engine.
+(at most 1.5x its useful pairs, or a few MFLOP). A group of one sequence is an ordinary
+bottom-right causal call (SDPA's ``is_causal`` from scratch; a chunk over a cache is split into
+its unmasked past and its top-left causal diagonal, merged by log-sum-exp); a larger group is
+one call with the varlen mask, where chunked skips the cross-sequence blocks. Each group goes
+through :func:`attnkit.attention`, so every backend, GQA, softcap, sinks and exact gradients
+come from the engine.
 
 Shape letters: ``N`` sequences, ``H`` query heads, ``Hkv`` key/value heads, ``D`` head dim.
 """
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .engine import attention
+from .functional import merge_partial_attention
 from .masks import sliding_window, varlen
 from .masks.varlen import Varlen, check_cu_seqlens
 from .scores import ScoreMod
@@ -34,8 +35,6 @@ __all__ = ["varlen_attention", "VarlenAlibi", "plan_groups"]
 
 #: Wasted FLOPs a group may add before a separate call (its overhead) is cheaper.
 SMALL_WASTE_FLOPS = 4e6
-#: Queries per sequence from which chunked's query tiles rarely straddle two sequences.
-LONG_Q = 128
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,23 +64,47 @@ class VarlenAlibi(ScoreMod):
 def plan_groups(len_q: list[int], len_k: list[int], flops_per_pair: float) -> list[tuple]:
     """Consecutive sequences ``[(first, end), ...]`` to run as one call each.
 
-    A sequence joins the open group when both it and the group's last sequence have at least
-    :data:`LONG_Q` queries (query tiles then stay within a sequence and chunked skips the
-    cross-sequence blocks), or when the group's dense ``sum(Lq) x sum(Lk)`` rectangle stays
-    within 1.5x its useful pairs or wastes under :data:`SMALL_WASTE_FLOPS` (one more call's
-    overhead).
+    A sequence joins the open group while the group's dense ``sum(Lq) x sum(Lk)`` rectangle
+    stays within 1.5x its useful pairs or wastes under :data:`SMALL_WASTE_FLOPS` (one more
+    call's overhead); otherwise it starts a new group. Long sequences therefore run alone.
     """
     groups, start, tq, tk, useful = [], 0, 0, 0, 0
     for s, (lq, lk) in enumerate(zip(len_q, len_k)):
         nq, nk, nu = tq + lq, tk + lk, useful + lq * lk
-        long_run = s > start and lq >= LONG_Q and len_q[s - 1] >= LONG_Q
         dense_ok = nq * nk <= 1.5 * nu or (nq * nk - nu) * flops_per_pair <= SMALL_WASTE_FLOPS
-        if s > start and not (long_run or dense_ok):
+        if s > start and not dense_ok:
             groups.append((start, s))
             nq, nk, nu, start = lq, lk, lq * lk, s
         tq, tk, useful = nq, nk, nu
     groups.append((start, len(len_q)))
     return groups
+
+
+def _one_sequence(q, k, v, causal, window, alibi_slopes, common):
+    """One sequence ``q (1, H, Lq, D)`` over ``k, v (1, Hkv, Lk, D)``, bottom-right.
+
+    Causal with more keys than queries (a prefill chunk over a cache) runs as two calls merged
+    by log-sum-exp: the earlier keys, all visible (no mask), and the last ``Lq`` keys, plain
+    top-left causal. Both are the fast unmasked / ``is_causal`` kernels; one bottom-right call
+    needs a mask on every tile. Sinks are added once, after the merge.
+    """
+    Lq, Lk = q.shape[2], k.shape[2]
+    past = Lk - Lq
+    if not causal or window is not None or Lq < 2 or past < 1 or common["dropout_p"] > 0:
+        return attention(q, k, v, causal=causal, causal_align="bottom_right", mask_mod=window,
+                         alibi_slopes=alibi_slopes, **common)
+    sinks, want_lse = common["sinks"], common["return_lse"]
+    part = dict(common, sinks=None, return_lse=True)
+    o1, l1 = attention(q, k[:, :, :past], v[:, :, :past], causal_align=past,
+                       alibi_slopes=alibi_slopes, **part)  # (1, H, Lq, D), (1, H, Lq)
+    o2, l2 = attention(q, k[:, :, past:], v[:, :, past:], causal=True,
+                       alibi_slopes=alibi_slopes, **part)
+    out, lse = merge_partial_attention(o1, l1, o2, l2)
+    if sinks is not None:  # out * e^lse / (e^lse + e^sink), lse over keys and sink
+        sink = sinks.to(lse.dtype).view(1, -1, 1)  # (1, H, 1)
+        out = (out * torch.sigmoid(lse - sink).unsqueeze(-1).to(out.dtype)).to(q.dtype)
+        lse = torch.logaddexp(lse, sink.expand_as(lse))
+    return (out, lse) if want_lse else out
 
 
 def _check(q, k, v, cu_q, cu_k, max_q, max_k):
@@ -170,8 +193,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
         if b - a == 1:
             win = None if window is None or mask.left is None and mask.right is None else \
                 sliding_window(mask.left, mask.right, align="bottom_right")
-            res = attention(qg, kg, vg, causal=causal, causal_align="bottom_right",
-                            mask_mod=win, alibi_slopes=alibi_slopes, **common)
+            res = _one_sequence(qg, kg, vg, causal, win, alibi_slopes, common)
         else:
             sub = Varlen(cu_q[a:b + 1] - q0, cu_k[a:b + 1] - k0, mask.left, mask.right)
             score = None if alibi_slopes is None else VarlenAlibi(alibi_slopes, sub)
