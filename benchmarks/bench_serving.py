@@ -184,6 +184,8 @@ def main(argv=None) -> None:
         parser.add_argument(f"--{name}", type=int, help=f"default {full} (--quick {quick})")
     parser.add_argument("--parts", nargs="+", default=["cb", "mask", "packed"],
                         choices=["cb", "mask", "packed"])
+    parser.add_argument("--impls", nargs="+", default=CB_IMPLS, choices=CB_IMPLS,
+                        help="continuous-batching implementations to run")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name, full, quick in (("requests", 32, 4), ("min_len", 64, 16), ("max_len", 4096, 96),
@@ -205,7 +207,8 @@ def main(argv=None) -> None:
         forward += ["--threads", str(env["threads"] if not args.quick else 1)]
     rows = []
     if "cb" in args.parts:
-        cb = [dict(_run("cb", impl, forward, args), group="generate_batch") for impl in CB_IMPLS]
+        cb = [dict(_run("cb", impl, forward, args), group="generate_batch")
+              for impl in args.impls]
         ref = next((r.get("tokens") for r in cb if r["impl"] == "paged|eager"), None)
         peers = [r["tokens_per_s"] for r in cb if r["impl"] != "attnkit_flash"
                  and r.get("tokens_per_s")]

@@ -138,7 +138,7 @@ def test_one_sequence_chunk_over_a_cache_split_and_merged():
     torch.testing.assert_close(lse, ref_lse[0])
 
 
-@pytest.mark.parametrize("backend", ["auto", "math", "chunked"])
+@pytest.mark.parametrize("backend", ["auto", "math", "chunked", "sdpa"])
 def test_exact_gradients(backend):
     q, k, v, cu_q, cu_k = _packed([3, 1, 60], [3, 80, 70], grad=True)
     out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, backend=backend)

@@ -86,11 +86,13 @@ def _one_sequence(q, k, v, causal, window, alibi_slopes, common):
     Causal with more keys than queries (a prefill chunk over a cache) runs as two calls merged
     by log-sum-exp: the earlier keys, all visible (no mask), and the last ``Lq`` keys, plain
     top-left causal. Both are the fast unmasked / ``is_causal`` kernels; one bottom-right call
-    needs a mask on every tile. Sinks are added once, after the merge.
+    needs a mask on every tile. Sinks are added once, after the merge. Only under ``auto``
+    (a named backend may not return the log-sum-exp) and without dropout or a window.
     """
     Lq, Lk = q.shape[2], k.shape[2]
     past = Lk - Lq
-    if not causal or window is not None or Lq < 2 or past < 1 or common["dropout_p"] > 0:
+    if (not causal or window is not None or Lq < 2 or past < 1 or common["dropout_p"] > 0
+            or common["backend"] != "auto"):  # a named backend may not return the LSE
         return attention(q, k, v, causal=causal, causal_align="bottom_right", mask_mod=window,
                          alibi_slopes=alibi_slopes, **common)
     sinks, want_lse = common["sinks"], common["return_lse"]
