@@ -79,6 +79,26 @@ def test_generate_batch_tokens_identical(name, calls, cls, config):
         assert toks == ref
 
 
+def test_continuous_batching_manager_streams_the_same_tokens(name, calls):
+    prompts = _prompts()[:3]
+    model = _model(name)
+    gc = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cb = ContinuousBatchingConfig(num_blocks=16, page_size=16, max_batch_tokens=48)
+    manager = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+    manager.start()
+    try:
+        ids = [manager.add_request(p, max_new_tokens=4) for p in prompts]
+        got = {}
+        while len(got) < len(ids):
+            result = manager.get_result(timeout=60)
+            assert result is not None, "no result within 60 s"
+            got[result.request_id] = result.generated_tokens
+    finally:
+        manager.stop(block=True)
+    assert calls
+    assert [got[i] for i in ids] == [t[:4] for t in _batch(_model("paged|eager"), prompts)]
+
+
 def _features():
     g = torch.Generator().manual_seed(2)
     return [{"input_ids": torch.randint(1, 64, (n,), generator=g).tolist()}

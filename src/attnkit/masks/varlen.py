@@ -15,8 +15,10 @@ queries over 300 cached keys work), so query ``i`` of the row sits at key index
                           q1 (seq 1)       .  .  .  1  .
                           q2 (seq 1)       .  .  .  1  1
 
-Held per token, never per pair: ``seq_q (T,)``, ``seq_k (S,)`` and ``pos (T,)``; block
-summaries are interval arithmetic over them, so chunked never visits a cross-sequence block.
+Held per token, never per pair: ``seq_q (T,)`` and ``pos (T,)``; ``seq_k (S,)`` is built only
+when a backend evaluates tiles. Block summaries are interval arithmetic (the sequence of a
+block's first and last key by binary search), so building the plan costs O(T + blocks) and
+chunked never visits a cross-sequence block.
 Shape letters as in :mod:`attnkit.masks`; ``N`` sequences.
 """
 
@@ -85,8 +87,8 @@ class Varlen(MaskMod):
     left: int | None = None
     right: int | None = 0
     seq_q: Tensor = field(init=False, repr=False)
-    seq_k: Tensor = field(init=False, repr=False)
     pos: Tensor = field(init=False, repr=False)
+    _seq_k: Tensor | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self):
         cu_q = check_cu_seqlens("cu_seqlens_q", self.cu_q)
@@ -99,13 +101,19 @@ class Varlen(MaskMod):
             if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 0):
                 raise ValueError(f"window {name} must be a non-negative int or None "
                                  f"(unbounded), got {val!r}")
-        T, S = int(cu_q[-1]), int(cu_k[-1])
+        T = int(cu_q[-1])
         seq_q = _seq_of(cu_q, T)  # (T,)
         shift = cu_k[1:] - cu_q[1:]  # (N,) key index of a sequence's query 0 minus its row index
         pos = torch.arange(T, device=cu_q.device) + shift[seq_q] if T else seq_q
-        for name, val in (("cu_q", cu_q), ("cu_k", cu_k), ("seq_q", seq_q),
-                          ("seq_k", _seq_of(cu_k, S)), ("pos", pos)):
+        for name, val in (("cu_q", cu_q), ("cu_k", cu_k), ("seq_q", seq_q), ("pos", pos)):
             object.__setattr__(self, name, val)
+
+    @property
+    def seq_k(self) -> Tensor:
+        """``(S,)`` sequence of every key, built on first use (tiles and grids need it)."""
+        if self._seq_k is None:
+            object.__setattr__(self, "_seq_k", _seq_of(self.cu_k, int(self.cu_k[-1])))
+        return self._seq_k
 
     @property
     def num_sequences(self) -> int:
@@ -134,7 +142,9 @@ class Varlen(MaskMod):
     def blocks(self, q_lo, q_hi, k_lo, k_hi):
         cu_k, pos = self.cu_k, self.pos
         sql, sqh = self.seq_q[q_lo], self.seq_q[q_hi]  # (nQ, 1)
-        skl, skh = self.seq_k[k_lo], self.seq_k[k_hi]  # (1, nK)
+        ends = cu_k[1:]
+        skl = torch.searchsorted(ends, k_lo.contiguous(), right=True)  # (1, nK)
+        skh = torch.searchsorted(ends, k_hi.contiguous(), right=True)
         # Lowest and highest key any query of the block may see: its own sequence's keys,
         # narrowed by the window for the first / last sequence (pos rises within one).
         lo = cu_k[sql] if self.left is None else torch.minimum(
