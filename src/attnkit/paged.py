@@ -106,8 +106,10 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table, seq_
         left = None if window is None else window - 1
         k = k_pool[:, slot:slot + n].unsqueeze(0)  # (1, Hkv, n, D): a view of the pool
         v = v_pool[:, slot:slot + n].unsqueeze(0)  # (1, Hkv, n, D)
-        o, l_ = attention(q, k, v, mask_mod=sliding_window(left, 0, offset=offset),
-                          softcap=softcap, scale=scale, backend=backend, return_lse=True)
+        seen = window is None and pos + n - 1 <= first_q  # every query sees the whole run
+        mod = None if seen else sliding_window(left, 0, offset=offset)
+        o, l_ = attention(q, k, v, mask_mod=mod, softcap=softcap, scale=scale,
+                          backend=backend, return_lse=True)
         out, lse = (o, l_) if out is None else merge_partial_attention(out, lse, o, l_)
     if out is None:
         return torch.zeros_like(q)
