@@ -90,6 +90,7 @@ MODS = {
     "shifted": lambda g: M.at_positions(M.causal(), q_offset=5, kv_offset=0),
     "offset_causal": lambda g: M.causal(offset=-3),
     "per_sample_chunks": lambda g: M.PerSampleChunks(7, torch.tensor([0, 3]), q_offset=2),
+    "dilated": lambda g: M.dilated(3, window=9) | M.Dilated(4, offset=1),
 }
 
 

@@ -162,6 +162,9 @@ def register(name: str = DEFAULT_NAME, backend: str = "auto") -> str:
         name: the ``attn_implementation`` name to register (not one of transformers' own).
         backend: ``"auto"`` or a registered attnkit backend (``available_backends()``).
 
+    Also registers ``f"{name}_flash"``, the flash-convention implementation for continuous
+    batching and packed training (:mod:`attnkit.integrations.transformers_varlen`).
+
     Returns:
         ``name``, to pass as ``attn_implementation=``.
 
@@ -188,6 +191,8 @@ def register(name: str = DEFAULT_NAME, backend: str = "auto") -> str:
     _AttentionInterface.register(name, attnkit_attention)
     _AttentionMaskInterface.register(name, mask_interface)
     _OURS[name] = backend
+    from .transformers_varlen import register as register_flash  # imports this module's deps
+    register_flash(f"{name}_flash", backend)
     return name
 
 
