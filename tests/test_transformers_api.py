@@ -100,3 +100,9 @@ def test_register_again_replaces_and_unregister_removes():
     finally:
         hf.register()
     assert transformers.AttentionInterface._global_mapping["attnkit"].attnkit_backend == "auto"
+
+
+def test_the_varlen_adapter_names_are_in_the_one_table():
+    varlen = pytest.importorskip("attnkit.integrations.transformers_varlen")
+    paths = {n.path for n in api.NAMES}
+    assert {f"transformers.{p}" for p in varlen.PRIVATE_NAMES} <= paths
