@@ -10,6 +10,7 @@ rule (:mod:`.cost`); see :mod:`.registry` for the contract a new backend follows
 
 from . import cost as _cost
 from .chunked import chunked_attention, chunked_check
+from .decode import CAPABILITIES as _DECODE_CAPS, decode_attention, decode_check, decode_cost
 from .flex import flex_attention, flex_check, flex_cost
 from .math import math_attention, repeat_kv
 from .registry import (CAPABILITIES, Backend, available_backends, get_backend,
@@ -24,12 +25,15 @@ register_backend("chunked", chunked_attention, check=chunked_check,
                  capabilities=("lse", "grad", "score_mod", "sinks"), cost=_cost.chunked_cost)
 register_backend("flex", flex_attention, check=flex_check,
                  capabilities=("lse", "grad", "score_mod"), cost=flex_cost)
+register_backend("decode", decode_attention, check=decode_check, capabilities=_DECODE_CAPS,
+                 cost=decode_cost)
 
 __all__ = [
     "Backend",
     "CAPABILITIES",
     "available_backends",
     "chunked_attention",
+    "decode_attention",
     "flex_attention",
     "get_backend",
     "math_attention",
