@@ -16,15 +16,17 @@ from tolerance import assert_within_2x
 
 CPP_REASON = ("decode kernel not built for this machine (make builds it: python -m "
               "attnkit.backends._decode_ext); only the pure-PyTorch path ran")
-IMPLS = [pytest.param("cpp", marks=pytest.mark.skipif(dec.implementation() != "cpp",
+IMPLS = [pytest.param("cpp", marks=pytest.mark.skipif(not dec.kernel_built(),
                                                       reason=CPP_REASON)), "torch"]
 
 
 def test_says_which_implementation_runs(capsys):
-    impl = dec.implementation()
-    assert impl in ("cpp", "torch")
+    chosen = {str(dt): dec.implementation("cpu", dt) for dt in (torch.float32, torch.bfloat16)}
+    assert set(chosen.values()) <= {"cpp", "torch"}
+    if not dec.kernel_built():
+        assert set(chosen.values()) == {"torch"}
     with capsys.disabled():
-        print(f"\n[decode backend: {impl} implementation]")
+        print(f"\n[decode kernel built: {dec.kernel_built()}; default implementation {chosen}]")
 
 
 def make(B=2, H=4, Hkv=2, T=2, S=97, D=8, dtype=torch.float64, seed=0):
@@ -288,10 +290,11 @@ def test_registered_with_its_capabilities():
 
 
 def test_auto_picks_decode_for_a_step_over_a_long_cache_not_for_prefill():
-    q, k, v = make(B=1, H=32, Hkv=8, T=1, S=4096, D=128, dtype=torch.float32)
+    q, k, v = make(B=1, H=32, Hkv=8, T=1, S=4096, D=128, dtype=torch.bfloat16)
     with torch.no_grad():
-        why = attnkit.explain(q, k, v, causal=True, causal_align="bottom_right")
-        assert why.chosen == "decode", str(why)
+        step = attnkit.explain(q, k, v, causal=True, causal_align="bottom_right")
+        assert step.chosen == "decode", str(step)
+        q, k, v = (t.float() for t in (q, k, v))
         window = attnkit.explain(q, k, v, window=1024, causal_align="bottom_right")
         assert window.chosen == "decode", str(window)
         qp, kp, vp = make(B=1, H=8, Hkv=2, T=512, S=512, D=64, dtype=torch.float32)
@@ -327,7 +330,7 @@ def test_impl_errors():
     q, k, v = make(T=1, S=4)
     with pytest.raises(ValueError, match=r"impl must be 'cpp', 'torch' or None, got 'fast'"):
         dec.decode_rows(q, k, v, scale=1.0, impl="fast")
-    if dec.implementation() != "cpp":
+    if not dec.kernel_built():
         with pytest.raises(ValueError, match=r"impl='cpp' needs the compiled kernel"):
             dec.decode_rows(q, k, v, scale=1.0, impl="cpp")
 

@@ -59,22 +59,42 @@ MAX_QUERIES = 128
 #: What the backend declares to the registry.
 CAPABILITIES = ("lse", "score_mod", "sinks")
 
-# Cost rule constants (one CPU thread), measured with benchmarks/bench_decode.py: KV bytes
-# per second read by each implementation, and its arithmetic rate once the query block is
-# long enough to be compute-bound; plus fixed costs per call and per scored element.
-CPP_BYTES_RATE = 20e9
-CPP_RATE = 40e9
-TORCH_BYTES_RATE = 10e9
-TORCH_RATE = 20e9
+# Cost rule constants (one CPU thread), measured with benchmarks/bench_decode.py at KV depth
+# 32k (docs/engine.md): KV bytes per second each implementation reads, by element size (the
+# torch path's bfloat16 matmuls are slower than its float32 ones), and its arithmetic rate
+# once a long query block makes it compute-bound; fixed costs per call and per score element.
+BYTES_RATE = {("cpp", 2): 15e9, ("cpp", 4): 10e9, ("torch", 2): 8e9, ("torch", 4): 15e9,
+              ("torch", 8): 5e9, ("cpp", 8): 2e9}
+FLOP_RATE = {"cpp": 60e9, "torch": 60e9}
 CALL_S = 6e-5
-ROW_ELEMENT_S = 1e-9  # per (B, H, T, S) score element: masks, score functions, softmax
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+ROW_ELEMENT_S = 2e-9  # per (B, H, T, S) score element: masks, score functions, softmax
 
 
-def implementation(device=None) -> str:
-    """``"cpp"`` when the compiled kernel serves CPU calls on this machine, else ``"torch"``."""
+def kernel_built() -> bool:
+    """Whether the compiled kernel is built for this machine and loads."""
+    return _decode_ext.load() is not None
+
+
+def implementation(device=None, dtype=None) -> str:
+    """Which implementation serves a call on ``device`` in ``dtype`` by default.
+
+    ``"cpp"`` for bfloat16/float16 CPU tensors when the kernel is built: it reads the half
+    cache as is (torch's matmuls are slower there). ``"torch"`` otherwise: for float32 the
+    grouped matmuls through MKL measured faster than the kernel on this project's CPU
+    (docs/engine.md), float64 is for tests, and other devices have no kernel.
+    ``ATTNKIT_DECODE_IMPL=torch`` or ``=cpp`` (CPU, kernel built) overrides the choice.
+    """
     if device is not None and torch.device(device).type != "cpu":
         return "torch"
-    return "cpp" if _decode_ext.load() is not None else "torch"
+    forced = os.environ.get("ATTNKIT_DECODE_IMPL", "")
+    if not kernel_built() or forced == "torch":
+        return "torch"
+    if forced == "cpp":
+        return "cpp"
+    if dtype is None:
+        return "cpp"
+    return "cpp" if dtype in _KERNEL_DTYPES else "torch"
 
 
 # --- the registry's contract -----------------------------------------------------------------
@@ -99,11 +119,14 @@ def decode_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool,
 def decode_cost(call) -> float:
     """Estimated seconds: the time to read K and V once (or the arithmetic, when a long
     query block makes it compute-bound), plus the per-call and per-row-element costs."""
-    cpp = implementation(call.device) == "cpp"
-    bytes_rate, rate = (CPP_BYTES_RATE, CPP_RATE) if cpp else (TORCH_BYTES_RATE, TORCH_RATE)
+    impl = implementation(call.device, call.dtype)
     itemsize = torch.empty((), dtype=call.dtype).element_size()
-    kv_bytes = 2.0 * call.B * call.Hkv * call.S * call.D * itemsize
-    read, compute = kv_bytes / bytes_rate, call.flops() / rate
+    S = call.S
+    if call.spec.window is not None:  # only the window's span of the cache is read
+        S = min(S, call.spec.window + call.T - 1)
+    kv_bytes = 2.0 * call.B * call.Hkv * S * call.D * itemsize
+    read = kv_bytes / BYTES_RATE.get((impl, itemsize), 5e9)
+    compute = call.flops() / FLOP_RATE[impl]
     rows = call.B * call.H * call.T * call.S * ROW_ELEMENT_S
     return (read if read > compute else compute) + rows + CALL_S
 
@@ -162,13 +185,13 @@ def decode_rows(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     Hkv, S = k.shape[1], k.shape[2]
     G, M = H // Hkv, (H // Hkv) * T
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    impl = impl or implementation(q.device)
-    if impl == "cpp" and (q.device.type != "cpu" or _decode_ext.load() is None):
-        raise ValueError(f"impl='cpp' needs the compiled kernel and CPU tensors (kernel "
-                         f"built: {_decode_ext.load() is not None}, device {q.device}); run "
-                         f"make, or pass impl='torch'")
+    impl = impl or implementation(q.device, q.dtype)
     if impl not in ("cpp", "torch"):
         raise ValueError(f"impl must be 'cpp', 'torch' or None, got {impl!r}")
+    if impl == "cpp" and (q.device.type != "cpu" or not kernel_built()):
+        raise ValueError(f"impl='cpp' needs the compiled kernel and CPU tensors (kernel "
+                         f"built: {kernel_built()}, device {q.device}); run make, or pass "
+                         f"impl='torch'")
 
     # Trim the keys no row can see (a sliding window over a long cache reads only its span).
     k0, k1 = 0, S
@@ -187,81 +210,89 @@ def decode_rows(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     n = k1 - k0
 
     qg = q.to(acc).contiguous().view(B, Hkv, M, D)  # (B, Hkv, G*T, D): row g*T + t
+    # Scores key-major, (B, Hkv, n, M): the M rows of one key side by side (the kernel's
+    # layout, and what k @ qᵀ gives the torch path without a copy).
     if impl == "cpp":
         k = k if k.stride(-1) == 1 or D <= 1 else k.contiguous()
         v = v if v.stride(-1) == 1 or D <= 1 else v.contiguous()
-        s = _decode_ext.load().decode_scores(qg, k, float(scale))  # (B, Hkv, M, n)
+        s = _decode_ext.load().decode_scores(qg, k, float(scale))  # (B, Hkv, n, M)
     else:
-        s = (k @ qg.to(k.dtype).transpose(-1, -2)).transpose(-1, -2).to(acc) * scale
-    s4 = s.reshape(B, H, T, n)  # (B, H, T, n): a view on the cpp path
-    if score is not None:
-        s4 = score(s4, k0, k1).to(acc)
-    if row_mask is not None:
-        s4 = s4.masked_fill(~row_mask, float("-inf"))
+        s = _scores_torch(qg, k, scale)
+    _apply_rows(s, row_mask, score, k0, k1, B, H, Hkv, G, T)
     sink = None
     if sinks is not None:
-        sink = sinks.to(acc).view(1, H, 1, 1).expand(1, H, T, 1)  # (1, H, T, 1)
+        sink = sinks.to(acc).view(Hkv, G, 1).expand(Hkv, G, T).reshape(Hkv, M)  # (Hkv, M)
 
     if impl == "cpp":
-        s = s4.contiguous().view(B, Hkv, M, n)
-        sk = (torch.empty(0, dtype=acc) if sink is None
-              else sink.reshape(Hkv, M).contiguous())  # (Hkv, M): row g*T + t of kv head
-        # s becomes the weights in place: keep the scores when a NaN fix-up may need them
-        s_kept = s4 if s.data_ptr() != s4.data_ptr() else None
-        out, lse = _decode_ext.load().decode_softmax_pv(s, v, sk)  # (B, Hkv, M, D), (B, Hkv, M)
-        out, lse = out.view(B, H, T, D), lse.view(B, H, T)
+        sk = torch.empty(0, dtype=acc) if sink is None else sink.contiguous()
+        out, lse = _decode_ext.load().decode_softmax_pv(s, v, sk)  # overwrites s (weights)
     else:
-        s_kept = s4
-        out, lse = _softmax_pv_torch(s4, v, sink, B, Hkv, M, D)
+        out, lse = _softmax_pv_torch(s, v, sink)
     if bool(torch.isnan(out).any()):  # rare: only with NaN inputs (one small check)
-        if s_kept is None:  # recompute the scores (the kernel overwrote them)
-            s_kept = decode_rows_scores(qg, k, v, scale, score, row_mask, k0, k1, B, H, T)
-        out = _hidden_nan_fixup(out, s_kept, v, sink, B, Hkv, M, D)
-    return out.to(q.dtype), lse
+        if impl == "cpp":  # the kernel overwrote the scores
+            s = _scores_torch(qg, k, scale)
+            _apply_rows(s, row_mask, score, k0, k1, B, H, Hkv, G, T)
+        out = _hidden_nan_fixup(out, s, v, sink)
+    return out.view(B, H, T, D).to(q.dtype), lse.view(B, H, T)
 
 
-def decode_rows_scores(qg, k, v, scale, score, row_mask, k0, k1, B, H, T):
-    """The masked, scored scores ``(B, H, T, n)`` on the torch path (for the NaN fix-up)."""
-    acc = qg.dtype
-    s4 = (k.to(acc) @ qg.transpose(-1, -2)).transpose(-1, -2) * scale  # (B, Hkv, M, n)
-    s4 = s4.reshape(B, H, T, -1)
+def _scores_torch(qg: Tensor, k: Tensor, scale: float) -> Tensor:
+    """``scale * k @ qᵀ``: ``(B, Hkv, n, M)`` in q's (accumulation) dtype."""
+    s = k @ qg.to(k.dtype).transpose(-1, -2)  # (B, Hkv, n, M)
+    return s.to(qg.dtype).mul_(scale) if s.dtype != qg.dtype else s.mul_(scale)
+
+
+def _apply_rows(s: Tensor, row_mask, score, k0: int, k1: int, B, H, Hkv, G, T) -> None:
+    """Score function and mask, in place on ``s (B, Hkv, n, M)`` through a ``(B, Hkv, G, T,
+    n)`` view (the descriptions speak ``(B, H, T, n)``)."""
+    n = s.shape[2]
+    s5 = s.view(B, Hkv, n, G, T).permute(0, 1, 3, 4, 2)  # (B, Hkv, G, T, n), a view
     if score is not None:
-        s4 = score(s4, k0, k1).to(acc)
-    return s4 if row_mask is None else s4.masked_fill(~row_mask, float("-inf"))
+        scored = score(s5.reshape(B, H, T, n), k0, k1)  # (B, H, T, n)
+        s5.copy_(scored.expand(B, H, T, n).reshape(B, Hkv, G, T, n))
+    if row_mask is not None:
+        Bm, Hm = row_mask.shape[:2]
+        m5 = row_mask.reshape(Bm, Hkv, G, *row_mask.shape[2:]) if Hm == H else \
+            row_mask.reshape(Bm, 1, 1, *row_mask.shape[2:])  # (B|1, Hkv|1, G|1, T|1, n)
+        s5.masked_fill_(~m5, float("-inf"))
 
 
-def _hidden_nan_fixup(out, s4, v, sink, B, Hkv, M, D):
+def _softmax_pv_torch(s: Tensor, v: Tensor, sink: Tensor | None):
+    """Safe softmax over the keys of ``s (B, Hkv, n, M)`` (sinks ``(Hkv, M)`` join the
+    denominator), then ``p v``, normalised after the matmul. Returns ``out (B, Hkv, M, D)``
+    and ``lse (B, Hkv, M)``; rows that see no key are zeros with ``lse = -inf`` (or the
+    sink's logit)."""
+    B, Hkv, n, M = s.shape
+    if n:
+        mx = s.amax(-2, keepdim=True)  # (B, Hkv, 1, M); NaN stays NaN
+    else:
+        mx = torch.full((B, Hkv, 1, M), float("-inf"), dtype=s.dtype, device=s.device)
+    sees_none = torch.isneginf(mx)  # every score -inf
+    if sink is not None:
+        mx = torch.maximum(mx, sink.view(1, Hkv, 1, M))
+    ref = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = torch.exp(s - ref)  # (B, Hkv, n, M)
+    total = e.sum(-2, keepdim=True)  # (B, Hkv, 1, M)
+    if sink is not None:
+        total = total + torch.exp(sink.view(1, Hkv, 1, M) - ref)
+    lse = (ref + torch.log(total)).view(B, Hkv, M)
+    out = e.transpose(-1, -2).to(v.dtype) @ v  # (B, Hkv, M, D), unnormalised
+    total = torch.where(total > 0, total, torch.ones_like(total)).transpose(-1, -2)
+    out = (out.to(total.dtype) / total).masked_fill(sees_none.transpose(-1, -2), 0.0)
+    return out, lse
+
+
+def _hidden_nan_fixup(out: Tensor, s: Tensor, v: Tensor, sink: Tensor | None) -> Tensor:
     """Rows whose output is NaN only because a *hidden* key's value is NaN (weight 0 times
-    NaN) get their exact value; rows that see a NaN value stay NaN. Reads V a few times: it
-    runs only when an output row is NaN."""
-    B, H, T, n = s4.shape
+    NaN) get their exact value; rows that see a NaN (score or value) stay NaN. Reads V a few
+    times: it runs only when an output row is NaN. ``s (B, Hkv, n, M)`` are the masked
+    scores, ``out (B, Hkv, M, D)``."""
     v_nan = torch.isnan(v).any(-1)  # (B, Hkv, n)
     if not bool(v_nan.any()):
         return out
     clean = torch.where(torch.isnan(v), torch.zeros_like(v), v)
-    fixed, _ = _softmax_pv_torch(s4, clean, sink, B, Hkv, M, D)  # (B, H, T, D)
-    visible = ~torch.isneginf(s4)  # (B, H, T, n): NaN scores count as visible
-    sees_nan = (visible.view(B, Hkv, M, n) & v_nan.unsqueeze(2)).any(-1).view(B, H, T, 1)
-    row_nan = torch.isnan(s4).any(-1, keepdim=True)  # a NaN query or visible NaN key
-    return fixed.to(out.dtype).masked_fill(sees_nan | row_nan, float("nan"))
-
-
-def _softmax_pv_torch(s4: Tensor, v: Tensor, sink: Tensor | None, B, Hkv, M, D):
-    """Safe softmax over ``s4 (B, H, T, n)`` (sinks join the denominator), then ``p v`` per
-    kv head; rows that see no key are zeros with ``lse = -inf`` (or the sink)."""
-    B, H, T, n = s4.shape
-    mx = s4.amax(-1, keepdim=True) if n else torch.full((B, H, T, 1), float("-inf"),
-                                                         dtype=s4.dtype, device=s4.device)
-    sees_none = torch.isneginf(mx)  # (B, H, T, 1): every score -inf (amax keeps NaN)
-    if sink is not None:
-        mx = torch.maximum(mx, sink)
-    ref = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    e = torch.exp(s4 - ref)  # (B, H, T, n)
-    total = e.sum(-1, keepdim=True)
-    if sink is not None:
-        total = total + torch.exp(sink - ref)
-    p = e / torch.where(total > 0, total, torch.ones_like(total))
-    lse = (ref + torch.log(total)).squeeze(-1)  # (B, H, T)
-    out = p.view(B, Hkv, M, n).to(v.dtype) @ v  # (B, Hkv, M, D)
-    out = out.view(B, H, T, D).masked_fill(sees_none, 0.0)
-    return out, lse
+    fixed, _ = _softmax_pv_torch(s, clean, sink)  # (B, Hkv, M, D)
+    visible = ~torch.isneginf(s)  # (B, Hkv, n, M): NaN scores count as visible
+    sees_nan = (visible & v_nan.unsqueeze(-1)).any(-2)  # (B, Hkv, M)
+    row_nan = torch.isnan(s).any(-2)  # a NaN query or visible NaN key
+    return fixed.to(out.dtype).masked_fill((sees_nan | row_nan).unsqueeze(-1), float("nan"))
