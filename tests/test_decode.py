@@ -3,6 +3,7 @@ cache views, threads, NaN and empty rows, against the math spec; both implementa
 compiled kernel, skipped with the reason when ``make`` did not build it, and pure PyTorch)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -342,3 +343,24 @@ def test_lse_through_the_engine():
     ref, ref_lse = attnkit.attention(q, k, v, backend="math", return_lse=True, softcap=2.0)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dec.kernel_built(), reason=CPP_REASON)
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_kernel_built_for_avx2_and_sse2_is_right_too(march, tmp_path):
+    """The kernel as an AVX2-only (haswell) or SSE2-only CPU would build it, compiled here
+    (reused when present) and run on the kernel's cases in a subprocess."""
+    import subprocess
+    import sys
+    env = {**os.environ, "ATTNKIT_DECODE_MARCH": march}
+    build = subprocess.run([sys.executable, "-c", "from attnkit.backends._decode_ext import "
+                            "main; main()"], env=env, capture_output=True, text=True,
+                           timeout=600)
+    if "not built" in build.stdout:
+        pytest.skip(f"{march} build failed here: {build.stdout.strip()[-300:]}")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          __file__, "-k", "cpp and (kind or sizes or nan or views)", "-x"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1]

@@ -9,8 +9,10 @@ says which one runs). The build's name carries a hash of the source, the compile
 torch's version and the CPU's instruction-set flags, so an edited source or another machine
 never picks up a stale or foreign library; it is simply rebuilt by the next ``make``.
 
-The source is portable C++ (fixed-width loops for the auto-vectoriser, no intrinsics), so
-``-march=native`` gives AVX-512 code here and AVX2 or scalar code elsewhere.
+The source is portable C++ (fixed-width loops for the auto-vectoriser and GCC/Clang vector
+extensions, no intrinsics), so ``-march=native`` gives AVX-512 code here and AVX2 or scalar
+code elsewhere; ``ATTNKIT_DECODE_MARCH`` builds another target (tests/test_decode.py checks
+the AVX2 and SSE2 builds on this machine).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ __all__ = ["load", "build", "library_path"]
 _HERE = Path(__file__).resolve().parent
 SOURCE = _HERE / "_decode_kernel.cpp"
 BUILD_DIR = Path(os.environ.get("ATTNKIT_BUILD_DIR", _HERE / "_build"))
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=fast"]
+# ATTNKIT_DECODE_MARCH=haswell (AVX2) or x86-64 (SSE2) builds the code another CPU would run,
+# beside the native build (the name's hash differs): the tests then check it on this machine.
+MARCH = os.environ.get("ATTNKIT_DECODE_MARCH", "native")
+CFLAGS = ["-O3", f"-march={MARCH}", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=fast"]
 _loaded = {}
 
 
