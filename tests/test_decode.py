@@ -364,3 +364,19 @@ def test_kernel_built_for_avx2_and_sse2_is_right_too(march, tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1]
+
+
+def test_refused_inside_torch_compile():
+    """Under torch.compile decode steps aside (it reads tensor values), so a compiled
+    decoding loop never graph-breaks on it."""
+    q, k, v = make(T=1, S=40, dtype=torch.float32)
+    spec = MaskSpec(causal=True, causal_align="bottom_right")
+    seen = []
+
+    def probe(q, k, v):
+        seen.append(dec.decode_check(q, k, v, spec, dropout_p=0.0, return_lse=False))
+        return q * 2
+
+    torch.compile(probe, backend="eager", fullgraph=True)(q, k, v)
+    assert seen and "decode runs eagerly" in seen[0]
+    assert dec.decode_check(q, k, v, spec, dropout_p=0.0, return_lse=False) is None

@@ -103,6 +103,10 @@ def decode_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool,
                  return_weights: bool = False) -> Optional[str]:
     """None when ``decode`` can serve the call, else the reason it cannot."""
     T = q.shape[2]
+    if torch.compiler.is_compiling():
+        return ("decode runs eagerly (it reads which keys are visible and whether a NaN "
+                "appeared from the tensors, and calls a compiled kernel); under "
+                "torch.compile the other backends serve")
     if T > MAX_QUERIES:
         return (f"decode serves short query blocks (T <= {MAX_QUERIES}: decode steps, "
                 f"verify blocks), got T={T}; prefill belongs to sdpa or chunked")
