@@ -93,6 +93,12 @@ def kinds(B, H, T, S):
         "bias": MaskSpec(score_mod=Sc.Bias(bias)),
         "softcap_window_sinks": MaskSpec(window=2, causal_align=br, sinks=sinks,
                                          score_mod=Sc.Softcap(1.0)),
+        # score functions of positions on a trimmed span (the window starts at key S-T-3)
+        "alibi_window": MaskSpec(window=4, causal_align=br,
+                                 score_mod=Sc.Alibi(Sc.alibi_slopes(H).double(), align=br)),
+        "score_fn_window": MaskSpec(window=4, causal_align=br,
+                                    score_mod=lambda s, b, h, q, k: s + 0.1 * k - 0.2 * h),
+        "dense_per_head": MaskSpec(mask=torch.rand(1, H, T, S, generator=g) > 0.5),
     }
 
 
@@ -138,6 +144,19 @@ def test_bfloat16_within_2x_of_math(impl, kind):
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert_within_2x(out, plain, exact, name=f"bf16 {kind} out")
     assert_within_2x(lse, plain_lse, exact_lse, name=f"bf16 {kind} lse", slack=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float16_within_2x_of_math(impl):
+    B, H, Hkv, T, S, D = 1, 8, 2, 3, 500, 64
+    q, k, v = make(B, H, Hkv, T, S, D, seed=4)
+    spec = MaskSpec(window=200, causal_align="bottom_right")
+    qh, kh, vh = (t.to(torch.float16) for t in (q, k, v))
+    out, lse = run(impl, qh, kh, vh, spec)
+    plain = reference(qh, kh, vh, spec)[0]
+    exact = reference(*(t.double() for t in (qh, kh, vh)), spec)[0]
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    assert_within_2x(out, plain, exact, name="fp16 out")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
