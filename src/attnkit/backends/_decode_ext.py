@@ -68,8 +68,8 @@ def load():
     if "module" in _loaded:
         return _loaded["module"]
     module = None
-    if os.environ.get("ATTNKIT_DECODE_IMPL", "") != "torch":
-        path = library_path()
+    if os.environ.get("ATTNKIT_DECODE_IMPL", "") != "torch" and SOURCE.exists():
+        path = library_path()  # (an install without the source has no build either)
         if path.exists():
             try:
                 spec = importlib.util.spec_from_file_location(path.stem, path)
