@@ -63,7 +63,7 @@ CAPABILITIES = ("lse", "score_mod", "sinks")
 # 32k (docs/engine.md): KV bytes per second each implementation reads, by element size (the
 # torch path's bfloat16 matmuls are slower than its float32 ones), and its arithmetic rate
 # once a long query block makes it compute-bound; fixed costs per call and per score element.
-BYTES_RATE = {("cpp", 2): 15e9, ("cpp", 4): 10e9, ("torch", 2): 8e9, ("torch", 4): 15e9,
+BYTES_RATE = {("cpp", 2): 15e9, ("cpp", 4): 10e9, ("torch", 2): 9e9, ("torch", 4): 15e9,
               ("torch", 8): 5e9, ("cpp", 8): 2e9}
 FLOP_RATE = {"cpp": 60e9, "torch": 60e9}
 CALL_S = 6e-5
