@@ -45,7 +45,7 @@ def _call(name, T, S):
 
 
 def _visible(call, B, H, T, S):
-    spec = attnkit.engine._build_spec(None, **{**attnkit.engine._MASK_DEFAULTS, **call})
+    spec = attnkit.MaskSpec.from_args(**call)
     dense = spec.dense(T, S, B=B, H=H)
     full = torch.ones(B, H, T, S, dtype=torch.bool)
     return full if dense is None else full & dense

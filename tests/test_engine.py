@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnkit
+from attnkit import masks as M
 from attnkit.backends.chunked import chunked_attention
 from attnkit.masks import MaskSpec
 from attnkit.functional import merge_partial_attention
@@ -21,7 +22,7 @@ def _skip_if_refused(backend, q, k, v, kwargs, **call):
     """Skip, with the backend's own reason, a call it declares it cannot serve."""
     if backend == "auto":
         return
-    spec = attnkit.engine._build_spec(None, **{**attnkit.engine._MASK_DEFAULTS, **kwargs})
+    spec = attnkit.MaskSpec.from_args(**kwargs)
     why = attnkit.backends.get_backend(backend).why_not(q, k, v, spec, dropout_p=0.0, **call)
     if why:
         pytest.skip(f"{backend}: {why}")
@@ -134,7 +135,7 @@ def test_merge_with_an_empty_part():
 
 def test_gradcheck_chunked_float64():
     q, k, v = qkv(B=1, H=2, Hkv=1, T=5, S=7, D=3, grad=True)
-    spec = MaskSpec(window=3, causal_align="bottom_right")
+    spec = MaskSpec.from_args(window=3, causal_align="bottom_right")
 
     def fn(q, k, v):
         return chunked_attention(q, k, v, spec, scale=0.7, block_q=2, block_k=3)
@@ -157,7 +158,7 @@ def test_chunked_property(T, S, D, groups, causal, align, window, padding, dense
     H, Hkv = groups
     q, k, v = qkv(B=2, H=H, Hkv=Hkv, T=T, S=S, D=D, grad=True, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
-    spec = MaskSpec(
+    spec = MaskSpec.from_args(
         causal=causal, causal_align=align, window=window,
         key_padding_mask=(torch.rand(2, S, generator=g) > 0.3) if padding else None,
         mask=(torch.rand(2, 1, T, S, generator=g) > 0.2) if dense else None)
@@ -250,9 +251,9 @@ def test_explain_reasons():
 def test_registry_custom_backend():
     calls = []
 
-    def doubled(q, k, v, spec, *, dropout_p, scale, return_lse):
-        calls.append(spec.causal)
-        return 2 * attnkit.backends.math_attention(q, k, v, spec, dropout_p=dropout_p,
+    def doubled(q, k, v, call, *, dropout_p, scale, return_lse):
+        calls.append(call.plain_causal)
+        return 2 * attnkit.backends.math_attention(q, k, v, call, dropout_p=dropout_p,
                                                    scale=scale, return_lse=return_lse)
 
     attnkit.register_backend("test_doubled", doubled, replace=True)
@@ -316,3 +317,39 @@ def test_cuda_backends_match_math(dtype, backend):
     assert_within_2x(out, math_low, ref, slack=1e-6)
     out.float().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+PLAIN_CAUSAL_SPELLINGS = {
+    "causal=True": {"causal": True},
+    "masks.causal()": {"mask_mod": M.causal()},
+    "causal bottom-right, T == S": {"mask_mod": M.causal(align="bottom_right")},
+    "causal(offset=0)": {"mask_mod": M.causal(offset=0)},
+    "window wider than S": {"window": 5000},
+    "sliding_window(None, 0)": {"mask_mod": M.sliding_window(None, 0)},
+    "causal & all-True padding": {"causal": True,
+                                  "key_padding_mask": torch.ones(1, 2048, dtype=torch.bool)},
+    "at_positions(causal, 7, 7)": {"mask_mod": M.at_positions(M.causal(), 7, 7)},
+}
+
+
+@pytest.mark.parametrize("spelling", list(PLAIN_CAUSAL_SPELLINGS))
+def test_every_spelling_of_plain_causal_reaches_sdpa_is_causal(spelling):
+    """#16: one lowering: auto runs SDPA with is_causal, never a T x S mask."""
+    kwargs = PLAIN_CAUSAL_SPELLINGS[spelling]
+    q, k, v = qkv(B=1, H=1, Hkv=1, T=2048, S=2048, D=16, dtype=torch.float32)
+    assert attnkit.explain(q, k, v, **kwargs).chosen == "sdpa"
+    with LargestTensor() as rec:
+        out = attnkit.attention(q, k, v, **kwargs)
+    assert rec.largest < 2048 * 2048 // 4, f"{spelling}: built a T x S tensor"
+    torch.testing.assert_close(out, attnkit.attention(q, k, v, causal=True, backend="sdpa"))
+
+
+@pytest.mark.parametrize("kwargs", [{"mask_mod": M.sliding_window(None, None)},
+                                    {"mask_mod": M.causal(offset=5000)},
+                                    {"key_padding_mask": torch.ones(1, 2048, dtype=torch.bool)}])
+def test_no_mask_spelled_as_a_description_is_no_mask(kwargs):
+    q, k, v = qkv(B=1, H=1, Hkv=1, T=2048, S=2048, D=16, dtype=torch.float32)
+    assert attnkit.explain(q, k, v, **kwargs).description.startswith("no mask")
+    with LargestTensor() as rec:
+        attnkit.attention(q, k, v, **kwargs)
+    assert rec.largest < 2048 * 2048 // 4

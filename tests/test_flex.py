@@ -1,6 +1,7 @@
-"""The flex backend: its refusals (no compile needed) and two small compiled calls against
-the math path. Compiling costs ~15-30 s on a 2-core CPU, so the compiled cases are few and
-share one mask description; they skip with the reason where flex cannot run here."""
+"""The flex backend: its refusals and length buckets (no compile needed) and two compiled
+shape classes against the math path (two lengths sharing one graph, quietly; documents with
+key padding and NaN). Compiling costs ~15-60 s on a loaded 2-core CPU, so these are the
+only compiled cases; they skip with the reason where flex cannot run here."""
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ def qkv(dtype=torch.float32, grad=False):
 
 
 def _why(q, k, v, **call):
-    spec = attnkit.engine._build_spec(None, **attnkit.engine._MASK_DEFAULTS)
+    spec = attnkit.MaskSpec.from_args()
     return get_backend("flex").why_not(q, k, v, spec, dropout_p=call.pop("dropout_p", 0.0),
                                        **{"return_lse": False, **call})
 
@@ -46,24 +47,61 @@ def test_auto_does_not_compile_flex_on_first_use():
         assert explanation.estimates["flex"] > 1.0
 
 
+def test_refuses_a_new_shape_class_past_the_recompile_limit(monkeypatch):
+    """Rather than let torch fall back to dense, uncompiled flex, check says why."""
+    q, k, v = qkv()
+    monkeypatch.setattr(flex_mod, "_compiled_keys", {("another class",)})
+    monkeypatch.setattr(flex_mod, "_compiles", [8])
+    monkeypatch.setattr(flex_mod, "_recompile_limit", lambda: 8)
+    why = _why(q, k, v)
+    if flex_mod._unavailable("cpu") is None:
+        assert "recompile limit is 8" in why and "uncompiled" in why
+
+
+def test_lengths_share_a_graph_per_bucket():
+    """Structural descriptions pad to a power of two; tensors shaped by the lengths and user
+    functions compile per exact length."""
+    from attnkit.spec import Call
+    q, k, v = qkv()
+    window = attnkit.MaskSpec.from_args(window=40, softcap=2.0)
+    docs = attnkit.MaskSpec.from_args(mask_mod=M.documents(cu_seqlens=[0, 70, 200]))
+    assert flex_mod._lengths(Call.of(q, k, window, False)) == (256, 256)
+    assert flex_mod._lengths(Call.of(q[:, :, :129], k, window, False)) == (256, 256)
+    assert flex_mod._lengths(Call.of(q, k, docs, False)) == (200, 200)
+    fn = attnkit.MaskSpec.from_args(mask_mod=lambda b, h, qi, ki: qi >= ki)
+    assert flex_mod._lengths(Call.of(q, k, fn, False)) == (200, 200)
+
+
+@pytest.mark.skipif(flex_mod._unavailable("cpu") is not None,
+                    reason=f"flex unavailable: {flex_mod._unavailable('cpu')}")
+def test_compiled_flex_one_graph_for_two_lengths_and_quiet(capfd):
+    """One compile serves T=200 and T=150 (bucket 256); nothing from torch on stderr."""
+    q, k, v = qkv()
+    slopes = attnkit.scores.alibi_slopes(4)
+    kw = {"window": 40, "softcap": 2.0, "alibi_slopes": slopes}
+    before = flex_mod.compile_count()
+    with torch.no_grad():
+        for T in (200, 150):
+            sub = [t[:, :, :T] for t in (q, k, v)]
+            ref = attnkit.attention(*sub, backend="math", **kw)
+            out = attnkit.attention(*sub, backend="flex", **kw)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert flex_mod.compile_count() - before == 1
+    assert capfd.readouterr().err == ""
+
+
 @pytest.mark.skipif(flex_mod._unavailable("cpu") is not None,
                     reason=f"flex unavailable: {flex_mod._unavailable('cpu')}")
 def test_compiled_flex_matches_math():
     q, k, v = qkv()
     kpm = torch.rand(2, 200, generator=torch.Generator().manual_seed(1)) > 0.2
     mod = M.documents(cu_seqlens=[0, 70, 150, 200]) & M.sliding_window(40)
-    slopes = attnkit.scores.alibi_slopes(4)
-    cases = [{}, {"softcap": 2.0, "alibi_slopes": slopes}]
     with torch.no_grad():
-        for extra in cases:
-            ref = attnkit.attention(q, k, v, mask_mod=mod, key_padding_mask=kpm, backend="math",
-                                    **extra)
-            out = attnkit.attention(q, k, v, mask_mod=mod, key_padding_mask=kpm, backend="flex",
-                                    **extra)
-            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        ref = attnkit.attention(q, k, v, mask_mod=mod, key_padding_mask=kpm, backend="math")
+        out = attnkit.attention(q, k, v, mask_mod=mod, key_padding_mask=kpm, backend="flex")
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         # Compiled now: the cost rule stops charging the compile, and NaN propagates.
-        spec = attnkit.engine._build_spec(None, **{**attnkit.engine._MASK_DEFAULTS,
-                                                   "mask_mod": mod, "key_padding_mask": kpm})
+        spec = attnkit.MaskSpec.from_args(mask_mod=mod, key_padding_mask=kpm)
         assert flex_mod.is_compiled(q, k, spec)
         q[0, 1, 5, 0] = float("nan")
         out = attnkit.attention(q, k, v, mask_mod=mod, key_padding_mask=kpm, backend="flex")

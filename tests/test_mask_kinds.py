@@ -17,7 +17,7 @@ def _grid(rows):
 
 
 def dense(mod, T, S, B=1, H=1):
-    return M.MaskSpec(mask_mod=mod).dense(T, S, B=B, H=H).expand(B, H, T, S)
+    return M.MaskSpec.from_args(mask_mod=mod).dense(T, S, B=B, H=H).expand(B, H, T, S)
 
 
 def test_two_sided_window_truth_table():
@@ -29,7 +29,7 @@ def test_causal_explicit_offset_truth_table():
     # A static cache filled up to position 3: query 0 is position 2 of 6 slots.
     expected = _grid(["111000", "111100"])
     assert torch.equal(dense(M.causal(offset=2), 2, 6)[0, 0], expected)
-    spec = M.MaskSpec(causal=True, causal_align=2)
+    spec = M.MaskSpec.from_args(causal=True, causal_align=2)
     assert torch.equal(spec.dense(2, 6)[0, 0], expected)
 
 
@@ -89,6 +89,8 @@ MODS = {
     "or": lambda g: M.or_masks(M.sliding_window(2, 0), M.prefix_lm(3)),
     "shifted": lambda g: M.at_positions(M.causal(), q_offset=5, kv_offset=0),
     "offset_causal": lambda g: M.causal(offset=-3),
+    "per_sample_chunks": lambda g: M.PerSampleChunks(7, torch.tensor([0, 3]), q_offset=2),
+    "dilated": lambda g: M.dilated(3, window=9) | M.Dilated(4, offset=1),
 }
 
 
@@ -99,7 +101,7 @@ def test_block_summaries_never_lie(kind, bq, bk, seed):
     """``some`` False => nothing visible in the block; ``every`` True => all visible."""
     T = S = 31
     mod = M.as_mask_mod(MODS[kind](torch.Generator().manual_seed(seed))).resolve(T, S)
-    full = M.MaskSpec(mask_mod=mod).dense(T, S, B=2, H=3).expand(2, 3, T, S)
+    full = M.MaskSpec.from_args(mask_mod=mod).dense(T, S, B=2, H=3).expand(2, 3, T, S)
     q_lo = torch.arange(0, T, bq).view(-1, 1)
     q_hi = (q_lo + bq).clamp(max=T) - 1
     k_lo = torch.arange(0, S, bk).view(1, -1)
@@ -128,7 +130,7 @@ def _qkv(T, S, H=4, Hkv=2, D=5, seed=0, dtype=torch.float64):
 def test_chunked_matches_math_for_every_kind(kind, block_q, block_k, seed):
     """Outputs, lse and gradients in float64, any block size, 31 x 31."""
     q, k, v = _qkv(31, 31, seed=seed)
-    spec = M.MaskSpec(mask_mod=MODS[kind](torch.Generator().manual_seed(seed)))
+    spec = M.MaskSpec.from_args(mask_mod=MODS[kind](torch.Generator().manual_seed(seed)))
     ref, ref_lse = attnkit.backends.math_attention(q, k, v, spec, dropout_p=0.0, scale=0.4,
                                                    return_lse=True)
     out, lse = chunked_attention(q, k, v, spec, scale=0.4, return_lse=True, block_q=block_q,
@@ -154,9 +156,9 @@ def test_every_backend_serves_every_kind(backend, kind):
 def test_chunked_skips_empty_blocks():
     """A packed batch of 4 documents of 64 visits about a quarter of the 256 x 256 pairs."""
     q, k, v = (t.detach() for t in _qkv(256, 256, H=1, Hkv=1))
-    spec = M.MaskSpec(mask_mod=M.documents(cu_seqlens=[0, 64, 128, 192, 256]))
+    spec = M.MaskSpec.from_args(mask_mod=M.documents(cu_seqlens=[0, 64, 128, 192, 256]))
     from attnkit.backends.chunked import _Layout
-    lay = _Layout(q, k, spec, 64, 64)
+    lay = _Layout(q, k, attnkit.spec.Call.of(q, k, spec, False), 64, 64)
     visited = sum((k1 - k0) * (q1 - q0) for q0, q1, blocks in lay.tiles()
                   for k0, k1, _ in blocks)
     assert visited == 4 * 64 * 64
@@ -176,9 +178,9 @@ ERRORS = [
     (lambda: M.query_padding(torch.ones(3, dtype=torch.bool)), ValueError,
      "query_padding_mask must have 2 dims"),
     (lambda: M.as_mask_mod(3), TypeError, "mask_mod must be a mask description"),
-    (lambda: M.MaskSpec(mask_mod=M.query_padding(torch.ones(2, 4, dtype=torch.bool)))
+    (lambda: M.MaskSpec.from_args(mask_mod=M.query_padding(torch.ones(2, 4, dtype=torch.bool)))
      .validate(2, 1, 3, 3), ValueError, r"query_padding_mask must have shape \(B, T\)"),
-    (lambda: M.MaskSpec(mask_mod=M.documents(torch.zeros(1, 4, dtype=torch.long)))
+    (lambda: M.MaskSpec.from_args(mask_mod=M.documents(torch.zeros(1, 4, dtype=torch.long)))
      .validate(1, 1, 4, 5), ValueError, "pass kv_document_ids"),
 ]
 
@@ -191,6 +193,39 @@ def test_errors(call, exc, match):
 
 def test_named_backend_refusal_reasons_name_the_capability():
     q, k, v = _qkv(4, 4)
-    why = get_backend("sdpa").why_not(q, k, v, M.MaskSpec(sinks=torch.zeros(4)),
+    why = get_backend("sdpa").why_not(q, k, v, M.MaskSpec.from_args(sinks=torch.zeros(4)),
                                       dropout_p=0.0, return_lse=False)
     assert "sinks" in why
+
+
+MASK_FN_ERRORS = [
+    (lambda b, h, q, kv: (q >= kv).float(), r"returned a torch.float32 tensor.*compare"),
+    (lambda b, h, q, kv: True, r"returned bool True, not a tensor"),
+    (lambda b, h, q, kv: q >= kv if q > kv else q < kv, r"used a tensor as a Python bool.*&"),
+    (lambda b, h, q, kv: torch.ones(5, 5, dtype=torch.bool), r"does not broadcast"),
+]
+
+
+@pytest.mark.parametrize("backend", [*attnkit.available_backends(), "auto"])
+@pytest.mark.parametrize("fn, match", MASK_FN_ERRORS)
+def test_mask_functions_are_checked_before_any_backend(fn, match, backend):
+    q, k, v = (t.detach() for t in _qkv(6, 6))
+    with pytest.raises(TypeError, match=match):
+        attnkit.attention(q, k, v, mask_mod=fn, backend=backend)
+
+
+@pytest.mark.parametrize("fn, match", [
+    (lambda s, b, h, q, kv: s > 0, r"returned a torch.bool tensor.*score"),
+    (lambda s, b, h, q, kv: s if q > kv else -s, r"used a tensor as a Python bool"),
+])
+def test_score_functions_are_checked(fn, match):
+    q, k, v = (t.detach() for t in _qkv(6, 6))
+    with pytest.raises(TypeError, match=match):
+        attnkit.attention(q, k, v, score_mod=fn)
+
+
+def test_cu_seqlens_that_do_not_cover_the_call_name_themselves():
+    q, k, v = (t.detach() for t in _qkv(256, 256))
+    with pytest.raises(ValueError, match=r"cu_seqlens=\[0, 100, 200\] describe 200 positions "
+                                         r"but the call has T=256"):
+        attnkit.attention(q, k, v, mask_mod=M.documents(cu_seqlens=[0, 100, 200]))

@@ -3,6 +3,10 @@
 import pytest
 import torch
 
+import attnkit
+import attnkit.spec
+from attnkit import masks as M
+
 from attnkit.masks import (
     MaskSpec,
     causal_mask,
@@ -57,28 +61,42 @@ def test_combine_masks_and_none():
 
 def test_spec_dense_combines_everything():
     kpm = _grid(["1110", "1111"])
-    spec = MaskSpec(causal=True, key_padding_mask=kpm)
+    spec = MaskSpec.from_args(causal=True, key_padding_mask=kpm)
     dense = spec.dense(4, 4)
     assert dense.shape == (2, 1, 4, 4)
     torch.testing.assert_close(dense[0, 0], causal_mask(4) & kpm[0])
     torch.testing.assert_close(dense[1, 0], causal_mask(4))
 
 
-def test_spec_window_implies_causal_and_empty():
-    assert MaskSpec(window=3).causal
-    assert MaskSpec().is_empty and not MaskSpec(causal=True).is_empty
-    assert MaskSpec().dense(3, 3) is None
+def test_window_has_one_definition():
+    """An int w is (w - 1, 0): the w most recent keys; a pair is flash-attn's (left, right)."""
+    for spelling in (3, (2, 0), [2, 0]):
+        mod = MaskSpec.from_args(window=spelling).mask_mod
+        assert (mod.left, mod.right) == (2, 0)
+    assert MaskSpec.from_args(window=(None, 4)).mask_mod.left is None
+    assert MaskSpec.from_args(window=(-1, 4)).mask_mod.left is None
+    torch.testing.assert_close(MaskSpec.from_args(window=3).dense(6, 6)[0, 0],
+                               sliding_window_mask(6, window=3))
+    assert MaskSpec.from_args().mask_mod is None and MaskSpec.from_args().dense(3, 3) is None
 
 
-def test_spec_offset():
-    assert MaskSpec(causal=True).offset(3, 8) == 0
-    assert MaskSpec(causal=True, causal_align="bottom_right").offset(3, 8) == 5
+def test_lowering_recognises_causal_whatever_the_spelling():
+    lower = attnkit.spec.lower
+    for mod in (M.causal(), M.causal(align="bottom_right"), M.sliding_window(None, 0),
+                M.sliding_window(100, 0), M.causal() & M.sliding_window(50),
+                M.at_positions(M.causal(), 3, 3), M.causal(offset=0)):
+        assert lower(mod, 8, 8)[1] == 0, mod.describe()
+    assert lower(M.causal(align="bottom_right"), 3, 8)[1] == 5
+    assert lower(M.causal(offset=7), 3, 8)[0] is None  # every query past the last key
+    assert lower(M.sliding_window(None, None), 5, 5)[0] is None
+    assert lower(M.key_padding(torch.ones(2, 5, dtype=torch.bool)), 5, 5)[0] is None
+    assert lower(M.sliding_window(2), 8, 8)[1] is None  # a real window stays one
 
 
 @pytest.mark.parametrize("window", [0, -2, 1.5, True])
 def test_bad_window(window):
     with pytest.raises(ValueError, match="window must be a positive int"):
-        MaskSpec(window=window)
+        MaskSpec.from_args(window=window)
 
 
 def test_bad_window_builder():
@@ -88,23 +106,23 @@ def test_bad_window_builder():
 
 def test_bad_alignment():
     with pytest.raises(ValueError, match="causal_align must be one of"):
-        MaskSpec(causal=True, causal_align="top_right")
+        MaskSpec.from_args(causal=True, causal_align="top_right")
     with pytest.raises(ValueError, match="causal_align must be one of"):
         causal_mask(3, 3, align="middle")
 
 
 def test_non_bool_masks():
     with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
-        MaskSpec(key_padding_mask=torch.ones(2, 3))
+        MaskSpec.from_args(key_padding_mask=torch.ones(2, 3))
     with pytest.raises(TypeError, match="mask must be a bool tensor"):
-        MaskSpec(mask=torch.ones(3, 3, dtype=torch.int64))
+        MaskSpec.from_args(mask=torch.ones(3, 3, dtype=torch.int64))
 
 
 def test_validate_shapes():
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, S\)"):
-        MaskSpec(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)).validate(2, 4, 3, 6)
+        MaskSpec.from_args(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)).validate(2, 4, 3, 6)
     with pytest.raises(ValueError, match="does not broadcast to"):
-        MaskSpec(mask=torch.ones(3, 5, dtype=torch.bool)).validate(2, 4, 3, 6)
+        MaskSpec.from_args(mask=torch.ones(3, 5, dtype=torch.bool)).validate(2, 4, 3, 6)
     with pytest.raises(ValueError, match="does not broadcast to"):
-        MaskSpec(mask=torch.ones(1, 1, 1, 3, 6, dtype=torch.bool)).validate(2, 4, 3, 6)
-    MaskSpec(mask=torch.ones(4, 1, 6, dtype=torch.bool)).validate(2, 4, 3, 6)  # broadcasts
+        MaskSpec.from_args(mask=torch.ones(1, 1, 1, 3, 6, dtype=torch.bool)).validate(2, 4, 3, 6)
+    MaskSpec.from_args(mask=torch.ones(4, 1, 6, dtype=torch.bool)).validate(2, 4, 3, 6)  # broadcasts

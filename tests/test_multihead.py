@@ -34,7 +34,7 @@ def reference(mha, x, context=None, *, key_padding_mask=None, mask=None):
     if mha.rope is not None:
         q, k = mha.rope(q, torch.arange(T)), mha.rope(k, torch.arange(S))
     k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)  # (B, H, S, D)
-    dense = MaskSpec(causal=mha.causal, window=mha.window, key_padding_mask=key_padding_mask,
+    dense = MaskSpec.from_args(causal=mha.causal, window=mha.window, key_padding_mask=key_padding_mask,
                      mask=mask).dense(T, S)
     out = functional.scaled_dot_product_attention(q, k, v, mask=dense)  # (B, H, T, D)
     return mha.out_proj(out.transpose(1, 2).reshape(B, T, E))  # (B, T, E)

@@ -130,7 +130,7 @@ def test_chunked_property_scores(T, S, cap, sink, bias, causal, block_q, block_k
     score = Sc.chain(Sc.Softcap(cap),
                      Sc.Bias(torch.randn(2, 1, T, S, generator=g, dtype=torch.float64))
                      if bias else None)
-    spec = M.MaskSpec(causal=causal, causal_align="bottom_right", score_mod=score,
+    spec = M.MaskSpec.from_args(causal=causal, causal_align="bottom_right", score_mod=score,
                       sinks=torch.randn(4, generator=g, dtype=torch.float64) if sink else None)
     ref, ref_lse = attnkit.backends.math_attention(q, k, v, spec, dropout_p=0.0, scale=0.6,
                                                    return_lse=True)
@@ -171,7 +171,7 @@ def test_return_weights_through_the_engine():
 
 def test_spec_argument_and_explain_description():
     q, k, v = qkv(grad=False)
-    spec = M.MaskSpec(mask_mod=M.prefix_lm(3), score_mod=Sc.Softcap(5.0))
+    spec = M.MaskSpec.from_args(mask_mod=M.prefix_lm(3), score_mod=Sc.Softcap(5.0))
     torch.testing.assert_close(attnkit.attention(q, k, v, spec=spec),
                                attnkit.attention(q, k, v, mask_mod=M.prefix_lm(3), softcap=5.0))
     text = str(attnkit.explain(q, k, v, spec=spec))
@@ -183,7 +183,7 @@ ERRORS = [
     (dict(causal=torch.tensor(True)), TypeError, "causal must be a bool"),
     (dict(scale=0.0), ValueError, "scale must be a finite non-zero number"),
     (dict(scale=float("nan")), ValueError, "scale must be a finite non-zero number"),
-    (dict(spec=M.MaskSpec(), causal=True), ValueError, r"either spec= or .*\['causal'\]"),
+    (dict(spec=M.MaskSpec.from_args(), causal=True), ValueError, r"either spec= or .*\['causal'\]"),
     (dict(spec="causal"), TypeError, "spec must be an attnkit.masks.MaskSpec"),
     (dict(softcap=-1.0), ValueError, "softcap must be a finite positive number"),
     (dict(alibi_slopes=torch.ones(3)), ValueError, r"one slope per query head, shape \(H,\)"),
@@ -225,9 +225,9 @@ def test_auto_ranks_a_registered_backend_by_its_declared_cost(monkeypatch):
 
     calls = []
 
-    def cheap(q, k, v, spec, *, dropout_p, scale, return_lse):
-        calls.append(spec.describe(q.shape[2], k.shape[2]))
-        return attnkit.backends.math_attention(q, k, v, spec, dropout_p=dropout_p, scale=scale,
+    def cheap(q, k, v, call, *, dropout_p, scale, return_lse):
+        calls.append(call.describe())
+        return attnkit.backends.math_attention(q, k, v, call, dropout_p=dropout_p, scale=scale,
                                                return_lse=return_lse)
 
     monkeypatch.setitem(registry._REGISTRY, "cheap", registry.Backend(

@@ -9,6 +9,8 @@ Layers, each using only the ones above it:
   contract, each declaring its capabilities and cost.
 * :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point;
   :func:`attnkit.varlen_attention` - packed sequences, flash-attn's varlen convention.
+* :func:`attnkit.flex_attention` / :func:`attnkit.create_block_mask` - FlexAttention's
+  front end, run eagerly (no compile, gradients on CPU).
 * :mod:`attnkit.tutorial` - the tutorial's ladder of attention classes, rung by rung.
 * :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache,
   cached cross-attention context).
@@ -19,6 +21,7 @@ Layers, each using only the ones above it:
 from . import masks, scores, tutorial
 from .backends import available_backends, register_backend
 from .engine import Explanation, attention, explain
+from .flex_api import create_block_mask, flex_attention
 from .kv_cache import ContextKV, KVCache
 from .masks import MaskSpec
 from .multihead import MultiHeadAttention
@@ -36,7 +39,9 @@ __all__ = [
     "RoPE",
     "attention",
     "available_backends",
+    "create_block_mask",
     "explain",
+    "flex_attention",
     "masks",
     "register_backend",
     "scores",

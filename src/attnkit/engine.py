@@ -1,7 +1,8 @@
 """``attnkit.attention``: one call, every mask and score function, any backend.
 
 This module validates the call, turns the arguments into one :class:`MaskSpec` (or takes a
-ready one) and hands it to a backend from the registry. ``backend="auto"`` asks every
+ready one), lowers it once into a :class:`attnkit.spec.Call` (structure recognised, block
+summaries built on demand) and hands that to a backend from the registry. ``backend="auto"`` asks every
 registered backend whether it can serve the call (its declared capabilities and check) and
 what it would cost (its cost rule, :mod:`attnkit.backends.cost`), and runs the cheapest:
 no backend name is written into the rule. :func:`explain` takes exactly the same arguments
@@ -13,16 +14,16 @@ Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` qu
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .backends import available_backends, get_backend
-from .backends.cost import Call
-from .masks import MaskSpec
-from .scores import Alibi, Bias, Softcap, chain
+from .backends import available_backends, chunked, get_backend
+from .spec import Call, MaskSpec
+from .summary import BlockSummary
 
 __all__ = ["attention", "check_qkv", "explain", "Explanation", "Call"]
 
@@ -65,35 +66,24 @@ def check_qkv(q, k, v, *, expected: str = "4-D (B, heads, length, head_dim)",
 
 
 
-_MASK_DEFAULTS = {"mask": None, "causal": False, "causal_align": "top_left", "window": None,
-                  "key_padding_mask": None, "mask_mod": None, "score_mod": None,
-                  "softcap": None, "alibi_slopes": None, "bias": None, "sinks": None}
+# The arguments of attention() that describe the mask and scores (MaskSpec.from_args).
+_DESCRIPTION_ARGS = ("mask", "causal", "causal_align", "window", "key_padding_mask", "mask_mod",
+                     "score_mod", "softcap", "alibi_slopes", "bias", "sinks")
 
 
-def _build_spec(spec, **parts) -> MaskSpec:
+def _build_spec(spec, args: dict) -> MaskSpec:
     """One :class:`MaskSpec` from ``spec=`` or from the separate arguments (not both)."""
-    if spec is not None:
-        if not isinstance(spec, MaskSpec):
-            raise TypeError(f"spec must be an attnkit.masks.MaskSpec, got {type(spec).__name__}")
-        given = sorted(n for n, d in _MASK_DEFAULTS.items() if parts[n] is not d
-                       and not (isinstance(d, (bool, str)) and parts[n] == d))
-        if given:
-            raise ValueError(f"pass either spec= or the mask/score arguments, not both; got "
-                             f"spec= and {given}: put them into the MaskSpec instead")
-        return spec
-    causal = parts["causal"]
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}; for a "
-                        f"mask tensor use mask=, for a description mask_mod=")
-    align = parts["causal_align"]
-    score = chain(Softcap(parts["softcap"]) if parts["softcap"] is not None else None,
-                  Alibi(parts["alibi_slopes"], align=align)
-                  if parts["alibi_slopes"] is not None else None,
-                  Bias(parts["bias"]) if parts["bias"] is not None else None,
-                  parts["score_mod"])
-    return MaskSpec(causal=causal, causal_align=align, window=parts["window"],
-                    key_padding_mask=parts["key_padding_mask"], mask=parts["mask"],
-                    mask_mod=parts["mask_mod"], score_mod=score, sinks=parts["sinks"])
+    if spec is None:
+        return MaskSpec.from_args(**{n: args[n] for n in _DESCRIPTION_ARGS})
+    if not isinstance(spec, MaskSpec):
+        raise TypeError(f"spec must be an attnkit.masks.MaskSpec, got {type(spec).__name__}")
+    defaults = _SIGNATURE.parameters
+    given = sorted(n for n in _DESCRIPTION_ARGS if args[n] is not defaults[n].default
+                   and not (isinstance(args[n], (bool, str)) and args[n] == defaults[n].default))
+    if given:
+        raise ValueError(f"pass either spec= or the mask/score arguments, not both; got "
+                         f"spec= and {given}: put them into the MaskSpec instead")
+    return spec
 
 
 def _check_scalars(dropout_p, scale) -> None:
@@ -107,20 +97,19 @@ def _check_scalars(dropout_p, scale) -> None:
                              f"got {scale!r}")
 
 
-def _prepare(q, k, v, dropout_p, scale, spec, parts):
+def _prepare(q, k, v, args: dict) -> Call:
+    """Validate a call and lower it (the one place a call's description is resolved)."""
     check_qkv(q, k, v)
-    _check_scalars(dropout_p, scale)
-    spec = _build_spec(spec, **parts)
+    _check_scalars(args["dropout_p"], args["scale"])
+    spec = _build_spec(args["spec"], args)
     B, H, T, D = q.shape
-    S = k.shape[2]
-    spec.validate(B, H, T, S)
+    spec.validate(B, H, T, k.shape[2])
     for t in spec.tensors():
         if t.device != q.device:
             raise ValueError(f"every mask/score tensor must be on q's device {q.device}, got "
                              f"one on {t.device}; move it with .to(q.device)")
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *spec.tensors()))
-    call = Call(B, H, k.shape[1], T, S, D, q.dtype, q.device, grad, spec)
-    return spec, call
+    return Call.of(q, k, spec, grad)
 
 
 @dataclass(frozen=True)
@@ -133,6 +122,9 @@ class Explanation:
         rejected: for every other backend, why it was not picked.
         description: the call's mask and score description, as the engine sees it.
         estimates: estimated seconds of every backend that can serve the call.
+        summary: the lowered mask's :class:`~attnkit.summary.BlockSummary` at the chunked
+            backend's plan granularity (None without a mask): what a block-sparse backend
+            skips, computes in full, or masks.
     """
 
     chosen: str
@@ -140,23 +132,29 @@ class Explanation:
     rejected: dict[str, str]
     description: str = ""
     estimates: dict[str, float] = field(default_factory=dict)
+    summary: BlockSummary | None = None
 
     def __str__(self) -> str:
         lines = [f"auto -> {self.chosen}: {self.reason}"]
+        if self.summary is not None:
+            lines.insert(0, f"blocks: {self.summary.counts()} of {self.summary.block_q}x"
+                            f"{self.summary.block_k}, {self.summary.visited_fraction():.1%} "
+                            f"of the pairs visited")
         if self.description:
             lines.insert(0, f"call: {self.description}")
         lines += [f"  not {name}: {why}" for name, why in self.rejected.items()]
         return "\n".join(lines)
 
 
-def _rank(q, k, v, spec, call, dropout_p, return_lse, return_weights):
+def _rank(q, k, v, call, args):
     """``(ranked names, estimates, refusals)``: every backend that can serve the call,
-    cheapest first, and for the others why not."""
+    cheapest first, and for the others why not (each backend asked once)."""
     refused, costs = {}, {}
     for name in available_backends():
         backend = get_backend(name)
-        why = backend.why_not(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse,
-                              return_weights=return_weights)
+        why = backend.why_not(q, k, v, call, dropout_p=args["dropout_p"],
+                              return_lse=args["return_lse"],
+                              return_weights=args["return_weights"])
         if why is None:
             costs[name] = backend.estimate(call)
         else:
@@ -172,8 +170,8 @@ def _rank(q, k, v, spec, call, dropout_p, return_lse, return_weights):
     return ranked, costs, refused
 
 
-def _resolve(q, k, v, spec, call, dropout_p, return_lse, return_weights) -> Explanation:
-    ranked, costs, refused = _rank(q, k, v, spec, call, dropout_p, return_lse, return_weights)
+def _resolve(q, k, v, call, args) -> Explanation:
+    ranked, costs, refused = _rank(q, k, v, call, args)
     chosen = ranked[0]
 
     def ms(name):
@@ -183,8 +181,9 @@ def _resolve(q, k, v, spec, call, dropout_p, return_lse, return_weights) -> Expl
     rejected = {name: f"estimated {ms(name)}, above {chosen}'s {ms(chosen)}"
                 for name in ranked[1:]}
     rejected.update(refused)
-    return Explanation(chosen, reason, rejected, spec.describe(call.T, call.S),
-                       {name: float(c) for name, c in costs.items()})
+    summary = None if call.mask is None else call.summary(chunked.BLOCK_Q, chunked.FINE)
+    return Explanation(chosen, reason, rejected, call.describe(),
+                       {name: float(c) for name, c in costs.items()}, summary)
 
 
 def attention(
@@ -195,7 +194,7 @@ def attention(
     mask: Tensor | None = None,
     causal: bool = False,
     causal_align="top_left",
-    window: int | None = None,
+    window: int | tuple | None = None,
     key_padding_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
@@ -223,8 +222,10 @@ def attention(
             ``"bottom_right"`` (the T queries are the last T of the S keys: KV-cache
             decoding) or an int offset (query ``i`` sees keys ``j <= i + offset``: a static
             cache filled up to another point). Also places ALiBi's query positions.
-        window: each query sees at most this many most recent keys, itself included
-            (implies ``causal``).
+        window: a sliding window, one definition (:func:`attnkit.spec.window_mask`):
+            ``(left, right)`` keys on each side of the query's position (flash-attn's
+            ``window_size``; ``None`` or ``-1`` = unbounded), or an int ``w`` for the ``w``
+            most recent keys, the query's own included (``(w - 1, 0)``).
         key_padding_mask: ``(B, S)`` bool, True = real key.
         dropout_p: dropout on the attention weights, applied whenever > 0 (a module passes 0
             in eval mode).
@@ -262,32 +263,36 @@ def attention(
             other mask arguments, or a named backend that cannot serve the call (with the
             reason).
     """
-    parts = dict(mask=mask, causal=causal, causal_align=causal_align, window=window,
-                 key_padding_mask=key_padding_mask, mask_mod=mask_mod, score_mod=score_mod,
-                 softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, sinks=sinks)
-    spec, call = _prepare(q, k, v, dropout_p, scale, spec, parts)
+    args = dict(mask=mask, causal=causal, causal_align=causal_align, window=window,
+                key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale,
+                backend=backend, return_lse=return_lse, return_weights=return_weights,
+                spec=spec, mask_mod=mask_mod, score_mod=score_mod, softcap=softcap,
+                alibi_slopes=alibi_slopes, bias=bias, sinks=sinks)
+    call = _prepare(q, k, v, args)
     if backend == "auto":
-        backend = _rank(q, k, v, spec, call, dropout_p, return_lse, return_weights)[0][0]
-    chosen = get_backend(backend)
-    why = chosen.why_not(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse,
-                         return_weights=return_weights)
-    if why is not None:
-        raise ValueError(f"backend {backend!r} cannot serve this call: {why}")
+        name = _rank(q, k, v, call, args)[0][0]  # asked every backend: no second check
+    else:
+        name = backend
+        why = get_backend(backend).why_not(q, k, v, call, dropout_p=dropout_p,
+                                           return_lse=return_lse,
+                                           return_weights=return_weights)
+        if why is not None:
+            raise ValueError(f"backend {backend!r} cannot serve this call: {why}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     extra = {"return_weights": True} if return_weights else {}
-    return chosen.fn(q, k, v, spec, dropout_p=float(dropout_p), scale=scale,
-                     return_lse=return_lse, **extra)
+    return get_backend(name).fn(q, k, v, call, dropout_p=float(dropout_p), scale=scale,
+                                return_lse=return_lse, **extra)
 
 
-def explain(q: Tensor, k: Tensor, v: Tensor, *, mask=None, causal=False,
-            causal_align="top_left", window=None, key_padding_mask=None, dropout_p=0.0,
-            scale=None, backend="auto", return_lse=False, return_weights=False, spec=None,
-            mask_mod=None, score_mod=None, softcap=None, alibi_slopes=None, bias=None,
-            sinks=None) -> Explanation:
+_SIGNATURE = inspect.signature(attention)
+
+
+def explain(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Explanation:
     """Which backend ``attention(..., backend="auto")`` would run for these arguments, and why.
 
-    Takes exactly :func:`attention`'s arguments (a misspelt one is a ``TypeError``, as
-    there); ``backend`` is checked to exist but ``auto``'s choice is explained.
+    Takes exactly :func:`attention`'s arguments (checked against its signature, so a
+    misspelt one is a ``TypeError``, as there); ``backend`` is checked to exist but
+    ``auto``'s choice is explained.
 
     Returns:
         An :class:`Explanation`; ``print`` it for a readable summary.
@@ -295,10 +300,13 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, mask=None, causal=False,
     Raises:
         The same errors as :func:`attention` for bad input.
     """
-    parts = dict(mask=mask, causal=causal, causal_align=causal_align, window=window,
-                 key_padding_mask=key_padding_mask, mask_mod=mask_mod, score_mod=score_mod,
-                 softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, sinks=sinks)
-    spec, call = _prepare(q, k, v, dropout_p, scale, spec, parts)
-    if backend != "auto":
-        get_backend(backend)
-    return _resolve(q, k, v, spec, call, dropout_p, return_lse, return_weights)
+    bound = _SIGNATURE.bind(q, k, v, **kwargs)
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    call = _prepare(q, k, v, args)
+    if args["backend"] != "auto":
+        get_backend(args["backend"])
+    return _resolve(q, k, v, call, args)
+
+
+explain.__signature__ = _SIGNATURE.replace(return_annotation=Explanation)

@@ -1,27 +1,62 @@
-""":class:`MaskSpec`: everything a backend needs to know about a call besides q, k, v.
+"""One description of a call, and the lowering step that recognises its structure.
 
-It gathers the mask (the classic fields ``causal``/``causal_align``/``window``/
-``key_padding_mask``/``mask`` plus any ``mask_mod`` description from :mod:`attnkit.masks`),
-the score function (``score_mod``, :mod:`attnkit.scores`) and the attention sinks, and
-resolves them against a call's lengths: :meth:`MaskSpec.mask_mod_for` gives one composed
-mask description, :meth:`MaskSpec.score_mod_for` one score description.
+A call is ``(mask_mod, score_mod, sinks)``: a mask description (:mod:`attnkit.masks`), a score
+description (:mod:`attnkit.scores`) and optional attention sinks. That is all a
+:class:`MaskSpec` holds. The familiar arguments of :func:`attnkit.attention` (``causal=``,
+``causal_align=``, ``window=``, ``key_padding_mask=``, ``mask=``, ``softcap=``,
+``alibi_slopes=``, ``bias=``) are only constructors of those kinds (:meth:`MaskSpec.from_args`),
+so no spelling is privileged.
 
-Shape letters: ``B`` batch, ``H`` query heads, ``T`` queries, ``S`` keys.
+:func:`lower` is the step that makes spelling irrelevant for speed: resolved against a call's
+lengths, a description is simplified structurally (a window wider than the keys is causal,
+causal whose queries sit past the last key hides nothing, windows ANDed at one offset merge,
+an all-True key padding disappears) and plain causal is recognised as such, so
+``causal=True``, ``mask_mod=masks.causal()`` and transformers' causal closure all reach SDPA's
+``is_causal``. :class:`Call` carries the lowered call to the backends, with its block
+summaries (:class:`attnkit.summary.BlockSummary`) built once per block size.
+
+Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` queries,
+``S`` keys, ``D`` head dim.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .masks.base import And, MaskMod, as_mask_mod, check_align, offset_of
+from .masks.base import And, MaskMod, Or, Shift, as_mask_mod, check_align
 from .masks.data import Dense, KeyPadding
+from .masks.simplify import merge_and
 from .masks.structural import Causal, Window
-from .scores import ScoreMod, as_score_mod
+from .scores import Alibi, Bias, ScoreMod, Softcap, as_score_mod, chain
+from .summary import BlockSummary
 
-__all__ = ["MaskSpec"]
+__all__ = ["MaskSpec", "Call", "lower", "window_mask"]
+
+_SMALL = 1 << 20  # below this many T x S pairs, a block summary is not worth building
+
+
+def window_mask(window, align="top_left") -> Window:
+    """The one definition of ``window=``: flash-attn's ``(left, right)`` keys on each side of
+    the query (``None`` or ``-1`` = unbounded); an int ``w`` is sugar for ``(w - 1, 0)``, the
+    ``w`` most recent keys, the query's own included (Mistral's ``sliding_window``).
+
+    Raises:
+        ValueError: an int below 1, a pair with a negative side other than -1, or another
+            form.
+    """
+    if isinstance(window, int) and not isinstance(window, bool):
+        if window < 1:
+            raise ValueError(f"window must be a positive int (keys per query, itself "
+                             f"included) or a (left, right) pair, got {window!r}")
+        return Window(left=window - 1, right=0, align=align)
+    if isinstance(window, (tuple, list)) and len(window) == 2:
+        left, right = (None if side in (None, -1) else side for side in window)
+        return Window(left=left, right=right, align=align)
+    raise ValueError(f"window must be a positive int or a (left, right) pair (None or -1 = "
+                     f"unbounded), got {window!r}")
 
 
 @dataclass(frozen=True)
@@ -29,43 +64,18 @@ class MaskSpec:
     """Which keys each query may see and how scores are shaped, without a ``T x S`` tensor.
 
     Attributes:
-        causal: hide keys after the query's own position.
-        causal_align: ``"top_left"``, ``"bottom_right"`` or an int offset (query ``i`` sees
-            keys ``j <= i + offset``; see :func:`attnkit.masks.causal_mask`).
-        window: if set, each query sees at most this many most recent keys (implies causal).
-        key_padding_mask: ``(B, S)`` bool, True = real key.
-        mask: dense bool mask broadcastable to ``(B, H, T, S)``, True = may attend.
-        mask_mod: a further mask description (ANDed with the above), or a callable
-            ``fn(b, h, q_idx, kv_idx)``.
+        mask_mod: a mask description (True = may attend), a callable
+            ``fn(b, h, q_idx, kv_idx)``, or None (every key visible).
         score_mod: a score description or callable ``fn(score, b, h, q_idx, kv_idx)``.
         sinks: ``(H,)`` float, one extra logit per head in the softmax denominator
             (attention sinks); it takes probability mass but contributes no value.
     """
 
-    causal: bool = False
-    causal_align: object = "top_left"
-    window: int | None = None
-    key_padding_mask: Tensor | None = None
-    mask: Tensor | None = None
     mask_mod: object = None
     score_mod: object = None
     sinks: Tensor | None = None
 
     def __post_init__(self):
-        if not isinstance(self.causal, bool):
-            raise TypeError(f"causal must be a bool, got {type(self.causal).__name__} "
-                            f"{self.causal!r}; for a mask tensor use mask=")
-        check_align(self.causal_align)
-        if self.window is not None:
-            if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
-                raise ValueError(f"window must be a positive int or None, got {self.window!r}")
-            object.__setattr__(self, "causal", True)  # a sliding window only looks back
-        for name in ("key_padding_mask", "mask"):
-            m = getattr(self, name)
-            if m is not None and (not isinstance(m, Tensor) or m.dtype != torch.bool):
-                got = m.dtype if isinstance(m, Tensor) else type(m).__name__
-                raise TypeError(f"{name} must be a bool tensor (True = attend), got {got}; "
-                                f"convert a 0/1 tensor with .bool()")
         if self.mask_mod is not None:
             object.__setattr__(self, "mask_mod", as_mask_mod(self.mask_mod))
         if self.score_mod is not None:
@@ -77,58 +87,58 @@ class MaskSpec:
             raise TypeError(f"sinks must be a 1-D float tensor (H,), one logit per query "
                             f"head, got {got}")
 
-    @property
-    def is_empty(self) -> bool:
-        """True when nothing is masked."""
-        return (not self.causal and self.key_padding_mask is None and self.mask is None
-                and self.mask_mod is None)
+    @classmethod
+    def from_args(cls, *, causal: bool = False, causal_align="top_left", window=None,
+                  key_padding_mask: Tensor | None = None, mask: Tensor | None = None,
+                  mask_mod=None, score_mod=None, softcap: float | None = None,
+                  alibi_slopes: Tensor | None = None, bias: Tensor | None = None,
+                  sinks: Tensor | None = None) -> "MaskSpec":
+        """The description :func:`attnkit.attention`'s arguments stand for: every mask
+        argument becomes a kind, ANDed; ``softcap``, ALiBi, ``bias`` and ``score_mod`` are
+        chained in that order.
+
+        Raises:
+            TypeError: a ``causal`` that is not a bool; masks that are not bool tensors.
+            ValueError: a bad ``window`` or ``causal_align``.
+        """
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}; "
+                            f"for a mask tensor use mask=, for a description mask_mod=")
+        check_align(causal_align)
+        parts = []
+        if window is not None:  # a sliding window already bounds the right side
+            parts.append(window_mask(window, causal_align))
+            if causal and parts[0].right != 0:
+                parts.append(Causal(align=causal_align))
+        elif causal:
+            parts.append(Causal(align=causal_align))
+        if key_padding_mask is not None:
+            parts.append(KeyPadding(key_padding_mask))
+        if mask is not None:
+            parts.append(Dense(mask))
+        if mask_mod is not None:
+            parts.append(as_mask_mod(mask_mod))
+        mod = None if not parts else parts[0] if len(parts) == 1 else And(tuple(parts))
+        score = chain(Softcap(softcap) if softcap is not None else None,
+                      Alibi(alibi_slopes, align=causal_align)
+                      if alibi_slopes is not None else None,
+                      Bias(bias) if bias is not None else None, score_mod)
+        return cls(mask_mod=mod, score_mod=score, sinks=sinks)
 
     @property
     def is_plain(self) -> bool:
         """No score function and no sinks: plain softmax attention."""
         return self.score_mod is None and self.sinks is None
 
-    def offset(self, T: int, S: int) -> int:
-        """Position of query 0 among the keys (0 top-left, S - T bottom-right, or the int)."""
-        return offset_of(T, S, self.causal_align)
-
-    def plain_causal(self, T: int, S: int) -> bool:
-        """Only causal with offset 0 (SDPA's ``is_causal``), nothing else masked."""
-        return (self.causal and self.window is None and self.offset(T, S) == 0
-                and self.key_padding_mask is None and self.mask is None
-                and self.mask_mod is None)
-
-    def mask_mod_for(self, T: int, S: int) -> MaskMod | None:
-        """The whole mask as one description resolved for this call, or None if empty."""
-        parts = []
-        off = self.offset(T, S)
-        if self.window is not None:
-            parts.append(Window(left=self.window - 1, right=0, offset=off))
-        elif self.causal:
-            parts.append(Causal(offset=off))
-        if self.key_padding_mask is not None:
-            parts.append(KeyPadding(self.key_padding_mask))
-        if self.mask is not None:
-            parts.append(Dense(self.mask))
-        if self.mask_mod is not None:
-            parts.append(self.mask_mod.resolve(T, S))
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else And(tuple(parts))
-
-    def score_mod_for(self, T: int, S: int) -> ScoreMod | None:
-        """The score function resolved for this call, or None."""
-        return None if self.score_mod is None else self.score_mod.resolve(T, S)
-
     def validate(self, B: int, H: int, T: int, S: int) -> None:
-        """Check the tensors against the call's sizes.
+        """Check the tensors (and mask functions) against the call's sizes.
 
         Raises:
             ValueError: a mask, bias, slopes or sinks whose shape does not fit.
+            TypeError: a mask or score function that returns the wrong kind of value.
         """
-        mod = self.mask_mod_for(T, S)
-        if mod is not None:
-            mod.validate(B, H, T, S)
+        if self.mask_mod is not None:
+            self.mask_mod.resolve(T, S).validate(B, H, T, S)
         if self.score_mod is not None:
             self.score_mod.validate(B, H, T, S)
         if self.sinks is not None and tuple(self.sinks.shape) != (H,):
@@ -137,43 +147,152 @@ class MaskSpec:
 
     def tensors(self) -> tuple:
         """Every tensor the description holds."""
-        out = [t for t in (self.key_padding_mask, self.mask, self.sinks) if t is not None]
+        out = [self.sinks] if self.sinks is not None else []
         for mod in (self.mask_mod, self.score_mod):
             if mod is not None:
                 out += list(mod.tensors())
         return tuple(out)
 
-    def describe(self, T: int, S: int) -> str:
-        """A short readable summary (``explain()`` shows it)."""
-        mod, score = self.mask_mod_for(T, S), self.score_mod_for(T, S)
-        parts = [mod.describe() if mod is not None else "no mask"]
-        if score is not None:
-            parts.append(f"scores: {score.describe()}")
-        if self.sinks is not None:
-            parts.append("sinks")
-        return ", ".join(parts)
-
     def dense(self, T: int, S: int, device=None, B: int | None = None,
               H: int | None = None) -> Tensor | None:
         """The whole mask as one bool tensor broadcastable to ``(B, H, T, S)``, or None.
 
-        Costs ``T x S`` memory (times B when there is key padding): for the math backend and
-        for peers that need a dense mask, not for long sequences. ``B`` and ``H`` default to
-        the largest batch/head sizes of the tensors held (1 without any); pass them when a
-        mask function depends on ``b`` or ``h``.
+        Costs ``T x S`` memory (times B for per-sample kinds): for the math backend and for
+        peers that need a dense mask, not for long sequences. ``B`` and ``H`` default to 1;
+        kinds holding per-sample tensors slice them, so pass them only for a mask function
+        of ``b`` or ``h``.
         """
-        mod = self.mask_mod_for(T, S)
+        mod = lower(self.mask_mod, T, S)[0]
         if mod is None:
             return None
-        if B is None:  # only a mask function of b needs it: named kinds slice their tensors
-            B = self.key_padding_mask.shape[0] if self.key_padding_mask is not None else 1
-            if self.mask is not None and self.mask.dim() == 4:
-                B = max(B, self.mask.shape[0])
-        if H is None:
-            H = self.mask.shape[-3] if self.mask is not None and self.mask.dim() >= 3 else 1
         if device is None:
             device = next((t.device for t in self.tensors()), None)
-        out = mod.tile(B, H, 0, T, 0, S, device)
-        if out.dim() < 4:
-            out = out.reshape((1,) * (4 - out.dim()) + tuple(out.shape))
-        return out
+        out = mod.tile(B or 1, H or 1, 0, T, 0, S, device)
+        return out.reshape((1,) * (4 - out.dim()) + tuple(out.shape)) if out.dim() < 4 else out
+
+
+# --- lowering -------------------------------------------------------------------------------
+
+def _window(mod: Window, T: int, S: int) -> MaskMod | None:
+    """A resolved window with the sides that bind nothing dropped; None if neither binds."""
+    o = mod.offset or 0
+    left = mod.left if mod.left is not None and mod.left < T - 1 + o else None
+    right = mod.right if mod.right is not None and o + mod.right < S - 1 else None
+    if left is None and right is None:
+        return None
+    if left is None and right == 0:
+        return Causal(offset=o)
+    return Window(left=left, right=right, offset=o)
+
+
+def _simplify(mod: MaskMod, T: int, S: int) -> MaskMod | None:
+    if isinstance(mod, Window):
+        return _window(mod, T, S)
+    if isinstance(mod, Shift) and isinstance(mod.mod, Window):
+        w = mod.mod
+        shifted = Window(left=w.left, right=w.right,
+                         offset=(w.offset or 0) + mod.q_offset - mod.kv_offset)
+        return _window(shifted, T, S)
+    if isinstance(mod, KeyPadding):
+        if torch.compiler.is_compiling() or not bool(mod.mask.all()):
+            return mod
+        return None
+    if isinstance(mod, And):
+        # Flattened, parts that bind nothing dropped, windows at one offset merged; a merged
+        # window is simplified again (it may now be plain causal).
+        merged = merge_and(*(_simplify(p, T, S) for p in mod.parts))
+        parts = () if merged is None else merged.parts if isinstance(merged, And) else (merged,)
+        parts = [q for q in (_simplify(p, T, S) if isinstance(p, Window) else p for p in parts)
+                 if q is not None]
+        return None if not parts else parts[0] if len(parts) == 1 else And(tuple(parts))
+    if isinstance(mod, Or):
+        parts = [_simplify(p, T, S) for p in mod.parts]
+        return None if any(p is None for p in parts) else Or(tuple(parts))
+    return mod
+
+
+def lower(mask_mod, T: int, S: int) -> tuple[MaskMod | None, int | None]:
+    """``(mask, causal_offset)``: the description resolved for ``T`` queries and ``S`` keys
+    and simplified by structure (None = every key visible), and, when what remains is
+    exactly causal, its offset (0 = SDPA's ``is_causal``)."""
+    if mask_mod is None:
+        return None, None
+    mod = _simplify(mask_mod.resolve(T, S), T, S)
+    causal = (mod.offset or 0) if isinstance(mod, Causal) else None
+    return mod, causal
+
+
+# --- the call as the backends see it --------------------------------------------------------
+
+@dataclass
+class Call:
+    """One ``attention()`` call, lowered: sizes, the simplified mask, the resolved score
+    function, sinks, and block summaries built on demand, once per block size."""
+
+    B: int
+    H: int
+    Hkv: int
+    T: int
+    S: int
+    D: int
+    dtype: torch.dtype
+    device: torch.device
+    grad: bool
+    spec: MaskSpec
+    mask: MaskMod | None = None
+    causal_offset: int | None = None
+    score: ScoreMod | None = None
+    _summaries: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, q: Tensor, k: Tensor, spec: MaskSpec, grad: bool) -> "Call":
+        B, H, T, D = q.shape
+        S = k.shape[2]
+        mask, offset = lower(spec.mask_mod, T, S)
+        score = None if spec.score_mod is None else spec.score_mod.resolve(T, S)
+        return cls(B, H, k.shape[1], T, S, D, q.dtype, q.device, grad, spec, mask, offset,
+                   score)
+
+    @property
+    def sinks(self) -> Tensor | None:
+        return self.spec.sinks
+
+    @property
+    def plain_causal(self) -> bool:
+        """The mask is exactly top-left causal (SDPA's ``is_causal``)."""
+        return self.causal_offset == 0
+
+    def summary(self, block_q: int, block_k: int) -> BlockSummary:
+        """The :class:`BlockSummary` of the lowered mask at this granularity (cached)."""
+        key = (block_q, block_k)
+        if key not in self._summaries:
+            self._summaries[key] = BlockSummary.build(self.mask, self.T, self.S, block_q,
+                                                      block_k)
+        return self._summaries[key]
+
+    def visited(self, block_q: int, block_k: int) -> tuple[float, int]:
+        """``(fraction of the T x S pairs in non-empty tiles, number of non-empty tiles)``
+        at this granularity, for the cost rules. Small calls and calls under
+        ``torch.compile`` are estimated without building the summary (1, or 1/2 when
+        causal)."""
+        n_blocks = -(-self.T // block_q) * -(-self.S // block_k)
+        if self.mask is None or self.T * self.S == 0:
+            return 1.0, n_blocks
+        if torch.compiler.is_compiling() or self.T * self.S < _SMALL:
+            frac = 0.5 if self.causal_offset is not None else 1.0
+            return frac, max(1, int(n_blocks * frac))
+        summary = self.summary(block_q, block_k)
+        return summary.visited_fraction(), int((summary.kind != 0).sum())
+
+    def flops(self) -> float:
+        """Dense forward FLOPs: ``q kᵀ`` and ``P v``."""
+        return 4.0 * self.B * self.H * self.T * self.S * self.D
+
+    def describe(self) -> str:
+        """A short readable summary (``explain()`` shows it)."""
+        parts = [self.mask.describe() if self.mask is not None else "no mask"]
+        if self.score is not None:
+            parts.append(f"scores: {self.score.describe()}")
+        if self.sinks is not None:
+            parts.append("sinks")
+        return ", ".join(parts)

@@ -42,16 +42,17 @@ def _additive(score) -> bool:
     return isinstance(score, (Bias, Alibi)) and not any(t.requires_grad for t in score.tensors())
 
 
-def usable_for(device, dtype, spec) -> bool:
-    """Whether the fused tile path can serve a call on ``device`` in ``dtype``."""
+def usable_for(device, dtype, score) -> bool:
+    """Whether the fused tile path can serve a call on ``device`` in ``dtype`` with the
+    resolved score function ``score`` (or None)."""
     return (_OPS is not None and _BWD is not None and torch.device(device).type == "cpu"
-            and dtype in (torch.float32, torch.float64) and _additive(spec.score_mod)
+            and dtype in (torch.float32, torch.float64) and _additive(score)
             and not torch.compiler.is_compiling())
 
 
-def usable(q, spec) -> bool:
+def usable(q, score) -> bool:
     """Whether the fused tile path can serve this call."""
-    return usable_for(q.device, q.dtype, spec)
+    return usable_for(q.device, q.dtype, score)
 
 
 def _span(blocks):

@@ -25,66 +25,39 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..masks import MaskSpec
+from dataclasses import dataclass
+
+from ..spec import Call
 from . import _fused_tiles
+from .registry import BACKWARD_FACTOR, Backend, as_call
 
-DEFAULT_BLOCK_Q = 256
-DEFAULT_BLOCK_K = 512
-
-
-_FINE = 64  # key granularity of the block summaries; runs of these form the key blocks
+# chunked owns its block sizes: query rows per tile, the key granularity of its block
+# summary, and the most keys one block matmul takes.
+BLOCK_Q = 256
+FINE = 64
+BLOCK_K = 512
 
 
 class _Layout:
     """Geometry shared by forward and backward: which key blocks each query tile visits.
 
-    The mask description answers, for every (query tile, 64-key block) pair at once, whether
-    the block is empty, full or partial (:meth:`attnkit.masks.MaskMod.blocks`: interval
-    arithmetic, no ``T x S`` tensor). Each tile then visits only its non-empty runs, cut
-    into key blocks of at most ``block_k``; full runs and partial runs become separate key
-    blocks so only the partial ones build a mask.
+    The plan is the call's :class:`~attnkit.summary.BlockSummary` at ``block_q x 64`` (empty,
+    full or partial per tile, from the mask's interval arithmetic, no ``T x S`` tensor): each
+    tile visits only its non-empty runs, cut into key blocks of at most ``block_k``; full and
+    partial runs are separate key blocks, so only the partial ones build a mask.
     """
 
-    def __init__(self, q: Tensor, k: Tensor, spec: MaskSpec, block_q: int, block_k: int,
+    def __init__(self, q: Tensor, k: Tensor, call: Call, block_q: int, block_k: int,
                  fused: bool = False):
         self.B, self.H, self.T, _ = q.shape
         self.Hkv, self.S = k.shape[1], k.shape[2]
         self.G = self.H // self.Hkv
-        self.block_q, self.block_k = block_q, block_k
-        self.mod = spec.mask_mod_for(self.T, self.S)
-        self.score = spec.score_mod_for(self.T, self.S)
-        self.sinks = spec.sinks
+        self.mod, self.score, self.sinks = call.mask, call.score, call.sinks
         self.params = tuple(t for t in (self.score.tensors() if self.score else ())
                             if t.requires_grad)
-        self.plan = self._plan(q.device)
+        summary = call.summary(block_q, min(FINE, block_k))
+        self.plan = summary.tiles(max_block=block_k)
         self.fused = fused  # run each tile through torch's fused CPU kernel (_fused_tiles)
-
-    def _plan(self, device):
-        T, S, bq = self.T, self.S, self.block_q
-        q_starts = list(range(0, T, bq))
-        if self.mod is None or S == 0:
-            blocks = [(k0, min(k0 + self.block_k, S), False) for k0 in range(0, S, self.block_k)]
-            return [(q0, min(q0 + bq, T), blocks) for q0 in q_starts]
-        fine = min(_FINE, self.block_k)
-        # Summaries are tiny: computed where the description's tensors live.
-        some, every = self.mod.summary(T, S, bq, fine)  # (nQ, nK) each
-        # 0 empty, 1 partial, 2 full, per (tile, fine block).
-        kind = (some.long() + (some & every).long()).cpu()  # (nQ, nK)
-        change = torch.ones_like(kind, dtype=torch.bool)
-        change[:, 1:] = kind[:, 1:] != kind[:, :-1]
-        plan = []
-        for i, q0 in enumerate(q_starts):
-            row = kind[i].tolist()
-            starts = change[i].nonzero().flatten().tolist() + [len(row)]
-            blocks = []
-            for a, b in zip(starts[:-1], starts[1:]):
-                if row[a] == 0:
-                    continue
-                k0, k1 = a * fine, min(b * fine, S)
-                for c0 in range(k0, k1, self.block_k):
-                    blocks.append((c0, min(c0 + self.block_k, k1), row[a] == 1))
-            plan.append((q0, min(q0 + bq, T), blocks))
-        return plan
 
     def tiles(self):
         """``(q0, q1, [(k0, k1, needs_mask), ...])`` for every query tile."""
@@ -95,6 +68,18 @@ class _Layout:
         if not partial:
             return None
         return self.mod.tile(self.B, self.H, q0, q1, k0, k1, device)
+
+
+@dataclass
+class _Rows:
+    """What the backward knows of every row, ``(B, H, T)`` each: the log-sum-exp, ``delta =
+    rowsum(dO * O)`` minus the lse's own gradient, the rows that saw one key (``single``,
+    ``(N, G, T)``) and the lse's gradient ``grad_lse``."""
+
+    lse: Tensor
+    delta: Tensor
+    single: Tensor | None = None
+    grad_lse: Tensor | None = None
 
 
 def _scores(lay: _Layout, qt, kb, q0, q1, k0, k1, mask, grad_score=False):
@@ -194,17 +179,18 @@ def _chunked_forward(q, k, v, lay: _Layout, scale: float):
     return out.view(lay.B, lay.H, lay.T, Dv), lse.view(lay.B, lay.H, lay.T), single
 
 
-def _accumulate_backward(grad_out, q, k, v, lse, delta, lay: _Layout, scale: float, grads,
-                         single=None, param_grads=None, grad_lse=None, only=None):
+def _accumulate_backward(grad_out, q, k, v, rows: _Rows, lay: _Layout, scale: float, grads,
+                         param_grads=None, only=None):
     """Add the gradients of attention over ``k``/``v`` into ``grads = (dq, dk, dv)``.
 
-    ``lse`` and ``delta`` are the rows' log-sum-exp and ``rowsum(dO * O)`` (minus the lse's
-    own gradient); when they are the *global* ones of a longer key sequence (ring
-    attention), the probabilities recomputed here are this block's share of the full softmax
-    and the gradients add up exactly. ``single (N, G, T)`` marks rows that saw one key:
-    through the output their gradient is exactly zero, only the lse's gradient ``grad_lse``
-    remains; ``param_grads`` receives the gradients of the score function's tensors.
+    When ``rows`` holds the *global* statistics of a longer key sequence (ring attention),
+    the probabilities recomputed here are this block's share of the full softmax and the
+    gradients add up exactly. Rows that saw one key (``rows.single``) get an exactly zero
+    gradient through the output, only the lse's own gradient remains; ``param_grads``
+    receives the gradients of the score function's tensors; ``only`` limits the work to the
+    query tiles starting at those rows.
     """
+    lse, delta, single, grad_lse = rows.lse, rows.delta, rows.single, rows.grad_lse
     N, D, Dv = lay.B * lay.Hkv, q.shape[-1], v.shape[-1]
     acc_dtype, mm = grads[0].dtype, _matmul_dtype(q)
     q4 = _grouped_queries(q, lay, mm, scale)  # (N, G, T, D)
@@ -260,9 +246,8 @@ def _accumulate_backward(grad_out, q, k, v, lse, delta, lay: _Layout, scale: flo
         dq[:, :, q0:q1] += dq_t.mul_(scale).view(N, lay.G, nq, D)
 
 
-def chunked_block_backward(grad_out, q, k, v, lse, delta, spec: MaskSpec, *, scale: float,
-                           grads, block_q: int = DEFAULT_BLOCK_Q,
-                           block_k: int = DEFAULT_BLOCK_K) -> None:
+def chunked_block_backward(grad_out, q, k, v, lse, delta, spec, *, scale: float,
+                           grads, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> None:
     """Accumulate one key block's attention gradients, given the rows' global statistics.
 
     The building block of ring attention's backward: each rank adds the gradient of its
@@ -273,15 +258,16 @@ def chunked_block_backward(grad_out, q, k, v, lse, delta, spec: MaskSpec, *, sca
         grad_out: ``(B, H, T, Dv)``; q ``(B, H, T, D)``; k ``(B, Hkv, S, D)``;
             v ``(B, Hkv, S, Dv)``.
         lse, delta: ``(B, H, T)`` in the accumulation dtype (float32 or float64).
-        spec: which keys of this block each query sees (positions relative to the block,
-            or a description wrapped in :func:`attnkit.masks.at_positions`).
+        spec: a :class:`attnkit.masks.MaskSpec`: which keys of this block each query sees
+            (positions relative to the block, or a description wrapped in
+            :func:`attnkit.masks.at_positions`).
         scale: the score multiplier used in the forward.
         grads: ``(dq, dk, dv)`` shaped like q, k, v in the accumulation dtype, updated in
             place; slices of bigger buffers are fine as long as ``.view`` can merge ``B``
             with the head dim.
     """
-    lay = _Layout(q, k, spec, block_q, block_k)
-    _accumulate_backward(grad_out, q, k, v, lse, delta, lay, scale, grads)
+    lay = _Layout(q, k, Call.of(q, k, spec, grad=True), block_q, block_k)
+    _accumulate_backward(grad_out, q, k, v, _Rows(lse, delta), lay, scale, grads)
 
 
 def _chunked_backward(grad_out, grad_lse, q, k, v, out, lse, single, lay: _Layout, scale):
@@ -300,8 +286,8 @@ def _chunked_backward(grad_out, grad_lse, q, k, v, out, lse, single, lay: _Layou
         only = {q0 for q0, q1, _ in lay.tiles() if bool(single[:, :, q0:q1].any())}
         _fused_tiles.backward(grad_out, q, k, v, out, lse, lay, scale, grads, skip=only)
     if only is None or only:
-        _accumulate_backward(grad_out, q, k, v, lse, delta, lay, scale, grads, single,
-                             param_grads, grad_lse, only)
+        _accumulate_backward(grad_out, q, k, v, _Rows(lse, delta, single, grad_lse), lay,
+                             scale, grads, param_grads, only)
     dsinks = None
     if lay.sinks is not None and lay.sinks.requires_grad:
         # d lse_i / d sink_h = P(sink)_i, and dL/d lse_i enters as -delta_i.
@@ -333,7 +319,7 @@ class _ChunkedAttentionFn(torch.autograd.Function):
         return (dq, dk, dv, None, None, dsinks, *dparams)
 
 
-def chunked_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool,
+def chunked_check(q, k, v, call, *, dropout_p: float, return_lse: bool,
                   return_weights: bool = False):
     if dropout_p > 0.0:
         return ("dropout on attention weights is not implemented in the chunked backend; "
@@ -343,29 +329,58 @@ def chunked_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool
     return None
 
 
-def chunked_attention(q, k, v, spec: MaskSpec, *, dropout_p: float = 0.0, scale: float,
+def chunked_attention(q, k, v, call, *, dropout_p: float = 0.0, scale: float,
                       return_lse: bool = False, return_weights: bool = False,
-                      block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
+                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
     """O(T)-memory exact attention; contract in :mod:`attnkit.backends.registry`.
 
     The log-sum-exp it returns is differentiable (its gradient flows into q and k), and
     sinks and the score function's tensors get exact gradients.
 
     Args:
+        call: an :class:`attnkit.spec.Call` (or a :class:`attnkit.masks.MaskSpec`).
         block_q: query rows per tile (not part of the contract; memory ~ block_q·block_k·H).
         block_k: keys per block.
 
     Raises:
         ValueError: ``dropout_p > 0``, ``return_weights``, or a block size below 1.
     """
-    reason = chunked_check(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse,
+    call = as_call(q, k, v, call)  # a bare MaskSpec works too
+    reason = chunked_check(q, k, v, call, dropout_p=dropout_p, return_lse=return_lse,
                            return_weights=return_weights)
     if reason:
         raise ValueError(reason)
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be >= 1, got {block_q} and {block_k}")
     # The fused kernel needs one head size for q, k and v.
-    fused = _fused_tiles.usable(q, spec) and v.shape[-1] == q.shape[-1]
-    lay = _Layout(q, k, spec, block_q, block_k, fused=fused)
-    out, lse, _ = _ChunkedAttentionFn.apply(q, k, v, lay, scale, spec.sinks, *lay.params)
+    fused = _fused_tiles.usable(q, call.score) and v.shape[-1] == q.shape[-1]
+    lay = _Layout(q, k, call, block_q, block_k, fused=fused)
+    out, lse, _ = _ChunkedAttentionFn.apply(q, k, v, lay, scale, call.sinks, *lay.params)
     return (out, lse) if return_lse else out
+
+
+# Cost rule: FLOP/s of one CPU thread (float32) and overheads, from benchmarks/bench_masks.py.
+CHUNKED_RATE = 16e9  # the block loop
+CHUNKED_BLOCK_S = 4e-5  # Python and dispatch overhead per visited 512-key block
+CHUNKED_FUSED_RATE = 30e9  # the fused tiles: torch's CPU flash kernel per tile
+FUSED_TILE_S = 1e-4
+
+
+def chunked_cost(call) -> float:
+    """Estimated seconds: the visited pairs at the fused tiles' or the block loop's rate."""
+    passes = BACKWARD_FACTOR if call.grad else 1.0
+    frac, blocks = call.visited(BLOCK_Q, FINE)  # the plan's own granularity
+    tiles = -(-call.T // BLOCK_Q)
+    per_call = 5e-5
+    if _fused_tiles.usable_for(call.device, call.dtype, call.score):
+        # One fused kernel call per tile over its visible span (backward: two per tile).
+        return (frac * call.flops() * passes / CHUNKED_FUSED_RATE
+                + tiles * FUSED_TILE_S * (2.0 if call.grad else 1.0) + per_call)
+    scored = 1.3 if call.score is not None else 1.0
+    per_block = CHUNKED_BLOCK_S * (2.0 if call.grad else 1.0)
+    return (frac * call.flops() * passes * scored / CHUNKED_RATE
+            + blocks * per_block / 8 + per_call)
+
+
+BACKEND = Backend("chunked", chunked_attention, chunked_check,
+                  frozenset({"lse", "grad", "score_mod", "sinks"}), chunked_cost)

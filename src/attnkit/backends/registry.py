@@ -1,26 +1,27 @@
 """A tiny registry of attention backends, each declaring what it can serve and what it costs.
 
-Every backend is one function with the same contract::
+Every backend module exports one :class:`Backend`: a name, a function, an optional check, its
+capabilities and a cost rule. The function's contract::
 
-    fn(q, k, v, spec, *, dropout_p, scale, return_lse[, return_weights]) -> out | tuple
+    fn(q, k, v, call, *, dropout_p, scale, return_lse[, return_weights]) -> out | tuple
 
 with q ``(B, H, T, D)``, k/v ``(B, Hkv, S, D)`` (``H % Hkv == 0``; the backend handles
-grouped-query attention), ``spec`` a :class:`attnkit.masks.MaskSpec` (mask description,
-score function, sinks), ``scale`` a float. It returns ``out (B, H, T, D)`` in the input dtype,
-then, when asked, the weights ``(B, H, T, S)`` and the log-sum-exp ``(B, H, T)`` in float32
-(float64 for float64 inputs; ``-inf`` for rows that saw no key), in that order.
-``return_weights`` is passed only when it is True (and only to backends that declare the
-``"weights"`` capability), so a function written for the older contract keeps working.
+grouped-query attention), ``call`` an :class:`attnkit.spec.Call` (the lowered mask
+``call.mask`` or None, ``call.causal_offset`` when it is exactly causal, the resolved score
+function ``call.score``, ``call.sinks``, and ``call.summary(block_q, block_k)``, the
+:class:`attnkit.summary.BlockSummary` built once per call), ``scale`` a float. It returns
+``out (B, H, T, D)`` in the input dtype, then, when asked, the weights ``(B, H, T, S)`` and
+the log-sum-exp ``(B, H, T)`` in float32 (float64 for float64 inputs; ``-inf`` for rows that
+saw no key), in that order. ``return_weights`` is passed only when it is True.
 
-Registration declares:
+A backend declares:
 
-* ``capabilities``: a subset of :data:`CAPABILITIES` (default: lse, dropout, grad, masks);
-  a call needing one the backend lacks is refused with that reason;
+* ``capabilities``: a subset of :data:`CAPABILITIES` (default: lse, dropout, grad); a call
+  needing one the backend lacks is refused with that reason;
 * ``check``: optional, same arguments as ``fn`` without ``scale``; ``None`` when it can
   serve the call, else a sentence saying why it cannot;
-* ``cost``: optional ``cost(call) -> float``, the estimated seconds of the call described by
-  an :class:`attnkit.engine.Call`; ``auto`` runs the cheapest backend that can serve it.
-  Without a cost rule a backend is estimated at one second (``auto`` rarely picks it).
+* ``cost``: optional ``cost(call) -> float``, the estimated seconds of the call; ``auto``
+  runs the cheapest backend that can serve it (one second without a rule).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-__all__ = ["Backend", "CAPABILITIES", "register_backend", "get_backend", "available_backends"]
+__all__ = ["Backend", "CAPABILITIES", "as_call", "register", "register_backend", "get_backend",
+           "available_backends", "BACKWARD_FACTOR"]
 
 CAPABILITIES = {
     "lse": "return the log-sum-exp",
@@ -39,6 +41,20 @@ CAPABILITIES = {
     "sinks": "add attention sinks",
 }
 _DEFAULT_CAPABILITIES = frozenset({"lse", "dropout", "grad"})
+BACKWARD_FACTOR = 3.5  # forward + backward over forward, for every backend's cost rule
+
+
+def as_call(q, k, v, call):
+    """A :class:`~attnkit.spec.Call` from a call or a bare :class:`~attnkit.masks.MaskSpec`."""
+    from ..spec import Call, MaskSpec
+
+    if isinstance(call, MaskSpec):
+        import torch
+
+        grad = torch.is_grad_enabled() and any(t.requires_grad
+                                               for t in (q, k, v, *call.tensors()))
+        return Call.of(q, k, call, grad)
+    return call
 
 
 @dataclass(frozen=True)
@@ -51,9 +67,11 @@ class Backend:
     capabilities: frozenset = _DEFAULT_CAPABILITIES
     cost: Optional[Callable] = None
 
-    def why_not(self, q, k, v, spec, *, dropout_p: float, return_lse: bool,
+    def why_not(self, q, k, v, call, *, dropout_p: float, return_lse: bool,
                 return_weights: bool = False) -> Optional[str]:
-        """None if this backend can serve the call, else the reason it cannot."""
+        """None if this backend can serve the call (a ``Call`` or a ``MaskSpec``), else the
+        reason it cannot."""
+        call = as_call(q, k, v, call)
         needs = []
         if return_lse:
             needs.append("lse")
@@ -61,15 +79,15 @@ class Backend:
             needs.append("weights")
         if dropout_p > 0:
             needs.append("dropout")
-        if any(t.requires_grad for t in (q, k, v, *spec.tensors())):
+        if call.grad:
             needs.append("grad")
-        if spec.score_mod is not None:
+        if call.score is not None:
             needs.append("score_mod")
-        if spec.sinks is not None:
+        if call.sinks is not None:
             needs.append("sinks")
         if self.check is not None:  # first: its own words are more specific
             extra = {"return_weights": True} if return_weights else {}
-            why = self.check(q, k, v, spec, dropout_p=dropout_p, return_lse=return_lse, **extra)
+            why = self.check(q, k, v, call, dropout_p=dropout_p, return_lse=return_lse, **extra)
             if why is not None:
                 return why
         for need in needs:
@@ -78,13 +96,30 @@ class Backend:
         return None
 
     def estimate(self, call) -> float:
-        """Estimated seconds for ``call`` (an :class:`attnkit.engine.Call`)."""
+        """Estimated seconds for ``call``."""
         # No float(): under torch.compile the cost may be symbolic, and float() would
         # specialise on the lengths (a recompile per decoding step).
         return 1.0 if self.cost is None else self.cost(call)
 
 
 _REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend, *, replace: bool = False) -> Backend:
+    """Add a ready :class:`Backend` under its name (see :func:`register_backend`)."""
+    name = backend.name
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"backend {name!r} is already registered; pass replace=True to override")
+    if not callable(backend.fn) or any(c is not None and not callable(c)
+                                       for c in (backend.check, backend.cost)):
+        raise TypeError("a backend needs a callable fn (and check and cost, if given)")
+    unknown = sorted(set(backend.capabilities) - set(CAPABILITIES))
+    if unknown:
+        raise ValueError(f"unknown capabilities {unknown}; choose from {sorted(CAPABILITIES)}")
+    _REGISTRY[name] = backend
+    return backend
 
 
 def register_backend(name: str, fn: Callable, *, check: Optional[Callable] = None,
@@ -97,19 +132,8 @@ def register_backend(name: str, fn: Callable, *, check: Optional[Callable] = Non
             unknown capability.
         TypeError: ``fn``, ``check`` or ``cost`` is not callable.
     """
-    if not isinstance(name, str) or not name or name == "auto":
-        raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
-    if name in _REGISTRY and not replace:
-        raise ValueError(f"backend {name!r} is already registered; pass replace=True to override")
-    if not callable(fn) or any(c is not None and not callable(c) for c in (check, cost)):
-        raise TypeError("register_backend needs a callable fn (and check and cost, if given)")
     caps = _DEFAULT_CAPABILITIES if capabilities is None else frozenset(capabilities)
-    unknown = sorted(caps - set(CAPABILITIES))
-    if unknown:
-        raise ValueError(f"unknown capabilities {unknown}; choose from {sorted(CAPABILITIES)}")
-    backend = Backend(name, fn, check, caps, cost)
-    _REGISTRY[name] = backend
-    return backend
+    return register(Backend(name, fn, check, caps, cost), replace=replace)
 
 
 def get_backend(name: str) -> Backend:

@@ -2,9 +2,10 @@
 
 On CPU it runs the flash kernel (O(T) memory, forward and backward); on CUDA flash,
 memory-efficient or cuDNN kernels. It is the fastest path for plain causal or unmasked
-attention. Its limits, which ``check`` reports: it cannot return the log-sum-exp or the
-weights, it has no sinks and no score function other than an additive bias, and any mask
-other than top-left causal reaches it as a dense ``T x S`` tensor.
+attention, whatever spelling the call used (the lowering in :mod:`attnkit.spec` turns every
+exactly-causal description into ``is_causal``). Its limits, which ``check`` reports: it cannot
+return the log-sum-exp or the weights, it has no sinks and no score function other than an
+additive bias, and any other mask reaches it as a dense ``T x S`` tensor.
 
 Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` queries,
 ``S`` keys, ``D`` head dim.
@@ -12,42 +13,42 @@ Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` qu
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-from ..masks import MaskSpec
 from ..scores import Bias
 from ._edges import restore_nan
+from .registry import BACKWARD_FACTOR, Backend, as_call
+
+SDPA_RATE = 40e9  # FLOP/s of one CPU thread, float32
+SDPA_MASKED_SLOWDOWN = 1.3  # the masked kernel path, plus reading the mask
+MASK_BUILD_S_PER_ELEMENT = 2e-9  # building a bool T x S mask and SDPA's float copy of it
 
 
-def _as_sdpa_mask(spec: MaskSpec, B: int, H: int, T: int, S: int, device):
+def _as_sdpa_mask(call, device):
     """``(is_causal, attn_mask)`` for SDPA: the ``is_causal`` hint whenever it is exact."""
-    score = spec.score_mod_for(T, S)
-    if score is None and spec.plain_causal(T, S):
+    if call.score is None and call.plain_causal:
         return True, None
-    if (spec.causal and spec.window is None and spec.offset(T, S) >= S - 1
-            and spec.offset(T, S) >= 0):
-        # The queries' positions are at or past the last key: causal hides nothing.
-        spec = MaskSpec(key_padding_mask=spec.key_padding_mask, mask=spec.mask,
-                        mask_mod=spec.mask_mod)
-    mask = spec.dense(T, S, device=device, B=B, H=H)
-    if score is None:
+    mask = None
+    if call.mask is not None:
+        mask = call.mask.tile(call.B, call.H, 0, call.T, 0, call.S, device)
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (B|1, H|1, T, S)
+    if call.score is None:
         return False, mask
-    bias = score.bias
+    bias = call.score.bias
     if mask is not None:
         bias = bias.masked_fill(~mask, float("-inf"))  # (B|1, H|1, T, S)
     return False, bias
 
 
-def sdpa_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool,
+def sdpa_check(q, k, v, call, *, dropout_p: float, return_lse: bool,
                return_weights: bool = False):
     if return_lse:
         return "F.scaled_dot_product_attention does not return the log-sum-exp"
     if return_weights:
         return "F.scaled_dot_product_attention does not return the attention weights"
-    if spec.sinks is not None:
+    if call.sinks is not None:
         return "F.scaled_dot_product_attention has no attention sinks"
-    score = spec.score_mod
+    score = call.score
     if score is not None:
         if not isinstance(score, Bias):
             return (f"F.scaled_dot_product_attention takes no score function "
@@ -57,15 +58,15 @@ def sdpa_check(q, k, v, spec: MaskSpec, *, dropout_p: float, return_lse: bool,
     return None
 
 
-def sdpa_attention(q, k, v, spec: MaskSpec, *, dropout_p: float, scale: float,
+def sdpa_attention(q, k, v, call, *, dropout_p: float, scale: float,
                    return_lse: bool, return_weights: bool = False):
     """Attention through ``F.scaled_dot_product_attention``; contract in ``registry``.
 
     A NaN reaches every row that sees it, as on every other backend: the fused CPU kernel
     returns zeros for rows whose visible scores are all NaN, and :mod:`._edges` restores them.
     """
-    B, H, T = q.shape[:3]
-    is_causal, attn_mask = _as_sdpa_mask(spec, B, H, T, k.shape[-2], q.device)
+    call = as_call(q, k, v, call)  # a bare MaskSpec works too
+    is_causal, attn_mask = _as_sdpa_mask(call, q.device)
     if attn_mask is not None and attn_mask.is_floating_point():
         attn_mask = attn_mask.to(q.dtype)
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
@@ -79,3 +80,18 @@ def sdpa_attention(q, k, v, spec: MaskSpec, *, dropout_p: float, scale: float,
     else:
         visible = attn_mask
     return restore_nan(out, q, k, visible)  # (B, H, T, D)
+
+
+def sdpa_cost(call) -> float:
+    passes = BACKWARD_FACTOR if call.grad else 1.0
+    if call.plain_causal and call.score is None:
+        return 0.5 * call.flops() * passes / SDPA_RATE + 2e-5
+    if call.mask is None and call.score is None:
+        return call.flops() * passes / SDPA_RATE + 2e-5
+    per_sample = any(t.dim() > 0 and t.shape[0] > 1 for t in call.spec.tensors())
+    build = MASK_BUILD_S_PER_ELEMENT * call.T * call.S * (call.B if per_sample else 1)
+    return call.flops() * passes * SDPA_MASKED_SLOWDOWN / SDPA_RATE + build + 2e-5
+
+
+BACKEND = Backend("sdpa", sdpa_attention, sdpa_check,
+                  frozenset({"dropout", "grad", "score_mod"}), sdpa_cost)

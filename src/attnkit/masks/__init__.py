@@ -36,16 +36,21 @@ from torch import Tensor
 from .base import (ALIGNMENTS, And, MaskFn, MaskMod, Or, Shift, as_mask_mod, check_align,
                    offset_of)
 from .data import Dense, KeyPadding, QueryPadding, SameDocument
+from .dilated import Dilated
+from .per_sample_chunks import PerSampleChunks
+from .simplify import depends_on_difference_only, merge_and, visible_key_bound
 from .structural import Causal, ChunkedLocal, KeyPrefix, Window
 from .varlen import Varlen
 
 __all__ = [
     "ALIGNMENTS", "MaskMod", "MaskFn", "Causal", "Window", "KeyPadding", "QueryPadding",
     "SameDocument", "KeyPrefix", "ChunkedLocal", "Dense", "Varlen", "And", "Or", "Shift",
-    "and_masks", "or_masks", "causal", "sliding_window", "key_padding", "query_padding",
-    "documents", "varlen", "prefix_lm", "chunked_local", "at_positions", "as_mask_mod",
+    "Dilated", "and_masks", "or_masks", "causal", "sliding_window", "key_padding",
+    "query_padding", "documents", "varlen", "prefix_lm", "chunked_local", "dilated",
+    "at_positions", "as_mask_mod",
     "MaskSpec", "causal_mask", "sliding_window_mask", "padding_mask_from_lengths",
-    "combine_masks",
+    "combine_masks", "PerSampleChunks", "merge_and", "visible_key_bound",
+    "depends_on_difference_only",
 ]
 
 
@@ -137,7 +142,8 @@ def documents(document_ids: Tensor | None = None, *, cu_seqlens=None, length: in
         length = int(cu[-1]) if length is None else length
         pos = torch.arange(length, device=cu.device)
         document_ids = (torch.searchsorted(cu[1:], pos, right=True)).unsqueeze(0)  # (1, T)
-    same = SameDocument(document_ids, kv_document_ids)
+    same = SameDocument(document_ids, kv_document_ids,
+                        None if cu_seqlens is None else tuple(cu.tolist()))
     return And((same, Causal())) if causal else same
 
 
@@ -203,6 +209,24 @@ def chunked_local(chunk_size: int, *, causal: bool = True, align: str = "top_lef
     """
     local = ChunkedLocal(chunk_size, align=align)
     return And((local, Causal(align=align))) if causal else local
+
+
+def dilated(stride: int, *, window: int | None = None, causal: bool = True,
+            align: str = "top_left") -> MaskMod:
+    """Dilated attention: every ``stride``-th key back from the query's own position,
+    within ``window`` positions if given (a dilated sliding window), not later ones if
+    ``causal``::
+
+        T=S=5, stride=2   k0 k1 k2 k3 k4
+                   q2      1  .  1  .  .
+                   q3      .  1  .  1  .
+    """
+    parts = [Dilated(stride, align=align)]
+    if window is not None:
+        parts.append(Window(left=window, right=None if causal else window, align=align))
+    if causal:
+        parts.append(Causal(align=align))
+    return parts[0] if len(parts) == 1 else And(tuple(parts))
 
 
 def at_positions(mod, q_offset: int = 0, kv_offset: int = 0) -> MaskMod:

@@ -1,6 +1,6 @@
 """``attnkit gpt``: train a character-level GPT, generate text with it, draw its heads.
 
-* ``attnkit gpt train`` - :func:`attnkit.apps.gpt.app.train` with the shared options, checked
+* ``attnkit gpt train`` - :func:`attnkit.apps.gpt.train.train` with the shared options, checked
   before the first step; ``--resume`` and ``--force``.
 * ``attnkit gpt generate --prompt ...`` - streams sampled text, with the KV cache or
   (``--no-cache``) recomputing the context every step; ``--prompt`` repeated generates for
@@ -23,9 +23,11 @@ import torch
 from ... import viz
 from .._cli import (HelpFormatter, UsageError, add_common_options, apply_threads,
                     check_out_dir, check_plotting, finite_float, non_negative_int, positive_int)
+from .._training import ResumeError, RunOptions
 from .._vocab import CharVocab
-from .app import (CHECKPOINT_NAME, DEFAULT_OUT, attention_figure, encode_prompt, train)
-from .data import load_text
+from .data import encode_prompt, load_text
+from .figures import attention_figure
+from .train import CHECKPOINT_NAME, DEFAULT_OUT, TrainConfig, train
 from .many import generate_many
 from .model import GPT, PRESETS, load_checkpoint
 
@@ -60,12 +62,14 @@ def _train_command(args) -> int:
         raise UsageError(str(err)) from None
     overrides = {} if args.context is None else {"max_seq_len": args.context}
     apply_threads(args)
+    run = RunOptions(out=out, progress=not args.quiet, figures=not args.no_plots,
+                     resume=args.resume, force=args.force,
+                     checkpoint_every=args.checkpoint_every, log=print)
     try:
-        train(text, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
-              lr=args.lr, seed=args.seed, eval_every=args.eval_every, out=out,
-              progress=not args.quiet, plot=not args.no_plots, resume=args.resume,
-              force=args.force, checkpoint_every=args.checkpoint_every, **overrides)
-    except ValueError as err:  # sizes and texts are checked before the first step
+        train(TrainConfig(text, preset=args.preset, steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          eval_every=args.eval_every, overrides=overrides, run=run))
+    except (ValueError, ResumeError) as err:  # checked before the first step
         raise UsageError(str(err)) from None
     return 0
 

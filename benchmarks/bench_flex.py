@@ -1,0 +1,332 @@
+"""attnkit.flex_attention against compiled FlexAttention on CPU, one process per
+implementation, one thread.
+
+Each implementation runs in its own subprocess (``--worker NAME``) so compiles, caches and
+peak memory do not leak between them:
+
+* ``attnkit``: ``attnkit.flex_attention`` with ``attnkit.create_block_mask`` (its own block
+  summaries), and with torch's ``BlockMask`` (``attnkit(torch mask)``): the drop-in case;
+* ``flex``: ``torch.compile(flex_attention)`` as a user writes it, with torch's
+  ``create_block_mask``;
+* ``sdpa``: ``F.scaled_dot_product_attention`` with ``is_causal`` or a dense bool mask;
+* ``torch_mask`` / ``torch_mask_eager``: torch's ``create_block_mask`` with and without
+  ``_compile=True``.
+
+Groups (B=1, H=4, D=64, float32):
+
+* ``first call``: mask + attention, the process's first call (flex: its compile included),
+  window 512 at T=4096;
+* ``20 lengths``: 20 distinct T from 1024 (step 97), mask + forward each; total ms and the
+  graphs dynamo compiled;
+* ``fwd window`` / ``fwd documents`` / ``fwd causal``: steady forward at T=16384, window
+  512, 16 documents, plain causal (always printed beside the others, with SDPA);
+* ``fwd+bwd ...``: attnkit against SDPA with the dense mask (``is_causal`` for causal) at
+  T=8192; flex has no backward on CPU (row left blank with the reason);
+* ``block mask``: create_block_mask for 64 documents at T=65536: time and peak memory
+  (torch's eager one builds the dense mask: its process is capped at 8 GiB of address
+  space, ``BENCH_FLEX_MASK_CAP_GIB``, so it fails cleanly instead of swapping).
+
+``--quick`` shrinks every size, leaves compiled flex out (its compile alone takes tens of
+seconds) and runs in seconds. FLOPs count visible pairs (4·D per pair forward, 3.5x that
+forward+backward).
+
+    python benchmarks/bench_flex.py --quick
+    python benchmarks/bench_flex.py --json out/flex.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+B, H, D = 1, 4, 64
+WORKERS = ("attnkit", "flex", "sdpa", "torch_mask", "torch_mask_eager")
+
+
+def sizes(quick: bool) -> dict:
+    if quick:
+        return dict(first_T=256, lengths=[64 + 13 * i for i in range(20)], fwd_T=512,
+                    bwd_T=256, window=64, docs=4, mask_T=2048, mask_docs=64, reps=2)
+    return dict(first_T=4096, lengths=[1024 + 97 * i for i in range(20)], fwd_T=16384,
+                bwd_T=8192, window=512, docs=16, mask_T=65536, mask_docs=64, reps=3)
+
+
+def _cuts(T: int, n: int, seed: int = 0) -> list[int]:
+    """Random document boundaries ``[0, ..., T]`` (as in bench_masks)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(T - 1, generator=g)[:n - 1].add(1).sort().values.tolist()
+    return [0, *cuts, T]
+
+
+def _torch_mods(T: int, window: int, docs: int):
+    """FlexAttention-style mask_mods, as a torch user writes them."""
+    import torch
+    cu = _cuts(T, docs)
+    doc = torch.repeat_interleave(torch.arange(docs), torch.tensor(cu).diff())
+
+    def causal(b, h, q, kv):
+        return q >= kv
+
+    def sliding(b, h, q, kv):
+        return (q >= kv) & (q - kv < window)
+
+    def document(b, h, q, kv):
+        return (doc[q] == doc[kv]) & (q >= kv)
+
+    return {"window": sliding, "documents": document, "causal": causal}, cu
+
+
+def _pairs(pattern: str, T: int, window: int, cu: list[int]) -> int:
+    if pattern == "window":
+        w = min(window, T)
+        return w * (w + 1) // 2 + (T - w) * w
+    if pattern == "documents":
+        return sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu[:-1], cu[1:]))
+    return T * (T + 1) // 2
+
+
+def _attnkit_mods(T: int, window: int, cu: list[int]):
+    from attnkit import masks as M
+    return {"window": M.sliding_window(window - 1), "documents": M.documents(cu_seqlens=cu),
+            "causal": M.causal()}
+
+
+def _inputs(T: int, grad: bool = False):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, T, D, generator=g).requires_grad_(grad) for _ in range(3)]
+
+
+def _median_ms(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def _row(group, impl, ms, *, min_ms=None, flops=0.0, peak=None, **info):
+    return {"group": group, "impl": impl, "median_ms": ms, "min_ms": min_ms or ms,
+            "gflops": flops / ms / 1e6 if flops and ms else None, "peak_mib": peak, **info}
+
+
+def worker(name: str, quick: bool) -> list[dict]:
+    """Every measurement of one implementation, in this (fresh) process."""
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(1)
+    z = sizes(quick)
+    rows = []
+    if name in ("torch_mask", "torch_mask_eager"):
+        from torch.nn.attention.flex_attention import create_block_mask
+        T = z["mask_T"]
+        mods, _ = _torch_mods(T, z["window"], z["mask_docs"])
+        compile_ = name == "torch_mask"
+        if not compile_ and not quick:  # a dense T x T mask: capped, so it fails cleanly
+            import resource
+            cap = int(os.environ.get("BENCH_FLEX_MASK_CAP_GIB", "8")) << 30
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        start = time.perf_counter()
+        peak = _common.peak_memory_mib(lambda: create_block_mask(
+            mods["documents"], None, None, T, T, device="cpu", _compile=compile_))
+        first = (time.perf_counter() - start) * 1e3
+        ms, lo = _median_ms(lambda: create_block_mask(mods["documents"], None, None, T, T,
+                                                      device="cpu", _compile=compile_),
+                            z["reps"], warmup=0)
+        return [_row("block mask", name, ms, min_ms=lo, peak=peak, first_ms=first, T=T,
+                     note=f"{z['mask_docs']} documents, first call incl. compile")]
+
+    import attnkit
+    from torch.nn.attention.flex_attention import create_block_mask as torch_cbm
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    compiled = torch.compile(torch_flex) if name == "flex" else None
+
+    def run(q, k, v, impl_mask, torch_mask, pattern):
+        if name == "flex":
+            return compiled(q, k, v, block_mask=torch_mask)
+        if name == "sdpa":
+            if pattern == "causal":
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=torch_mask)
+        return attnkit.flex_attention(q, k, v, block_mask=impl_mask)
+
+    def masks(pattern, T, window, docs, torch_block=False):
+        mods, cu = _torch_mods(T, window, docs)
+        if name == "flex" or torch_block:
+            bm = torch_cbm(mods[pattern], None, None, T, T, device="cpu")
+            return bm, bm, cu
+        if name == "sdpa":
+            if pattern == "causal":
+                return None, None, cu
+            i = torch.arange(T)
+            dense = mods[pattern](0, 0, i[:, None], i[None, :])
+            return None, dense, cu
+        return attnkit.create_block_mask(_attnkit_mods(T, window, cu)[pattern], None, None,
+                                         T, T), None, cu
+
+    # First call: mask + attention, the first in this process.
+    T = z["first_T"]
+    q, k, v = _inputs(T)
+    before = _graphs()
+    start = time.perf_counter()
+    with torch.no_grad():
+        ours, theirs, _ = masks("window", T, z["window"], z["docs"])
+        run(q, k, v, ours, theirs, "window")
+    ms = (time.perf_counter() - start) * 1e3
+    rows.append(_row("first call", name, ms, T=T, compiles=_graphs() - before,
+                     note="window, mask + forward, compile included"))
+
+    # 20 distinct lengths.
+    before, start = _graphs(), time.perf_counter()
+    with torch.no_grad():
+        for T in z["lengths"]:
+            q, k, v = _inputs(T)
+            ours, theirs, _ = masks("window", T, z["window"], z["docs"])
+            run(q, k, v, ours, theirs, "window")
+    ms = (time.perf_counter() - start) * 1e3
+    rows.append(_row("20 lengths", name, ms, compiles=_graphs() - before,
+                     T=f"{z['lengths'][0]}..{z['lengths'][-1]}", note="mask + forward each"))
+
+    # Steady forward, then forward + backward.
+    variants = [(name, False)] + ([("attnkit(torch mask)", True)] if name == "attnkit" else [])
+    for mode, T in (("fwd", z["fwd_T"]), ("fwd+bwd", z["bwd_T"])):
+        grad = mode == "fwd+bwd"
+        for pattern in ("window", "documents", "causal"):
+            group = f"{mode} {pattern}"
+            if grad and name == "flex":
+                rows.append(_row(group, name, None, T=T, note=f"no backward on CPU in torch "
+                                 f"{torch.__version__}"))
+                continue
+            for label, torch_block in variants:
+                if torch_block and pattern == "causal" and grad:
+                    continue
+                q, k, v = _inputs(T, grad)
+                ours, theirs, cu = masks(pattern, T, z["window"], z["docs"], torch_block)
+                if torch_block:
+                    ours = theirs
+                flops = 4.0 * D * H * B * _pairs(pattern, T, z["window"], cu) * \
+                    (3.5 if grad else 1.0)
+                g = torch.randn(B, H, T, D)
+
+                def step():
+                    if grad:
+                        for t in (q, k, v):
+                            t.grad = None
+                        run(q, k, v, ours, theirs, pattern).backward(g)
+                    else:
+                        with torch.no_grad():
+                            run(q, k, v, ours, theirs, pattern)
+
+                before = _graphs()
+                ms, lo = _median_ms(step, z["reps"])
+                rows.append(_row(group, label, ms, min_ms=lo, flops=flops, T=T,
+                                 compiles=_graphs() - before))
+
+    if name == "attnkit":
+        T = z["mask_T"]
+        mods, cu = _torch_mods(T, z["window"], z["mask_docs"])
+        desc = attnkit.masks.documents(cu_seqlens=cu)
+        for label, mod in (("attnkit", desc), ("attnkit(torch mask_mod)", mods["documents"])):
+            def make(mod=mod):
+                return attnkit.create_block_mask(mod, None, None, T, T)
+            start = time.perf_counter()
+            peak = _common.peak_memory_mib(make)
+            first = (time.perf_counter() - start) * 1e3
+            reps = z["reps"] if mod is desc else 1  # the evaluated one takes seconds
+            ms, lo = _median_ms(make, reps, warmup=0)
+            rows.append(_row("block mask", label, ms, min_ms=lo, peak=peak, first_ms=first,
+                             T=T, note=f"{z['mask_docs']} documents"))
+    return rows
+
+
+def _run_worker(name: str, quick: bool, timeout: float) -> list[dict]:
+    env = {**os.environ, **_common._MEMORY_ENV, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name]
+                              + (["--quick"] if quick else []), env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [_row("worker", name, None, note=f"timed out after {timeout:.0f} s")]
+    if proc.returncode != 0:
+        tail = [line for line in proc.stderr.strip().splitlines() if "Error" in line][-1:] \
+            or proc.stderr.strip().splitlines()[-1:] or ["?"]
+        return [_row("worker", name, None, note=f"failed (exit {proc.returncode}): {tail[0]}")]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+COLUMNS = [("group", "group", ""), ("T", "T", ""), ("impl", "impl", ""),
+           ("median ms", "median_ms", ".1f"), ("min ms", "min_ms", ".1f"),
+           ("x fastest", "ratio", ".2f"), ("GFLOP/s", "gflops", ".1f"),
+           ("compiles", "compiles", ""), ("peak MiB", "peak_mib", ".0f"),
+           ("first ms", "first_ms", ".0f"), ("note", "note", "")]
+
+
+def _ratios(rows: list[dict]) -> list[str]:
+    for group in dict.fromkeys(r["group"] for r in rows):
+        timed = [r for r in rows if r["group"] == group and r["median_ms"]]
+        best = min((r["median_ms"] for r in timed), default=None)
+        for r in timed:
+            r["ratio"] = r["median_ms"] / best
+    lines = []
+    by = {(r["group"], r["impl"]): r for r in rows}
+    for group in dict.fromkeys(r["group"] for r in rows):
+        ours = by.get((group, "attnkit"))
+        for peer in ("flex", "sdpa", "torch_mask", "torch_mask_eager"):
+            other = by.get((group, peer))
+            if ours and other and ours["median_ms"] and other["median_ms"]:
+                lines.append(f"{group}: {peer} / attnkit = "
+                             f"{other['median_ms'] / ours['median_ms']:.2f}x (median), "
+                             f"{other['min_ms'] / ours['min_ms']:.2f}x (min)")
+    return lines
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _common.add_common_args(parser)
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    parser.add_argument("--impls", nargs="+", choices=WORKERS, help="workers to run")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.quick)))
+        return
+    from attnkit.backends import flex as flex_backend
+
+    impls = args.impls or [w for w in WORKERS
+                           if not (args.quick and w in ("flex", "torch_mask"))]
+    if flex_backend._unavailable("cpu") is not None:
+        impls = [w for w in impls if w not in ("flex", "torch_mask")]
+    rows = []
+    for name in impls:
+        print(f"  running {name}", file=sys.stderr, flush=True)
+        rows += _run_worker(name, args.quick, 120 if args.quick else 1800)
+    lines = _ratios(rows)
+    env = _common.environment()
+    env["threads"] = 1
+    env["load"] = os.getloadavg()
+    print(_common.header_text(env) + f" | load {env['load'][0]:.2f}")
+    print(_common.format_table(rows, COLUMNS))
+    print("\n".join(lines))
+    if args.json:
+        _common.write_json(args.json, env, {**vars(args), **sizes(args.quick)}, rows)
+
+
+if __name__ == "__main__":
+    main()
