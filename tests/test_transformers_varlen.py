@@ -79,6 +79,23 @@ def test_generate_batch_tokens_identical(name, calls, cls, config):
         assert toks == ref
 
 
+def test_gpt_oss_sinks_and_window_through_enable(name, calls):
+    # gpt-oss lists its own flash kernels and swaps any other flash name for a Hub kernel
+    # when built; enable() switches a model built with another implementation.
+    from transformers import GptOssConfig, GptOssForCausalLM
+    config = GptOssConfig(**{**COMMON, "intermediate_size": 32}, head_dim=8, sliding_window=8,
+                          num_local_experts=2, num_experts_per_tok=1)
+    model = tv.enable(_model("eager", GptOssForCausalLM, config))
+    assert model.config._attn_implementation == name
+    prompts = _prompts()[:3]
+    ours = _batch(model, prompts)
+    assert calls
+    alone = _model("eager", GptOssForCausalLM, config)
+    for p, toks in zip(prompts, ours):
+        assert toks == alone.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False,
+                                      pad_token_id=0)[0, len(p):].tolist()
+
+
 def test_continuous_batching_manager_streams_the_same_tokens(name, calls):
     prompts = _prompts()[:3]
     model = _model(name)

@@ -196,8 +196,12 @@ def register(name: str = NAME, backend: str = "auto") -> str:
 
 
 def enable(model, name: str = NAME):
-    """Switch a loaded model to ``name`` by writing its config (robust to another flash
-    implementation having been loaded since :func:`register`). Returns the model.
+    """Switch a loaded model to ``name`` by writing its config. Returns the model.
+
+    Needed for models that list their own flash kernels (gpt-oss's
+    ``_compatible_flash_implementations``: built with any other flash name they swap in a Hub
+    kernel): build them with another implementation, then ``enable(model)``. Also robust to
+    another flash implementation having been loaded since :func:`register`.
 
     Raises:
         ValueError: ``name`` was not registered by :func:`register`.
