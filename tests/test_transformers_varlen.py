@@ -51,7 +51,7 @@ def _model(impl, cls=LlamaForCausalLM, config=None, dtype=torch.float32):
 
 def _prompts():
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(1, 64, (n,), generator=g).tolist() for n in (5, 40, 9, 23, 1)]
+    return [torch.randint(1, 64, (n,), generator=g).tolist() for n in (5, 70, 9, 23, 1)]
 
 
 def _batch(model, prompts, new=6):
