@@ -157,11 +157,11 @@ def mask_rows(counts: list[int], max_len: int, reps: int) -> list[dict]:
         for x in lk:
             cu_k.append(cu_k[-1] + x)
 
-        def dense():
+        def dense(n=n, cu_q=cu_q, cu_k=cu_k):
             m = torch.full((1, 1, n, cu_k[-1]), torch.finfo(torch.float32).min)
             build_attention_mask(m, cu_q, cu_k)
 
-        def ours():
+        def ours(n=n, cu_q=cu_q, cu_k=cu_k, lk=lk):
             mod = varlen(torch.tensor(cu_q), torch.tensor(cu_k))
             mod.summary(n, cu_k[-1], 256, 64)
             plan_groups([1] * n, lk, 4.0 * 4 * 32)

@@ -31,7 +31,7 @@ from .masks import sliding_window, varlen
 from .masks.varlen import Varlen, check_cu_seqlens
 from .scores import ScoreMod
 
-__all__ = ["varlen_attention", "VarlenAlibi", "plan_groups"]
+__all__ = ["VarlenAlibi", "plan_groups", "varlen_attention"]
 
 #: Wasted FLOPs a group may add before a separate call (its overhead) is cheaper.
 SMALL_WASTE_FLOPS = 5e5

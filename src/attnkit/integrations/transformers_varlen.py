@@ -55,7 +55,7 @@ from ..engine import attention
 from ..masks import sliding_window as _sliding_window
 from ..varlen import varlen_attention
 
-__all__ = ["NAME", "PRIVATE_NAMES", "register", "enable", "flash_attention_forward"]
+__all__ = ["NAME", "PRIVATE_NAMES", "enable", "flash_attention_forward", "register"]
 
 #: The default implementation name (contains "flash", which continuous batching requires).
 NAME = "attnkit_flash"
@@ -180,7 +180,7 @@ def register(name: str = NAME, backend: str = "auto") -> str:
     if "flash" not in name:
         raise ValueError(f"name must contain 'flash' for continuous batching to accept it, got "
                          f"{name!r}; e.g. {NAME!r}")
-    if name.startswith("flash_attention_") or name.startswith("paged|"):
+    if name.startswith(("flash_attention_", "paged|")):
         raise ValueError(f"{name!r} is one of transformers' own implementations; pick another, "
                          f"e.g. {NAME!r}")
 
