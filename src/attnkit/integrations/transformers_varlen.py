@@ -55,7 +55,7 @@ from ..engine import attention
 from ..masks import sliding_window as _sliding_window
 from ..varlen import varlen_attention
 
-__all__ = ["NAME", "PRIVATE_NAMES", "register", "enable", "flash_attention_forward"]
+__all__ = ["NAME", "PRIVATE_NAMES", "enable", "flash_attention_forward", "register"]
 
 #: The default implementation name (contains "flash", which continuous batching requires).
 NAME = "attnkit_flash"
@@ -180,7 +180,7 @@ def register(name: str = NAME, backend: str = "auto") -> str:
     if "flash" not in name:
         raise ValueError(f"name must contain 'flash' for continuous batching to accept it, got "
                          f"{name!r}; e.g. {NAME!r}")
-    if name.startswith("flash_attention_") or name.startswith("paged|"):
+    if name.startswith(("flash_attention_", "paged|")):
         raise ValueError(f"{name!r} is one of transformers' own implementations; pick another, "
                          f"e.g. {NAME!r}")
 
@@ -196,8 +196,12 @@ def register(name: str = NAME, backend: str = "auto") -> str:
 
 
 def enable(model, name: str = NAME):
-    """Switch a loaded model to ``name`` by writing its config (robust to another flash
-    implementation having been loaded since :func:`register`). Returns the model.
+    """Switch a loaded model to ``name`` by writing its config. Returns the model.
+
+    Needed for models that list their own flash kernels (gpt-oss's
+    ``_compatible_flash_implementations``: built with any other flash name they swap in a Hub
+    kernel): build them with another implementation, then ``enable(model)``. Also robust to
+    another flash implementation having been loaded since :func:`register`.
 
     Raises:
         ValueError: ``name`` was not registered by :func:`register`.
