@@ -94,6 +94,7 @@ def test_register_again_replaces_and_unregister_removes():
     assert hf.register("attnkit", backend="math") == "attnkit"  # ours: may be replaced
     assert transformers.AttentionInterface._global_mapping["attnkit"].attnkit_backend == "math"
     hf.unregister("attnkit")
+    assert "attnkit_flash" not in transformers.AttentionInterface._global_mapping  # its twin
     try:
         with pytest.raises(ValueError, match='attn_implementation="attnkit"` is not supported'):
             AutoModelForCausalLM.from_config(LlamaConfig(**TINY), attn_implementation="attnkit")

@@ -52,6 +52,7 @@ if not transformers.__version__.startswith("5."):
                       f"found {transformers.__version__}: pip install \"transformers>=5,<6\"")
 
 from ..engine import attention
+from . import transformers_api as _api
 from ..masks import sliding_window as _sliding_window
 from ..varlen import varlen_attention
 
@@ -193,6 +194,21 @@ def register(name: str = NAME, backend: str = "auto") -> str:
     AttentionMaskInterface.register(name, flash_attention_mask)
     _prime(name)
     return name
+
+
+def unregister(name: str = NAME) -> None:
+    """Remove a name :func:`register` added.
+
+    Raises:
+        ValueError: ``name`` was not registered by :func:`register`.
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"{name!r} was not registered by attnkit's flash convention; "
+                         f"registered: {sorted(_BACKENDS)}")
+    _api.get("transformers.AttentionInterface._global_mapping").pop(name, None)
+    _api.get("transformers.masking_utils.AttentionMaskInterface._global_mapping").pop(name,
+                                                                                      None)
+    del _BACKENDS[name]
 
 
 def enable(model, name: str = NAME):
