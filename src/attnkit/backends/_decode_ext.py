@@ -11,7 +11,7 @@ never picks up a stale or foreign library; it is simply rebuilt by the next ``ma
 
 The source is portable C++ (fixed-width loops for the auto-vectoriser and GCC/Clang vector
 extensions, no intrinsics), so ``-march=native`` gives AVX-512 code here and AVX2 or scalar
-code elsewhere; ``ATTNKIT_DECODE_MARCH`` builds another target (tests/test_decode.py checks
+code elsewhere; ``ATTNKIT_DECODE_MARCH`` builds another target (tests/attnkit/backends/test_decode.py checks
 the AVX2 and SSE2 builds on this machine).
 """
 

@@ -4,7 +4,7 @@ transformers has no public API for reading a mask closure or removing a register
 function, so the integration depends on some of its private names and on the names of the
 variables its mask factories close over. They are all listed in :data:`NAMES`, and
 :func:`problems` says, naming each one, which of them this transformers no longer has
-(``tests/test_transformers_api.py`` fails with that list). A required name that is missing
+(``tests/attnkit/integrations/test_transformers_api.py`` fails with that list). A required name that is missing
 makes the import fail with the same list; a renamed closure variable only makes the mask
 reader fall back to transformers' dense mask for that piece (counted, with the reason).
 

@@ -214,7 +214,7 @@ def test_bench_serving_quick_reports_identical_tokens(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_serving.py"
     out = tmp_path / "serving.json"
     proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)],
                           capture_output=True, text=True, timeout=240, cwd=tmp_path,
