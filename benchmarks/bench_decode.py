@@ -72,7 +72,7 @@ def grouped(q, k, v):
 def step_fns(q, k, v) -> dict:
     """The implementations of one decode step, by row name."""
     kw = {"causal": True, "causal_align": "bottom_right"}
-    spec = MaskSpec(**kw)
+    spec = MaskSpec.from_args(**kw)
     scale = q.shape[-1] ** -0.5
     fns = {
         "roof": lambda: (k.sum(), v.sum()),
