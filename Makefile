@@ -25,7 +25,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/attnkit walkthrough --out out/walkthrough
 	$(BIN)/attnkit translate train --if-missing --threads 1
-	$(BIN)/attnkit translate thursday june 25 2009
+	$(BIN)/attnkit translate "thursday june 25 2009"
 	$(BIN)/attnkit translate "25th of June, 2009" --plot out/translate/june25.png
 	$(BIN)/attnkit translate "06/25/09" "2009-06-25" "25/06/2009"
 	-$(BIN)/attnkit translate "february 30, 2020"
@@ -34,7 +34,8 @@ demo: $(STAMP)
 # missing and apt-get can run (root, or sudo without a password). Never fails the build: without
 # a browser those tests skip and say why.
 browser:
-	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	@if [ -n "$(SKIP_BROWSER)" ]; then echo "make browser: skipped (SKIP_BROWSER is set)"; \
+	elif command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
 	elif ! command -v apt-get >/dev/null 2>&1; then \
 		echo "make browser: no apt-get; the browser tests will skip (install chromium and chromedriver)"; \
 	else \
@@ -45,9 +46,12 @@ browser:
 		|| echo "make browser: apt-get could not install chromium; the browser tests will skip"; \
 	fi
 
-# The whole test suite except the benchmark smoke runs (see smoke).
+# The whole test suite except the benchmark smoke runs (see smoke). `make test SKIP_BROWSER=1`
+# neither installs chromium nor runs the browser tests; PYTEST_ARGS passes more options.
+SKIP_BROWSER ?=
+PYTEST_ARGS ?=
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(SKIP_BROWSER),-k "not browser") $(PYTEST_ARGS)
 
 # Each benchmark's --quick mode, and the JSON it writes.
 smoke: $(STAMP)

@@ -8,6 +8,8 @@ Groups (B=1, H=4, D=64, float32, T=16384; ``--quick``: T=512):
 * ``documents``: 16 packed documents of random lengths, causal within each. Peers: SDPA
   with the dense block-diagonal mask, flex. The max |auto - SDPA| is reported.
 * ``causal``: plain causal attention. Peer: SDPA ``is_causal``.
+* ``causal_mod``: the same spelled ``mask_mod=masks.causal()``: the lowering makes it
+  SDPA's ``is_causal`` too, so it must cost what ``causal`` costs.
 
 ``auto`` is ``attnkit.attention(backend="auto")``; the row says which backend it picked
 (``explain``). ``chunked`` is shown for reference (``peer=False``). Flex's first call
@@ -56,6 +58,8 @@ def patterns(T: int, window: int, docs: int) -> dict:
                       lambda: M.MaskSpec(mask_mod=M.documents(cu_seqlens=cu)).dense(T, T)[0, 0],
                       doc_pairs),
         "causal": ({"causal": True}, "causal", T * (T + 1) // 2),
+        # The same mask spelled as a description: the lowering must make it cost the same.
+        "causal_mod": ({"mask_mod": M.causal()}, "causal", T * (T + 1) // 2),
     }
 
 

@@ -7,7 +7,8 @@ Needs selenium, chromium and chromedriver (``make browser``) and trained models:
     python examples/explore_screenshots.py --out docs
 
 Writes ``explore_tutorial.png``, ``explore_tutorial_causal.png``, ``explore_mask.png``,
-``explore_translate.png`` and ``explore_gpt.png`` to ``--out``.
+``explore_translate.png`` and ``explore_gpt.png`` to ``--out``; ``--views tutorial mask``
+takes only those (no trained model needed for them).
 """
 
 import argparse
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--translator", default="out/translate")
     parser.add_argument("--gpt", default="out/gpt/gpt.pt")
+    parser.add_argument("--views", nargs="+", default=["tutorial", "mask", "translate", "gpt"],
+                        choices=["tutorial", "mask", "translate", "gpt"])
     args = parser.parse_args()
     server = make_server(0, models=Models(args.translator, args.gpt))
     serve_in_thread(server)
@@ -68,27 +71,32 @@ def main() -> None:
     try:
         driver.get(server.url)
         settle()
-        shot("tutorial", 1250)
-        driver.execute_script("[...document.querySelectorAll('h2')].find(h => "
-                              "h.textContent.startsWith('3.5.1')).scrollIntoView()")
-        shot("tutorial_causal", 1250)
-        driver.execute_script("window.scrollTo(0, 0)")
-        tab("mask")
-        for field, value in (("mask-T", "32"), ("mask-S", "32"), ("mask-bq", "8"),
-                             ("mask-bk", "8"), ("mask-valid", "30")):
-            driver.find_element(By.ID, field).clear()
-            driver.find_element(By.ID, field).send_keys(value)
-        fill("mask-docs", "8,12,12", "mask")
-        shot("mask", 900)
-        tab("translate")
-        shot("translate", 1000)
-        tab("gpt")
-        fill("prompt", GPT_PROMPT, "gpt")
-        for field, value in (("gpt-layer", "1"), ("gpt-head", "0")):  # a broad head
-            Select(driver.find_element(By.ID, field)).select_by_value(value)
-        head_view = driver.find_element(By.ID, "head-view")
-        ActionChains(driver).move_to_element_with_offset(head_view, -200, 300).perform()
-        shot("gpt", 1080)
+        if "tutorial" in args.views:
+            shot("tutorial", 1250)
+            driver.execute_script("[...document.querySelectorAll('h2')].find(h => "
+                                  "h.textContent.startsWith('3.5.1')).scrollIntoView()")
+            shot("tutorial_causal", 1250)
+            driver.execute_script("window.scrollTo(0, 0)")
+        if "mask" in args.views:
+            # A composed description: causal documents, chunked-local attention, padding.
+            tab("mask")
+            for field, value in (("mask-T", "32"), ("mask-S", "32"), ("mask-bq", "4"),
+                                 ("mask-bk", "4"), ("mask-valid", "30"), ("mask-chunk", "16")):
+                driver.find_element(By.ID, field).clear()
+                driver.find_element(By.ID, field).send_keys(value)
+            fill("mask-docs", "8,12,12", "mask")
+            shot("mask", 1060)
+        if "translate" in args.views:
+            tab("translate")
+            shot("translate", 1000)
+        if "gpt" in args.views:
+            tab("gpt")
+            fill("prompt", GPT_PROMPT, "gpt")
+            for field, value in (("gpt-layer", "1"), ("gpt-head", "0")):  # a broad head
+                Select(driver.find_element(By.ID, field)).select_by_value(value)
+            head_view = driver.find_element(By.ID, "head-view")
+            ActionChains(driver).move_to_element_with_offset(head_view, -200, 300).perform()
+            shot("gpt", 1080)
     finally:
         driver.quit()
         server.shutdown()

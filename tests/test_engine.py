@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnkit
+from attnkit import masks as M
 from attnkit.backends.chunked import chunked_attention
 from attnkit.masks import MaskSpec
 from attnkit.functional import merge_partial_attention
@@ -316,3 +317,39 @@ def test_cuda_backends_match_math(dtype, backend):
     assert_within_2x(out, math_low, ref, slack=1e-6)
     out.float().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+PLAIN_CAUSAL_SPELLINGS = {
+    "causal=True": {"causal": True},
+    "masks.causal()": {"mask_mod": M.causal()},
+    "causal bottom-right, T == S": {"mask_mod": M.causal(align="bottom_right")},
+    "causal(offset=0)": {"mask_mod": M.causal(offset=0)},
+    "window wider than S": {"window": 5000},
+    "sliding_window(None, 0)": {"mask_mod": M.sliding_window(None, 0)},
+    "causal & all-True padding": {"causal": True,
+                                  "key_padding_mask": torch.ones(1, 2048, dtype=torch.bool)},
+    "at_positions(causal, 7, 7)": {"mask_mod": M.at_positions(M.causal(), 7, 7)},
+}
+
+
+@pytest.mark.parametrize("spelling", list(PLAIN_CAUSAL_SPELLINGS))
+def test_every_spelling_of_plain_causal_reaches_sdpa_is_causal(spelling):
+    """#16: one lowering: auto runs SDPA with is_causal, never a T x S mask."""
+    kwargs = PLAIN_CAUSAL_SPELLINGS[spelling]
+    q, k, v = qkv(B=1, H=1, Hkv=1, T=2048, S=2048, D=16, dtype=torch.float32)
+    assert attnkit.explain(q, k, v, **kwargs).chosen == "sdpa"
+    with LargestTensor() as rec:
+        out = attnkit.attention(q, k, v, **kwargs)
+    assert rec.largest < 2048 * 2048 // 4, f"{spelling}: built a T x S tensor"
+    torch.testing.assert_close(out, attnkit.attention(q, k, v, causal=True, backend="sdpa"))
+
+
+@pytest.mark.parametrize("kwargs", [{"mask_mod": M.sliding_window(None, None)},
+                                    {"mask_mod": M.causal(offset=5000)},
+                                    {"key_padding_mask": torch.ones(1, 2048, dtype=torch.bool)}])
+def test_no_mask_spelled_as_a_description_is_no_mask(kwargs):
+    q, k, v = qkv(B=1, H=1, Hkv=1, T=2048, S=2048, D=16, dtype=torch.float32)
+    assert attnkit.explain(q, k, v, **kwargs).description.startswith("no mask")
+    with LargestTensor() as rec:
+        attnkit.attention(q, k, v, **kwargs)
+    assert rec.largest < 2048 * 2048 // 4

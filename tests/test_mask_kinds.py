@@ -89,6 +89,7 @@ MODS = {
     "or": lambda g: M.or_masks(M.sliding_window(2, 0), M.prefix_lm(3)),
     "shifted": lambda g: M.at_positions(M.causal(), q_offset=5, kv_offset=0),
     "offset_causal": lambda g: M.causal(offset=-3),
+    "per_sample_chunks": lambda g: M.PerSampleChunks(7, torch.tensor([0, 3]), q_offset=2),
     "dilated": lambda g: M.dilated(3, window=9) | M.Dilated(4, offset=1),
 }
 
@@ -195,3 +196,36 @@ def test_named_backend_refusal_reasons_name_the_capability():
     why = get_backend("sdpa").why_not(q, k, v, M.MaskSpec.from_args(sinks=torch.zeros(4)),
                                       dropout_p=0.0, return_lse=False)
     assert "sinks" in why
+
+
+MASK_FN_ERRORS = [
+    (lambda b, h, q, kv: (q >= kv).float(), r"returned a torch.float32 tensor.*compare"),
+    (lambda b, h, q, kv: True, r"returned bool True, not a tensor"),
+    (lambda b, h, q, kv: q >= kv if q > kv else q < kv, r"used a tensor as a Python bool.*&"),
+    (lambda b, h, q, kv: torch.ones(5, 5, dtype=torch.bool), r"does not broadcast"),
+]
+
+
+@pytest.mark.parametrize("backend", [*attnkit.available_backends(), "auto"])
+@pytest.mark.parametrize("fn, match", MASK_FN_ERRORS)
+def test_mask_functions_are_checked_before_any_backend(fn, match, backend):
+    q, k, v = (t.detach() for t in _qkv(6, 6))
+    with pytest.raises(TypeError, match=match):
+        attnkit.attention(q, k, v, mask_mod=fn, backend=backend)
+
+
+@pytest.mark.parametrize("fn, match", [
+    (lambda s, b, h, q, kv: s > 0, r"returned a torch.bool tensor.*score"),
+    (lambda s, b, h, q, kv: s if q > kv else -s, r"used a tensor as a Python bool"),
+])
+def test_score_functions_are_checked(fn, match):
+    q, k, v = (t.detach() for t in _qkv(6, 6))
+    with pytest.raises(TypeError, match=match):
+        attnkit.attention(q, k, v, score_mod=fn)
+
+
+def test_cu_seqlens_that_do_not_cover_the_call_name_themselves():
+    q, k, v = (t.detach() for t in _qkv(256, 256))
+    with pytest.raises(ValueError, match=r"cu_seqlens=\[0, 100, 200\] describe 200 positions "
+                                         r"but the call has T=256"):
+        attnkit.attention(q, k, v, mask_mod=M.documents(cu_seqlens=[0, 100, 200]))

@@ -41,11 +41,10 @@ DECODERS = list(CONFIGS)
 
 @pytest.fixture(scope="module", autouse=True)
 def registered():
-    for backend, name in IMPLS.items():
-        hf.register(name, backend=backend)
+    # "attnkit" (backend auto) is registered by importing the integration
+    hf.register(IMPLS["chunked"], backend="chunked")
     yield
-    for name in IMPLS.values():
-        hf.unregister(name)
+    hf.unregister(IMPLS["chunked"])
 
 
 def _pair(config, impl, cls=AutoModelForCausalLM):
@@ -196,9 +195,10 @@ def test_dropout_in_training_is_applied():
     assert not torch.allclose(train_a, eval_logits) and not torch.allclose(train_a, train_b)
 
 
-def test_static_cache_uses_the_causal_offset_not_a_copy(monkeypatch):
-    """Prefill then one decode step into a StaticCache: attnkit gets the cache's own
-    (B, Hkv, max_cache_len, D) tensors and a causal offset; logits equal eager's."""
+def test_static_cache_reads_only_the_filled_part_as_views(monkeypatch):
+    """Prefill then one decode step into a StaticCache of 32: attnkit gets views of the
+    cache's own storage cut to the filled length (8, then 9 keys), plain causal at prefill
+    and no mask at the decode step; logits equal eager's."""
     from transformers import StaticCache
 
     ref, ours = models("llama", "chunked")
@@ -206,7 +206,8 @@ def test_static_cache_uses_the_causal_offset_not_a_copy(monkeypatch):
     real = hf._engine.attention
 
     def spy(q, k, v, **kw):
-        calls.append((k.data_ptr(), k.shape[2], kw["mask_mod"].describe()))
+        mod = kw.get("mask_mod")
+        calls.append((k.data_ptr(), k.shape[2], mod and mod.describe(), kw.get("mask")))
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(hf._engine, "attention", spy)
@@ -220,5 +221,6 @@ def test_static_cache_uses_the_causal_offset_not_a_copy(monkeypatch):
     _close(logits[1], logits[0], "decode step")
     keys = [layer.keys.data_ptr() for layer in cache.layers]
     assert [c[0] for c in calls] == keys * 2  # the cache's storage, prefill and decode
-    assert {c[1] for c in calls} == {32}
-    assert [c[2] for c in calls] == ["causal"] * 2 + ["causal(offset=8)"] * 2
+    assert [c[1] for c in calls] == [8, 8, 9, 9]  # the filled part only
+    assert [c[2] for c in calls] == ["causal"] * 2 + [None] * 2
+    assert [c[3] for c in calls] == [None] * 4

@@ -161,15 +161,23 @@ def test_attention_forward_rejects_a_mask_of_other_lengths():
         hf.mask_interface(batch_size=1, q_length=3, kv_length=6, attention_mask=mask)
 
 
+def _forget_the_integration(monkeypatch):
+    import attnkit.integrations as package
+
+    for name in [m for m in sys.modules if m.startswith("attnkit.integrations.transformers")]:
+        monkeypatch.delitem(sys.modules, name)
+        monkeypatch.delattr(package, name.rsplit(".", 1)[1], raising=False)
+
+
 def test_missing_transformers_says_how_to_install(monkeypatch):
-    monkeypatch.delitem(sys.modules, "attnkit.integrations.transformers")
+    _forget_the_integration(monkeypatch)
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r'pip install "attnkit\[hf\]"'):
         importlib.import_module("attnkit.integrations.transformers")
 
 
 def test_transformers_4_is_refused(monkeypatch):
-    monkeypatch.delitem(sys.modules, "attnkit.integrations.transformers")
+    _forget_the_integration(monkeypatch)
     monkeypatch.setattr(transformers, "__version__", "4.57.1")
     with pytest.raises(ImportError, match=r"supports transformers 5.x, found 4.57.1"):
         importlib.import_module("attnkit.integrations.transformers")
@@ -208,3 +216,23 @@ def test_position_bias_and_a_missing_mask():
     out, _ = hf.attention_forward(None, q, q, q, None, sliding_window=2)  # is_causal default
     ref = attnkit.attention(q, q, q, window=2)
     torch.testing.assert_close(out, ref.transpose(1, 2))
+
+
+def test_mask_algebra_the_reader_uses_lives_in_masks():
+    from attnkit import masks as M
+
+    merged = M.merge_and(M.Window(left=3, right=None, offset=2), M.Causal(offset=2), None)
+    assert merged.describe() == "window(left=3, right=0, offset=2)"
+    assert M.merge_and(M.Causal(offset=0), M.Causal(offset=0)).describe() == "causal"
+    apart = M.merge_and(M.Causal(offset=0), M.Causal(offset=1))  # other offsets stay apart
+    assert isinstance(apart, M.And) and len(apart.parts) == 2
+    assert M.merge_and(None, None) is None
+    pad = M.KeyPadding(torch.ones(1, 9, dtype=torch.bool))
+    assert M.visible_key_bound(M.merge_and(M.Causal(offset=8), pad), T=1) == 9
+    assert M.visible_key_bound(pad, T=1) is None
+    assert M.depends_on_difference_only(M.merge_and(M.Causal(offset=0), M.Window(left=2)))
+    assert not M.depends_on_difference_only(pad)
+    with pytest.raises(ValueError, match=r"shape \(B,\) = \(2,\), got \(3,\)"):
+        M.PerSampleChunks(4, torch.tensor([0, 1, 2])).validate(2, 1, 4, 4)
+    with pytest.raises(TypeError, match="start must be an integer tensor"):
+        M.PerSampleChunks(4, torch.tensor([0.5]))

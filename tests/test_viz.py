@@ -9,6 +9,7 @@ pytest.importorskip("matplotlib")
 from matplotlib.transforms import IdentityTransform  # noqa: E402
 
 from attnkit import viz  # noqa: E402
+from figure_overlap import overlapping_texts  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,16 +33,16 @@ def test_overlapping_texts_reports_colliding_texts_only():
     fig, axes = viz.new_figure()
     ax = axes[0, 0]
     ax.set_title("a title")
-    assert viz.overlapping_texts(fig) == []
+    assert overlapping_texts(fig) == []
     ax.text(0.5, 0.5, "here", transform=ax.transAxes)
     ax.text(0.5, 0.5, "there", transform=ax.transAxes)
-    pairs = viz.overlapping_texts(fig)
+    pairs = overlapping_texts(fig)
     assert pairs == [("axes 0 text 'here'", "axes 0 text 'there'")]
     other = fig.axes[0].figure.add_axes((0.1, 0.1, 0.2, 0.2))  # a second Axes...
     fig.draw_without_rendering()
     title = ax.title.get_window_extent()
     other.text(title.x0, title.y0, "intruder", transform=IdentityTransform())  # ...over it
-    assert ("axes 0 title 'a title'", "axes 1 text 'intruder'") in viz.overlapping_texts(fig)
+    assert ("axes 0 title 'a title'", "axes 1 text 'intruder'") in overlapping_texts(fig)
 
 
 def test_kept_positions_keep_first_and_last():
@@ -61,7 +62,7 @@ def test_head_grid_is_readable_at_any_length(T):
     fig = viz.head_grid_figure(causal_weights(2, 4, T), labels, labels, annotate=False,
                                title="GPT attention, 2 layers x 4 heads (rows: queries, "
                                      "columns: keys) for a prompt of some length")
-    assert viz.overlapping_texts(fig) == []
+    assert overlapping_texts(fig) == []
     assert colour_bar_labels(fig) == ["attention weight"]
     width, height = fig.get_size_inches()
     assert width <= 24 + 1e-6 and height <= 24.5  # the cap (a wrapped title may add a line)
@@ -98,7 +99,7 @@ def test_annotated_heatmap_has_no_collisions_and_a_labelled_bar(tmp_path):
     tokens = ["Your", "journey", "starts", "with", "one", "step"]
     fig = viz.heatmap_figure(torch.softmax(torch.randn(6, 6), -1), tokens, tokens,
                              "Self-attention weights (no trainable weights)")
-    assert viz.overlapping_texts(fig) == []
+    assert overlapping_texts(fig) == []
     assert colour_bar_labels(fig) == ["attention weight"]
     ax = fig.axes[0]
     assert shown(ax.xaxis) == tokens and len(ax.texts) == 36  # every cell annotated
@@ -112,7 +113,7 @@ def test_clipped_scale_is_said_on_the_colour_bar():
 def test_long_titles_are_wrapped():
     title = "a title far too long for one line of a figure this narrow " * 3
     fig = viz.grid_figure([[torch.eye(3)]], title=title)
-    assert "\n" in fig.get_suptitle() and viz.overlapping_texts(fig) == []
+    assert "\n" in fig.get_suptitle() and overlapping_texts(fig) == []
 
 
 def test_savers_write_atomically(tmp_path):

@@ -7,7 +7,8 @@ Layers, each using only the ones above it:
   (True = may attend); :mod:`attnkit.scores` - score functions (softcap, ALiBi, bias).
 * :mod:`attnkit.backends` - ``math``, ``sdpa``, ``chunked``, ``flex`` engines behind one
   contract, each declaring its capabilities and cost.
-* :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point.
+* :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point;
+  :func:`attnkit.varlen_attention` - packed sequences, flash-attn's varlen convention.
 * :func:`attnkit.flex_attention` / :func:`attnkit.create_block_mask` - FlexAttention's
   front end, run eagerly (no compile, gradients on CPU).
 * :mod:`attnkit.tutorial` - the tutorial's ladder of attention classes, rung by rung.
@@ -25,6 +26,7 @@ from .kv_cache import ContextKV, KVCache
 from .masks import MaskSpec
 from .multihead import MultiHeadAttention
 from .rope import RoPE
+from .varlen import varlen_attention
 
 __version__ = "0.1.0"
 
@@ -44,4 +46,5 @@ __all__ = [
     "register_backend",
     "scores",
     "tutorial",
+    "varlen_attention",
 ]

@@ -19,8 +19,8 @@ SUBCOMMAND_MODULES = [
     "attnkit.apps.walkthrough",
     "attnkit.apps.gpt.cli",
     "attnkit.apps.translate.cli",
-    "attnkit.apps.why_attention.app",
-    "attnkit.apps.explore.app",
+    "attnkit.apps.why_attention.cli",
+    "attnkit.apps.explore.cli",
 ]
 
 

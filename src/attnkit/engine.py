@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .backends import available_backends, get_backend
+from .backends import available_backends, chunked, get_backend
 from .spec import Call, MaskSpec
+from .summary import BlockSummary
 
 __all__ = ["attention", "check_qkv", "explain", "Explanation", "Call"]
 
@@ -121,6 +122,9 @@ class Explanation:
         rejected: for every other backend, why it was not picked.
         description: the call's mask and score description, as the engine sees it.
         estimates: estimated seconds of every backend that can serve the call.
+        summary: the lowered mask's :class:`~attnkit.summary.BlockSummary` at the chunked
+            backend's plan granularity (None without a mask): what a block-sparse backend
+            skips, computes in full, or masks.
     """
 
     chosen: str
@@ -128,9 +132,14 @@ class Explanation:
     rejected: dict[str, str]
     description: str = ""
     estimates: dict[str, float] = field(default_factory=dict)
+    summary: BlockSummary | None = None
 
     def __str__(self) -> str:
         lines = [f"auto -> {self.chosen}: {self.reason}"]
+        if self.summary is not None:
+            lines.insert(0, f"blocks: {self.summary.counts()} of {self.summary.block_q}x"
+                            f"{self.summary.block_k}, {self.summary.visited_fraction():.1%} "
+                            f"of the pairs visited")
         if self.description:
             lines.insert(0, f"call: {self.description}")
         lines += [f"  not {name}: {why}" for name, why in self.rejected.items()]
@@ -172,8 +181,9 @@ def _resolve(q, k, v, call, args) -> Explanation:
     rejected = {name: f"estimated {ms(name)}, above {chosen}'s {ms(chosen)}"
                 for name in ranked[1:]}
     rejected.update(refused)
+    summary = None if call.mask is None else call.summary(chunked.BLOCK_Q, chunked.FINE)
     return Explanation(chosen, reason, rejected, call.describe(),
-                       {name: float(c) for name, c in costs.items()})
+                       {name: float(c) for name, c in costs.items()}, summary)
 
 
 def attention(

@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import scores
 from .backends import get_backend
 from .engine import attention
 from .kv_cache import ContextKV, KVCache
-from .spec import MaskSpec, window_mask
+from .masks import and_masks, at_positions
 from .rope import RoPE
+from .spec import MaskSpec, window_mask
 
 __all__ = ["MultiHeadAttention"]
 
@@ -309,6 +311,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, *,
                 key_padding_mask: Tensor | None = None, mask: Tensor | None = None,
+                mask_mod=None, score_mod=None, sinks: Tensor | None = None, block_mask=None,
                 cache: KVCache | ContextKV | None = None, positions: Tensor | None = None,
                 need_weights: bool = False):
         """Attend from ``x`` to itself (or to ``context``) and project back to ``E``.
@@ -319,6 +322,16 @@ class MultiHeadAttention(nn.Module):
             key_padding_mask: ``(B, S)`` bool, True = real key. With a :class:`KVCache`,
                 ``S`` counts every cached position plus the new ones (``cache.pos + T``).
             mask: bool mask broadcastable to ``(B, H, T, S)``, True = may attend.
+            mask_mod: a mask description (:mod:`attnkit.masks`) or ``fn(b, h, q_idx,
+                kv_idx)``, ANDed with the module's own ``causal``/``window``. It is written for
+                the whole sequence: with a :class:`KVCache` it is evaluated at the step's
+                global positions (queries from ``cache.pos``), so the same description works
+                unchanged while decoding.
+            score_mod: a score description (:mod:`attnkit.scores`) or ``fn(score, b, h,
+                q_idx, kv_idx)``, at global positions like ``mask_mod``.
+            sinks: ``(H,)`` float attention-sink logits, one per query head.
+            block_mask: a ``BlockMask`` (torch's ``create_block_mask`` or
+                :func:`attnkit.create_block_mask`): its ``mask_mod`` joins ``mask_mod``.
             cache: a :class:`KVCache` from :meth:`init_cache` (self-attention): the new
                 keys/values are written at ``cache.pos`` (which advances by ``T``), rotary
                 positions start there, and the queries attend over all ``cache.pos + T``
@@ -361,9 +374,18 @@ class MultiHeadAttention(nn.Module):
             context_kv = None
             S = (context.shape[1] if context is not None
                  else T + (0 if cache is None else cache.pos))
+        start = 0 if cache is None else cache.pos  # global position of the first query
+        described = [m for m in (mask_mod, getattr(block_mask, "mask_mod", None)) if m is not None]
+        if described:
+            described = and_masks(*described)
+            # With a cache, the description covers the whole sequence (global positions).
+            mask_mod = described if cache is None else at_positions(described, start, 0)
+        if score_mod is not None and cache is not None:
+            score_mod = scores.at_positions(score_mod, start, 0)
         spec = MaskSpec.from_args(causal=self.causal, window=self.window, mask=mask,
                                   key_padding_mask=key_padding_mask,
-                                  causal_align="top_left" if cache is None else "bottom_right")
+                                  causal_align="top_left" if cache is None else "bottom_right",
+                                  mask_mod=mask_mod or None, score_mod=score_mod, sinks=sinks)
         spec.validate(B, self.num_heads, T, S)  # before the cache is written
 
         if context_kv is not None:
@@ -372,7 +394,6 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self._project(x, context)
         if self.rope is not None:
             if positions is None:
-                start = 0 if cache is None else cache.pos
                 positions = torch.arange(start, start + T, device=x.device)  # (T,)
             q, k = self.rope(q, positions), self.rope(k, positions)
         if cache is not None:

@@ -24,10 +24,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .masks.base import _index, check_align, check_broadcasts, offset_of
+from .masks.base import (_index, call_user_fn, check_align, check_broadcasts,
+                         check_user_result, offset_of)
 
-__all__ = ["ScoreMod", "Softcap", "Alibi", "Bias", "ScoreFn", "Chain", "chain", "alibi_slopes",
-           "as_score_mod"]
+__all__ = ["ScoreMod", "Softcap", "Alibi", "Bias", "ScoreFn", "ScoreShift", "Chain", "chain",
+           "alibi_slopes", "as_score_mod", "at_positions"]
 
 
 class ScoreMod:
@@ -79,6 +80,17 @@ class ScoreFn(ScoreMod):
 
     def apply(self, score, b, h, q, k):
         return self.fn(score, b, h, q, k)
+
+    def validate(self, B, H, T, S):
+        """Evaluate the function once on a small score grid, before any backend runs.
+
+        Raises:
+            TypeError: it does not return a float tensor broadcastable to the scores.
+        """
+        index = _index(min(B, 2), min(H, 2), 0, min(T, 3), 0, min(S, 3), None)
+        score = torch.zeros(torch.broadcast_shapes(*(t.shape for t in index)))
+        out = call_user_fn("score_mod", self.fn, (score, *index))
+        check_user_result("score_mod", self.fn, out, score.shape, want="float")
 
     def describe(self):
         return getattr(self.fn, "__name__", "score_fn")
@@ -186,6 +198,40 @@ class Bias(ScoreMod):
 
     def tensors(self):
         return (self.bias,)
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreShift(ScoreMod):
+    """``mod`` at global positions: local query ``i`` is ``i + q_offset``, key ``j`` is
+    ``j + kv_offset`` (the score twin of :func:`attnkit.masks.at_positions`)."""
+
+    mod: ScoreMod
+    q_offset: int = 0
+    kv_offset: int = 0
+
+    def apply(self, score, b, h, q, k):
+        return self.mod.apply(score, b, h, q + self.q_offset, k + self.kv_offset)
+
+    def tile(self, score, q0, q1, k0, k1):
+        qo, ko = self.q_offset, self.kv_offset
+        return self.mod.tile(score, q0 + qo, q1 + qo, k0 + ko, k1 + ko)
+
+    def resolve(self, T, S):
+        return replace(self, mod=self.mod.resolve(T + self.q_offset, S + self.kv_offset))
+
+    def validate(self, B, H, T, S):
+        self.mod.validate(B, H, T + self.q_offset, S + self.kv_offset)
+
+    def describe(self):
+        return f"at_positions({self.mod.describe()}, q+{self.q_offset}, kv+{self.kv_offset})"
+
+    def tensors(self):
+        return self.mod.tensors()
+
+
+def at_positions(mod, q_offset: int = 0, kv_offset: int = 0) -> ScoreMod:
+    """A score description evaluated at global positions (see :class:`ScoreShift`)."""
+    return ScoreShift(as_score_mod(mod), int(q_offset), int(kv_offset))
 
 
 @dataclass(frozen=True, eq=False)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .masks.base import And, MaskMod, Or, Shift, as_mask_mod, check_align
 from .masks.data import Dense, KeyPadding
+from .masks.simplify import merge_and
 from .masks.structural import Causal, Window
 from .scores import Alibi, Bias, ScoreMod, Softcap, as_score_mod, chain
 from .summary import BlockSummary
@@ -184,18 +185,6 @@ def _window(mod: Window, T: int, S: int) -> MaskMod | None:
     return Window(left=left, right=right, offset=o)
 
 
-def _merge_windows(parts: list) -> list:
-    """ANDed windows at one offset are one window (the tighter side of each)."""
-    windows = [p for p in parts if isinstance(p, Window)]
-    if len(windows) < 2 or len({w.offset for w in windows}) != 1:
-        return parts
-    lefts = [w.left for w in windows if w.left is not None]
-    rights = [w.right for w in windows if w.right is not None]
-    merged = Window(left=min(lefts) if lefts else None, right=min(rights) if rights else None,
-                    offset=windows[0].offset)
-    return [merged] + [p for p in parts if not isinstance(p, Window)]
-
-
 def _simplify(mod: MaskMod, T: int, S: int) -> MaskMod | None:
     if isinstance(mod, Window):
         return _window(mod, T, S)
@@ -209,14 +198,13 @@ def _simplify(mod: MaskMod, T: int, S: int) -> MaskMod | None:
             return mod
         return None
     if isinstance(mod, And):
-        flat = []
-        for p in mod.parts:
-            p = _simplify(p, T, S)
-            flat.extend(p.parts if isinstance(p, And) else () if p is None else (p,))
-        merged = _merge_windows(flat)
-        if len(merged) != len(flat):
-            merged = [q for q in (_simplify(p, T, S) for p in merged) if q is not None]
-        return None if not merged else merged[0] if len(merged) == 1 else And(tuple(merged))
+        # Flattened, parts that bind nothing dropped, windows at one offset merged; a merged
+        # window is simplified again (it may now be plain causal).
+        merged = merge_and(*(_simplify(p, T, S) for p in mod.parts))
+        parts = () if merged is None else merged.parts if isinstance(merged, And) else (merged,)
+        parts = [q for q in (_simplify(p, T, S) if isinstance(p, Window) else p for p in parts)
+                 if q is not None]
+        return None if not parts else parts[0] if len(parts) == 1 else And(tuple(parts))
     if isinstance(mod, Or):
         parts = [_simplify(p, T, S) for p in mod.parts]
         return None if any(p is None for p in parts) else Or(tuple(parts))

@@ -17,9 +17,8 @@ Layers, so later figures reuse the pieces:
   label, k from the measured label size and tick spacing, first and last kept, the axis name
   saying so. :func:`save_figure` calls it, then writes to a temporary file beside the target
   and renames it, so a reader never sees a half-written PNG.
-* :func:`overlapping_texts` is the screenshot-free check: it draws a figure and lists every
-  pair of visible texts (titles, tick labels, axis names, colour-bar labels, legends) whose
-  boxes overlap.
+* The screenshot-free check that no two texts overlap is a test oracle and lives with the
+  tests (``tests/figure_overlap.py``).
 """
 
 from __future__ import annotations
@@ -29,11 +28,11 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
-from .checkpoint import atomic_write
+from ._atomic import atomic_write
 
 __all__ = ["require_matplotlib", "new_figure", "draw_heatmap", "fit_tick_labels",
            "save_figure", "heatmap_figure", "heatmap", "grid_figure", "panel_grid",
-           "head_grid_figure", "head_grid", "overlapping_texts", "wrap", "INSTALL_HINT",
+           "head_grid_figure", "head_grid", "wrap", "INSTALL_HINT",
            "COLORBAR_LABEL"]
 
 INSTALL_HINT = 'pip install "attnkit[viz]"'
@@ -258,7 +257,7 @@ def fit_tick_labels(fig) -> bool:
     The figure is laid out and its labels measured; with ``s`` pixels between ticks and labels
     up to ``e`` pixels long along the axis (plus a gap of a third of the font size), every
     ``k = ceil(e / s)``-th label is kept, always the first and the last, and the axis name
-    says "every k-th shown". :func:`save_figure` and :func:`overlapping_texts` call it; a
+    says "every k-th shown". :func:`save_figure` and the tests' overlap check call it; a
     figure already checked and unchanged since is not laid out again.
 
     Returns:
@@ -290,7 +289,7 @@ def save_figure(fig, path) -> Path:
 
     Tick labels of heatmap panels are thinned first (:func:`fit_tick_labels`). The figure is
     rendered into a temporary file in the same directory and moved into place
-    (:func:`attnkit.checkpoint.atomic_write`): an interrupted run leaves the old file or none,
+    (:func:`attnkit._atomic.atomic_write`): an interrupted run leaves the old file or none,
     never a truncated one.
     """
     path = Path(path)
@@ -487,77 +486,3 @@ def head_grid(weights, x_labels=None, y_labels=None, path="heads.png", *, title=
     fig = head_grid_figure(weights, x_labels, y_labels, title=title, row_titles=row_titles,
                            annotate=annotate, **draw_kwargs)
     return save_figure(fig, path)
-
-
-def _visible_texts(fig) -> list[tuple[str, object]]:
-    """Every drawn, non-empty Text of ``fig`` with a name saying where it is."""
-    found, seen = [], set()
-
-    def add(where: str, text) -> None:
-        if text is None or id(text) in seen or not text.get_visible():
-            return
-        if not text.get_text().strip():
-            return
-        seen.add(id(text))
-        found.append((f"{where} {text.get_text()!r}", text))
-
-    for text in fig.texts:
-        add("figure text", text)
-    for i, ax in enumerate(fig.axes):
-        if not ax.get_visible():
-            continue
-        name = f"axes {i}"
-        for text in (ax.title, ax._left_title, ax._right_title):
-            add(f"{name} title", text)
-        for which, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
-            if not axis.get_visible():
-                continue
-            add(f"{name} {which} name", axis.label)
-            add(f"{name} {which} offset", axis.offsetText)
-            for tick in axis._update_ticks():  # the ticks inside the view, as drawn
-                if tick.get_visible():
-                    add(f"{name} {which} tick", tick.label1)
-                    add(f"{name} {which} tick", tick.label2)
-        for text in ax.texts:
-            add(f"{name} text", text)
-        legend = ax.get_legend()
-        if legend is not None and legend.get_visible():
-            add(f"{name} legend", legend.get_title())
-            for text in legend.get_texts():
-                add(f"{name} legend", text)
-    for legend in fig.legends:
-        for text in legend.get_texts():
-            add("figure legend", text)
-    return found
-
-
-def overlapping_texts(fig, *, tolerance: float = 1.0) -> list[tuple[str, str]]:
-    """Pairs of visible texts of ``fig`` whose drawn boxes overlap: the screenshot-free check.
-
-    The figure is laid out (and its heatmap tick labels fitted, as :func:`save_figure` would)
-    and every visible, non-empty text measured with ``get_window_extent``: the suptitle,
-    panel titles, axis names, tick labels, colour-bar labels, cell values and legend entries,
-    within one Axes and across Axes.
-
-    Args:
-        fig: a matplotlib Figure.
-        tolerance: pixels two boxes may share in each direction before they count.
-
-    Returns:
-        ``[(where and text of one, where and text of the other), ...]``; empty when nothing
-        collides.
-    """
-    if fit_tick_labels(fig) or not getattr(fig, "_attnkit_fitted", None):
-        fig.draw_without_rendering()
-    renderer = fig.canvas.get_renderer()
-    import numpy as np
-
-    texts = _visible_texts(fig)
-    if not texts:
-        return []
-    boxes = np.array([text.get_window_extent(renderer).extents for _, text in texts])
-    x0, y0, x1, y1 = (boxes[:, i] for i in range(4))  # (N,) each, pixels
-    wide = np.minimum(x1[:, None], x1[None]) - np.maximum(x0[:, None], x0[None]) > tolerance
-    tall = np.minimum(y1[:, None], y1[None]) - np.maximum(y0[:, None], y0[None]) > tolerance
-    first, second = np.nonzero(np.triu(wide & tall, k=1))  # each pair once, not with itself
-    return [(texts[i][0], texts[j][0]) for i, j in zip(first.tolist(), second.tolist())]

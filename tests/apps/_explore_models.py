@@ -12,9 +12,12 @@ import torch
 from attnkit.apps.explore.model_view import Models
 from attnkit.apps.explore.server import make_server, serve_in_thread
 from attnkit.apps.gpt.model import GPT, GPTConfig, save_checkpoint
-from attnkit.apps.translate.app import SOURCE_VOCAB, TARGET_VOCAB, save_translator
+from attnkit.apps.translate.train import SOURCE_VOCAB, TARGET_VOCAB, save_translator
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq
 
+#: chromium resolves this name to 127.0.0.1 (``--host-resolver-rules`` in conftest's driver):
+#: a page on "another site" that DNS-rebinds to the explorer, for the Host check's browser test.
+REBIND_HOST = "rebind.attacker.test"
 GPT_CHARS = list(string.ascii_letters + string.digits + " .,;:()'\n")
 GPT_CONTEXT = 256  # long enough to check the head view at 200+ tokens
 

@@ -10,11 +10,14 @@ import torch
 pytest.importorskip("matplotlib")
 
 from attnkit import viz  # noqa: E402
+from figure_overlap import overlapping_texts  # noqa: E402
 from attnkit.apps import walkthrough  # noqa: E402
-from attnkit.apps.gpt.app import TrainResult, _plot_losses, attention_figure  # noqa: E402
-from attnkit.apps.translate.app import SOURCE_VOCAB, TARGET_VOCAB, plot_alignment  # noqa: E402
+from attnkit.apps.gpt.figures import attention_figure, plot_losses  # noqa: E402
+from attnkit.apps.gpt.train import TrainResult  # noqa: E402
+from attnkit.apps.translate.figures import plot_alignment  # noqa: E402
+from attnkit.apps.translate.model import SOURCE_VOCAB, TARGET_VOCAB  # noqa: E402
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq  # noqa: E402
-from attnkit.apps.why_attention.app import comparison_figure  # noqa: E402
+from attnkit.apps.why_attention.figures import comparison_figure  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -53,7 +56,7 @@ def test_gpt_attention_figure(prompt_len):
     scores = torch.randn(2, 4, prompt_len, prompt_len).masked_fill(
         torch.ones(prompt_len, prompt_len, dtype=torch.bool).triu(1), float("-inf"))
     fig = attention_figure(torch.softmax(scores, -1), prompt)  # (L, H, T, T) = (2, 4, T, T)
-    assert viz.overlapping_texts(fig) == []
+    assert overlapping_texts(fig) == []
     assert f"prompt of {prompt_len} characters, 2 layers x 4 heads" in fig.get_suptitle()
     assert colour_bar_labels(fig)[0].startswith("attention weight")
     labels = [t.get_text() for t in heatmap_axes(fig)[0].get_yticklabels()]
@@ -66,10 +69,10 @@ def test_gpt_attention_figure(prompt_len):
 def test_gpt_loss_curve(tmp_path, captured):
     result = TrainResult(model=None, tokenizer=None, history=[(100, 2.5, 2.6), (200, 2.0, 2.1)],
                          val_loss=2.1, unigram_loss=3.25)
-    path = _plot_losses(result, tmp_path / "loss.png")
+    path = plot_losses(result, tmp_path / "loss.png")
     assert path.read_bytes().startswith(PNG_MAGIC)
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]
-    assert viz.overlapping_texts(captured[0]) == []
+    assert overlapping_texts(captured[0]) == []
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,7 @@ def test_translator_alignment_sized_to_the_text(translator, source, tmp_path, ca
         assert path.read_bytes().startswith(PNG_MAGIC)
         assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # written atomically
     fig = captured[0]
-    assert viz.overlapping_texts(fig) == []
+    assert overlapping_texts(fig) == []
     assert colour_bar_labels(fig) == ["attention weight"]
     panels = heatmap_axes(fig)
     assert len(panels) == 2 * (2 + 1)  # decoder layers x (heads + average)
@@ -114,7 +117,7 @@ def test_why_attention_figure_explains_the_anti_diagonal(n):
     weights = torch.softmax(torch.randn(n, n) + 5 * torch.eye(n).flip(1), -1)  # (n, n)
     digits = "".join(str(int(d)) for d in torch.randint(0, 10, (n,)))
     fig = comparison_figure(_results(range(5, n + 1)), weights, digits, digits[::-1])
-    assert viz.overlapping_texts(fig) == []
+    assert overlapping_texts(fig) == []
     heat = heatmap_axes(fig)[0]
     title = heat.get_title().replace("\n", " ")
     assert f"output position i reads source position n-1-i (here n = {n})" in title
@@ -129,7 +132,7 @@ def test_walkthrough_figures(tmp_path, captured):
     result = walkthrough.run(tmp_path, stream=io.StringIO())
     assert len(captured) == len(result.files) == 4
     for fig in captured:
-        assert viz.overlapping_texts(fig) == []
+        assert overlapping_texts(fig) == []
         assert colour_bar_labels(fig)[0].startswith("attention weight")
         bottom = heatmap_axes(fig)[-1]  # grids label their outer panels; 6 tokens: all shown
         assert [t.get_text() for t in bottom.get_xticklabels()] == list(walkthrough.TOKENS)

@@ -125,3 +125,26 @@ def test_numeric_slash_formats_write_only_unambiguous_dates():
     for i in slash:
         assert not FORMATS[i].accepts(dt.date(2009, 6, 5))
         assert FORMATS[i].accepts(dt.date(2009, 6, 6)) and FORMATS[i].accepts(dt.date(2009, 6, 25))
+
+
+@pytest.mark.parametrize("text, trained", [
+    ("2001-3-1", "2001-03-01"), ("1th of march, 2001", "1st of march, 2001"),
+    ("3/1/2001x", None), ("1.3.2001", "01.03.2001"), ("2001 3 1", "2001 03 01"),
+])
+def test_spellings_the_model_never_saw_are_unsupported_formats(text, trained):
+    if trained is None:
+        with pytest.raises(ValueError, match="not a date in a supported format"):
+            dates.parse_date(text)
+        return
+    with pytest.raises(ValueError, match=f"unsupported format: the translator was trained on "
+                                         f"'{trained}' but never on this spelling"):
+        dates.parse_date(text)
+    assert dates.parse_date(trained) == dt.date(2001, 3, 1)
+    assert dates.readings(text) == []
+
+
+def test_the_checker_accepts_every_training_spelling_and_lists_the_same_table():
+    rng = random.Random(1)
+    for pair in dates.sample_pairs(dates.split_dates()[0], 3000, rng):
+        assert dates.parse_date(pair.source) == pair.date, pair
+    assert len(dates.supported_examples()) == len(dates.FORMATS)

@@ -1,12 +1,11 @@
 """The explorer in a real headless browser (Debian's chromium + chromedriver via selenium).
 
 ``make test`` installs chromium and chromedriver with apt-get when they are missing (the
-``browser`` target); where that is impossible these tests skip and say why. One browser and
-one server serve the whole module.
+``browser`` target); where that is impossible these tests skip and say why. The browser is
+``conftest.driver`` (one per session); one server serves the whole module.
 """
 
 import base64
-import shutil
 import struct
 
 import pytest
@@ -24,32 +23,10 @@ webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium is not installed: pip install -e '.[dev]'")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from _browser import error_text, open_page, settle, severe, submit  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _find(*names):
-    return next((path for name in names if (path := shutil.which(name))), None)
-
-
-@pytest.fixture(scope="module")
-def driver():
-    browser = _find("chromium", "chromium-browser", "google-chrome")
-    chromedriver = _find("chromedriver")
-    if browser is None or chromedriver is None:
-        pytest.skip("no chromium/chromedriver on PATH; `make browser` installs them with "
-                    "apt-get (needs root or sudo and a package mirror)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1000", "--disable-extensions"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    chrome = webdriver.Chrome(service=webdriver.ChromeService(chromedriver), options=options)
-    chrome.set_page_load_timeout(30)
-    yield chrome
-    chrome.quit()
 
 
 @pytest.fixture(scope="module")
@@ -58,42 +35,10 @@ def server(tmp_path_factory):
         yield srv
 
 
-def settle(driver):
-    """Wait until the page has no request in flight."""
-    WebDriverWait(driver, 30).until(
-        lambda d: d.execute_script("return window.attnkit && window.attnkit.pending === 0"))
-
-
-def severe(driver):
-    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-
-
-def open_page(driver, url, view="tutorial"):
-    driver.get(url)
-    settle(driver)
-    if view != "tutorial":
-        driver.find_element(By.CSS_SELECTOR, f'.tab[data-view="{view}"]').click()
-        settle(driver)
-
-
 def line(driver, key):
     """The numbers of one labelled vector line, as floats."""
     text = driver.find_element(By.CSS_SELECTOR, f'[data-key="{key}"]').text
     return [float(x) for x in text[text.index("[") + 1:text.rindex("]")].split(",")]
-
-
-def submit(driver, view, field, text):
-    box = driver.find_element(By.ID, field)
-    box.clear()
-    if text:
-        box.send_keys(text)
-    driver.find_element(By.CSS_SELECTOR, f"#{view}-form button[type=submit]").click()
-    settle(driver)
-
-
-def error_text(driver, view):
-    box = driver.find_element(By.ID, f"{view}-error")
-    return box.text if box.is_displayed() else ""
 
 
 def test_every_view_loads_without_console_errors(driver, server):
@@ -220,4 +165,25 @@ def test_exported_html_renders_offline(driver, server, tmp_path):
     driver.find_element(By.CSS_SELECTOR, '.tab[data-view="tutorial"]').click()
     submit(driver, "tutorial", "sentence", "new words")
     assert "needs the server" in error_text(driver, "tutorial")
+    assert severe(driver) == []
+
+
+def test_mask_view_draws_a_composed_description_and_its_block_map(driver, server):
+    open_page(driver, server.url, "mask")
+    for field, value in (("mask-T", "16"), ("mask-S", "16"), ("mask-docs", "6,10"),
+                         ("mask-valid", "14"), ("mask-chunk", "8")):
+        box = driver.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    driver.find_element(By.CSS_SELECTOR, "#mask-form button[type=submit]").click()
+    settle(driver)
+    assert error_text(driver, "mask") == ""
+    text = driver.find_element(By.ID, "explain-text").get_attribute("textContent")
+    assert "mask_mod=(masks.causal() & masks.chunked_local(8, causal=False) & " \
+           "masks.documents(cu_seqlens=[0, 6, 16], causal=False)) & masks.key_padding(" in text
+    assert "description: causal & chunked_local(8) & same_document(B=1) & key_padding" in text
+    block_map = driver.find_element(By.ID, "block-map")
+    assert block_map.get_attribute("data-title") == "block map (4 x 4 blocks)"
+    legend = driver.find_element(By.CSS_SELECTOR, "#mask-body .legend").text
+    assert "skipped (empty) (" in legend and "full (no mask) (" in legend
     assert severe(driver) == []

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from attnkit.apps.explore.model_view import Models
-from attnkit.apps.explore.server import ASSETS, HOST, MAX_BODY, asset, make_server, \
+from attnkit.apps.explore.server import ASSETS, HOST, MAX_BODY, asset, make_server, page, \
     serve_in_thread
 
 from _explore_models import running_server
@@ -45,7 +45,8 @@ def test_binds_loopback_only(server):
 @pytest.mark.parametrize("path", sorted(ASSETS))
 def test_serves_the_allow_listed_assets(server, path):
     status, headers, body = request(server, "GET", path)
-    assert status == 200 and body == asset(ASSETS[path][0])
+    name = ASSETS[path][0]
+    assert status == 200 and body == (page().encode() if name == "index.html" else asset(name))
     assert headers["Content-Type"] == ASSETS[path][1]
 
 
@@ -111,3 +112,11 @@ def test_100_concurrent_requests(server):
     seconds = time.perf_counter() - started
     assert [status for status, _, _ in results] == [200] * 100
     assert seconds < 60, f"100 requests took {seconds:.1f} s"
+
+
+def test_input_errors_follow_the_pages_language(server):
+    for language, start in (("zh", "句子是空的"), ("en", "the sentence is empty"),
+                            ("fr", "the sentence is empty")):
+        status, _, body = request(server, "POST", "/api/tutorial", b'{"sentence": ""}',
+                                  {"X-Attnkit-Language": language})
+        assert status == 400 and json.loads(body)["error"].startswith(start), language

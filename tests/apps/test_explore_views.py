@@ -4,20 +4,24 @@ the offline export and the command line (no browser, no server)."""
 import base64
 import contextlib
 import io
+import json
 import re
 import socket
 
 import pytest
 import torch
 
-from attnkit import cli, explain, tutorial
+from attnkit import cli, explain, masks, tutorial
 from attnkit.apps import walkthrough
 from attnkit.apps.explore.mask_view import build_mask, mask_view
 from attnkit.apps.explore.model_view import ModelMissing, Models, gpt_view, translate_view
 from attnkit.apps.explore.server import export_html
 from attnkit.apps.explore.tutorial_view import embed, tutorial_view
 from attnkit.apps.translate.answer import translate
-from attnkit.apps.translate.app import load_translator
+from attnkit.apps.translate.train import load_translator
+from attnkit.backends import chunked
+from attnkit.spec import Call, MaskSpec
+from attnkit.summary import EMPTY, FULL, PARTIAL
 
 from _explore_models import GPT_CONTEXT, save_tiny_models
 
@@ -91,31 +95,91 @@ def test_causal_pattern_blocks_and_explain():
     assert view["blocks"] == ["ps", "fp"]  # the block above the diagonal is never computed
     q = torch.zeros(1, 1, 8, 8)
     assert view["explain"]["chosen"] == explain(q, q, q, causal=True).chosen
+    assert view["arguments"] == "attnkit.attention(q, k, v, mask_mod=masks.causal())"
     bottom_right = mask_view({"T": 2, "S": 6, "causal": True, "align": "bottom_right"})
     assert bottom_right["pattern"] == ["111110", "111111"]
+    assert bottom_right["describe"] == "causal(offset=4)"
 
 
-def test_window_padding_and_documents():
+def test_window_padding_and_documents_are_descriptions_the_engine_skips():
     view = mask_view({"T": 12, "S": 12, "window": 3, "block_q": 4, "block_k": 4})
     assert view["pattern"][6] == "000011100000"
     assert view["blocks"][2] == "spp" and view["blocks"][0] == "pss"
     docs = mask_view({"T": 8, "documents": "4,4", "valid_keys": 7, "block_q": 4, "block_k": 4})
     assert docs["pattern"][0] == "11110000" and docs["pattern"][5] == "00001110"
-    assert docs["blocks"] == ["fe", "ep"]  # computed although all masked: no block skipping
-    assert "mask=<bool tensor (1, 1, 8, 8)>" in docs["arguments"]
+    assert docs["blocks"] == ["fs", "sp"]  # other documents' blocks are skipped now
+    assert docs["arguments"] == ("attnkit.attention(q, k, v, mask_mod=masks.documents("
+                                 "cu_seqlens=[0, 4, 8], causal=False) & masks.key_padding("
+                                 "torch.arange(8)[None] < 7))")
+    assert docs["describe"] == "same_document(B=1) & key_padding"
     big = mask_view({"T": 4096, "window": 256})
     assert big["pattern"] is None and big["explain"]["chosen"] == "chunked"
     assert big["explain"]["reason"] and "sdpa" in big["explain"]["rejected"]
+    assert big["tile_k"] == chunked.FINE and big["visited_fraction"] < 0.2
+
+
+# Every kind of attnkit.masks, alone and combined, with the description it must build.
+KIND_CASES = [
+    ({"causal": True}, masks.causal()),
+    ({"causal": True, "align": "bottom_right", "S": 24}, masks.causal(align="bottom_right")),
+    ({"causal": True, "causal_offset": -3}, masks.causal(offset=-3)),
+    ({"window_on": True, "window_left": 2, "window_right": 1}, masks.sliding_window(2, 1)),
+    ({"window_on": True, "window_left": "", "window_right": 2}, masks.sliding_window(None, 2)),
+    ({"valid_keys": 11}, masks.key_padding(torch.arange(16).unsqueeze(0) < 11)),
+    ({"documents": "5,3,8"}, masks.documents(cu_seqlens=[0, 5, 8, 16], causal=False)),
+    ({"prefix": 5}, masks.prefix_lm(5)),
+    ({"chunk": 6}, masks.chunked_local(6, causal=False)),
+    ({"causal": True, "documents": "5,3,8", "valid_keys": 14},
+     masks.documents(cu_seqlens=[0, 5, 8, 16]) & masks.key_padding(torch.arange(16)[None] < 14)),
+    ({"causal": True, "window_on": True, "window_left": 3, "chunk": 8, "combine": "or"},
+     masks.causal() | masks.sliding_window(3, 0) | masks.chunked_local(8, causal=False)),
+    ({"window_on": True, "window_left": 1, "window_right": 1, "prefix": 3, "combine": "or",
+      "valid_keys": 15}, (masks.sliding_window(1, 1) | masks.prefix_lm(3))
+     & masks.key_padding(torch.arange(16)[None] < 15)),
+    ({"causal": True, "chunk": 4, "align": "bottom_right", "S": 20},
+     masks.causal(align="bottom_right") & masks.chunked_local(4, causal=False,
+                                                             align="bottom_right")),
+]
+
+
+@pytest.mark.parametrize("choices, expected", KIND_CASES)
+@pytest.mark.parametrize("block_q, block_k", [(4, 4), (3, 5), (8, 128)])
+def test_every_kind_matches_the_engine_pattern_and_block_summary(choices, expected, block_q,
+                                                                 block_k):
+    params = {"T": 16, **choices, "block_q": block_q, "block_k": block_k}
+    view = mask_view(params)
+    T, S = view["T"], view["S"]
+    spec = MaskSpec(mask_mod=expected)
+    truth = spec.dense(T, S).expand(1, 1, T, S)[0, 0]  # (T, S)
+    assert view["pattern"] == ["".join("1" if c else "0" for c in row) for row in truth.tolist()]
+    q, k = torch.zeros(1, 1, T, 8), torch.zeros(1, 1, S, 8)
+    tile_k = min(chunked.FINE, block_k)
+    summary = Call.of(q, k, spec, False).summary(block_q, tile_k)  # what chunked plans
+    codes = {EMPTY: "s", PARTIAL: "p", FULL: "f"}
+    assert ["".join(codes[c] for c in row) for row in summary.kind.tolist()] == \
+        [row.replace("e", "p") for row in view["blocks"]]
+    assert view["counts"] == summary.counts()
+    for i, row in enumerate(view["blocks"]):  # the map never claims what the cells deny
+        for j, code in enumerate(row):
+            cells = truth[i * block_q:(i + 1) * block_q, j * tile_k:(j + 1) * tile_k]
+            assert {"s": not cells.any(), "e": not cells.any(), "f": cells.all(),
+                    "p": True}[code], (i, j, code)
+    assert view["explain"]["chosen"] == explain(q, k, k, mask_mod=expected).chosen
 
 
 @pytest.mark.parametrize("params, error, match", [
     ({"T": 0}, ValueError, r"T must be an integer in \[1, 4096\], got 0"),
     ({"T": "lots"}, ValueError, "T must be an integer"),
     ({"align": "middle"}, ValueError, "align must be 'top_left' or 'bottom_right'"),
+    ({"combine": "xor"}, ValueError, "combine must be 'and' or 'or', got 'xor'"),
     ({"T": 8, "documents": "4,3"}, ValueError, "add up to S=8"),
     ({"T": 8, "documents": "4,x"}, ValueError, "lengths separated by commas"),
     ({"T": 4, "S": 8, "documents": "8"}, ValueError, "documents need T == S"),
     ({"T": 4, "valid_keys": 9}, ValueError, "valid_keys must be an integer in"),
+    ({"window_on": True, "window_left": -2}, ValueError, "window_left must be an integer"),
+    ({"causal": True, "causal_offset": "x"}, ValueError, "causal_offset must be an integer"),
+    ({"T": 8, "prefix": 9}, ValueError, r"prefix must be an integer in \[0, 8\]"),
+    ({"chunk": -1}, ValueError, "chunk must be an integer"),
 ])
 def test_mask_errors(params, error, match):
     with pytest.raises(error, match=match):
@@ -151,7 +215,7 @@ def test_translate_view_gives_a_right_answer(models, monkeypatch):
 
 def _decoding_to(answer, greedy_decode):
     """greedy_decode whose tokens spell ``answer`` (the attention weights stay the model's)."""
-    from attnkit.apps.translate.app import TARGET_VOCAB
+    from attnkit.apps.translate.train import TARGET_VOCAB
 
     def decode(src, *args, **kwargs):
         tokens, *rest = greedy_decode(src, *args, **kwargs)
@@ -214,7 +278,9 @@ def test_export_is_self_contained(models, tmp_path):
     assert not re.search(r"<(script|link)[^>]+(src|href)=\"(?!data:)", page)  # all inlined
     assert "http://" not in page and "https://" not in page
     assert "window.ATTNKIT_OFFLINE" in page and "Your journey starts" in page
-    assert page.count("</script>") == 5  # data + 4 scripts: the JSON cannot close its element
+    assert "window.ATTNKIT_I18N" in page
+    assert json.dumps("没有可训练权重的简单自注意力机制")[1:-1] in page  # the zh catalogue
+    assert page.count("</script>") == 6  # words + data + 4 scripts: no JSON closes its element
 
 
 def _run(*argv):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from attnkit import checkpoint
+from attnkit.apps import checkpoint
 from attnkit.apps._vocab import CharVocab
 from attnkit.apps.gpt.data import default_corpus, get_batch, load_text, split_ids, unigram_loss
 from attnkit.apps.gpt.model import GPT, GPTConfig

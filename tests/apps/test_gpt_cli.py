@@ -8,12 +8,21 @@ import pytest
 import torch
 
 from attnkit import cli
+from attnkit.apps._training import RunOptions
 from attnkit.apps.gpt.data import default_corpus
-from attnkit.apps.gpt.app import train
+from attnkit.apps.gpt.train import TrainConfig, train
 from attnkit.apps.gpt.model import load_checkpoint
 
 TEXT = "attention is all you need; the cat sat on the mat. " * 40
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+_RUN = {"out", "progress", "figures", "resume", "force", "checkpoint_every", "log"}
+
+
+def _train(text, **kwargs):
+    """``train(TrainConfig(text, ...))``, the run options among ``kwargs`` going to ``run``."""
+    run = {k: kwargs.pop(k) for k in list(kwargs) if k in _RUN}
+    return train(TrainConfig(text, **kwargs, run=RunOptions(**run)))
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +54,8 @@ def test_train_writes_checkpoint_and_curve(trained):
 
 
 def test_training_is_seeded():
-    first = train(TEXT, preset="tiny", steps=5, out=None, progress=False, log=lambda _: None)
-    again = train(TEXT, preset="tiny", steps=5, out=None, progress=False, log=lambda _: None)
+    first = _train(TEXT, preset="tiny", steps=5, progress=False)
+    again = _train(TEXT, preset="tiny", steps=5, progress=False)
     assert first.history == again.history
     for a, b in zip(first.model.parameters(), again.model.parameters()):
         assert torch.equal(a, b)
@@ -54,7 +63,7 @@ def test_training_is_seeded():
 
 def test_training_reports_lines_at_each_evaluation_when_not_a_terminal(capsys):
     lines = []
-    train(TEXT, preset="tiny", steps=4, eval_every=2, out=None, log=lines.append)
+    _train(TEXT, preset="tiny", steps=4, eval_every=2, progress=True, log=lines.append)
     err = capsys.readouterr().err
     assert "\r" not in err
     assert [line.split(",")[0] for line in err.splitlines()] == [
@@ -134,8 +143,8 @@ def test_attention_grid_is_written(trained, capsys, tmp_path):
 @pytest.mark.slow
 def test_small_model_beats_the_unigram_baseline_on_the_help_text():
     """The demo in reduced form: 100 steps of the small preset, batch 8, default corpus."""
-    result = train(default_corpus(), preset="small", steps=100, batch_size=8, eval_every=50,
-                   out=None, progress=False, log=lambda _: None)
+    result = _train(default_corpus(), preset="small", steps=100, batch_size=8, eval_every=50,
+                   progress=False)
     assert result.unigram_loss == pytest.approx(3.25, abs=0.05)
     assert result.val_loss < result.unigram_loss - 0.4
     assert math.isfinite(result.tokens_per_s)
@@ -166,12 +175,11 @@ def test_options_are_checked_before_any_work(tmp_path, capsys, argv, message):
 
 def test_interrupted_training_resumes_exactly_and_keeps_the_old_model(tmp_path, monkeypatch):
     from attnkit.apps._cli import Interrupted
-    from attnkit.apps.gpt import app
+    from attnkit.apps.gpt import train as app
 
-    quiet = dict(preset="tiny", steps=6, eval_every=2, progress=False, plot=False,
-                 log=lambda _: None)
-    straight = train(TEXT, out=tmp_path / "a", **quiet)
-    train(TEXT, out=tmp_path / "b", seed=7, **quiet)  # an older model in the folder
+    quiet = dict(preset="tiny", steps=6, eval_every=2)
+    straight = _train(TEXT, out=tmp_path / "a", **quiet)
+    _train(TEXT, out=tmp_path / "b", seed=7, **quiet)  # an older model in the folder
     before = (tmp_path / "b" / "gpt.pt").read_bytes()
     calls, lr_at = [0], app._lr_at
 
@@ -184,9 +192,9 @@ def test_interrupted_training_resumes_exactly_and_keeps_the_old_model(tmp_path, 
     with monkeypatch.context() as patch:
         patch.setattr(app, "_lr_at", lr_or_interrupt)
         with pytest.raises(Interrupted, match="kept the checkpoint of step 4"):
-            train(TEXT, out=tmp_path / "b", **quiet)
+            _train(TEXT, out=tmp_path / "b", **quiet)
     assert (tmp_path / "b" / "gpt.pt").read_bytes() == before
-    resumed = train(TEXT, out=tmp_path / "b", resume=True, force=True, **quiet)
+    resumed = _train(TEXT, out=tmp_path / "b", resume=True, force=True, **quiet)
     assert resumed.history == straight.history
     for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
         assert torch.equal(a, b)
@@ -195,14 +203,13 @@ def test_interrupted_training_resumes_exactly_and_keeps_the_old_model(tmp_path, 
 
 def test_a_worse_model_or_another_text_needs_force(tmp_path):
     lines = []
-    quiet = dict(preset="tiny", eval_every=2, progress=False, plot=False, log=lines.append,
-                 out=tmp_path)
-    train(TEXT, steps=40, **quiet)
+    quiet = dict(preset="tiny", eval_every=2, log=lines.append, out=tmp_path)
+    _train(TEXT, steps=40, **quiet)
     before = (tmp_path / "gpt.pt").read_bytes()
-    train(TEXT, steps=2, **quiet)
+    _train(TEXT, steps=2, **quiet)
     assert (tmp_path / "gpt.pt").read_bytes() == before
-    train("a different text, " * 100, steps=2, **quiet)
+    _train("a different text, " * 100, steps=2, **quiet)
     assert (tmp_path / "gpt.pt").read_bytes() == before
     assert "trained on another text" in lines[-1]
-    train(TEXT, steps=2, force=True, **quiet)
+    _train(TEXT, steps=2, force=True, **quiet)
     assert (tmp_path / "gpt.pt").read_bytes() != before

@@ -1,7 +1,6 @@
 """``attnkit translate``: checked answers, batch input, and training that never loses work."""
 
 import dataclasses
-import functools
 import io
 
 import pytest
@@ -9,16 +8,27 @@ import torch
 
 from attnkit import cli
 from attnkit.apps._cli import Interrupted
+from attnkit.apps._training import ResumeError, RunOptions
 from attnkit.apps.translate import cli as translate_cli, dates
 from attnkit.apps.translate.answer import translate, translate_many
-from attnkit.apps.translate.app import (SOURCE_VOCAB, TARGET_VOCAB, TrainConfig, save_translator,
+from attnkit.apps.translate.train import (SOURCE_VOCAB, TARGET_VOCAB, TrainConfig, save_translator,
                                         train)
 from attnkit.apps.translate.model import TransformerConfig, TransformerSeq2Seq
-from attnkit.checkpoint import load_checkpoint
+from attnkit.apps.checkpoint import load_checkpoint
 
 TINY = TransformerConfig(len(SOURCE_VOCAB), len(TARGET_VOCAB), embed_dim=32, num_heads=2,
                          num_encoder_layers=1, num_decoder_layers=1, ff_dim=64)
-QUICK = TrainConfig(steps=6, batch_size=16, eval_size=20, warmup=2)
+QUICK = TrainConfig(steps=6, batch_size=16, eval_size=20, warmup=2, model=TINY)
+
+
+def _config(out, config=QUICK, **run):
+    """``config`` writing to ``out``, with the run options ``run`` (default: quiet, no figures)."""
+    return dataclasses.replace(config, model=TINY, run=RunOptions(out=out, **run))
+
+
+def _tiny_train(config):
+    """The CLI's ``train`` with the tiny model (the CLI builds the full-size one)."""
+    return train(dataclasses.replace(config, model=TINY))
 
 
 def _model(seed=0):
@@ -69,6 +79,8 @@ def test_a_wrong_answer_is_refused(answer, message):
 
 @pytest.mark.parametrize("text, message", [
     ("2009-06-25x", "not a date in a supported format"),
+    ("2001-3-1", "is an unsupported format: the translator was trained on '2001-03-01'"),
+    ("1th of march, 2001", "trained on '1st of march, 2001' but never on this spelling"),
     ("February 30, 2020", "not a real date"),
     ("13/13/2013", "not a date in a supported format"),
     ("hello world", "not a date in a supported format"),
@@ -94,11 +106,11 @@ def test_cli_refuses_a_wrong_model_answer(untrained_dir, capsys):
 
 # --- batch input ----------------------------------------------------------------------------
 
-def test_split_inputs_joins_unquoted_words_and_splits_quoted_dates():
+def test_split_inputs_takes_each_argument_as_one_date():
     split = translate_cli.split_inputs
-    assert split(["june", "25", "2009"]) == ["june 25 2009"]
+    assert split(["june", "25", "2009"]) == ["june", "25", "2009"]
     assert split(["june 25 2009", "2009-06-26"]) == ["june 25 2009", "2009-06-26"]
-    assert split(["hello", "world"]) == ["hello world"]
+    assert split(["hello world"]) == ["hello world"]
     assert split([], io.StringIO("25/06/2009\n\n 6/25/09 \n")) == ["25/06/2009", "6/25/09"]
     assert split(["-"], io.StringIO("2009-06-25\n")) == ["2009-06-25"]
 
@@ -116,6 +128,37 @@ def test_batch_prints_one_line_per_date_and_fails_the_bad_ones(untrained_dir, ca
     assert code == 2 and out.splitlines() == ["june 25 2009\t2009-06-25"]
     assert err.strip() == ("attnkit translate: error: input 2: 'february 30 2020' is not a "
                            "real date (the day is out of range for its month)")
+
+
+def test_ten_arguments_two_refused_give_eight_answers_and_two_input_lines(
+        untrained_dir, capsys, monkeypatch):
+    texts = ["1st of March, 2001", "March 1st, 2001", "2001-3-1", "06/25/09", "25 jun 2009",
+             "February 30, 2020", "2009-06-25", "25.06.2009", "thursday june 25 2009",
+             "25/06/2009"]
+    truth = {i: dates.parse_date(t).isoformat() for i, t in enumerate(texts)
+             if i not in (2, 5)}
+    monkeypatch.setattr(translate_cli, "load_translator",
+                        lambda out: _Answers(list(truth.values())))
+    code, out, err = _run(capsys, "translate", *texts, "--out", str(untrained_dir))
+    assert code == 2
+    assert out.splitlines() == [f"{texts[i]}\t{iso}" for i, iso in truth.items()]
+    lines = err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(
+        "attnkit translate: error: input 3: '2001-3-1' is an unsupported format: the "
+        "translator was trained on '2001-03-01'")
+    assert "train longer" not in err and "2009-06-25" in lines[0]  # the list of formats
+    assert lines[1] == ("attnkit translate: error: input 6: 'february 30, 2020' is not a real "
+                        "date (the day is out of range for its month)")
+
+
+def test_unquoted_words_are_separate_inputs_with_a_hint(untrained_dir, capsys):
+    code, out, err = _run(capsys, "translate", "june", "25", "2009", "--out",
+                          str(untrained_dir))
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert [line.split(":")[2] for line in lines[:3]] == [" input 1", " input 2", " input 3"]
+    assert lines[3] == ('attnkit translate: hint: each argument is one date; quote a date '
+                        'with spaces: attnkit translate "june 25 2009"')
 
 
 def test_translate_many_decodes_valid_inputs_in_one_batch():
@@ -163,8 +206,7 @@ def test_corrupt_checkpoint_is_a_usage_error_and_if_missing_verifies_it(tmp_path
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
     code, _, err = _run(capsys, "translate", "25 jun 2009", "--out", str(tmp_path))
     assert code == 2 and "corrupt" in err
-    monkeypatch.setattr(translate_cli, "train",
-                        functools.partial(train, model_config=TINY, checkpoint_every=3))
+    monkeypatch.setattr(translate_cli, "train", _tiny_train)
     code, out, _ = _run(capsys, "translate", "train", "--if-missing", "--steps", "3",
                         "--no-plots", "--quiet", "--out", str(tmp_path))
     assert code == 0 and "does not load" in out
@@ -192,7 +234,7 @@ def _interrupt_at(monkeypatch, call):
 def test_interrupt_keeps_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path,
                                                                            monkeypatch):
     straight = tmp_path / "straight"
-    train(straight, QUICK, TINY, progress=False, figures=0, checkpoint_every=2)
+    train(_config(straight, checkpoint_every=2))
     reference = load_checkpoint(straight / "checkpoint.pt")["state_dict"]
     assert not (straight / "resume.pt").exists()  # a finished run removes its resume state
 
@@ -204,11 +246,10 @@ def test_interrupt_keeps_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_
         with pytest.raises(Interrupted, match=r"interrupted at step 5/6; kept the checkpoint "
                                               r"of step 4 in .*resume.pt; continue with: "
                                               r"attnkit translate train --out .* --resume"):
-            train(stopped, QUICK, TINY, progress=False, figures=0, checkpoint_every=2)
+            train(_config(stopped, checkpoint_every=2))
     assert (stopped / "checkpoint.pt").read_bytes() == before  # the old model is intact
     assert load_checkpoint(stopped / "resume.pt")["step"] == 4
-    metrics = train(stopped, QUICK, TINY, progress=False, figures=0, checkpoint_every=2,
-                    resume=True)
+    metrics = train(_config(stopped, checkpoint_every=2, resume=True))
     assert metrics["saved"]
     resumed = load_checkpoint(stopped / "checkpoint.pt")["state_dict"]
     for name, tensor in reference.items():
@@ -219,14 +260,16 @@ def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         _interrupt_at(patch, call=4)
         with pytest.raises(Interrupted):
-            train(tmp_path, QUICK, TINY, progress=False, figures=0, checkpoint_every=2)
+            train(_config(tmp_path, checkpoint_every=2))
     other = TrainConfig(steps=6, batch_size=16, eval_size=20, warmup=2, seed=1)
-    with pytest.raises(Exception, match="was started with .*seed=0"):
-        train(tmp_path, other, TINY, progress=False, figures=0, resume=True)
+    with pytest.raises(ResumeError, match="was started with .*seed=0"):
+        train(_config(tmp_path, other, resume=True))
+    with pytest.raises(ResumeError, match="nothing to resume: no resume.pt"):
+        train(_config(tmp_path / "empty", resume=True))
 
 
 def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(translate_cli, "train", functools.partial(train, model_config=TINY))
+    monkeypatch.setattr(translate_cli, "train", _tiny_train)
     _interrupt_at(monkeypatch, call=1)
     code, out, err = _run(capsys, "translate", "train", "--steps", "4", "--no-plots",
                           "--checkpoint-every", "2", "--out", str(tmp_path))
@@ -239,15 +282,17 @@ def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
 def test_a_worse_run_does_not_replace_a_better_model_without_force(tmp_path, capsys):
     save_translator(_model(seed=5), tmp_path, metrics={"exact_match": 0.99})
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    metrics = train(tmp_path, QUICK, TINY, progress=False, figures=0)
+    lines = []
+    metrics = train(_config(tmp_path, log=lines.append))
     assert not metrics["saved"] and (tmp_path / "checkpoint.pt").read_bytes() == before
-    assert "pass --force to replace it" in capsys.readouterr().out
-    metrics = train(tmp_path, QUICK, TINY, progress=False, figures=0, force=True)
+    assert len(lines) == 1 and "pass --force to replace it" in lines[0]
+    assert capsys.readouterr().out == ""  # the library prints nothing itself
+    metrics = train(_config(tmp_path, force=True))
     assert metrics["saved"] and (tmp_path / "checkpoint.pt").read_bytes() != before
 
 
 def test_progress_prints_lines_not_carriage_returns_when_not_a_terminal(tmp_path, capsys):
-    train(tmp_path, QUICK, TINY, progress=True, figures=0)
+    train(_config(tmp_path, progress=True))
     err = capsys.readouterr().err
     assert "\r" not in err
     assert "translate train: step 6/6 (100%), loss" in err
@@ -262,7 +307,7 @@ def test_one_step_training_runs_end_to_end(tmp_path, capsys, monkeypatch):
         eval_size: int = 50
 
     monkeypatch.setattr(translate_cli, "TrainConfig", QuickConfig)
-    monkeypatch.setattr(translate_cli, "train", functools.partial(train, model_config=TINY))
+    monkeypatch.setattr(translate_cli, "train", _tiny_train)
     code, out, _ = _run(capsys, "translate", "train", "--steps", "1", "--quiet", "--out",
                         str(tmp_path))
     assert code == 0 and f"wrote {tmp_path}" in out

@@ -1,13 +1,15 @@
 """``attnkit why-attention``: matched models, the reversal task, and a reduced run."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from attnkit import cli
+from attnkit.apps._training import RunOptions
 from attnkit.apps.translate.model import count_parameters
-from attnkit.apps.why_attention.app import WhyConfig, make_batch, matched_models, run
+from attnkit.apps.why_attention.train import WhyConfig, make_batch, matched_models, train
 
 
 def test_models_have_equal_parameters_within_ten_percent():
@@ -73,11 +75,15 @@ def test_reduced_run_writes_png_json_and_table(tmp_path, capsys):
 SMALL = WhyConfig(steps=6, hidden_size=8, max_len=7, eval_per_length=4, batch_size=8)
 
 
+def _small(out, **run):
+    return dataclasses.replace(SMALL, run=RunOptions(out=out, checkpoint_every=2, **run))
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     from attnkit.apps._cli import Interrupted
-    from attnkit.apps.why_attention import app
+    from attnkit.apps.why_attention import train as app
 
-    straight = run(tmp_path / "a", SMALL, progress=False, plots=False, checkpoint_every=2)
+    straight = train(_small(tmp_path / "a"))
     calls, step = [0], app._train_step
 
     def step_or_interrupt(*args):
@@ -89,9 +95,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(app, "_train_step", step_or_interrupt)
         with pytest.raises(Interrupted, match="kept the checkpoint of step 2"):
-            run(tmp_path / "b", SMALL, progress=False, plots=False, checkpoint_every=2)
-    resumed = run(tmp_path / "b", SMALL, progress=False, plots=False, checkpoint_every=2,
-                  resume=True)
+            train(_small(tmp_path / "b"))
+    resumed = train(_small(tmp_path / "b", resume=True))
     for name in ("without_attention", "with_attention"):
         assert resumed[name]["by_length"] == straight[name]["by_length"]
     assert not (tmp_path / "b" / "resume.pt").exists()
@@ -123,7 +128,7 @@ def test_a_real_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     import sys
     import time
 
-    from attnkit.checkpoint import load_checkpoint
+    from attnkit.apps.checkpoint import load_checkpoint
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(

@@ -7,22 +7,81 @@
   taken (same batches, same dropout), so resuming equals never stopping.
 * :func:`check_replace` - a finished run replaces an existing model only when it is at least
   as good, or with ``--force``.
+* :class:`RunOptions` - how a run is carried out (output folder, progress, figures, resume,
+  force, where report lines go), apart from what it learns; every app's
+  ``train(config) -> result`` reads them from ``config.run``. Nothing here prints: report
+  lines go to ``RunOptions.log`` (the command line passes ``print``).
+* :class:`ResumeError` - ``resume`` without a matching saved run; the command lines turn it
+  into their one-line usage error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ._cli import Interrupted, UsageError
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ._cli import Interrupted
 
-__all__ = ["RESUME_NAME", "ResumableRun", "check_replace"]
+__all__ = ["RESUME_NAME", "ResumableRun", "ResumeError", "RunOptions", "check_replace"]
 
 RESUME_NAME = "resume.pt"
+
+
+class ResumeError(RuntimeError):
+    """``resume`` asked for, but there is no saved run, it is corrupt, or it used other
+    settings (the message says which and what to do)."""
+
+
+def _silent(line: str) -> None:
+    """The default report: nothing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How one training run is carried out, apart from what it learns.
+
+    These never enter the settings a resumed run is compared with.
+
+    Attributes:
+        out: the output folder (checkpoints, figures, ``resume.pt``); None writes nothing.
+        progress: show a progress bar (a terminal) or progress lines (elsewhere) on stderr.
+        figures: write the app's figures (needs matplotlib; checked before training).
+        resume: continue the run saved in ``out/resume.pt``, exactly.
+        force: replace an existing model even if it scores better.
+        checkpoint_every: steps between saves of the training state (None: the app's
+            default).
+        log: called with each line of the run's report (default: nothing is reported).
+
+    Raises:
+        TypeError: ``log`` is not callable.
+        ValueError: ``checkpoint_every`` is not None or a positive int, or ``resume``
+            without ``out``.
+    """
+
+    out: Path | None = None
+    progress: bool = False
+    figures: bool = False
+    resume: bool = False
+    force: bool = False
+    checkpoint_every: int | None = None
+    log: Callable[[str], None] = _silent
+
+    def __post_init__(self):
+        if not callable(self.log):
+            raise TypeError(f"log must be callable, got {type(self.log).__name__}")
+        every = self.checkpoint_every
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool)
+                                  or every < 1):
+            raise ValueError(f"checkpoint_every must be None or an int >= 1, got {every!r}")
+        if self.resume and self.out is None:
+            raise ValueError("resume needs an output folder (out=None keeps no state)")
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
 
 
 def _rng_state(rng):
@@ -89,21 +148,21 @@ class ResumableRun:
         """Restore the saved state; returns ``(step, extra)``.
 
         Raises:
-            UsageError: no state to resume, a corrupt file, or one from other settings.
+            ResumeError: no state to resume, a corrupt file, or one from other settings.
         """
         try:
             payload = load_checkpoint(self.path, kind=f"{self.kind}-resume")
         except FileNotFoundError:
-            raise UsageError(f"nothing to resume: no {RESUME_NAME} in {str(self.path.parent)!r}"
+            raise ResumeError(f"nothing to resume: no {RESUME_NAME} in {str(self.path.parent)!r}"
                              f" (it is written every {self.every} steps and removed when a "
                              f"run finishes); drop --resume") from None
         except CheckpointError as err:
-            raise UsageError(f"cannot resume: {err}") from None
+            raise ResumeError(f"cannot resume: {err}") from None
         if payload["config"] != self.settings:
             ours = _flatten(self.settings)
             theirs = ", ".join(f"{k}={v}" for k, v in _flatten(payload["config"]).items()
                                if ours.get(k) != v)
-            raise UsageError(f"cannot resume: the run in {str(self.path.parent)!r} was started "
+            raise ResumeError(f"cannot resume: the run in {str(self.path.parent)!r} was started "
                              f"with {theirs}; pass the same options, or drop --resume")
         for name, obj in self.objects.items():
             obj.load_state_dict(payload["state_dict"][name])
@@ -143,8 +202,8 @@ class ResumableRun:
 
 
 def check_replace(path, new: float, old: float | None, *, name: str, higher_is_better: bool,
-                  force: bool) -> bool:
-    """Whether the finished run's model may replace the one at ``path``.
+                  force: bool) -> str | None:
+    """Why the finished run's model must not replace the one at ``path`` (None: it may).
 
     Args:
         new: the new model's score; ``old``: the existing one's (None: nothing to keep).
@@ -152,12 +211,10 @@ def check_replace(path, new: float, old: float | None, *, name: str, higher_is_b
         force: replace whatever the scores.
 
     Returns:
-        True to write the new model; False (after printing why) to keep the old one.
+        None to write the new model, or the one-line reason the old one is kept.
     """
     if old is None or force:
-        return True
+        return None
     better = new >= old if higher_is_better else new <= old
-    if not better:
-        print(f"kept {path} ({name} {old:.4g}): this run's model scores {new:.4g}; pass "
-              f"--force to replace it")
-    return better
+    return None if better else (f"kept {path} ({name} {old:.4g}): this run's model scores "
+                                f"{new:.4g}; pass --force to replace it")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._i18n import LocalizedError
+
 __all__ = ["CharVocab"]
 
 
@@ -82,8 +84,8 @@ class CharVocab:
         """
         missing = self.unknown(text)
         if missing:
-            raise ValueError(f"{len(missing)} character(s) not in the vocabulary: "
-                             f"{', '.join(repr(c) for c in missing)}")
+            raise LocalizedError("error.vocab_unknown", count=len(missing),
+                                 chars=", ".join(repr(c) for c in missing))
         return [self._ids[c] for c in text]
 
     def decode(self, ids) -> str:

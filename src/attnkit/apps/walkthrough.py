@@ -6,11 +6,16 @@ checks the values the tutorial publishes, and (unless ``--no-plots``) writes PNG
 the 6x6 attention weights, the causal weights, the causal weights after dropout, and one
 panel per head of the multi-head weights. ``make demo`` runs it. :func:`run` is the same
 walkthrough as a function.
+
+``--lang zh`` prints it in Chinese, with the section titles and terms of the tutorial attnkit
+grew from (default: the terminal's language); every printed text is in the catalogues of
+:mod:`attnkit.apps._i18n`. Numbers, variable names and figure titles stay as in the code.
 """
 
 from __future__ import annotations
 
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import tutorial, viz
 from ._cli import HelpFormatter, add_common_options, check_out_dir, check_plotting
+from ._i18n import LANGUAGES, terminal_language, translator
 
 __all__ = ["SENTENCE", "TOKENS", "EMBEDDINGS", "PUBLISHED", "WalkthroughResult", "run",
            "add_parser"]
@@ -61,14 +67,20 @@ def _vector(t: Tensor) -> str:
     return "[" + ", ".join(_fmt(v) for v in t.tolist()) + "]"
 
 
+def _pad(text: str, width: int) -> str:
+    """``text`` padded to ``width`` terminal columns (a CJK character takes two)."""
+    columns = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    return text + " " * max(0, width - columns)
+
+
 class _Report:
     """Prints labelled steps and checks published values as they go by."""
 
-    def __init__(self, stream, result: WalkthroughResult):
-        self.stream, self.result = stream, result
+    def __init__(self, stream, result: WalkthroughResult, language: str):
+        self.stream, self.result, self.tr = stream, result, translator(language)
 
-    def section(self, title: str) -> None:
-        print(f"\n== {title} ==", file=self.stream)
+    def section(self, key: str, **values) -> None:
+        print(f"\n== {self.tr('walkthrough.section.' + key, **values)} ==", file=self.stream)
 
     def line(self, text: str = "") -> None:
         print(text, file=self.stream)
@@ -79,87 +91,94 @@ class _Report:
         if published is not None:
             expected = torch.tensor(PUBLISHED[published], dtype=t.dtype)
             ok = torch.allclose(t, expected, atol=_TOLERANCE, rtol=0)
-            note = "   (matches the published values)" if ok else \
-                f"   (DIFFERS from the published {_vector(expected)})"
+            note = "   " + (self.tr("walkthrough.matches") if ok else
+                             self.tr("walkthrough.differs", values=_vector(expected)))
             if not ok:
                 self.result.mismatches.append(published)
-        self.line(f"{label:<38} {_vector(t)}{note}")
+        self.line(f"{_pad(label, 38)} {_vector(t)}{note}")
 
     def table(self, label: str, t: Tensor, columns=None) -> None:
         """A matrix with one row per token; ``columns`` labels the columns when given."""
         t = t.detach()
-        self.line(f"{label}  shape {tuple(t.shape)}")
+        self.line(self.tr("walkthrough.shape", label=label, shape=tuple(t.shape)))
         if columns is not None:
             self.line(" " * 9 + "".join(f"{c:>9}" for c in columns))
         for token, row in zip(TOKENS, t.tolist()):
             self.line(f"  {token:<7}" + "".join(f"{_fmt(v):>9}" for v in row))
 
 
-def run(out_dir=None, *, plots: bool = True, stream=None) -> WalkthroughResult:
+def run(out_dir=None, *, plots: bool = True, stream=None,
+        language: str = "en") -> WalkthroughResult:
     """Print the tutorial step by step and write its heatmaps.
 
     Args:
         out_dir: directory for the PNGs (created if missing); required when ``plots``.
         plots: write the heatmaps.
         stream: where to print; defaults to ``sys.stdout``.
+        language: ``"en"`` or ``"zh"`` (:data:`attnkit.apps._i18n.LANGUAGES`).
 
     Returns:
         The figures written and the names of published values that did not reproduce.
 
     Raises:
         ImportError: ``plots`` is set and matplotlib is missing (checked before printing).
-        ValueError: ``plots`` is set and ``out_dir`` is None.
+        ValueError: ``plots`` is set and ``out_dir`` is None, or ``language`` has no
+            catalogue.
+        TypeError: ``language`` is not a str.
     """
+    tr = translator(language)  # checks the language before anything is printed
     if plots:
         viz.require_matplotlib()
         if out_dir is None:
             raise ValueError("out_dir is required when plots=True (or pass plots=False)")
         out_dir = Path(out_dir)
     result = WalkthroughResult()
-    say = _Report(stream or sys.stdout, result)
+    say = _Report(stream or sys.stdout, result, language)
 
     def figure(draw, name: str, *args, **kwargs) -> None:
         if plots:
             result.files.append(draw(*args, path=out_dir / name, **kwargs))
 
     inputs = torch.tensor(EMBEDDINGS)  # (T, d_in) = (6, 3)
-    say.line(f'Sentence: "{SENTENCE}", one 3-d embedding per token')
+    say.line(tr("walkthrough.sentence", sentence=SENTENCE))
     say.table("inputs", inputs)
     _simple_attention(say, figure, inputs)
     sa_v2 = _trainable_weights(say, inputs)
     _causal(say, figure, inputs, sa_v2)
     _multi_head(say, figure, inputs)
     if result.files:
-        say.section("Figures")
+        say.section("figures")
         for path in result.files:
-            say.line(f"wrote {path}")
+            say.line(tr("walkthrough.wrote", path=path))
     return result
 
 
 def _simple_attention(say: _Report, figure, inputs: Tensor) -> None:
-    say.section("3.3.1 A simple self-attention mechanism without trainable weights")
+    tr = say.tr
+    say.section("3.3.1")
     query = inputs[1]  # (d_in,): "journey", the tutorial's x(2)
     attn_scores_2 = inputs @ query  # (T,)
-    say.vector('attn_scores_2 (query "journey")', attn_scores_2)
+    say.vector(tr("walkthrough.attn_scores_2", token="journey"), attn_scores_2)
     attn_weights_2_tmp = attn_scores_2 / attn_scores_2.sum()
-    say.vector("attn_weights_2_tmp (divide by sum)", attn_weights_2_tmp)
+    say.vector(tr("walkthrough.attn_weights_2_tmp"), attn_weights_2_tmp)
     attn_weights_2 = torch.softmax(attn_scores_2, dim=0)
-    say.vector("attn_weights_2 (softmax)", attn_weights_2, "attn_weights_2")
-    say.line(f"{'sum':<38} {_fmt(attn_weights_2.sum().item())}")
+    say.vector(tr("walkthrough.attn_weights_2"), attn_weights_2, "attn_weights_2")
+    say.line(f"{_pad(tr('walkthrough.sum'), 38)} {_fmt(attn_weights_2.sum().item())}")
     say.vector("context_vec_2 = z(2)", attn_weights_2 @ inputs, "context_vec_2")
 
-    say.section("3.3.2 Computing attention weights for all input tokens")
+    say.section("3.3.2")
     say.table("attn_scores = inputs @ inputs.T", inputs @ inputs.T, TOKENS)
     all_context_vecs, attn_weights = tutorial.simple_self_attention(inputs)
     say.table("attn_weights = softmax(attn_scores, dim=-1)", attn_weights, TOKENS)
-    say.vector("row sums", attn_weights.sum(dim=-1))
+    say.vector(tr("walkthrough.row_sums"), attn_weights.sum(dim=-1))
     say.table("all_context_vecs = attn_weights @ inputs", all_context_vecs)
     figure(viz.heatmap, "attention_weights.png", attn_weights, TOKENS, TOKENS,
            "Self-attention weights (no trainable weights)")
 
 
 def _trainable_weights(say: _Report, inputs: Tensor) -> nn.Module:
-    say.section("3.4.1 Computing the attention weights step by step (seed 123, d_out = 2)")
+    tr = say.tr
+    say.section("3.4.1", seed=123, d_out=2)
     torch.manual_seed(123)
     sa_v1 = tutorial.SelfAttentionV1(3, 2)  # the three torch.rand(3, 2) draws of the text
     W_query, W_key, W_value = sa_v1.W_query.detach(), sa_v1.W_key.detach(), sa_v1.W_value.detach()
@@ -175,10 +194,10 @@ def _trainable_weights(say: _Report, inputs: Tensor) -> nn.Module:
     say.vector("attn_scores_2", attn_scores_2)
     d_k = keys.shape[-1]
     attn_weights_2 = torch.softmax(attn_scores_2 / d_k ** 0.5, dim=-1)
-    say.vector(f"attn_weights_2 (scaled by 1/sqrt({d_k}))", attn_weights_2)
+    say.vector(tr("walkthrough.scaled", d_k=d_k), attn_weights_2)
     say.vector("context_vec_2", attn_weights_2 @ values)
 
-    say.section("3.4.2 Implementing a compact self-attention Python class")
+    say.section("3.4.2")
     v1_out = sa_v1(inputs)
     say.table("SelfAttentionV1(3, 2), seed 123", v1_out)
     say.vector("sa_v1 row 0", v1_out[0], "sa_v1 row 0")
@@ -188,12 +207,13 @@ def _trainable_weights(say: _Report, inputs: Tensor) -> nn.Module:
     say.table("SelfAttentionV2(3, 2), seed 789", v2_out)
     say.vector("sa_v2 row 0", v2_out[0], "sa_v2 row 0")
     gap = (tutorial.v1_from_v2(sa_v2)(inputs) - v2_out).abs().max().item()
-    say.line(f"V1 with V2's weights (weight.T) reproduces V2: max |difference| = {gap:.1e}")
+    say.line(tr("walkthrough.v1_from_v2", gap=f"{gap:.1e}"))
     return sa_v2
 
 
 def _causal(say: _Report, figure, inputs: Tensor, sa_v2: nn.Module) -> None:
-    say.section("3.5.1 Applying a causal attention mask (sa_v2's weights)")
+    tr = say.tr
+    say.section("3.5.1")
     queries, keys = sa_v2.W_query(inputs).detach(), sa_v2.W_key(inputs).detach()  # (T, 2)
     attn_scores = queries @ keys.T  # (T, T)
     d_k = keys.shape[-1]
@@ -201,25 +221,22 @@ def _causal(say: _Report, figure, inputs: Tensor, sa_v2: nn.Module) -> None:
     say.table("attn_weights", attn_weights, TOKENS)
     context_length = attn_scores.shape[0]
     mask_simple = torch.tril(torch.ones(context_length, context_length))
-    say.table("mask_simple = tril(ones)  (1 = may attend)", mask_simple, TOKENS)
+    say.table(tr("walkthrough.mask_simple"), mask_simple, TOKENS)
     masked_simple_norm = tutorial.mask_after_softmax(attn_weights)
-    say.table("masked_simple_norm (method 1: mask after softmax, renormalise)",
-              masked_simple_norm, TOKENS)
+    say.table(tr("walkthrough.method1"), masked_simple_norm, TOKENS)
     blocked = torch.triu(torch.ones(context_length, context_length), diagonal=1).bool()
-    say.table("masked = attn_scores with -inf above the diagonal",
-              attn_scores.masked_fill(blocked, -torch.inf), TOKENS)
+    say.table(tr("walkthrough.masked"), attn_scores.masked_fill(blocked, -torch.inf), TOKENS)
     causal = tutorial.mask_before_softmax(attn_scores, d_k)
-    say.table("attn_weights (method 2: -inf before softmax)", causal, TOKENS)
+    say.table(tr("walkthrough.method2"), causal, TOKENS)
     gap = (causal - masked_simple_norm).abs().max().item()
-    say.line(f"Both methods agree: {torch.allclose(causal, masked_simple_norm)} "
-             f"(max |difference| = {gap:.1e})")
+    say.line(tr("walkthrough.agree", ok=torch.allclose(causal, masked_simple_norm),
+                gap=f"{gap:.1e}"))
     figure(viz.heatmap, "causal_weights.png", causal, TOKENS, TOKENS, "Causal attention weights")
 
-    say.section("3.5.2 Masking additional attention weights with dropout (p = 0.5, seed 123)")
+    say.section("3.5.2", p=0.5, seed=123)
     dropout = nn.Dropout(0.5)  # a fresh module is in training mode, so it drops
     torch.manual_seed(123)
-    say.table("dropout(torch.ones(6, 6))  (survivors scaled by 1/(1-p) = 2)",
-              dropout(torch.ones(6, 6)), TOKENS)
+    say.table(tr("walkthrough.dropout_ones"), dropout(torch.ones(6, 6)), TOKENS)
     torch.manual_seed(123)
     dropped = dropout(causal)
     say.table("dropout(attn_weights)", dropped, TOKENS)
@@ -230,21 +247,22 @@ def _causal(say: _Report, figure, inputs: Tensor, sa_v2: nn.Module) -> None:
 
 def _multi_head(say: _Report, figure, inputs: Tensor) -> None:
     batch = torch.stack((inputs, inputs))  # (B, T, d_in) = (2, 6, 3)
-    say.section("3.5.3 Implementing a compact causal attention class")
-    say.line(f"batch = two copies of inputs, shape {tuple(batch.shape)}; showing batch[0]")
+    tr = say.tr
+    say.section("3.5.3")
+    say.line(tr("walkthrough.batch", shape=tuple(batch.shape)))
     torch.manual_seed(123)
     context_vecs = tutorial.CausalAttention(3, 2, 6, 0.0)(batch)
     say.table("CausalAttention(3, 2, 6, 0.0), seed 123", context_vecs[0])
     say.vector("ca row 0", context_vecs[0, 0], "ca row 0")
 
-    say.section("3.6.1 Stacking multiple single-head attention layers")
+    say.section("3.6.1")
     torch.manual_seed(123)
     context_vecs = tutorial.MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=2)(batch)
-    say.line(f"output shape {tuple(context_vecs.shape)}: num_heads * d_out = 2 * 2 columns")
+    say.line(tr("walkthrough.wrapper_shape", shape=tuple(context_vecs.shape)))
     say.table("MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=2), seed 123", context_vecs[0])
     say.vector("mha wrapper row 0", context_vecs[0, 0], "mha wrapper row 0")
 
-    say.section("3.6.2 Implementing multi-head attention with weight splits")
+    say.section("3.6.2")
     head_weights, titles = [], []
     for d_out in (2, 4):
         torch.manual_seed(123)
@@ -264,10 +282,11 @@ def _command(args) -> int:
     if not args.no_plots:
         check_out_dir(args.out)
         check_plotting(True)
-    result = run(args.out, plots=not args.no_plots)
+    language = args.lang or terminal_language()
+    result = run(args.out, plots=not args.no_plots, language=language)
     if result.mismatches:
-        print(f"attnkit walkthrough: values differ from the tutorial: {result.mismatches}",
-              file=sys.stderr)
+        message = translator(language)("walkthrough.mismatch", names=result.mismatches)
+        print(f"attnkit walkthrough: {message}", file=sys.stderr)
         return 1
     return 0
 
@@ -281,4 +300,8 @@ def add_parser(subparsers) -> None:
                     'one step", under the tutorial\'s section titles and variable names, check\n'
                     'the values it publishes, and write PNG heatmaps of the attention weights.')
     add_common_options(parser, out="out/walkthrough", seed=False, quiet=False, plots=True)
+    parser.add_argument("--lang", choices=LANGUAGES,
+                        help="language of the printed steps: en, or zh (Chinese, with the "
+                             "seed tutorial's section titles and terms); default: the "
+                             "terminal's language (LC_ALL, LC_MESSAGES, LANG, LANGUAGE)")
     parser.set_defaults(func=_command)

@@ -29,9 +29,16 @@ import torch
 from torch import Tensor
 
 
+def _nan_rows(x: Tensor) -> Tensor:
+    """``(..., L)`` bool: the rows of ``x (..., L, D)`` holding a NaN. One reduction pass (a
+    sum propagates NaN; a row holding both +inf and -inf also counts, and its scores would be
+    NaN anyway)."""
+    return torch.isnan(x.sum(-1))
+
+
 def good_keys(k: Tensor, H: int) -> Tensor:
     """``(B, H, S)`` bool: the key a query head reads holds no NaN (GQA heads share one)."""
-    good = ~torch.isnan(k).any(-1)  # (B, Hkv, S)
+    good = ~_nan_rows(k)  # (B, Hkv, S)
     G = H // k.shape[1]
     return good if G == 1 else good.repeat_interleave(G, dim=1)  # (B, H, S)
 
@@ -48,7 +55,7 @@ def row_flags(q: Tensor, k: Tensor, visible=None) -> tuple[Tensor, Tensor]:
     """
     B, H, T, _ = q.shape
     S = k.shape[2]
-    q_nan = torch.isnan(q).any(-1)  # (B, H, T)
+    q_nan = _nan_rows(q)  # (B, H, T)
     good = good_keys(k, H)  # (B, H, S)
     if visible is None:
         sees = torch.full((1, 1, 1), S > 0, device=q.device)
@@ -75,6 +82,10 @@ def restore_nan(out: Tensor, q: Tensor, k: Tensor, visible=None) -> Tensor:
     rows that see no key set to zeros (a kernel adds the mask to a NaN score, so a NaN
     behind the mask would otherwise reach them)."""
     bad, none = row_flags(q, k, visible)  # (B, H, T) each, broadcastable
+    if visible is not None:
+        bad = bad | none  # one pass over out: NaN rows, then the empty ones back to zeros
+    if not torch.compiler.is_compiling() and not bool(bad.any()):
+        return out  # the common case: no copy of out (a host sync, cheap on CPU)
     out = out.masked_fill(bad.unsqueeze(-1), float("nan"))
     return out if visible is None else out.masked_fill(none.unsqueeze(-1), 0.0)
 

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends import chunked
 from ..backends.chunked import chunked_block_backward
 from ..engine import attention
 from ..functional import merge_partial_attention
@@ -55,11 +56,6 @@ from .sharding import (LAYOUTS, check_layout, check_same_on_all_ranks, check_sha
                        check_shards, rank_and_size, resolve_group)
 
 __all__ = ["ring_attention"]
-
-# Backward tile: query rows x keys per head, as in the chunked backend, so temporaries do
-# not grow with the sequence.
-_BLOCK_Q, _BLOCK_K = 256, 512
-
 
 class _Ring:
     """This rank's neighbours in ``group`` and the packed-buffer exchange with them."""
@@ -211,7 +207,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, layout: s
             chunked_block_backward(dout[:, :, rows], q[:, :, rows], k_s[:, :, keys],
                                    v_s[:, :, keys], lse[:, :, rows], delta[:, :, rows],
                                    spec, scale=scale, grads=grads,
-                                   block_q=_BLOCK_Q, block_k=_BLOCK_K)
+                                   block_q=chunked.BLOCK_Q, block_k=chunked.BLOCK_K)
         if step + 1 < ring.size:
             buf = ring.exchange(buf, f"backward step {step + 1} of {ring.size}")
     dkv = buf[n_kv:]

@@ -37,15 +37,20 @@ from .base import (ALIGNMENTS, And, MaskFn, MaskMod, Or, Shift, as_mask_mod, che
                    offset_of)
 from .data import Dense, KeyPadding, QueryPadding, SameDocument
 from .dilated import Dilated
+from .per_sample_chunks import PerSampleChunks
+from .simplify import depends_on_difference_only, merge_and, visible_key_bound
 from .structural import Causal, ChunkedLocal, KeyPrefix, Window
+from .varlen import Varlen
 
 __all__ = [
     "ALIGNMENTS", "MaskMod", "MaskFn", "Causal", "Window", "KeyPadding", "QueryPadding",
-    "SameDocument", "KeyPrefix", "ChunkedLocal", "Dense", "And", "Or", "Shift", "Dilated",
-    "and_masks", "or_masks", "causal", "sliding_window", "key_padding", "query_padding",
-    "documents", "prefix_lm", "chunked_local", "dilated", "at_positions", "as_mask_mod",
+    "SameDocument", "KeyPrefix", "ChunkedLocal", "Dense", "Varlen", "And", "Or", "Shift",
+    "Dilated", "and_masks", "or_masks", "causal", "sliding_window", "key_padding",
+    "query_padding", "documents", "varlen", "prefix_lm", "chunked_local", "dilated",
+    "at_positions", "as_mask_mod",
     "MaskSpec", "causal_mask", "sliding_window_mask", "padding_mask_from_lengths",
-    "combine_masks",
+    "combine_masks", "PerSampleChunks", "merge_and", "visible_key_bound",
+    "depends_on_difference_only",
 ]
 
 
@@ -137,8 +142,49 @@ def documents(document_ids: Tensor | None = None, *, cu_seqlens=None, length: in
         length = int(cu[-1]) if length is None else length
         pos = torch.arange(length, device=cu.device)
         document_ids = (torch.searchsorted(cu[1:], pos, right=True)).unsqueeze(0)  # (1, T)
-    same = SameDocument(document_ids, kv_document_ids)
+    same = SameDocument(document_ids, kv_document_ids,
+                        None if cu_seqlens is None else tuple(cu.tolist()))
     return And((same, Causal())) if causal else same
+
+
+def varlen(cu_seqlens_q, cu_seqlens_k=None, *, causal: bool = True,
+           window: tuple | None = None) -> Varlen:
+    """Packed sequences in flash-attn's varlen convention, causal aligned bottom-right per
+    sequence (its queries are the last of its keys: decoding over a cache works)::
+
+        cu_q = [0, 1, 3], cu_k = [0, 3, 5]    k0 k1 k2 k3 k4
+                              q0 (seq 0)       1  1  1  .  .
+                              q2 (seq 1)       .  .  .  1  1
+
+    Args:
+        cu_seqlens_q: ``(N + 1,)`` cumulative query lengths ``[0, l1, l1+l2, ..., total_q]``.
+        cu_seqlens_k: the same for keys; defaults to ``cu_seqlens_q``.
+        causal: no key after the query's own position (``right = 0``).
+        window: ``(left, right)`` keys visible on each side of the query's position;
+            ``None`` or ``-1`` on a side = unbounded (flash-attn's ``window_size``).
+
+    Raises:
+        TypeError: non-integer ``cu_seqlens``.
+        ValueError: ``cu_seqlens`` not 1-D, not starting at 0 or decreasing; different
+            numbers of sequences; a window that is not two ints >= -1.
+    """
+    left, right = _window_pair(window)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    return Varlen(cu_seqlens_q, cu_k, left=left, right=right)
+
+
+def _window_pair(window):
+    """flash-attn's ``(left, right)`` with -1 for unbounded -> ``(left|None, right|None)``."""
+    if window is None:
+        return None, None
+    ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(
+        isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
+    if not ok:
+        raise ValueError(f"window must be (left, right), two ints >= 0 or -1 (unbounded), "
+                         f"got {window!r}")
+    return tuple(None if w == -1 else w for w in window)
 
 
 def prefix_lm(prefix_length, *, align: str = "top_left") -> MaskMod:

@@ -142,8 +142,71 @@ class MaskFn(MaskMod):
     def grid(self, b, h, q, k):
         return self.fn(b, h, q, k)
 
+    def validate(self, B, H, T, S):
+        """Evaluate the function once on a small index grid, before any backend runs.
+
+        Raises:
+            TypeError: it does not return a bool tensor broadcastable to the grid (the
+                message says what it returned and how to write it).
+        """
+        index = _index(min(B, 2), min(H, 2), 0, min(T, 3), 0, min(S, 3), None)
+        out = call_user_fn("mask_mod", self.fn, index)
+        check_user_result("mask_mod", self.fn, out, torch.broadcast_shapes(
+            *(t.shape for t in index)), want="bool")
+
     def describe(self):
         return getattr(self.fn, "__name__", "mask_fn")
+
+
+_HOW = ("write it with tensor operations on its index arguments: & | ~ for and/or/not, "
+        "torch.where(cond, a, b) for a choice, no Python if/and/or on them")
+
+
+def call_user_fn(name: str, fn, args):
+    """``fn(*args)`` with the torch errors of a Python ``if`` turned into advice.
+
+    Raises:
+        TypeError: the function used a tensor where Python wanted one bool.
+    """
+    try:
+        return fn(*args)
+    except RuntimeError as err:
+        if "Boolean value of Tensor" not in str(err):
+            raise
+        raise TypeError(f"{name} {_fn_name(fn)} used a tensor as a Python bool ({err}); it "
+                        f"is called with index tensors, not ints: {_HOW}") from None
+
+
+def _fn_name(fn) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def check_user_result(name: str, fn, out, shape, *, want: str) -> None:
+    """Check a user function's result on an index grid of ``shape``.
+
+    Raises:
+        TypeError: not a tensor, the wrong dtype kind (``want`` is "bool" or "float"), or a
+            shape that does not broadcast to ``shape``.
+    """
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} {_fn_name(fn)} returned {type(out).__name__} {out!r}, not a "
+                        f"tensor: it must return a {want} tensor computed from its index "
+                        f"arguments (e.g. q_idx >= kv_idx; for every key, kv_idx >= 0); {_HOW}")
+    if want == "bool" and out.dtype != torch.bool:
+        raise TypeError(f"{name} {_fn_name(fn)} returned a {out.dtype} tensor; a mask "
+                        f"function returns bool (True = may attend): compare, do not "
+                        f"convert (q_idx >= kv_idx, not (q_idx >= kv_idx).float()); for an "
+                        f"additive score use score_mod= or bias=")
+    if want == "float" and not out.is_floating_point():
+        raise TypeError(f"{name} {_fn_name(fn)} returned a {out.dtype} tensor; a score "
+                        f"function returns the (float) score, e.g. score - (q_idx - kv_idx)")
+    try:
+        ok = torch.broadcast_shapes(out.shape, shape) == torch.Size(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise TypeError(f"{name} {_fn_name(fn)} returned shape {tuple(out.shape)}, which does "
+                        f"not broadcast to its index grid {tuple(shape)}: {_HOW}")
 
 
 class _Combination(MaskMod):
@@ -249,6 +312,25 @@ class Shift(MaskMod):
     def resolve(self, T, S):
         # Alignment-dependent parts are resolved against the global lengths they describe.
         return replace(self, mod=self.mod.resolve(T + self.q_offset, S + self.kv_offset))
+
+    def validate(self, B, H, T, S):
+        """The description may cover more positions than this piece, not fewer: its last
+        query row and key column must exist.
+
+        Raises:
+            ValueError: the shifted piece reaches past what the description holds.
+        """
+        if T == 0 or S == 0:
+            return
+        try:
+            corner = self.tile(B, H, T - 1, T, S - 1, S, None)
+            reached = corner.numel() > 0  # a slice past the end of a tensor is empty
+        except IndexError:
+            reached = False
+        if not reached:
+            raise ValueError(f"{self.mod.describe()} at positions q+{self.q_offset}, "
+                             f"kv+{self.kv_offset} does not reach query {self.q_offset + T - 1}"
+                             f" or key {self.kv_offset + S - 1}: describe the whole sequence")
 
     def describe(self):
         return f"at_positions({self.mod.describe()}, q+{self.q_offset}, kv+{self.kv_offset})"

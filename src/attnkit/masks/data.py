@@ -101,6 +101,7 @@ class SameDocument(MaskMod):
 
     ids: Tensor
     kv_ids: Tensor | None = None
+    cu_seqlens: tuple | None = None  # when built from them: the error messages name them
     sorted: bool = field(init=False, default=False)
 
     def __post_init__(self):
@@ -140,6 +141,11 @@ class SameDocument(MaskMod):
 
     def validate(self, B, H, T, S):
         kv = self.keys()
+        if self.cu_seqlens is not None and (T != self.ids.shape[1] or S != kv.shape[1]):
+            raise ValueError(f"cu_seqlens={list(self.cu_seqlens)} describe "
+                             f"{self.cu_seqlens[-1]} positions but the call has T={T} queries "
+                             f"and S={S} keys: the last entry must be the packed length (or "
+                             f"pass length= for trailing padding)")
         if self.ids.shape[0] not in (1, B) or self.ids.shape[1] != T or kv.shape[1] != S:
             raise ValueError(f"document ids must be (B, T) = {(B, T)} for queries and (B, S) = "
                              f"{(B, S)} for keys, got {tuple(self.ids.shape)} and "

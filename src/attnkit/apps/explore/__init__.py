@@ -3,6 +3,6 @@ walks the tutorial step by step on a typed sentence, draws mask patterns with th
 choice, and shows the trained translator's and GPT's attention. See ``docs/explore.md``.
 
 Modules: :mod:`.tutorial_view`, :mod:`.mask_view`, :mod:`.model_view` compute each view's
-JSON with torch; :mod:`.server` serves them with the page in ``assets/``; :mod:`.app` is the
+JSON with torch; :mod:`.server` serves them with the page in ``assets/``; :mod:`.cli` is the
 command.
 """

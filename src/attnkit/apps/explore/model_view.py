@@ -20,16 +20,18 @@ from pathlib import Path
 
 import torch
 
-from ...checkpoint import CheckpointError
+from ..checkpoint import CheckpointError
+from .._i18n import Localized
 from .._vocab import CharVocab
-from ..gpt.app import encode_prompt
+from ..gpt.data import encode_prompt
 from .tutorial_view import to_json
 
 __all__ = ["ModelMissing", "Models", "translate_view", "gpt_view"]
 
 
-class ModelMissing(Exception):
-    """No usable checkpoint: the message says how to make one (shown in the page)."""
+class ModelMissing(Localized, Exception):
+    """No usable checkpoint: the message says how to make one (shown in the page, in its
+    language; see :class:`attnkit.apps._i18n.Localized`)."""
 
 
 def _label(char: str) -> str:
@@ -68,17 +70,15 @@ class Models:
         Raises:
             ModelMissing: no checkpoint, or one that cannot be used (the reason is named).
         """
-        from ..translate.app import CHECKPOINT_NAME, load_translator
+        from ..translate.train import CHECKPOINT_NAME, load_translator
 
         def load():
             try:
                 return load_translator(self.translator_dir)
             except FileNotFoundError:
-                raise ModelMissing(f"no trained translator in {self.translator_dir}; train "
-                                   f"one with: attnkit translate train --out "
-                                   f"{self.translator_dir}") from None
+                raise ModelMissing("error.no_translator", folder=self.translator_dir) from None
             except CheckpointError as err:
-                raise ModelMissing(str(err)) from None
+                raise ModelMissing("error.bad_checkpoint", reason=err) from None
         return self._cached("translator", self.translator_dir / CHECKPOINT_NAME, load)
 
     def gpt(self):
@@ -94,11 +94,10 @@ class Models:
                 model, metadata = load_checkpoint(self.gpt_path)
                 return model, CharVocab(metadata["chars"])
             except FileNotFoundError:
-                raise ModelMissing(f"no GPT checkpoint at {self.gpt_path}; train one with: "
-                                   f"attnkit gpt train --out {self.gpt_path.parent}") from None
+                raise ModelMissing("error.no_gpt", path=self.gpt_path,
+                                   folder=self.gpt_path.parent) from None
             except (ValueError, RuntimeError, TypeError, KeyError) as err:
-                raise ModelMissing(f"cannot load {self.gpt_path} as a GPT checkpoint: "
-                                   f"{err}") from None
+                raise ModelMissing("error.bad_gpt", path=self.gpt_path, reason=err) from None
         return self._cached("gpt", self.gpt_path, load)
 
 
@@ -117,7 +116,7 @@ def translate_view(models: Models, text) -> dict:
         ModelMissing: no usable translator.
     """
     from ..translate.answer import WrongAnswer, translate
-    from ..translate.app import SOURCE_VOCAB, TARGET_VOCAB
+    from ..translate.model import SOURCE_VOCAB, TARGET_VOCAB
 
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")

@@ -4,7 +4,7 @@ One page (``index.html``, ``style.css`` and :data:`SCRIPTS`; package data under 
 and a small JSON API that computes every view with torch on the server:
 
 ====================  =================================================================
-``GET /``             the page
+``GET /``             the page, with the catalogues of :mod:`attnkit.apps._i18n` inlined
 ``GET /core.js`` ...  the allow-listed assets (:data:`ASSETS`); nothing else is served
 ``POST /api/tutorial``  ``{"sentence"}`` -> :func:`~.tutorial_view.tutorial_view`
 ``POST /api/mask``      mask choices -> :func:`~.mask_view.mask_view`
@@ -12,14 +12,19 @@ and a small JSON API that computes every view with torch on the server:
 ``POST /api/gpt``       ``{"prompt"}`` -> :func:`~.model_view.gpt_view`
 ====================  =================================================================
 
-Errors are JSON ``{"error": message}``: 400 for bad JSON or bad input, 404 for an unknown
-path or a missing checkpoint, 413 for a body over :data:`MAX_BODY`, 500 (logged) for a bug.
+Errors are JSON ``{"error": message}``: 400 for bad JSON, bad input or a request over a cost
+cap (:mod:`.guard`), 403 for a foreign ``Host:`` or a ``POST`` from a foreign ``Origin:``
+(:mod:`.guard`; the reason is one line, also kept in ``server.refusals``), 404 for an
+unknown path or a missing checkpoint, 413 for a body over :data:`MAX_BODY`, 500 (logged)
+for a bug. Messages about the input (400, 404 for a missing model) are in the page's language,
+sent as ``X-Attnkit-Language`` (:mod:`attnkit.apps._i18n`); the others are English.
 URL paths are looked up in :data:`ASSETS` by exact name, never joined to a file-system path,
 so no request can reach a file outside the assets. The server binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 import threading
@@ -27,13 +32,15 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
-from ...checkpoint import atomic_write
+from ..checkpoint import atomic_write
+from .._i18n import LANGUAGES, catalogue, localized
+from .guard import cost_refusal, host_refusal, origin_refusal
 from .mask_view import mask_view
 from .model_view import ModelMissing, Models, gpt_view, translate_view
 from .tutorial_view import tutorial_view
 
 __all__ = ["HOST", "SCRIPTS", "ASSETS", "MAX_BODY", "ExploreServer", "make_server",
-           "serve_in_thread", "export_html", "asset"]
+           "serve_in_thread", "export_html", "asset", "page"]
 
 SCRIPTS = ("core.js", "views.js", "models.js", "app.js")  # the page's scripts, in load order
 HOST = "127.0.0.1"  # never any other address: the explorer is for the person at this machine
@@ -51,6 +58,15 @@ DEFAULTS = {"tutorial": {}, "mask": {"T": 16, "S": 16, "causal": True, "block_q"
 def asset(name: str) -> bytes:
     """The bytes of one packaged asset: ``index.html``, ``style.css`` or one of :data:`SCRIPTS`."""
     return resources.files(__package__).joinpath("assets", name).read_bytes()
+
+
+def page() -> str:
+    """``index.html`` with every language's catalogue inlined (``window.ATTNKIT_I18N``), so
+    the page's words come from the same files as the walkthrough's."""
+    words = _script_safe({language: catalogue(language) for language in LANGUAGES})
+    first = f'<script src="{SCRIPTS[0]}"></script>'
+    return asset("index.html").decode("utf-8").replace(
+        first, f"<script>window.ATTNKIT_I18N = {words};</script>\n{first}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -75,18 +91,46 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(payload, allow_nan=False).encode("utf-8"),
                    "application/json")
 
+    def _refuse(self, status: int, reason: str) -> None:
+        self.server.refusals.append((status, self.command, self.path[:200], reason))
+        if self.server.verbose:
+            self.log_message("%s", reason)
+        self.close_connection = True  # an unread body must not be taken for a request
+        self._json(status, {"error": reason})
+
+    def _foreign_host(self) -> bool:
+        """Refuse (403) a request whose Host is not this server's; True when refused."""
+        reason = host_refusal(self.headers.get("Host"), self.server.server_address[1])
+        if reason:
+            self._refuse(403, reason)
+        return reason is not None
+
     def do_GET(self):  # noqa: N802 - http.server's naming
+        if self._foreign_host():
+            return
         path = self.path.split("?", 1)[0]
         if path not in ASSETS:
             self._json(404, {"error": f"not found: {path[:200]!r}; this server serves only "
                                       f"{sorted(ASSETS)} and POST /api/..."})
             return
         name, content_type = ASSETS[path]
-        self._send(200, asset(name), content_type)
+        body = page().encode("utf-8") if name == "index.html" else asset(name)
+        self._send(200, body, content_type)
 
     do_HEAD = do_GET
 
+    def do_OPTIONS(self):  # noqa: N802 - a CORS preflight: no other page may call the API
+        if not self._foreign_host():
+            self._refuse(403, "refused: the explorer answers no cross-origin (CORS) requests; "
+                              "only its own page may call its API")
+
     def do_POST(self):  # noqa: N802
+        if self._foreign_host():
+            return
+        reason = origin_refusal(self.headers.get("Origin"), self.server.server_address[1])
+        if reason:
+            self._refuse(403, reason)
+            return
         view = self.server.views.get(self.path)
         try:
             length = int(self.headers.get("Content-Length", ""))
@@ -110,12 +154,17 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(params, dict):
             self._json(400, {"error": "the request body must be a JSON object"})
             return
+        language = self.headers.get("X-Attnkit-Language", "en")  # the page's language
+        reason = cost_refusal(self.path, params, language)
+        if reason:
+            self._refuse(400, reason)
+            return
         try:
             self._json(200, view(params))
         except (ValueError, TypeError) as err:
-            self._json(400, {"error": str(err)})
+            self._json(400, {"error": localized(err, language)})
         except ModelMissing as err:
-            self._json(404, {"error": str(err)})
+            self._json(404, {"error": localized(err, language)})
         except Exception as err:  # a bug: report it, keep serving
             traceback.print_exc(file=sys.stderr)
             self._json(500, {"error": f"internal error ({type(err).__name__}); see the "
@@ -129,6 +178,9 @@ class ExploreServer(ThreadingHTTPServer):
         port: TCP port; 0 picks a free one (read it back from ``server_address``).
         models: where the trained models live.
         verbose: log every request on stderr.
+
+    Attributes:
+        refusals: the last 100 refused requests as ``(status, method, path, reason)``.
     """
 
     daemon_threads = True
@@ -136,6 +188,7 @@ class ExploreServer(ThreadingHTTPServer):
 
     def __init__(self, port: int = 0, models: Models | None = None, verbose: bool = False):
         self.models, self.verbose = models or Models(), verbose
+        self.refusals = collections.deque(maxlen=100)
         self.views = {
             "/api/tutorial": lambda p: tutorial_view(p.get("sentence", _default_sentence())),
             "/api/mask": mask_view,
@@ -205,15 +258,16 @@ def export_html(path, models: Models | None = None) -> dict:
             embedded[name] = compute()
             problems[name] = None
         except (ValueError, TypeError, ModelMissing) as err:
-            embedded[name] = {"error": str(err)}
+            embedded[name] = {"error": str(err),  # and in every language, for the page
+                              "errors": {lang: localized(err, lang) for lang in LANGUAGES}}
             problems[name] = str(err)
-    page = asset("index.html").decode("utf-8")
+    html = page()
     css = asset("style.css").decode("utf-8")
-    page = page.replace('<link rel="stylesheet" href="style.css">', f"<style>\n{css}</style>")
+    html = html.replace('<link rel="stylesheet" href="style.css">', f"<style>\n{css}</style>")
     for number, name in enumerate(SCRIPTS):
         js = asset(name).decode("utf-8").replace("</script", "<\\/script")
         data = f"<script>window.ATTNKIT_OFFLINE = {_script_safe(embedded)};</script>\n" \
             if number == 0 else ""
-        page = page.replace(f'<script src="{name}"></script>', f"{data}<script>\n{js}</script>")
-    atomic_write(path, lambda handle: handle.write(page.encode("utf-8")))
+        html = html.replace(f'<script src="{name}"></script>', f"{data}<script>\n{js}</script>")
+    atomic_write(path, lambda handle: handle.write(html.encode("utf-8")))
     return problems

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ... import tutorial
 from .. import walkthrough
+from .._i18n import LocalizedError
 
 __all__ = ["MAX_WORDS", "MAX_WORD_LEN", "DROPOUT_P", "embed", "tutorial_view", "to_json"]
 
@@ -55,19 +56,17 @@ def _tokens(sentence) -> list[str]:
         raise TypeError(f"sentence must be a str, got {type(sentence).__name__}")
     tokens = sentence.split()
     if not tokens:
-        raise ValueError(f'the sentence is empty; type a few words, e.g. '
-                         f'"{walkthrough.SENTENCE}"')
+        raise LocalizedError("error.sentence_empty", example=walkthrough.SENTENCE)
     if len(tokens) > MAX_WORDS:
-        raise ValueError(f"the sentence has {len(tokens)} words; at most {MAX_WORDS} fit "
-                         "the view")
+        raise LocalizedError("error.sentence_words", words=len(tokens), limit=MAX_WORDS)
     for token in tokens:
         if len(token) > MAX_WORD_LEN:
-            raise ValueError(f"the word {token[:MAX_WORD_LEN]!r}... has {len(token)} "
-                             f"characters; at most {MAX_WORD_LEN} are allowed")
+            raise LocalizedError("error.word_long", word=repr(token[:MAX_WORD_LEN]),
+                                 length=len(token), limit=MAX_WORD_LEN)
         bad = [c for c in token if not c.isprintable()]
         if bad:
-            raise ValueError(f"the word {token!r} has unprintable character(s): "
-                             f"{', '.join(repr(c) for c in dict.fromkeys(bad))}")
+            raise LocalizedError("error.word_unprintable", word=repr(token),
+                                 chars=", ".join(repr(c) for c in dict.fromkeys(bad)))
     return tokens
 
 

@@ -2,6 +2,7 @@
 
 * :mod:`.data` - corpora (the Python help text by default), split, batches, baseline.
 * :mod:`.model` - :class:`~.model.GPT` and its presets.
-* :mod:`.app` - training, the prompt check and the attention figure.
+* :mod:`.train` - `train(config) -> TrainResult`.
+* :mod:`.figures` - the loss curve and the layer x head attention grid.
 * :mod:`.cli` - ``attnkit gpt train | generate | attention``.
 """

@@ -1,9 +1,10 @@
 """``attnkit gpt``: train a character-level GPT, generate text with it, draw its heads.
 
-* ``attnkit gpt train`` - :func:`attnkit.apps.gpt.app.train` with the shared options, checked
+* ``attnkit gpt train`` - :func:`attnkit.apps.gpt.train.train` with the shared options, checked
   before the first step; ``--resume`` and ``--force``.
 * ``attnkit gpt generate --prompt ...`` - streams sampled text, with the KV cache or
-  (``--no-cache``) recomputing the context every step.
+  (``--no-cache``) recomputing the context every step; ``--prompt`` repeated generates for
+  every prompt at once through one paged KV cache (:mod:`.many`).
 * ``attnkit gpt attention --prompt ... --out FILE`` - a layer x head grid of attention maps.
 
 User mistakes (unknown prompt characters, a prompt longer than the context, no checkpoint, an
@@ -22,9 +23,12 @@ import torch
 from ... import viz
 from .._cli import (HelpFormatter, UsageError, add_common_options, apply_threads,
                     check_out_dir, check_plotting, finite_float, non_negative_int, positive_int)
+from .._training import ResumeError, RunOptions
 from .._vocab import CharVocab
-from .app import (CHECKPOINT_NAME, DEFAULT_OUT, attention_figure, encode_prompt, train)
-from .data import load_text
+from .data import encode_prompt, load_text
+from .figures import attention_figure
+from .train import CHECKPOINT_NAME, DEFAULT_OUT, TrainConfig, train
+from .many import generate_many
 from .model import GPT, PRESETS, load_checkpoint
 
 __all__ = ["add_parser"]
@@ -58,24 +62,28 @@ def _train_command(args) -> int:
         raise UsageError(str(err)) from None
     overrides = {} if args.context is None else {"max_seq_len": args.context}
     apply_threads(args)
+    run = RunOptions(out=out, progress=not args.quiet, figures=not args.no_plots,
+                     resume=args.resume, force=args.force,
+                     checkpoint_every=args.checkpoint_every, log=print)
     try:
-        train(text, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
-              lr=args.lr, seed=args.seed, eval_every=args.eval_every, out=out,
-              progress=not args.quiet, plot=not args.no_plots, resume=args.resume,
-              force=args.force, checkpoint_every=args.checkpoint_every, **overrides)
-    except ValueError as err:  # sizes and texts are checked before the first step
+        train(TrainConfig(text, preset=args.preset, steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          eval_every=args.eval_every, overrides=overrides, run=run))
+    except (ValueError, ResumeError) as err:  # checked before the first step
         raise UsageError(str(err)) from None
     return 0
 
 
 def _generate_command(args) -> int:
     model, tokenizer = _load(args)
-    prompt = _encode_prompt(args.prompt, model, tokenizer)
+    prompts = [_encode_prompt(p, model, tokenizer) for p in args.prompt]
     apply_threads(args)
+    if len(prompts) > 1:
+        return _generate_many(args, model, tokenizer, prompts)
     generator = torch.Generator().manual_seed(args.seed)
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(args.prompt[0])
     started = time.perf_counter()
-    for token in model.generate_stream(prompt, args.tokens, temperature=args.temperature,
+    for token in model.generate_stream(prompts[0], args.tokens, temperature=args.temperature,
                                        top_k=args.top_k, generator=generator,
                                        use_cache=not args.no_cache):
         sys.stdout.write(tokenizer.decode([token]))
@@ -84,6 +92,24 @@ def _generate_command(args) -> int:
     print()
     print(f"[{args.tokens} tokens in {seconds:.2f} s, {args.tokens / max(seconds, 1e-9):.0f} "
           f"tokens/s, KV cache {'off' if args.no_cache else 'on'}]", file=sys.stderr)
+    return 0
+
+
+def _generate_many(args, model, tokenizer, prompts) -> int:
+    """Several ``--prompt``: one paged cache, each continuation as if generated alone."""
+    if args.no_cache:
+        raise UsageError("--no-cache works with one --prompt; several prompts share a paged "
+                         "KV cache")
+    started = time.perf_counter()
+    new = generate_many(model, prompts, args.tokens, temperature=args.temperature,
+                        top_k=args.top_k,
+                        generators=[torch.Generator().manual_seed(args.seed) for _ in prompts])
+    seconds = time.perf_counter() - started
+    for text, tokens in zip(args.prompt, new):
+        print(text + tokenizer.decode(tokens))
+    total = args.tokens * len(prompts)
+    print(f"[{len(prompts)} prompts x {args.tokens} tokens in {seconds:.2f} s, "
+          f"{total / max(seconds, 1e-9):.0f} tokens/s, paged KV cache]", file=sys.stderr)
     return 0
 
 
@@ -145,7 +171,12 @@ def add_parser(subparsers) -> None:
             ("attention", "write a layer x head grid of attention maps for --prompt",
              _attention_command)):
         sub = commands.add_parser(name, help=help_text, formatter_class=HelpFormatter)
-        sub.add_argument("--prompt", required=True, help="the text to start from")
+        if name == "generate":  # repeat it to generate for several prompts at once
+            sub.add_argument("--prompt", required=True, action="append",
+                             help="the text to start from (repeat for several prompts, "
+                                  "generated together through a paged KV cache)")
+        else:
+            sub.add_argument("--prompt", required=True, help="the text to start from")
         add_common_options(sub, seed=name == "generate", quiet=False)
         sub.add_argument("--checkpoint", type=Path, default=checkpoint, metavar="FILE",
                          help="a model from attnkit gpt train")

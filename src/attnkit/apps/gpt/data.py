@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._i18n import LocalizedError
+
 __all__ = ["default_corpus", "load_text", "split_ids", "get_batch",
            "unigram_loss"]
 
@@ -129,3 +131,25 @@ def unigram_loss(train: Tensor, val: Tensor, vocab_size: int) -> float:
     counts = torch.bincount(train.long(), minlength=vocab_size).double() + 1.0  # (V,)
     log_p = counts.log() - math.log(float(counts.sum()))  # (V,)
     return float(-log_p[val.long()].mean())
+
+
+def encode_prompt(prompt, model, vocab) -> torch.Tensor:
+    """The token ids ``(T,)`` of a prompt the model can read.
+
+    Raises:
+        TypeError: ``prompt`` is not a str.
+        ValueError: an empty prompt, characters the model never saw (named), or more
+            characters than the model's context.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not prompt:
+        raise LocalizedError("error.prompt_empty")
+    missing = vocab.unknown(prompt)
+    if missing:
+        raise LocalizedError("error.prompt_unknown", count=len(missing),
+                             chars=", ".join(repr(c) for c in missing))
+    limit = model.config.max_seq_len
+    if len(prompt) > limit:
+        raise LocalizedError("error.prompt_long", length=len(prompt), limit=limit)
+    return torch.tensor(vocab.encode(prompt), dtype=torch.long)  # (T,)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ... import KVCache, MultiHeadAttention, checkpoint
+from ... import KVCache, MultiHeadAttention
+from .. import checkpoint
 
 __all__ = ["GPTConfig", "GPT", "PRESETS", "save_checkpoint", "load_checkpoint"]
 
@@ -296,7 +297,7 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None,
 def save_checkpoint(path, model: GPT, **metadata) -> Path:
     """Write the model's config, weights and ``metadata`` to ``path`` atomically.
 
-    Uses :func:`attnkit.checkpoint.save_checkpoint` (kind ``"gpt"``): an interrupted save
+    Uses :func:`attnkit.apps.checkpoint.save_checkpoint` (kind ``"gpt"``): an interrupted save
     leaves the previous checkpoint (or none), never a truncated one.
 
     Returns:
@@ -312,7 +313,7 @@ def load_checkpoint(path, map_location="cpu") -> tuple[GPT, dict]:
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        attnkit.checkpoint.CheckpointError: a corrupt file or another model's checkpoint
+        attnkit.apps.checkpoint.CheckpointError: a corrupt file or another model's checkpoint
             (a ``ValueError``).
     """
     payload = checkpoint.load_checkpoint(path, kind="gpt", map_location=map_location)

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 
+from .._i18n import LocalizedError
 from . import dates
-from .app import SOURCE_VOCAB, TARGET_VOCAB
+from .model import SOURCE_VOCAB, TARGET_VOCAB
 from .model import TransformerSeq2Seq
 
 __all__ = ["WrongAnswer", "translate_many", "translate"]
 
 
-class WrongAnswer(ValueError):
+class WrongAnswer(LocalizedError):
     """The input is one valid date, but the model's answer is not it (so it is not given)."""
 
 
@@ -41,10 +42,10 @@ def translate_many(model: TransformerSeq2Seq, texts: list[str]) -> list[str | Va
         cleaned = " ".join(text.split()).lower()  # the vocabulary is lower case
         try:
             if not cleaned:
-                raise ValueError("the input is empty; give a date such as \"june 25, 2009\"")
+                raise LocalizedError("error.date_empty")
             if len(cleaned) > model.config.max_src_len:
-                raise ValueError(f"the input has {len(cleaned)} characters; at most "
-                                 f"{model.config.max_src_len} are allowed")
+                raise LocalizedError("error.date_long", length=len(cleaned),
+                                     limit=model.config.max_src_len)
             SOURCE_VOCAB.encode(cleaned)  # names unknown characters
             todo.append((i, cleaned, dates.parse_date(cleaned)))
             results.append(ValueError("not translated"))  # replaced below
@@ -61,11 +62,9 @@ def translate_many(model: TransformerSeq2Seq, texts: list[str]) -> list[str | Va
             if got == expected:
                 results[i] = answer
             else:
-                what = "is not a real date" if got is None else "is wrong"
                 results[i] = WrongAnswer(
-                    f"the model answered {answer!r}, which {what}: {cleaned!r} is "
-                    f"{expected.isoformat()}; not printing a wrong answer (train longer: "
-                    f"attnkit translate train --force)")
+                    "error.wrong_answer" if got is not None else "error.unreal_answer",
+                    answer=repr(answer), text=repr(cleaned), date=expected.isoformat())
     return results
 
 

@@ -2,44 +2,41 @@
 
 Usage::
 
-    attnkit translate june 25 2009                 # quotes optional: the words are one date
-    attnkit translate "june 25 2009" 2009-06-26    # several quoted dates: one line each
+    attnkit translate "june 25 2009"               # a date with spaces needs quotes
+    attnkit translate "june 25 2009" 2009-06-26    # each argument is one date: one line each
     printf '25/06/2009\\n6/25/09\\n' | attnkit translate -    # one date per line on stdin
     attnkit translate train [--steps N] [--resume] [--force] [--if-missing]
 
 Every answer is checked before it is printed (:func:`attnkit.apps.translate.answer.translate_many`):
 an input that is not one real date in 1900-2099, or a model answer that is not that date,
-is a one-line error and exit code 2, never a made-up date.
+is a one-line error and exit code 2, never a made-up date. With several dates each refused
+one gets its own ``input N:`` line on stderr, the others are still translated, and the exit
+code is 2 if any was refused.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import sys
 from pathlib import Path
 
-from ...checkpoint import CheckpointError
+from ..checkpoint import CheckpointError
 from .._cli import (UsageError, add_common_options, apply_threads, check_out_dir,
                     check_plotting, positive_int)
+from .._training import ResumeError, RunOptions
 from . import dates
 from .answer import translate_many
-from .app import (CHECKPOINT_NAME, TrainConfig, existing_score, load_translator, plot_alignment,
-                  train)
+from .figures import plot_alignment
+from .train import CHECKPOINT_NAME, TrainConfig, existing_score, load_translator, train
 
 __all__ = ["add_parser", "split_inputs"]
 
-_EXAMPLES = {i: dates.render(dt.date(2009, 6, 25), i).source
-             for i in range(len(dates.FORMATS))}
-FORMATS_HELP = "\n".join(f"  {_EXAMPLES[i]:<28} {f.template}" for i, f in
-                         enumerate(dates.FORMATS))
+FORMATS_HELP = "\n".join(f"  {example:<28} {f.template}" for example, f in
+                         zip(dates.supported_examples(), dates.FORMATS))
 
 
 def split_inputs(words: list[str], stdin=None) -> list[str]:
-    """The dates a command line asks for.
-
-    * no words or ``-``: one date per non-empty line of ``stdin``;
-    * several words that are each a date on their own (quoted dates): one date each;
-    * otherwise the words are one date typed without quotes (``june 25 2009``).
+    """The dates a command line asks for: each argument is one date (quote dates with
+    spaces), or with no arguments or ``-`` one date per non-empty line of ``stdin``.
 
     Raises:
         UsageError: no words and ``stdin`` is a terminal (nothing to read).
@@ -50,15 +47,21 @@ def split_inputs(words: list[str], stdin=None) -> list[str]:
             raise UsageError('give a date, e.g. attnkit translate "june 25, 2009", or pipe '
                              'one date per line into attnkit translate -')
         return [line.strip() for line in stdin if line.strip()]
-    if len(words) > 1 and all(dates.readings(w) for w in words):
-        return list(words)
-    return [" ".join(words)]
+    return list(words)
 
+
+def _quote_hint(words: list[str]) -> str | None:
+    """When every argument was refused but together they are one date, how to quote it."""
+    joined = " ".join(words)
+    try:
+        dates.parse_date(joined)
+    except ValueError:
+        return None
+    return f'each argument is one date; quote a date with spaces: attnkit translate "{joined}"'
 
 def _train(args) -> int:
     if args.plot or args.words[1:]:
         raise UsageError("translate train takes no dates and no --plot")
-    config = TrainConfig(steps=args.steps, seed=args.seed)
     out = check_out_dir(args.out)
     check_plotting(not args.no_plots)
     checkpoint = out / CHECKPOINT_NAME
@@ -75,9 +78,13 @@ def _train(args) -> int:
         print(f"{checkpoint} exists (held-out exact match {score:.2%}); this run replaces it "
               f"only if it does at least as well (--force replaces it anyway)")
     apply_threads(args)
-    metrics = train(out, config, progress=not args.quiet, figures=0 if args.no_plots else 4,
-                    resume=args.resume, force=args.force,
-                    checkpoint_every=args.checkpoint_every)
+    run = RunOptions(out=out, progress=not args.quiet, figures=not args.no_plots,
+                     resume=args.resume, force=args.force,
+                     checkpoint_every=args.checkpoint_every, log=print)
+    try:
+        metrics = train(TrainConfig(steps=args.steps, seed=args.seed, run=run))
+    except ResumeError as err:
+        raise UsageError(str(err)) from None
     print(f"held-out exact match {metrics['exact_match']:.2%}, char accuracy "
           f"{metrics['char_accuracy']:.2%} on {metrics['num_examples']} dates; "
           f"{metrics['train_seconds']:.0f} s training"
@@ -111,12 +118,15 @@ def _translate(args) -> int:
             print(f"wrote {plot_alignment(model, texts[0], args.plot)}", file=sys.stderr)
         return 0
     failed = 0
-    for line, (text, result) in enumerate(zip(texts, results), 1):
+    for number, (text, result) in enumerate(zip(texts, results), 1):
         if isinstance(result, ValueError):
             failed += 1
-            print(f"attnkit translate: error: input {line}: {result}", file=sys.stderr)
+            print(f"attnkit translate: error: input {number}: {result}", file=sys.stderr)
         else:
             print(f"{text}\t{result}")
+    hint = _quote_hint(args.words) if failed == len(texts) and args.words != ["-"] else None
+    if hint:
+        print(f"attnkit translate: hint: {hint}", file=sys.stderr)
     return 2 if failed else 0
 
 
@@ -141,8 +151,8 @@ def add_parser(subparsers) -> None:
                     "day first; when both\nreadings are real dates (06/05/2009) the input is "
                     "ambiguous and refused.")
     parser.add_argument("words", nargs="*", metavar="DATE",
-                        help="a date (quotes optional), several quoted dates, '-' to read one "
-                             "per line from stdin, or 'train'")
+                        help="dates, one per argument (quote a date with spaces), '-' to read "
+                             "one per line from stdin, or 'train'")
     add_common_options(parser, out="out/translate", plots=True)
     parser.add_argument("--plot", type=Path, metavar="FILE",
                         help="save this date's cross-attention figure (PNG)")

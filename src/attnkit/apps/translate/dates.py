@@ -26,8 +26,10 @@ import re
 import time
 from dataclasses import dataclass
 
+from .._i18n import LocalizedError
+
 __all__ = ["FORMATS", "DateFormat", "DatePair", "FIELDS", "render", "readings", "parse_date",
-           "split_dates", "sample_pairs", "FIRST_DATE", "LAST_DATE"]
+           "supported_examples", "split_dates", "sample_pairs", "FIRST_DATE", "LAST_DATE"]
 
 FIRST_DATE = dt.date(1900, 1, 1)
 LAST_DATE = dt.date(2099, 12, 31)
@@ -102,6 +104,21 @@ class DateFormat:
         year_first = self.template.startswith("{yyyy}")  # 2009/06/25 is always y-m-d
         return ("/" in self.template and not year_first and bool(tokens & {"d", "dd"})
                 and bool(tokens & {"m", "mm"}))
+
+    def write(self, date: dt.date, weekday: int | None = None) -> str:
+        """``date`` in this format, lower case and single-spaced, with no range checks.
+
+        Args:
+            date: the date to write.
+            weekday: the weekday to write (0 = Monday) when it is not ``date``'s own, so a
+                text's shape can be compared whatever weekday it names.
+        """
+        if weekday is not None and weekday != date.weekday():
+            names = {"weekday": _WEEKDAYS[weekday], "wkd": _WEEKDAYS[weekday][:3]}
+        else:
+            names = {}
+        return "".join(names.get(tok) or _TOKENS[tok][1](date) if tok else lit
+                       for tok, lit in self.pieces).lower()
 
     def accepts(self, date: dt.date) -> bool:
         """Whether ``date`` can be written in this format so that it reads as one date only."""
@@ -215,42 +232,69 @@ def render(date: dt.date, format_index: int, rng: random.Random | None = None) -
 _ORDINAL = re.compile(r"(\d+)(st|nd|rd|th)\b", flags=re.IGNORECASE)
 
 
-def readings(text: str) -> list[tuple[dt.date, DateFormat]]:
-    """Every ``(date, format)`` that ``text`` matches, read with ``datetime.strptime`` only.
+def supported_examples(date: dt.date = dt.date(2009, 6, 25)) -> list[str]:
+    """``date`` written in each of :data:`FORMATS`, in order (for help and refusals)."""
+    return [fmt.write(date) for fmt in FORMATS]
 
-    This is the generator-independent check behind :func:`parse_date`: case and runs of
-    spaces are ignored, ordinal suffixes are removed first, any year ``strptime`` accepts is
-    returned (the range check is :func:`parse_date`'s), and a format that names the weekday
-    matches only when the weekday is right.
+
+def _strptime(text: str):
+    """``(format, date or None, strptime's error or None)`` for each of :data:`FORMATS`, and
+    whether ``text`` is written exactly as that format writes the date (its *shape*).
+
+    ``strptime`` is lenient (``%m`` takes ``3`` as well as ``03``, ``%d`` takes ``1th``), but
+    the model was trained only on what :data:`FORMATS` writes, so a date counts as read in a
+    format only when the format writes it back as ``text`` (case and spacing aside).
     """
-    cleaned = _ORDINAL.sub(r"\1", " ".join(text.split()))
-    found = []
-    for fmt in FORMATS:
-        try:
-            parsed = time.strptime(cleaned, fmt.strptime)
-        except ValueError:
-            continue
-        date = dt.date(parsed.tm_year, parsed.tm_mon, parsed.tm_mday)
-        if parsed.tm_wday == date.weekday():  # a weekday in the text must be the date's
-            found.append((date, fmt))
-    return found
-
-
-def _why_not(text: str) -> str:
-    """Why ``text`` matches no format: an impossible day, a wrong weekday, or no format."""
-    cleaned = _ORDINAL.sub(r"\1", " ".join(text.split()))
+    normal = " ".join(text.split()).lower()
+    cleaned = _ORDINAL.sub(r"\1", normal)
     for fmt in FORMATS:
         try:
             parsed = time.strptime(cleaned, fmt.strptime)
         except ValueError as err:
-            if "out of range" in str(err):  # the shape matched; the day does not exist
-                return f"{text!r} is not a real date (the day is out of range for its month)"
+            yield fmt, None, err, None, False
             continue
         date = dt.date(parsed.tm_year, parsed.tm_mon, parsed.tm_mday)
-        return (f"{text!r} names the wrong weekday: {date.isoformat()} is a "
-                f"{_WEEKDAYS[date.weekday()]}")
-    return (f"{text!r} is not a date in a supported format (e.g. \"june 25, 2009\", "
-            f"\"2009-06-25\", \"25/06/2009\"; see attnkit translate --help)")
+        yield fmt, date, None, parsed.tm_wday, fmt.write(date, parsed.tm_wday) == normal
+
+
+def readings(text: str) -> list[tuple[dt.date, DateFormat]]:
+    """Every ``(date, format)`` that ``text`` is written in, read with ``strptime`` only.
+
+    This is the generator-independent check behind :func:`parse_date`: case and runs of
+    spaces are ignored, ordinal suffixes are removed first, any year ``strptime`` accepts is
+    returned (the range check is :func:`parse_date`'s), a format that names the weekday
+    matches only when the weekday is right, and the text must have the format's exact shape
+    (``2001-03-01``, not ``2001-3-1``; ``1st``, not ``1th``): one table, :data:`FORMATS`,
+    says both what the training data contains and what the checker accepts.
+    """
+    return [(date, fmt) for date, fmt, shape in _readings(text) if shape]
+
+
+def _readings(text: str) -> list[tuple[dt.date, DateFormat, bool]]:
+    """``(date, format, exact shape)`` for every format ``strptime`` reads ``text`` in with
+    the right weekday, leniently (the ambiguity check: a person may mean either reading)."""
+    return [(date, fmt, shape) for fmt, date, _, weekday, shape in _strptime(text)
+            if date is not None and weekday == date.weekday()]
+
+
+def _why_not(text: str) -> LocalizedError:
+    """Why ``text`` matches no format: an impossible day, a wrong weekday, a shape the model
+    was not trained on, or no format at all."""
+    loose = None
+    for fmt, date, err, weekday, shape in _strptime(text):
+        if err is not None and "out of range" in str(err):  # the day does not exist
+            return LocalizedError("error.date_unreal", text=repr(text))
+        if date is not None and shape:
+            return LocalizedError("error.date_weekday", text=repr(text), date=date.isoformat(),
+                                  weekday=_WEEKDAYS[date.weekday()])
+        if date is not None and loose is None:
+            loose = fmt, date
+    if loose is not None:
+        fmt, date = loose
+        return LocalizedError("error.date_unsupported", text=repr(text),
+                              trained=repr(fmt.write(date)),
+                              formats="; ".join(supported_examples()))
+    return LocalizedError("error.date_unknown", text=repr(text))
 
 
 def _order(fmt: DateFormat) -> str:
@@ -264,22 +308,22 @@ def parse_date(text: str) -> dt.date:
     Raises:
         ValueError: ``text`` matches no format (an impossible day such as February 30, a
             month 13, a wrong weekday, or not a date at all), reads as two different dates
-            (``06/05/2009``: June 5 or May 6), or names a date outside 1900-2099. The message
-            says which.
+            (``06/05/2009``: June 5 or May 6), is a spelling the model was not trained on
+            (``2001-3-1``: an unsupported format, with the list), or names a date outside
+            1900-2099. The message says which.
     """
-    found = readings(text)
-    if not found:
-        raise ValueError(_why_not(text))
-    distinct = sorted({date for date, _ in found})
+    found = _readings(text)
+    distinct = sorted({date for date, _, _ in found})
     if len(distinct) > 1:
         shown = " or ".join(f"{d.isoformat()} ({_order(f)})" for d, f in
-                            sorted(dict(found).items()))
-        raise ValueError(f"{text!r} is ambiguous: it reads as {shown}; write the month as a "
-                         f"name or use ISO (YYYY-MM-DD)")
+                            sorted({d: f for d, f, _ in found}.items()))
+        raise LocalizedError("error.date_ambiguous", text=repr(text), readings=shown)
+    if not any(shape for _, _, shape in found):
+        raise _why_not(text)
     date = distinct[0]
     if not FIRST_DATE <= date <= LAST_DATE:
-        raise ValueError(f"{text!r} is {date.isoformat()}, outside the range the translator "
-                         f"knows ({FIRST_DATE.isoformat()} to {LAST_DATE.isoformat()})")
+        raise LocalizedError("error.date_range", text=repr(text), date=date.isoformat(),
+                             first=FIRST_DATE.isoformat(), last=LAST_DATE.isoformat())
     return date
 
 

@@ -13,14 +13,22 @@ Shape letters: ``B`` batch, ``S`` source length, ``T`` target length, ``E`` mode
 
 from __future__ import annotations
 
+import string
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ... import ContextKV, MultiHeadAttention
+from .._vocab import CharVocab
 
-__all__ = ["TransformerConfig", "TransformerSeq2Seq", "count_parameters"]
+__all__ = ["TransformerConfig", "TransformerSeq2Seq", "count_parameters", "SOURCE_VOCAB",
+           "TARGET_VOCAB", "MAX_SOURCE_LEN"]
+
+# The network's alphabets: lower-case dates in, ISO dates out.
+SOURCE_VOCAB = CharVocab(string.ascii_lowercase + string.digits + " ,./-", padding=True)
+TARGET_VOCAB = CharVocab(string.digits + "-", specials=("<bos>",), padding=True)
+MAX_SOURCE_LEN = 40
 
 
 def count_parameters(module: nn.Module) -> int:

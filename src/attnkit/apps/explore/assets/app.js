@@ -4,7 +4,7 @@
 // ---------------------------------------------------------------- PNG export
 function exportPNG(view) {
   const canvases = [...document.querySelectorAll(`#view-${view} canvas`)];
-  if (!canvases.length) throw new Error("nothing to save yet in this view");
+  if (!canvases.length) throw new Error(L("explore.nothing_to_save"));
   const gap = 26, width = Math.max(...canvases.map((c) => c.width)) + 20;
   const height = 40 + canvases.reduce((a, c) => a + c.height + gap, 0);
   const out = el("canvas", { width, height }), ctx = out.getContext("2d");
@@ -43,8 +43,22 @@ function select(view) {
   if (location.hash !== "#" + view) history.replaceState(null, "", "#" + view);
 }
 
+// Switch the language: the fixed texts, then every view drawn so far.
+function setLanguage(lang) {
+  state.lang = I18N[lang] ? lang : "en";
+  try { localStorage.setItem("attnkit.lang", state.lang); } catch (err) { /* file: pages */ }
+  $("lang").value = state.lang;
+  applyLanguage();
+  for (const [view, data] of Object.entries(state.data)) VIEWS[view].render(data);
+}
+state.setLanguage = setLanguage;
+
 function init() {
   state.loaded = {};
+  for (const option of [...$("lang").options]) if (!I18N[option.value]) option.remove();
+  $("lang").value = state.lang;
+  applyLanguage();
+  $("lang").addEventListener("change", () => setLanguage($("lang").value));
   $("prompt").value = DEFAULT_PROMPT;
   if (OFFLINE) $("offline-note").hidden = false;
   for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => select(tab.dataset.view));

@@ -1,13 +1,41 @@
-// attnkit explore, part 1 of 4: shared state and drawing helpers (heatmaps, tooltips).
+// attnkit explore, part 1 of 4: shared state, words and drawing helpers (heatmaps, tooltips).
 // The page loads core.js, views.js, models.js, app.js in that order; no dependencies.
 // Views are computed by the server (POST /api/<view>); an exported page carries the
-// default inputs' views in window.ATTNKIT_OFFLINE instead.
+// default inputs' views in window.ATTNKIT_OFFLINE instead. Every learner-facing text comes
+// from window.ATTNKIT_I18N (the catalogues of attnkit/apps/locale/, inlined by the server).
 "use strict";
 
 const OFFLINE = window.ATTNKIT_OFFLINE || null;
 const DEFAULT_PROMPT = "def attention(query, key, value):\n    return ";
-const state = { data: {}, query: 1, training: true, view: "tutorial", pending: 0 };
+const I18N = window.ATTNKIT_I18N || { en: {} };
+const LANGUAGES = Object.keys(I18N);
+
+// The page's language: ?lang=, then the last choice (localStorage), then the browser's.
+function pickLanguage() {
+  const asked = new URLSearchParams(location.search).get("lang");
+  if (asked && I18N[asked]) return asked;
+  let saved = null;
+  try { saved = localStorage.getItem("attnkit.lang"); } catch (err) { /* file: pages */ }
+  if (saved && I18N[saved]) return saved;
+  const zh = (navigator.languages || [navigator.language || ""]).some((l) => /^zh\b/i.test(l));
+  return zh && I18N.zh ? "zh" : "en";
+}
+const state = { data: {}, query: 1, training: true, view: "tutorial", pending: 0, lang: pickLanguage() };
 window.attnkit = state;
+
+// One text of the catalogue, with its {name} fields filled in (numbers and names as given).
+function L(key, values) {
+  const text = (I18N[state.lang] || {})[key] ?? I18N.en[key];
+  if (text === undefined) { console.warn("attnkit: no text " + key); return key; }
+  return values ? text.replace(/\{(\w+)\}/g, (m, name) => (name in values ? String(values[name]) : m)) : text;
+}
+
+// The page's fixed texts: data-i18n (text) and data-i18n-title (tooltip) attributes.
+function applyLanguage() {
+  document.documentElement.lang = state.lang === "zh" ? "zh-CN" : "en";
+  for (const node of document.querySelectorAll("[data-i18n]")) node.textContent = L(node.dataset.i18n);
+  for (const node of document.querySelectorAll("[data-i18n-title]")) node.title = L(node.dataset.i18nTitle);
+}
 
 // ---------------------------------------------------------------- helpers
 const $ = (id) => document.getElementById(id);
@@ -24,14 +52,13 @@ const vecText = (row) => "[" + row.map(fmt).join(", ") + "]";
 
 async function api(view, params) {
   if (OFFLINE) {
-    if (params !== null) throw new Error("This exported copy shows the default inputs only; " +
-      "new input needs the server (run: attnkit explore).");
+    if (params !== null) throw new Error(L("explore.offline_error"));
     const data = OFFLINE[view];
-    if (data.error) throw new Error(data.error);
+    if (data.error) throw new Error((data.errors || {})[state.lang] || data.error);
     return data;
   }
   const response = await fetch("api/" + view, {
-    method: "POST", headers: { "Content-Type": "application/json" },
+    method: "POST", headers: { "Content-Type": "application/json", "X-Attnkit-Language": state.lang },
     body: JSON.stringify(params || {}) });
   const data = await response.json();
   if (!response.ok) throw new Error(data.error || ("HTTP " + response.status));

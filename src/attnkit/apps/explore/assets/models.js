@@ -4,16 +4,16 @@
 // ---------------------------------------------------------------- translator view
 function renderTranslate(d) {
   const body = $("translate-body"); body.textContent = "";
-  body.append(el("p", {}, "answer: ", d.answer === null
-                   ? el("code", { id: "translate-answer", class: "refused" }, `refused: ${d.refused}`)
+  body.append(el("p", {}, L("explore.translate.answer") + " ", d.answer === null
+                   ? el("code", { id: "translate-answer", class: "refused" }, L("explore.translate.refused", { why: d.refused }))
                    : el("code", { id: "translate-answer" }, d.answer),
-                 `  (source "${d.text.trim().toLowerCase()}"; rows: the model's output characters, columns: source characters)`));
+                 "  " + L("explore.translate.axes", { source: d.text.trim().toLowerCase() })));
   d.weights.forEach((layer, l) => {
     const avg = layer[0].map((row, i) => row.map((_, j) => layer.reduce((a, hd) => a + hd[i][j], 0) / layer.length));
     const cell = Math.max(8, Math.min(14, Math.floor(240 / d.source.length)));
-    const panels = layer.map((w, hd) => heatmap(`layer ${l} head ${hd}`, w, d.output, d.source, { cell, scale: 1,
-      describe: (i, j, v) => `output ${i} '${d.output[i]}' <- source ${j} '${d.source[j]}': ${v.toFixed(4)}` }));
-    panels.push(heatmap(`layer ${l} head average`, avg, d.output, d.source, { cell, scale: 1 }));
+    const panels = layer.map((w, hd) => heatmap(L("explore.translate.panel", { l, h: hd }), w, d.output, d.source, { cell, scale: 1,
+      describe: (i, j, v) => L("explore.translate.cell", { i, out: d.output[i], j, src: d.source[j], v: v.toFixed(4) }) }));
+    panels.push(heatmap(L("explore.translate.average", { l }), avg, d.output, d.source, { cell, scale: 1 }));
     body.append(el("div", { class: "row" }, ...panels));
   });
 }
@@ -34,11 +34,11 @@ function renderGPT(d) {
     layerSel.textContent = ""; headSel.textContent = "";
     for (let l = 0; l < d.layers; l++) layerSel.append(el("option", { value: l }, String(l)));
     for (let h = 0; h < d.heads; h++) headSel.append(el("option", { value: h }, String(h)));
-    headSel.append(el("option", { value: "all" }, "all (one colour each)"));
+    headSel.append(el("option", { value: "all" }, L("explore.gpt.all_heads")));
   }
   const rh = Math.max(3, Math.min(18, 760 / T)), top = 46, width = 760;
   const canvas = el("canvas", { width, height: top + T * rh + 10, id: "head-view" });
-  canvas.dataset.title = `head view: layer ${layerSel.value}, head ${headSel.value} (${T} tokens)`;
+  canvas.dataset.title = L("explore.gpt.head_view", { l: layerSel.value, h: headSel.value, T });
   const draw = (focus) => drawHeadView(canvas, d, w, rh, top, focus);
   draw(-1);
   canvas.addEventListener("mousemove", (e) => {
@@ -47,9 +47,8 @@ function renderGPT(d) {
     draw(i >= 0 && i < T ? i : -1);
   });
   canvas.addEventListener("mouseleave", () => draw(-1));
-  body.append(el("p", { class: "hint" }, `${T} tokens of a context of ${d.context}; the model's next character: `,
-                 el("code", {}, d.next), ". Lines join each query (left) to the keys it attends (right), " +
-                 "thinned to the top-k keys above the threshold; hover a token to see only its lines (its top-k keys, whatever their weight)."),
+  body.append(el("p", { class: "hint" }, L("explore.gpt.tokens", { T, context: d.context }) + " ",
+                 el("code", {}, d.next), L("explore.gpt.lines")),
               el("div", { class: "row" }, el("div", { class: "figure" }, el("h4", {}, canvas.dataset.title), canvas),
                  modelView(d, w)));
 }
@@ -61,7 +60,7 @@ function drawHeadView(canvas, d, w, rh, top, focus) {
   const xl = 150, xr = canvas.width - 150;
   ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, canvas.width, canvas.height);
   ctx.font = "bold 12px system-ui"; ctx.fillStyle = "#1d2433"; ctx.textAlign = "center";
-  ctx.fillText("queries", xl - 50, 14); ctx.fillText("keys", xr + 50, 14);
+  ctx.fillText(L("explore.gpt.queries"), xl - 50, 14); ctx.fillText(L("explore.gpt.keys"), xr + 50, 14);
   ctx.lineWidth = Math.max(0.6, Math.min(2, rh / 5));
   const focusKeys = [];
   for (const h of heads) {
@@ -100,7 +99,7 @@ function drawHeadView(canvas, d, w, rh, top, focus) {
   if (focus >= 0) {
     const context = d.tokens.slice(Math.max(0, focus - 24), focus + 1).join("");
     ctx.fillStyle = "#c0392b"; ctx.textAlign = "left"; ctx.font = "12px ui-monospace, monospace";
-    ctx.fillText(`query ${focus}: ...${context}`, 8, 34);
+    ctx.fillText(L("explore.gpt.focus", { i: focus, context }), 8, 34);
   }
 }
 
@@ -108,7 +107,7 @@ function drawHeadView(canvas, d, w, rh, top, focus) {
 function modelView(d, w) {
   const T = d.tokens.length, size = Math.max(48, Math.min(120, Math.floor(520 / d.heads))), pad = 18;
   const canvas = el("canvas", { width: pad + d.heads * (size + 6), height: pad + d.layers * (size + 6), class: "clickable", id: "model-view" });
-  canvas.dataset.title = `model view (${d.layers} layers x ${d.heads} heads)`;
+  canvas.dataset.title = L("explore.gpt.model_view", { layers: d.layers, heads: d.heads });
   const ctx = canvas.getContext("2d");
   ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, canvas.width, canvas.height);
   ctx.font = "11px system-ui"; ctx.fillStyle = "#1d2433";
@@ -123,7 +122,7 @@ function modelView(d, w) {
       img.data[o] = 255 - a * 224; img.data[o + 1] = 255 - a * 177; img.data[o + 2] = 255 - a * 99; img.data[o + 3] = 255;
     }
     ctx.putImageData(img, x0, y0);
-    if (l === 0) ctx.fillText(`head ${h}`, x0, 12);
+    if (l === 0) ctx.fillText(L("explore.gpt.head_n", { h }), x0, 12);
   }
   ctx.save(); for (let l = 0; l < d.layers; l++) { ctx.translate(0, 0); ctx.fillText(String(l), 4, pad + l * (size + 6) + size / 2); } ctx.restore();
   const pick = (e) => {
@@ -136,5 +135,5 @@ function modelView(d, w) {
     $("gpt-layer").value = p[0]; $("gpt-head").value = p[1]; renderGPT(d); });
   hover(canvas, () => null);
   return el("div", { class: "figure" }, el("h4", {}, canvas.dataset.title), canvas,
-            el("div", { class: "caption" }, "rows: layers, columns: heads; each thumbnail is queries x keys (square root of the largest weight per pixel). Click one to open it in the head view."));
+            el("div", { class: "caption" }, L("explore.gpt.model_caption")));
 }

@@ -13,27 +13,23 @@ import sys
 import webbrowser
 from pathlib import Path
 
+from .._cli import UsageError
 from .model_view import Models
 from .server import export_html, make_server
 
 __all__ = ["add_parser"]
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"attnkit explore: error: {message}", file=sys.stderr)
-    return code
-
-
 def _command(args) -> int:
     if not 0 <= args.port <= 65535:
-        return _fail(f"--port must be in [0, 65535], got {args.port}")
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     models = Models(args.translator, args.gpt)
     if args.export is not None:
         target = Path(args.export)
         if not target.parent.is_dir():
-            return _fail(f"--export: directory {str(target.parent)!r} does not exist")
+            raise UsageError(f"--export: directory {str(target.parent)!r} does not exist")
         if target.is_dir():
-            return _fail(f"--export: {str(target)!r} is a directory; give a file name")
+            raise UsageError(f"--export: {str(target)!r} is a directory; give a file name")
         problems = export_html(target, models)
         missing = [f"{name} ({why})" for name, why in problems.items() if why]
         print(f"wrote {target}" + (f"; without the views of: {'; '.join(missing)}"
@@ -42,8 +38,11 @@ def _command(args) -> int:
     try:
         server = make_server(args.port, models=models, verbose=args.verbose)
     except OSError as err:
-        return _fail(f"cannot listen on 127.0.0.1:{args.port} ({err.strerror or err}); pick "
-                     "another port with --port, or --port 0 for any free one", 1)
+        # Not a usage error: the command was right, the port is busy (exit code 1).
+        print(f"attnkit explore: error: cannot listen on 127.0.0.1:{args.port} "
+              f"({err.strerror or err}); pick another port with --port, or --port 0 for any "
+              f"free one", file=sys.stderr)
+        return 1
     print(f"attnkit explore: serving {server.url} (Ctrl-C to stop)", flush=True)
     if args.open:
         webbrowser.open(server.url)

@@ -12,7 +12,8 @@ attention the decoder looks back at every encoder state. Two GRU encoder-decoder
 Both train in lockstep on the same batches for the same number of steps. The result is a table and one PNG in
 the style of Bahdanau et al. Fig. 2 (accuracy against input length) beside the alignment map
 of one long example (a clean anti-diagonal when attention has learned to reverse), plus
-``results.json``. Decoding runs for exactly as many steps as the input is long, so length is
+``results.json``. This module is the experiment (``train(config) -> results``); the figure is
+:mod:`.figures`, the command :mod:`.cli`. Decoding runs for exactly as many steps as the input is long, so length is
 never what a model gets wrong.
 """
 
@@ -26,16 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...checkpoint import write_json
-from .._cli import (HelpFormatter, UsageError, add_common_options, apply_threads,
-                    check_out_dir, check_plotting, positive_int)
+from ..checkpoint import write_json
 from .._progress import Progress
-from .._training import ResumableRun
+from .._training import ResumableRun, RunOptions
 from ..translate.model import count_parameters
 from .model import GRUSeq2Seq
 
-__all__ = ["WhyConfig", "make_batch", "matched_models", "run", "comparison_figure", "format_table",
-           "add_parser"]
+__all__ = ["WhyConfig", "make_batch", "matched_models", "train", "format_table"]
 
 VOCAB_SIZE = 12  # 0 padding, 1 start, 2..11 the digits 0..9
 _DIGIT = 2
@@ -43,7 +41,8 @@ _DIGIT = 2
 
 @dataclasses.dataclass(frozen=True)
 class WhyConfig:
-    """Settings of the comparison.
+    """Settings of the comparison; ``run`` says how it is carried out (:class:`RunOptions`;
+    its ``checkpoint_every`` defaults to 200 steps here).
 
     Raises:
         ValueError: non-positive sizes, or ``min_len > max_len``.
@@ -57,10 +56,16 @@ class WhyConfig:
     max_len: int = 40
     eval_per_length: int = 100
     seed: int = 0
+    run: RunOptions = RunOptions(out=Path("out/why_attention"))
+
+    def settings(self) -> dict:
+        """What the run learns from: every field but ``run`` (compared when resuming)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "run"}
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
-            if field.name != "seed" and not getattr(self, field.name) > 0:
+            if field.name not in ("seed", "run") and not getattr(self, field.name) > 0:
                 raise ValueError(f"{field.name} must be positive, got "
                                  f"{getattr(self, field.name)!r}")
         if self.min_len > self.max_len:
@@ -138,77 +143,32 @@ def _evaluate(model, config: WhyConfig) -> dict:
     return table
 
 
-def comparison_figure(results: dict, weights, source: str, output: str):
-    """Accuracy against input length for both models, beside the alignment of one example.
+def train(config: WhyConfig = WhyConfig()) -> dict:
+    """Train both models, evaluate per length, write ``results.json`` and (with
+    ``config.run.figures``) ``why_attention.png`` to ``config.run.out``.
 
-    Args:
-        results: as :func:`run` returns (``config``, and per model ``parameters`` and
-            ``by_length``).
-        weights: the attention model's head-averaged cross-attention ``(n, n)`` for one input
-            of ``n`` digits (rows: output positions, columns: source positions).
-        source, output: the input digits and the model's output.
-
-    Returns:
-        A matplotlib Figure.
-
-    Raises:
-        ImportError: matplotlib is missing.
-    """
-    from ...viz import COLORBAR_LABEL, draw_heatmap, new_figure, wrap
-
-    fig, axes = new_figure(1, 2, panel_size=(6.5, 6.0))
-    ax = axes[0, 0]
-    for name, style in (("without_attention", "o--"), ("with_attention", "s-")):
-        lengths = sorted(int(n) for n in results[name]["by_length"])
-        ax.plot(lengths, [results[name]["by_length"][n]["char_accuracy"] for n in lengths],
-                style, markersize=3, label=f"{name.replace('_', ' ')} "
-                                           f"({results[name]['parameters']:,} params)")
-    ax.set_xlabel("input length (digits)")
-    ax.set_ylabel("held-out character accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
-    ax.set_title(wrap(f"reversing digit strings, {results['config']['steps']} training steps "
-                      f"per model, same batches", 6.0, 11), fontsize=11)
-    n = len(source)
-    image = draw_heatmap(
-        axes[0, 1], weights, list(source), list(output),
-        wrap(f"With attention: where each output digit looks. Reversing means output "
-             f"position i reads source position n-1-i (here n = {n}), so a learned alignment "
-             f"is the anti-diagonal, top right to bottom left.", 5.5, 10),
-        annotate=False, cmap="gray", x_name="source digit", y_name="output digit")
-    fig.colorbar(image, ax=axes[0, 1], shrink=0.8, label=f"{COLORBAR_LABEL} (mean of heads)")
-    return fig
-
-
-def _figure(results: dict, weights, source: str, output: str, path) -> Path:
-    from ...viz import save_figure
-
-    return save_figure(comparison_figure(results, weights, source, output), path)
-
-
-def run(out_dir="out/why_attention", config: WhyConfig = WhyConfig(), *,
-        progress: bool = True, plots: bool = True, resume: bool = False,
-        checkpoint_every: int = 200) -> dict:
-    """Train both models, evaluate per length, write ``why_attention.png`` and ``results.json``.
-
-    Both models train in lockstep on the same batches. Every ``checkpoint_every`` steps the
-    state of both goes to ``out_dir/resume.pt``; Ctrl-C keeps the last one and
-    ``resume=True`` continues from it exactly.
+    Both models train in lockstep on the same batches. Every ``run.checkpoint_every`` steps
+    (default 200) the state of both goes to ``out/resume.pt``; Ctrl-C keeps the last one and
+    ``run.resume`` continues from it exactly.
 
     Returns:
         ``{"config", "without_attention", "with_attention", "table"}``; each model entry has
         ``parameters``, ``hidden_size``, ``train_seconds`` and ``by_length``.
 
     Raises:
-        ImportError: ``plots`` without matplotlib (before training).
-        attnkit.apps._cli.UsageError: ``resume`` without a matching saved run.
+        ValueError: ``config.run.out`` is None.
+        ImportError: ``run.figures`` without matplotlib (before training).
+        attnkit.apps._training.ResumeError: ``run.resume`` without a matching saved run.
         attnkit.apps._cli.Interrupted: Ctrl-C (the last saved state is kept).
     """
-    if plots:
+    options = config.run
+    if options.out is None:
+        raise ValueError("config.run.out is None; the comparison needs an output folder")
+    if options.figures:
         from ...viz import require_matplotlib
 
         require_matplotlib()  # fail before training, not after it
+    out_dir = options.out
     torch.manual_seed(config.seed)
     without, with_attention = matched_models(config.hidden_size)
     models = {"without_attention": without, "with_attention": with_attention}
@@ -217,12 +177,12 @@ def run(out_dir="out/why_attention", config: WhyConfig = WhyConfig(), *,
     generator = torch.Generator().manual_seed(config.seed)
     rng = random.Random(config.seed)
     run_state = ResumableRun(
-        out_dir, kind="why-attention", settings=dataclasses.asdict(config),
+        out_dir, kind="why-attention", settings=config.settings(),
         objects={**models, **{f"{name}_optimizer": o for name, o in optimizers.items()}},
-        rngs={"lengths": rng, "digits": generator}, every=checkpoint_every,
+        rngs={"lengths": rng, "digits": generator}, every=options.checkpoint_every or 200,
         command=f"attnkit why-attention --out {out_dir}")
     start, seconds = 0, {name: 0.0 for name in models}
-    if resume:
+    if options.resume:
         start, saved = run_state.load()
         seconds.update(saved.get("seconds", {}))
     for model in models.values():
@@ -233,9 +193,10 @@ def run(out_dir="out/why_attention", config: WhyConfig = WhyConfig(), *,
         losses = _train_step(models, optimizers, make_batch(lengths, generator), seconds)
         bar.update(**{f"loss {name.split('_')[0]}": v for name, v in losses.items()})
 
-    with Progress(config.steps, "why-attention", enabled=progress, initial=start) as bar:
+    with Progress(config.steps, "why-attention", enabled=options.progress,
+                  initial=start) as bar:
         run_state.loop(start, config.steps, step_fn, extra=lambda: {"seconds": dict(seconds)})
-    results = {"config": dataclasses.asdict(config)}
+    results = {"config": config.settings()}
     for name, model in models.items():
         results[name] = {"parameters": count_parameters(model),
                          "hidden_size": model.decoder.hidden_size,
@@ -247,14 +208,17 @@ def run(out_dir="out/why_attention", config: WhyConfig = WhyConfig(), *,
                            for m in ("without_attention", "with_attention")
                            for k in ("char_accuracy", "exact_match")])
     results["table"] = rows
-    out_dir = Path(out_dir)
     write_json(out_dir / "results.json", results)
-    if plots:
+    if options.figures:
+        from ...viz import save_figure
+        from .figures import comparison_figure
+
         src, _, _ = make_batch([config.max_len], torch.Generator().manual_seed(config.seed))
         tokens, weights = with_attention.greedy_decode(src, config.max_len, need_weights=True)
         digits = lambda ids: "".join(str(i - _DIGIT) for i in ids)  # noqa: E731
-        _figure(results, weights[0].mean(0), digits(src[0].tolist()),
-                digits(tokens[0].tolist()), out_dir / "why_attention.png")
+        figure = comparison_figure(results, weights[0].mean(0), digits(src[0].tolist()),
+                                   digits(tokens[0].tolist()))
+        save_figure(figure, out_dir / "why_attention.png")
     run_state.finish()
     return results
 
@@ -271,46 +235,3 @@ def format_table(results: dict) -> str:
         lines.append(f"{name}: {r['parameters']:,} parameters (hidden {r['hidden_size']}), "
                      f"{r['train_seconds']:.0f} s training")
     return "\n".join(lines)
-
-
-def _run(args) -> int:
-    try:
-        config = WhyConfig(steps=args.steps, seed=args.seed, hidden_size=args.hidden_size,
-                           max_len=args.max_len, eval_per_length=args.eval_per_length)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    out = check_out_dir(args.out)
-    check_plotting(not args.no_plots)
-    apply_threads(args)
-    results = run(out, config, progress=not args.quiet, plots=not args.no_plots,
-                  resume=args.resume, checkpoint_every=args.checkpoint_every)
-    print(format_table(results))
-    written = "why_attention.png and results.json" if not args.no_plots else "results.json"
-    print(f"wrote {written} in {out}")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """Add ``why-attention`` to the CLI."""
-    parser = subparsers.add_parser(
-        "why-attention", help="GRU encoder-decoder with vs without attention on long inputs",
-        formatter_class=HelpFormatter,
-        description="Two GRU encoder-decoders of equal size learn to reverse digit strings of\n"
-                    "5 to --max-len digits, one with attention and one without; the table and\n"
-                    "figure show accuracy against input length, and the attention model's\n"
-                    "alignment (reversal reads the source back to front: an anti-diagonal).")
-    add_common_options(parser, out="out/why_attention", plots=True)
-    parser.add_argument("--steps", type=positive_int, default=WhyConfig.steps,
-                        help="training steps (both models train on the same batches)")
-    parser.add_argument("--hidden-size", type=positive_int, default=WhyConfig.hidden_size,
-                        help="GRU width of the attention model")
-    parser.add_argument("--max-len", type=positive_int, default=WhyConfig.max_len,
-                        help="longest input (inputs are 5 to this many digits)")
-    parser.add_argument("--eval-per-length", type=positive_int,
-                        default=WhyConfig.eval_per_length,
-                        help="held-out strings per input length")
-    parser.add_argument("--checkpoint-every", type=positive_int, default=200, metavar="STEPS",
-                        help="steps between saves of the training state")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted run saved in --out")
-    parser.set_defaults(func=_run)

@@ -1,12 +1,10 @@
-"""The GPT app's library: training, the prompt check and the attention figure.
+"""The GPT app's training: ``train(config) -> TrainResult``.
 
-* :func:`train` - seeded training on the Python help text (or any text), progress with
-  train/val loss, a resumable state, an atomic checkpoint and a loss-curve PNG, and the
-  validation loss next to a unigram baseline.
-* :func:`encode_prompt` - a prompt's token ids, or a ``ValueError`` saying why not.
-* :func:`attention_figure` - a readable layer x head grid of attention maps.
-
-The command line (``attnkit gpt train | generate | attention``) is :mod:`.cli`.
+Seeded training on the Python help text (or any text), progress with train/val loss, a
+resumable state, an atomic checkpoint and a loss-curve PNG, and the validation loss next to a
+unigram baseline. Nothing here prints: report lines go to ``config.run.log``. The prompt check
+is :func:`~.data.encode_prompt`, the figures :mod:`.figures`, the command line
+(``attnkit gpt train | generate | attention``) :mod:`.cli`.
 """
 
 from __future__ import annotations
@@ -20,18 +18,60 @@ from pathlib import Path
 
 import torch
 
-from ... import viz
 from .._progress import Progress
-from .._training import ResumableRun, check_replace
+from .._training import ResumableRun, RunOptions, check_replace
 from .._vocab import CharVocab
 from .data import get_batch, split_ids, unigram_loss
 from .model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
-__all__ = ["TrainResult", "train", "encode_prompt", "attention_figure", "memory_estimate",
-           "existing_val_loss", "CHECKPOINT_NAME", "DEFAULT_OUT"]
+__all__ = ["TrainConfig", "TrainResult", "train", "memory_estimate", "existing_val_loss",
+           "CHECKPOINT_NAME", "DEFAULT_OUT"]
 
 CHECKPOINT_NAME = "gpt.pt"
 DEFAULT_OUT = Path("out/gpt")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a GPT run learns from; ``run`` says how it is carried out (:class:`RunOptions`:
+    ``out`` for ``gpt.pt``, ``loss.png`` and ``resume.pt``, None writes nothing;
+    ``checkpoint_every`` defaults to ``eval_every``; ``figures`` writes the loss curve).
+
+    Attributes:
+        text: the corpus; split 90/10 into train/validation with :func:`split_ids`.
+        preset: a :data:`attnkit.apps.gpt.model.PRESETS` name; ``overrides`` replace its
+            fields (e.g. ``{"max_seq_len": 128}``).
+        steps: optimizer steps (AdamW, warm-up then cosine decay).
+        batch_size: windows of ``max_seq_len`` characters per step.
+        lr: peak learning rate.
+        seed: seeds the initial weights and the batches: the same config gives the same
+            model (on the same torch build and thread count).
+        eval_every: steps between validation estimates (and progress lines).
+        eval_batches: batches per validation estimate.
+
+    Raises:
+        TypeError: ``text`` is not a str.
+        ValueError: ``steps``, ``batch_size``, ``eval_every`` or ``eval_batches`` below 1.
+    """
+
+    text: str
+    preset: str = "small"
+    steps: int = 1500
+    batch_size: int = 12
+    lr: float = 1e-3
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 10
+    overrides: dict = field(default_factory=dict)
+    run: RunOptions = RunOptions()
+
+    def __post_init__(self):
+        if not isinstance(self.text, str):
+            raise TypeError(f"text must be a str, got {type(self.text).__name__}")
+        values = (self.steps, self.batch_size, self.eval_every, self.eval_batches)
+        if min(values) < 1:
+            raise ValueError(f"steps, batch_size, eval_every and eval_batches must be >= 1, "
+                             f"got {', '.join(map(str, values))}")
 
 
 @dataclass
@@ -116,87 +156,71 @@ def existing_val_loss(path, text: str) -> tuple[float | None, str]:
     return metadata.get("val_loss"), ""
 
 
-def train(text: str, *, preset: str = "small", steps: int = 1500, batch_size: int = 12,
-          lr: float = 1e-3, seed: int = 0, eval_every: int = 100, eval_batches: int = 10,
-          out: Path | None = DEFAULT_OUT, progress: bool = True, plot: bool = True,
-          log=print, resume: bool = False, force: bool = False,
-          checkpoint_every: int | None = None, **overrides) -> TrainResult:
-    """Train a character-level GPT on ``text`` and save it.
+def train(config: TrainConfig) -> TrainResult:
+    """Train a character-level GPT on ``config.text`` and (with ``config.run.out``) save it.
 
-    Args:
-        text: the corpus; split 90/10 into train/validation with :func:`split_ids`.
-        preset: a :data:`attnkit.apps.gpt.model.PRESETS` name; ``overrides`` replace its fields.
-        steps: optimizer steps (AdamW, warm-up then cosine decay).
-        batch_size: windows of ``max_seq_len`` characters per step.
-        lr: peak learning rate.
-        seed: seeds the initial weights and the batches: the same arguments give the same
-            model (on the same torch build and thread count).
-        eval_every: steps between validation estimates (and progress lines).
-        eval_batches: batches per validation estimate.
-        out: directory for ``gpt.pt``, ``loss.png`` and, while training, ``resume.pt``;
-            None writes nothing.
-        progress: show progress (a bar on a terminal, a line per evaluation elsewhere).
-        plot: write the loss curve (needs matplotlib).
-        log: called with each line of the report.
-        resume: continue the run saved in ``out/resume.pt`` (exactly: same batches).
-        force: replace an existing model with a lower validation loss.
-        checkpoint_every: steps between saves of the training state (default
-            ``eval_every``; only with ``out``).
+    A finished run replaces an existing ``gpt.pt`` only when its validation loss is at least as
+    low (and it was trained on the same text), or with ``run.force``; otherwise the reason is
+    reported through ``run.log``, like every other line of the report.
 
     Returns:
         A :class:`TrainResult`.
 
     Raises:
-        ValueError: bad sizes, a context longer than the training text or beyond this
-            machine's memory, or a text too short for one window of training and validation.
-        ImportError: ``plot`` without matplotlib (before training).
-        attnkit.apps._cli.UsageError: ``resume`` without a matching saved run.
+        ValueError: a context longer than the training text or beyond this machine's memory,
+            a text too short for one window of training and validation, or an unknown preset.
+        ImportError: ``run.figures`` without matplotlib (before training).
+        attnkit.apps._training.ResumeError: ``run.resume`` without a matching saved run.
         attnkit.apps._cli.Interrupted: Ctrl-C (the last saved state is kept).
     """
-    if steps < 1 or batch_size < 1 or eval_every < 1 or eval_batches < 1:
-        raise ValueError(f"steps, batch_size, eval_every and eval_batches must be >= 1, got "
-                         f"{steps}, {batch_size}, {eval_every}, {eval_batches}")
-    if plot and out is not None:
-        viz.require_matplotlib()  # fail before training, not after it
+    options, log, text, preset = config.run, config.run.log, config.text, config.preset
+    steps, batch_size, lr, seed = config.steps, config.batch_size, config.lr, config.seed
+    eval_every, eval_batches, overrides = config.eval_every, config.eval_batches, \
+        config.overrides
+    out = options.out
+    if options.figures and out is not None:
+        from ...viz import require_matplotlib
+
+        require_matplotlib()  # fail before training, not after it
     tokenizer = CharVocab.from_text(text)
     train_ids, val_ids = split_ids(torch.tensor(tokenizer.encode(text), dtype=torch.long))
-    config = GPTConfig.preset(preset, tokenizer.vocab_size, **overrides)
+    model_config = GPTConfig.preset(preset, tokenizer.vocab_size, **overrides)
     if len(val_ids) < 2:
         raise ValueError(f"the text has {len(text)} characters: too short to hold out "
                          f"validation data")
-    if "max_seq_len" in overrides and config.max_seq_len >= len(train_ids):
-        raise ValueError(f"--context {config.max_seq_len} is longer than the training text "
-                         f"({len(train_ids):,} characters); use a shorter context or more text")
-    need, have = memory_estimate(config, batch_size), _available_memory()
+    if "max_seq_len" in overrides and model_config.max_seq_len >= len(train_ids):
+        raise ValueError(f"--context {model_config.max_seq_len} is longer than the training "
+                         f"text ({len(train_ids):,} characters); use a shorter context or more "
+                         f"text")
+    need, have = memory_estimate(model_config, batch_size), _available_memory()
     if have is not None and need > have:
-        raise ValueError(f"training with context {config.max_seq_len} and batch {batch_size} "
-                         f"needs about {need / 2**30:.1f} GiB, but {have / 2**30:.1f} GiB is "
+        raise ValueError(f"training with context {model_config.max_seq_len} and batch "
+                         f"{batch_size} needs about {need / 2**30:.1f} GiB, but {have / 2**30:.1f} GiB is "
                          f"available; use a shorter --context or a smaller --batch-size")
     torch.manual_seed(seed)
-    model = GPT(config).train()
+    model = GPT(model_config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
-    block = min(config.max_seq_len, len(train_ids) - 1)  # short texts train on shorter windows
+    # Short texts train on shorter windows.
+    block = min(model_config.max_seq_len, len(train_ids) - 1)
     baseline = unigram_loss(train_ids, val_ids, tokenizer.vocab_size)
     result = TrainResult(model, tokenizer, unigram_loss=baseline)
     run = None
     if out is not None:
         settings = {"text_id": _text_id(text), "preset": preset, "steps": steps,
                     "batch_size": batch_size, "lr": lr, "seed": seed, "eval_every": eval_every,
-                    "eval_batches": eval_batches, "model": dataclasses.asdict(config)}
+                    "eval_batches": eval_batches, "model": dataclasses.asdict(model_config)}
         run = ResumableRun(out, kind="gpt", settings=settings,
                            objects={"model": model, "optimizer": optimizer},
                            rngs={"batches": generator, "torch": None},
-                           every=checkpoint_every or eval_every,
+                           every=options.checkpoint_every or eval_every,
                            command=f"attnkit gpt train --out {out}")
     log(f"{len(text):,} characters, vocabulary {tokenizer.vocab_size}, {len(train_ids):,} train "
         f"/ {len(val_ids):,} validation; model {model.num_parameters():,} parameters "
-        f"({preset}: {config.num_layers} layers, {config.num_heads} heads, "
-        f"{config.embed_dim} dims, context {config.max_seq_len})")
+        f"({preset}: {model_config.num_layers} layers, {model_config.num_heads} heads, "
+        f"{model_config.embed_dim} dims, context {model_config.max_seq_len})")
     start, state = 0, {"running": math.nan, "seconds": 0.0}
-    if resume:
-        if run is None:
-            raise ValueError("resume needs an output folder (out=None keeps no state)")
+    if options.resume:
         start, saved = run.load()
         result.history = [tuple(h) for h in saved["history"]]
         state.update(running=saved["running"], seconds=saved["seconds"])
@@ -222,7 +246,7 @@ def train(text: str, *, preset: str = "small", steps: int = 1500, batch_size: in
 
     started = time.perf_counter()
     elapsed = lambda: state["seconds"] + time.perf_counter() - started  # noqa: E731
-    with Progress(steps, "gpt train", enabled=progress, initial=start, every=eval_every) as bar:
+    with Progress(steps, "gpt train", enabled=options.progress, initial=start, every=eval_every) as bar:
         if run is None:
             for step in range(start, steps):
                 step_fn(step)
@@ -241,85 +265,22 @@ def train(text: str, *, preset: str = "small", steps: int = 1500, batch_size: in
     if out is not None:
         path = Path(out) / CHECKPOINT_NAME
         old, note = existing_val_loss(path, text)
-        if note and not force:
-            log(f"kept {path}: {note}; pass --force to replace it")
-        elif check_replace(path, result.val_loss, old, name="validation loss",
-                           higher_is_better=False, force=force):
+        kept = f"kept {path}: {note}; pass --force to replace it" if note and \
+            not options.force else check_replace(path, result.val_loss, old,
+                                                 name="validation loss",
+                                                 higher_is_better=False, force=options.force)
+        if kept:
+            log(kept)
+        else:
             result.files.append(save_checkpoint(
                 path, model, chars=tokenizer.chars, preset=preset, steps=steps, seed=seed,
                 val_loss=result.val_loss, unigram_loss=baseline, text_id=_text_id(text),
                 history=[list(h) for h in result.history]))
-            if plot:
-                result.files.append(_plot_losses(result, Path(out) / "loss.png"))
+            if options.figures:
+                from .figures import plot_losses
+
+                result.files.append(plot_losses(result, Path(out) / "loss.png"))
         for written in result.files:
             log(f"wrote {written}")
         run.finish()
     return result
-
-
-def _plot_losses(result: TrainResult, path: Path) -> Path:
-    fig, axes = viz.new_figure(panel_size=(6.0, 4.0))
-    ax = axes[0, 0]
-    steps = [h[0] for h in result.history]
-    ax.plot(steps, [h[1] for h in result.history], marker=".", label="train (running mean)")
-    ax.plot(steps, [h[2] for h in result.history], marker=".", label="validation")
-    ax.axhline(result.unigram_loss, color="grey", linestyle="--", label="unigram baseline")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/char)")
-    ax.set_title(viz.wrap(f"GPT training: validation {result.val_loss:.3f} vs unigram "
-                          f"{result.unigram_loss:.3f} nats/char", 6.0, 11), fontsize=11)
-    ax.legend()
-    return viz.save_figure(fig, path)
-
-
-def encode_prompt(prompt, model: GPT, vocab: CharVocab) -> torch.Tensor:
-    """The token ids ``(T,)`` of a prompt the model can read.
-
-    Raises:
-        TypeError: ``prompt`` is not a str.
-        ValueError: an empty prompt, characters the model never saw (named), or more
-            characters than the model's context.
-    """
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    if not prompt:
-        raise ValueError("the prompt is empty; give at least one character")
-    missing = vocab.unknown(prompt)
-    if missing:
-        raise ValueError(f"the prompt has {len(missing)} character(s) the model never saw in "
-                         f"training: {', '.join(repr(c) for c in missing)}")
-    limit = model.config.max_seq_len
-    if len(prompt) > limit:
-        raise ValueError(f"the prompt has {len(prompt)} characters but the model's context "
-                         f"is {limit}; shorten it")
-    return torch.tensor(vocab.encode(prompt), dtype=torch.long)  # (T,)
-
-
-def _label(char: str) -> str:
-    """Tick label for a character: whitespace made visible."""
-    return {" ": "␣", "\n": "\\n", "\t": "\\t"}.get(char, char)
-
-
-def attention_figure(grid: torch.Tensor, prompt: str):
-    """The layer x head grid of attention maps of ``prompt``, as a matplotlib Figure.
-
-    Args:
-        grid: attention weights ``(L, H, T, T)`` of one prompt of ``T`` characters.
-        prompt: the characters (tick labels, whitespace made visible).
-
-    Long prompts stay readable: square cells that shrink once the figure reaches its size
-    cap, and every k-th character labelled with its position (:mod:`attnkit.viz`).
-
-    Raises:
-        ImportError: matplotlib is missing.
-    """
-    labels = [_label(c) for c in prompt]
-    # The first queries see one or two keys, so their weights are 1.0 and 0.5 and would
-    # darken every other cell on a shared scale; scale to the later rows (earlier ones clip,
-    # and the colour bar's arrow says so).
-    vmax = float(grid[:, :, 2:].max()) if grid.shape[2] > 2 else 1.0
-    return viz.head_grid_figure(
-        grid, labels, labels, annotate=False, vmax=vmax,
-        title=f"GPT attention for a prompt of {len(prompt)} characters, {grid.shape[0]} layers x "
-              f"{grid.shape[1]} heads (rows: queries, columns: keys; causal, so only keys at "
-              f"or before the query)")

@@ -6,7 +6,8 @@ here goes to a temporary file in the target's directory and is moved into place 
 ``os.replace``, which is atomic within one file system: readers see the old file or the new
 one, never a mixture.
 
-A checkpoint is one ``torch.save`` file holding a dict::
+:func:`atomic_write` lives in the core (:mod:`attnkit._atomic`, which :mod:`attnkit.viz` uses
+too) and is re-exported here. A checkpoint is one ``torch.save`` file holding a dict::
 
     {"format": "attnkit-checkpoint", "version": 1, "kind": "...",
      "config": {...plain JSON-able settings...}, "state_dict": {...}, **extra}
@@ -18,12 +19,11 @@ model's file with a useful message instead of a key error deep inside ``load_sta
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
-from typing import Callable
 
 import torch
+
+from .._atomic import atomic_write
 
 __all__ = ["CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint",
            "write_json"]
@@ -33,38 +33,6 @@ _FORMAT, _VERSION = "attnkit-checkpoint", 1
 
 class CheckpointError(ValueError):
     """A checkpoint file exists but cannot be used (corrupt, truncated, or another kind)."""
-
-
-def atomic_write(path, write: Callable[[object], None]) -> Path:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    Args:
-        path: the destination; missing parent directories are created.
-        write: fills the open binary file.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-
-    Raises:
-        Whatever ``write`` raises; the temporary file is removed and an existing ``path`` is
-        left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # 0o666 lets the umask choose the mode, as for any new file (mkstemp would force 0o600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_json(path, data) -> Path:

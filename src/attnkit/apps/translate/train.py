@@ -1,10 +1,10 @@
-"""The date translator: train it, score its alignment, and translate checked answers.
+"""The date translator's training: ``train(config) -> metrics``, evaluation, saving, loading.
 
 :func:`train` trains a :class:`~attnkit.apps.translate.model.TransformerSeq2Seq` on generated
 date pairs (:mod:`attnkit.apps.translate.dates`) and writes to ``out_dir`` (default
 ``out/translate/``), every file atomically:
 
-* ``checkpoint.pt`` - weights and config (:mod:`attnkit.checkpoint`);
+* ``checkpoint.pt`` - weights and config (:mod:`attnkit.apps.checkpoint`);
 * ``resume.pt`` - the whole training state, every ``checkpoint_every`` steps while training
   (removed when the run finishes);
 * ``metrics.json`` - held-out exact match and character accuracy on 2,000 dates never seen in
@@ -17,8 +17,8 @@ The alignment score of a field is the share of output digits of that field (year
 day) whose strongest source position, in the head-averaged cross-attention, lies inside the
 field's span in the source.
 
-Checked translation is :mod:`attnkit.apps.translate.answer`; the command line is
-:mod:`attnkit.apps.translate.cli`.
+Nothing here prints: report lines go to ``config.run.log``. Checked translation is
+:mod:`.answer`, the figures :mod:`.figures`, the command line :mod:`.cli`.
 """
 
 from __future__ import annotations
@@ -26,34 +26,37 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import string
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ...checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json
 from .._progress import Progress
-from .._training import ResumableRun, check_replace
-from .._vocab import CharVocab
+from .._training import ResumableRun, RunOptions, check_replace
 from . import dates
-from .model import TransformerConfig, TransformerSeq2Seq, count_parameters
+from .figures import plot_alignment
+from .model import (MAX_SOURCE_LEN, SOURCE_VOCAB, TARGET_VOCAB, TransformerConfig,
+                    TransformerSeq2Seq, count_parameters)
 
-__all__ = ["TrainConfig", "SOURCE_VOCAB", "TARGET_VOCAB", "train", "evaluate", "load_translator",
-           "alignment_figure", "plot_alignment", "save_translator", "alignment_scores", "existing_score"]
+__all__ = ["TrainConfig", "NUM_FIGURES", "CHECKPOINT_NAME", "SOURCE_VOCAB", "TARGET_VOCAB",
+           "train", "evaluate", "load_translator", "save_translator", "alignment_scores",
+           "existing_score"]
 
-SOURCE_VOCAB = CharVocab(string.ascii_lowercase + string.digits + " ,./-", padding=True)
-TARGET_VOCAB = CharVocab(string.digits + "-", specials=("<bos>",), padding=True)
-MAX_SOURCE_LEN = 40
 CHECKPOINT_NAME = "checkpoint.pt"
 # Output positions of each field's digits in "YYYY-MM-DD".
 FIELD_POSITIONS = {"year": (0, 1, 2, 3), "month": (5, 6), "day": (8, 9)}
 
 
+NUM_FIGURES = 4  # held-out alignment figures a run writes (four different formats)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Training settings (model sizes live in :class:`TransformerConfig`).
+    """Training settings; ``model`` holds the sizes (default: :class:`TransformerConfig` for
+    these vocabularies) and ``run`` how the run is carried out (:class:`RunOptions`; its
+    ``checkpoint_every`` defaults to 100 steps here).
 
     Raises:
         ValueError: non-positive ``steps``, ``batch_size``, ``lr`` or ``eval_size``.
@@ -65,6 +68,14 @@ class TrainConfig:
     warmup: int = 60
     seed: int = 0
     eval_size: int = 2000
+    model: TransformerConfig | None = None
+    run: RunOptions = RunOptions(out=Path("out/translate"))
+
+    def settings(self) -> dict:
+        """What the run learns from: every field but ``model`` and ``run`` (saved with the
+        checkpoint and compared when resuming)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("model", "run")}
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "lr", "eval_size"):
@@ -133,94 +144,42 @@ def evaluate(model: TransformerSeq2Seq, pairs: list[dates.DatePair], batch_size:
             "errors": errors, "num_examples": n}
 
 
-def alignment_figure(model: TransformerSeq2Seq, source: str):
-    """The cross-attention figure of one input, as a matplotlib Figure: one panel per decoder
-    layer and head, plus each layer's head average. In each panel the source characters run
-    along x and the 10 output characters down y, in square cells, so a panel is as wide as
-    the source is long. Long sources (wide panels) stack the heads down the figure with one
-    column per layer; short ones put the heads across with one row per layer: whichever
-    figure is closer to a screen's shape.
-
-    Raises:
-        ValueError: characters outside the vocabulary, or a source too long.
-        ImportError: matplotlib is missing.
-    """
-    from ...viz import grid_figure
-
-    text = source.lower()
-    tokens, _, weights = model.greedy_decode(SOURCE_VOCAB.batch([text]), need_weights=True)
-    weights = weights[:, 0]  # (layers, H, 10, S)
-    layers, heads, steps, length = weights.shape
-    panels = [list(weights[layer]) + [weights[layer].mean(0)] for layer in range(layers)]
-    titles = [[f"decoder layer {layer}, " + (f"head {h}" if h < heads else "head average")
-               for h in range(heads + 1)] for layer in range(layers)]
-    across = (heads + 1) * length / (layers * steps)  # width / height, heads across
-    down = layers * length / ((heads + 1) * steps)  # width / height, heads down
-    if abs(math.log(down / 1.6)) < abs(math.log(across / 1.6)):
-        # rows: heads, columns: layers
-        panels, titles = ([list(column) for column in zip(*grid)] for grid in (panels, titles))
-    output = TARGET_VOCAB.decode(tokens[0].tolist())
-    # One label per output step; a special token (an untrained model's) shows as "·".
-    characters = [TARGET_VOCAB.decode([t]) or "\u00b7" for t in tokens[0].tolist()]
-    return grid_figure(panels, [c if c != " " else "\u2423" for c in text], characters,
-                       title=f"cross-attention: {source!r} -> {output} (bright: the source "
-                             f"characters each output character reads)",
-                       annotate=False, cmap="gray",
-                       panel_titles=titles, x_name="source", y_name="output",
-                       max_size=(18.0, 20.0))
-
-
-def plot_alignment(model: TransformerSeq2Seq, source: str, path) -> Path:
-    """Write :func:`alignment_figure` of ``source`` to ``path`` (atomically).
-
-    Raises:
-        ValueError: characters outside the vocabulary, or a source too long.
-        ImportError: matplotlib is missing.
-    """
-    from ...viz import save_figure
-
-    return save_figure(alignment_figure(model, source), path)
-
-
-def train(out_dir="out/translate", config: TrainConfig = TrainConfig(),
-          model_config: TransformerConfig | None = None, *, progress: bool = True,
-          figures: int = 4, resume: bool = False, force: bool = False,
-          checkpoint_every: int = 100) -> dict:
+def train(config: TrainConfig = TrainConfig()) -> dict:
     """Train the translator, evaluate on held-out dates and write every output atomically.
 
-    Every ``checkpoint_every`` steps the whole training state goes to ``out_dir/resume.pt``;
-    Ctrl-C keeps the last one and ``resume=True`` continues from it, exactly as if the run had
-    not stopped. A finished run replaces an existing ``checkpoint.pt`` only when its held-out
-    exact match is at least as good, or with ``force``.
+    Every ``config.run.checkpoint_every`` steps (default 100) the whole training state goes to
+    ``out/resume.pt``; Ctrl-C keeps the last one and ``run.resume`` continues from it,
+    exactly as if the run had not stopped. A finished run replaces an existing
+    ``checkpoint.pt`` only when its held-out exact match is at least as good, or with
+    ``run.force``; otherwise the reason is reported through ``run.log``. ``run.figures``
+    writes :data:`NUM_FIGURES` held-out alignment figures.
 
     Args:
-        out_dir: destination directory.
-        config: training settings.
-        model_config: model sizes; default :class:`TransformerConfig` for these vocabularies.
-        progress: show progress (a bar on a terminal, periodic lines elsewhere).
-        figures: how many held-out alignment figures to write (needs matplotlib if > 0).
-        resume: continue the run saved in ``out_dir/resume.pt``.
-        force: replace an existing better model.
-        checkpoint_every: steps between saves of the training state.
+        config: what to learn, the model's sizes and how to run (:class:`TrainConfig`).
 
     Returns:
         The metrics dict also written to ``metrics.json``, plus ``saved`` (whether
         ``checkpoint.pt`` was written).
 
     Raises:
-        ImportError: ``figures > 0`` without matplotlib (before training).
-        attnkit.apps._cli.UsageError: ``resume`` without a matching saved run.
+        ValueError: ``config.run.out`` is None (the translator is always saved).
+        ImportError: ``run.figures`` without matplotlib (before training).
+        attnkit.apps._training.ResumeError: ``run.resume`` without a matching saved run.
         attnkit.apps._cli.Interrupted: Ctrl-C (the last saved state is kept).
     """
-    if figures > 0:
+    options = config.run
+    if options.out is None:
+        raise ValueError("config.run.out is None; the translator's training needs an output "
+                         "folder")
+    if options.figures:
         from ...viz import require_matplotlib
 
         require_matplotlib()  # fail before training, not after it
-    out_dir = Path(out_dir)
+    out_dir = options.out
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     train_dates, heldout_dates = dates.split_dates(config.eval_size, seed=0)
-    model_config = model_config or TransformerConfig(len(SOURCE_VOCAB), len(TARGET_VOCAB),
+    model_config = config.model or TransformerConfig(len(SOURCE_VOCAB), len(TARGET_VOCAB),
                                                      max_src_len=MAX_SOURCE_LEN)
     model = TransformerSeq2Seq(model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
@@ -228,16 +187,17 @@ def train(out_dir="out/translate", config: TrainConfig = TrainConfig(),
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
         (s + 1) / config.warmup, 0.5 * (1 + math.cos(math.pi * s / config.steps))))
     run = ResumableRun(out_dir, kind="translator",
-                       settings={"train": dataclasses.asdict(config),
+                       settings={"train": config.settings(),
                                  "model": dataclasses.asdict(model_config)},
                        objects={"model": model, "optimizer": optimizer, "schedule": schedule},
-                       rngs={"batches": rng, "torch": None}, every=checkpoint_every,
+                       rngs={"batches": rng, "torch": None},
+                       every=options.checkpoint_every or 100,
                        command=f"attnkit translate train --out {out_dir}")
     start, seconds = 0, 0.0
-    if resume:
+    if options.resume:
         start, saved = run.load()
         seconds = saved.get("train_seconds", 0.0)
-    bar = Progress(config.steps, "translate train", enabled=progress, initial=start)
+    bar = Progress(config.steps, "translate train", enabled=options.progress, initial=start)
     model.train()
     last_loss = [math.nan]
 
@@ -264,9 +224,12 @@ def train(out_dir="out/translate", config: TrainConfig = TrainConfig(),
                    seed=config.seed, parameters=count_parameters(model),
                    threads=torch.get_num_threads(), final_loss=round(last_loss[0], 4))
     checkpoint = out_dir / CHECKPOINT_NAME
-    metrics["saved"] = check_replace(checkpoint, metrics["exact_match"],
-                                     existing_score(out_dir), name="held-out exact match",
-                                     higher_is_better=True, force=force)
+    kept = check_replace(checkpoint, metrics["exact_match"], existing_score(out_dir),
+                         name="held-out exact match", higher_is_better=True,
+                         force=options.force)
+    metrics["saved"] = kept is None
+    if kept:
+        options.log(kept)
     if metrics["saved"]:
         save_translator(model, out_dir, config,
                         metrics={k: metrics[k] for k in ("exact_match", "char_accuracy")})
@@ -274,7 +237,7 @@ def train(out_dir="out/translate", config: TrainConfig = TrainConfig(),
         # Four different formats, so the figures show different alignments.
         shown, seen = [], set()
         for pair in heldout:
-            if len(shown) < figures and pair.format_index not in seen:
+            if len(shown) < NUM_FIGURES * options.figures and pair.format_index not in seen:
                 shown.append(pair)
                 seen.add(pair.format_index)
         for i, pair in enumerate(shown, 1):
@@ -300,7 +263,7 @@ def save_translator(model: TransformerSeq2Seq, out_dir, config: TrainConfig | No
         The checkpoint path (``out_dir/checkpoint.pt``), written atomically.
     """
     setup = {"model": dataclasses.asdict(model.config),
-             "train": None if config is None else dataclasses.asdict(config),
+             "train": None if config is None else config.settings(),
              "source_chars": SOURCE_VOCAB.chars, "target_chars": TARGET_VOCAB.chars}
     return save_checkpoint(Path(out_dir) / CHECKPOINT_NAME, model.state_dict(), setup,
                            kind="translator", **extra)

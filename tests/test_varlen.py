@@ -1,0 +1,200 @@
+"""Varlen attention (flash-attn's convention) and the varlen mask kind: truth tables, block
+summaries that never lie, every option against a per-sequence float64 reference, gradients,
+and every error message."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnkit
+from attnkit import masks as M
+from attnkit.functional import scaled_dot_product_attention as sdpa_ref
+from attnkit.varlen import plan_groups
+
+
+def _ref(q, k, v, cu_q, cu_k, *, causal=True, window=None, softcap=None, slopes=None,
+         sinks=None, scale=None):
+    """One sequence at a time with dense masks: ``(total_q, H, D)``."""
+    H, Hkv = q.shape[1], k.shape[1]
+    outs = []
+    for s in range(len(cu_q) - 1):
+        qs = q[cu_q[s]:cu_q[s + 1]].transpose(0, 1)  # (H, Lq, D)
+        ks = k[cu_k[s]:cu_k[s + 1]].transpose(0, 1).repeat_interleave(H // Hkv, 0)
+        vs = v[cu_k[s]:cu_k[s + 1]].transpose(0, 1).repeat_interleave(H // Hkv, 0)
+        Lq, Lk = qs.shape[1], ks.shape[1]
+        p = torch.arange(Lq).view(-1, 1) + Lk - Lq  # (Lq, 1) bottom-right positions
+        j = torch.arange(Lk).view(1, -1)
+        mask = torch.ones(Lq, Lk, dtype=torch.bool)
+        left, right = window if window is not None else (-1, -1)
+        if causal:
+            right = 0 if right == -1 else min(right, 0)
+        if left != -1:
+            mask &= j >= p - left
+        if right != -1:
+            mask &= j <= p + right
+
+        def score_mod(sc, b, h, qi, kj, p=p, j=j):
+            if softcap is not None:
+                sc = softcap * torch.tanh(sc / softcap)
+            if slopes is not None:
+                sc = sc - slopes.view(-1, 1, 1) * (p - j).abs()
+            return sc
+        out = sdpa_ref(qs[None], ks[None], vs[None], mask=mask, scale=scale,
+                       score_mod=score_mod, sinks=sinks)[0]
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
+def _packed(lq, lk, H=4, Hkv=2, D=8, dtype=torch.float64, grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cu_q = [0] + torch.tensor(lq).cumsum(0).tolist()
+    cu_k = [0] + torch.tensor(lk).cumsum(0).tolist()
+    q = torch.randn(cu_q[-1], H, D, generator=g, dtype=dtype)
+    k = torch.randn(cu_k[-1], Hkv, D, generator=g, dtype=dtype)
+    v = torch.randn(cu_k[-1], Hkv, D, generator=g, dtype=dtype)
+    if grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return q, k, v, cu_q, cu_k
+
+
+def test_varlen_mask_truth_table_bottom_right_per_sequence():
+    m = M.varlen([0, 1, 3], [0, 3, 5])
+    dense = M.MaskSpec(mask_mod=m).dense(3, 5)[0, 0]
+    assert dense.int().tolist() == [[1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+    win = M.MaskSpec(mask_mod=M.varlen([0, 4], causal=False, window=(1, 1))).dense(4, 4)
+    assert win[0, 0].int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]]
+    assert "varlen(2 seqs, causal" in m.describe()
+
+
+@settings(max_examples=40, deadline=None)
+@given(lens=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 12)), min_size=1, max_size=5),
+       left=st.sampled_from([-1, 0, 2]), right=st.sampled_from([-1, 0, 3]),
+       causal=st.booleans(), bq=st.integers(1, 5), bk=st.integers(1, 5))
+def test_block_summaries_never_lie(lens, left, right, causal, bq, bk):
+    lq, lk = [a for a, _ in lens], [b for _, b in lens]
+    cu_q, cu_k = [0], [0]
+    for a, b in zip(lq, lk):
+        cu_q.append(cu_q[-1] + a)
+        cu_k.append(cu_k[-1] + b)
+    T, S = cu_q[-1], cu_k[-1]
+    if T == 0 or S == 0:
+        return
+    m = M.varlen(cu_q, cu_k, causal=causal, window=(left, right))
+    dense = M.MaskSpec(mask_mod=m).dense(T, S)[0, 0]
+    some, every = m.summary(T, S, bq, bk)
+    for i in range(some.shape[0]):
+        for j in range(some.shape[1]):
+            blk = dense[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+            assert bool(some[i, j]) or not blk.any()
+            assert not bool(every[i, j]) or blk.all()
+    # cross-sequence blocks are skipped: a single-sequence query tile never visits another's
+    if len(lens) > 1 and all(a > 0 and b > 0 for a, b in lens) and bq == 1 and bk == 1:
+        assert int(some.sum()) == int(dense.sum())
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, (3, -1)),
+                                           (False, (2, 1))])
+def test_matches_per_sequence_reference(causal, window):
+    # decode-like (1 query over a cache), prefill chunks, an empty sequence, more queries
+    # than keys (the first ones see nothing when causal)
+    q, k, v, cu_q, cu_k = _packed([1, 5, 0, 7, 3, 4], [9, 300, 2, 7, 3, 2])
+    out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, window=window)
+    torch.testing.assert_close(out, _ref(q, k, v, cu_q, cu_k, causal=causal, window=window))
+
+
+def test_softcap_alibi_sinks_scale_and_gqa():
+    q, k, v, cu_q, cu_k = _packed([2, 3, 1, 1], [5, 3, 40, 1], H=4, Hkv=1)
+    slopes = attnkit.scores.alibi_slopes(4).double()
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
+    kw = dict(softcap=2.0, alibi_slopes=slopes, sinks=sinks, scale=0.3)
+    out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, **kw)
+    ref = _ref(q, k, v, cu_q, cu_k, softcap=2.0, slopes=slopes, sinks=sinks, scale=0.3)
+    torch.testing.assert_close(out, ref)
+
+
+def test_one_sequence_chunk_over_a_cache_split_and_merged():
+    # one sequence: a 6-query chunk over 40 keys runs as past + diagonal, merged by LSE
+    q, k, v, cu_q, cu_k = _packed([6], [40], H=4, Hkv=2, grad=True)
+    slopes = attnkit.scores.alibi_slopes(4).double()
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64, requires_grad=True)
+    kw = dict(softcap=2.0, alibi_slopes=slopes, sinks=sinks, scale=0.3)
+    out, lse = attnkit.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True, **kw)
+    ref = _ref(q, k, v, cu_q, cu_k, softcap=2.0, slopes=slopes, sinks=sinks, scale=0.3)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v, sinks), g),
+                    torch.autograd.grad(ref, (q, k, v, sinks), g)):
+        torch.testing.assert_close(a, b)
+    qs = q.transpose(0, 1)[None]  # (1, H, 6, D)
+    ks, vs = (t.transpose(0, 1).repeat_interleave(2, 0)[None] for t in (k, v))  # (1, H, 40, D)
+
+    def score(sc, b, h, i, j):
+        return 2.0 * torch.tanh(sc / 2.0) - slopes.view(-1, 1, 1) * (i + 34 - j).abs()
+    _, ref_lse = sdpa_ref(qs, ks, vs, mask=M.causal_mask(6, 40, align="bottom_right"),
+                          scale=0.3, sinks=sinks, score_mod=score, return_lse=True)
+    torch.testing.assert_close(lse, ref_lse[0])
+
+
+@pytest.mark.parametrize("backend", ["auto", "math", "chunked", "sdpa"])
+def test_exact_gradients(backend):
+    q, k, v, cu_q, cu_k = _packed([3, 1, 60], [3, 80, 70], grad=True)
+    out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, backend=backend)
+    ref_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = _ref(*ref_in, cu_q, cu_k)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, ref_in, g)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_lse_and_float32_long_packed_rows_use_one_call():
+    q, k, v, cu_q, cu_k = _packed([200, 150, 300], [200, 150, 300], dtype=torch.float32)
+    out, lse = attnkit.varlen_attention(q, k, v, cu_q, return_lse=True, backend="chunked")
+    ref = _ref(q.double(), k.double(), v.double(), cu_q, cu_k)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    assert lse.shape == (4, 650) and lse.dtype == torch.float32
+    s = q[0:1, 0] @ k[0:1, 0].T / math.sqrt(8)  # the first query sees only key 0
+    torch.testing.assert_close(lse[0, 0], s[0, 0])
+
+
+def test_plan_groups_merges_small_and_splits_wasteful():
+    assert plan_groups([1] * 4, [10] * 4, 64.0) == [(0, 4)]  # tiny: one call
+    big = plan_groups([1] * 4, [100_000] * 4, 1024.0)
+    assert big == [(0, 1), (1, 2), (2, 3), (3, 4)]  # 2x+ waste of large reads: one each
+    assert plan_groups([512, 512], [512, 512], 1024.0) == [(0, 1), (1, 2)]  # long: alone
+    assert plan_groups([2, 3, 2], [4, 3, 5], 1024.0) == [(0, 3)]
+
+
+@pytest.mark.parametrize("cu,match", [
+    ([1, 3], "cu_seqlens_q must start at 0"),
+    ([0, 3, 2], r"cu_seqlens_q must be non-decreasing .* cu_seqlens_q\[1\] = 3"),
+    ([0, 2], "cu_seqlens_q must end at the packed length 3"),
+    ([[0, 3]], "cu_seqlens_q must be 1-D"),
+])
+def test_bad_cu_seqlens_name_the_argument(cu, match):
+    q, k, v, _, _ = _packed([3], [3])
+    with pytest.raises(ValueError, match=match):
+        attnkit.varlen_attention(q, k, v, cu, [0, 3])
+
+
+def test_other_errors():
+    q, k, v, cu_q, cu_k = _packed([3], [3])
+    with pytest.raises(ValueError, match="cu_seqlens_k must end at the packed length 3"):
+        attnkit.varlen_attention(q, k, v, cu_q, [0, 4])
+    with pytest.raises(ValueError, match="same number of sequences, got 1 and 2"):
+        attnkit.varlen_attention(q, k, v, cu_q, [0, 1, 3])
+    with pytest.raises(TypeError, match="cu_seqlens_q must hold integers"):
+        attnkit.varlen_attention(q, k, v, torch.tensor([0.0, 3.0]), cu_k)
+    with pytest.raises(ValueError, match=r"max_seqlen_q = 2 is below the longest"):
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=2)
+    with pytest.raises(ValueError, match=r"q must be packed 3-D \(total_tokens"):
+        attnkit.varlen_attention(q[None], k, v, cu_q, cu_k)
+    with pytest.raises(ValueError, match=r"window must be \(left, right\)"):
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, window=5)
+    with pytest.raises(ValueError, match="cu_seqlens_q must end at the packed query length"):
+        M.varlen([0, 2]).validate(1, 1, 3, 2)
