@@ -273,3 +273,11 @@ def test_torch_block_masks_of_known_kinds_run_as_those_kinds(name, expected):
                                torch_flex(q, k, v, block_mask=bm))
     if name == "causal":
         assert attnkit.spec.lower(got, 300, 300)[1] == 0  # SDPA's is_causal
+
+
+def test_a_mask_mod_returning_floats_is_a_type_error():
+    q, k, v = qkv(B=1, H=2, Hkv=2, T=40)
+    bm = attnkit.create_block_mask(M.causal(), None, None, 40, 40)
+    with pytest.raises(TypeError, match="bool"):
+        attnkit.flex_attention(q, k, v, block_mask=attnkit.flex_api.BlockMask(
+            TorchMaskFn(lambda b, h, qi, ki: (qi >= ki).float()), bm.summary))

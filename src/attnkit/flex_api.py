@@ -81,7 +81,13 @@ class TorchMaskFn(MaskFn):
         from torch.nn.attention.flex_attention import _vmap_for_bhqkv
 
         fn = _vmap_for_bhqkv(self.fn, prefix=())
-        return fn(*_flat(b, h, q, k)).view(b.shape[0], h.shape[1], q.shape[2], k.shape[3])
+        out = fn(*_flat(b, h, q, k))
+        if not isinstance(out, Tensor) or out.dtype != torch.bool:
+            got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"mask_mod {self.describe()!r} must return a bool tensor (True = "
+                            f"may attend), got {got}; combine conditions with &, |, ~ or "
+                            f"torch.where, not Python if/and/or")
+        return out.view(b.shape[0], h.shape[1], q.shape[2], k.shape[3])
 
 
 def _captured_tensors(fn) -> tuple:
