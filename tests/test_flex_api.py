@@ -3,7 +3,6 @@ eagerly (nothing here compiles). References: torch's *eager* flex_attention in f
 dense definition of FlexAttention's semantics, forward only on CPU) and attnkit's float64
 math path (forward and backward)."""
 
-import math
 
 import pytest
 import torch

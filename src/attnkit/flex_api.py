@@ -49,8 +49,14 @@ from .scores import ScoreFn, ScoreMod
 from .spec import MaskSpec
 from .summary import EMPTY, FULL, PARTIAL, BlockSummary
 
-__all__ = ["flex_attention", "create_block_mask", "BlockMask", "BlockGrid", "TorchMaskFn",
-           "TorchScoreFn"]
+__all__ = [
+    "BlockGrid",
+    "BlockMask",
+    "TorchMaskFn",
+    "TorchScoreFn",
+    "create_block_mask",
+    "flex_attention",
+]
 
 
 # --- torch-style functions ------------------------------------------------------------------
