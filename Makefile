@@ -19,10 +19,18 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,viz,hf]" "$(TORCH)"
 	touch $(STAMP)
 
+# The decode backend's C++ kernel (src/attnkit/backends/_decode_kernel.cpp), compiled for this
+# machine into src/attnkit/backends/_build/. Never fails the build: without a compiler (or
+# ninja) it says why and the backend runs its pure-PyTorch implementation.
+DECODE_KERNEL := $(VENV)/.decode-kernel
+$(DECODE_KERNEL): $(STAMP) src/attnkit/backends/_decode_kernel.cpp src/attnkit/backends/_decode_ext.py
+	-$(BIN)/python -c "from attnkit.backends._decode_ext import main; main()"
+	touch $(DECODE_KERNEL)
+
 # The main job: the tutorial step by step, then the date translator (trained on first run,
 # a few minutes on 2 cores; later runs reuse out/translate/), then a few translations.
 # Every answer is checked before it is printed: the last line shows a refusal (exit 2).
-demo: $(STAMP)
+demo: $(STAMP) $(DECODE_KERNEL)
 	$(BIN)/attnkit walkthrough --out out/walkthrough
 	$(BIN)/attnkit translate train --if-missing --threads 1
 	$(BIN)/attnkit translate "thursday june 25 2009"
@@ -50,15 +58,15 @@ browser:
 # neither installs chromium nor runs the browser tests; PYTEST_ARGS passes more options.
 SKIP_BROWSER ?=
 PYTEST_ARGS ?=
-test: $(STAMP) browser
+test: $(STAMP) $(DECODE_KERNEL) browser
 	$(BIN)/python -m pytest -q $(if $(SKIP_BROWSER),-k "not browser") $(PYTEST_ARGS)
 
 # Each benchmark's --quick mode, and the JSON it writes.
-smoke: $(STAMP)
+smoke: $(STAMP) $(DECODE_KERNEL)
 	$(BIN)/python -m pytest -q -m bench
 
-bench: $(STAMP)
+bench: $(STAMP) $(DECODE_KERNEL)
 	$(BIN)/python benchmarks/bench_attention.py --quick
 
 clean:
-	rm -rf $(VENV) out build *.egg-info src/*.egg-info
+	rm -rf $(VENV) out build *.egg-info src/*.egg-info src/attnkit/backends/_build

@@ -181,7 +181,8 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, help="T (default 16384; quick 512)")
     parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"],
                         default=["fwd", "fwd+bwd"])
-    parser.add_argument("--patterns", nargs="+", choices=["window", "documents", "causal"])
+    parser.add_argument("--patterns", nargs="+",
+                        choices=["window", "documents", "causal", "causal_mod"])
     args = parser.parse_args(argv)
     if not args.threads:
         args.threads = 1

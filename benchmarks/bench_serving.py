@@ -9,7 +9,7 @@ Three measurements, each against transformers' own CPU paths:
    (:mod:`attnkit.integrations.transformers_varlen`). Each implementation runs in **its own
    process** (peak RSS is that process' high-water mark; ``--quick`` runs all in one). Reported: tokens/s (new tokens over
    the wall time), time to first token (median over requests, from submission), peak RSS and
-   whether the tokens equal ``paged|eager``'s.
+   whether the tokens equal ``paged|eager``'s (``sdpa``'s when paged|eager is not run).
 2. Mask / plan building against the number of requests (8, 32, 128; decode batches: one query
    per request over 64..4096 cached keys): transformers' ``build_attention_mask`` (the dense
    float ``total_q x total_k`` mask sdpa and paged|eager use) against attnkit's
@@ -157,11 +157,11 @@ def mask_rows(counts: list[int], max_len: int, reps: int) -> list[dict]:
         for x in lk:
             cu_k.append(cu_k[-1] + x)
 
-        def dense():
+        def dense(n=n, cu_q=cu_q, cu_k=cu_k):
             m = torch.full((1, 1, n, cu_k[-1]), torch.finfo(torch.float32).min)
             build_attention_mask(m, cu_q, cu_k)
 
-        def ours():
+        def ours(n=n, cu_q=cu_q, cu_k=cu_k, lk=lk):
             mod = varlen(torch.tensor(cu_q), torch.tensor(cu_k))
             mod.summary(n, cu_k[-1], 256, 64)
             plan_groups([1] * n, lk, 4.0 * 4 * 32)
@@ -209,7 +209,8 @@ def main(argv=None) -> None:
     if "cb" in args.parts:
         cb = [dict(_run("cb", impl, forward, args), group="generate_batch")
               for impl in args.impls]
-        ref = next((r.get("tokens") for r in cb if r["impl"] == "paged|eager"), None)
+        ref = next((r.get("tokens") for name in ("paged|eager", "sdpa") for r in cb
+                    if r["impl"] == name and r.get("tokens")), None)  # paged|eager's, else sdpa's
         peers = [r["tokens_per_s"] for r in cb if r["impl"] != "attnkit_flash"
                  and r.get("tokens_per_s")]
         for r in cb:

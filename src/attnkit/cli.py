@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
@@ -66,3 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:  # Ctrl-C during a long run: one line saying what was kept
         print(f"attnkit {getattr(args, 'prog_name', args.command)}: {err}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `attnkit walkthrough | head`: the reader left, nothing to say
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it

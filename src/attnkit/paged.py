@@ -29,7 +29,7 @@ from .engine import attention
 from .functional import merge_partial_attention
 from .masks import sliding_window
 
-__all__ = ["PagedKVCache", "MemoryReport", "paged_attention", "page_runs"]
+__all__ = ["MemoryReport", "PagedKVCache", "page_runs", "paged_attention"]
 
 
 def _positive(name: str, value) -> int:

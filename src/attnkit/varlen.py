@@ -31,10 +31,12 @@ from .masks import sliding_window, varlen
 from .masks.varlen import Varlen, check_cu_seqlens
 from .scores import ScoreMod
 
-__all__ = ["varlen_attention", "VarlenAlibi", "plan_groups"]
+__all__ = ["VarlenAlibi", "plan_groups", "varlen_attention"]
 
 #: Wasted FLOPs a group may add before a separate call (its overhead) is cheaper.
-SMALL_WASTE_FLOPS = 4e6
+SMALL_WASTE_FLOPS = 5e5
+#: Work of a sequence above which it runs in its own call (about a millisecond).
+ALONE_FLOPS = 2e7
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,18 +66,21 @@ class VarlenAlibi(ScoreMod):
 def plan_groups(len_q: list[int], len_k: list[int], flops_per_pair: float) -> list[tuple]:
     """Consecutive sequences ``[(first, end), ...]`` to run as one call each.
 
-    A sequence joins the open group while the group's dense ``sum(Lq) x sum(Lk)`` rectangle
-    stays within 1.5x its useful pairs or wastes under :data:`SMALL_WASTE_FLOPS` (one more
-    call's overhead); otherwise it starts a new group. Long sequences therefore run alone.
+    Only small sequences share a call (at most :data:`ALONE_FLOPS` of work each, where one
+    call's overhead matters), and only while the group's dense ``sum(Lq) x sum(Lk)`` rectangle
+    stays within 1.5x its useful pairs or wastes under :data:`SMALL_WASTE_FLOPS`. Larger
+    sequences run alone: their own call takes the fast path for their shape.
     """
     groups, start, tq, tk, useful = [], 0, 0, 0, 0
+    small_open = False
     for s, (lq, lk) in enumerate(zip(len_q, len_k)):
+        small = lq * lk * flops_per_pair <= ALONE_FLOPS
         nq, nk, nu = tq + lq, tk + lk, useful + lq * lk
         dense_ok = nq * nk <= 1.5 * nu or (nq * nk - nu) * flops_per_pair <= SMALL_WASTE_FLOPS
-        if s > start and not dense_ok:
+        if s > start and not (small and small_open and dense_ok):
             groups.append((start, s))
             nq, nk, nu, start = lq, lk, lq * lk, s
-        tq, tk, useful = nq, nk, nu
+        tq, tk, useful, small_open = nq, nk, nu, small if s == start else small_open and small
     groups.append((start, len(len_q)))
     return groups
 

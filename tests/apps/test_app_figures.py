@@ -49,7 +49,7 @@ def captured(monkeypatch):
     return figures
 
 
-@pytest.mark.parametrize("prompt_len", [120])  # lengths 8-200: tests/test_viz.py
+@pytest.mark.parametrize("prompt_len", [120])  # lengths 8-200: tests/attnkit/test_viz.py
 def test_gpt_attention_figure(prompt_len):
     prompt = ("the cat sat on the mat.\n" * 10)[:prompt_len]
     torch.manual_seed(0)

@@ -10,17 +10,19 @@ compiler cannot run it). See :mod:`.registry` for the contract a new backend fol
 """
 
 from . import chunked as _chunked
+from . import decode as _decode
 from . import flex as _flex
 from . import math as _math
 from . import sdpa as _sdpa
 from .chunked import chunked_attention
+from .decode import decode_attention
 from .flex import flex_attention
 from .math import math_attention, repeat_kv
 from .registry import (CAPABILITIES, Backend, available_backends, get_backend, register,
                        register_backend)
 from .sdpa import sdpa_attention
 
-for _module in (_math, _sdpa, _chunked, _flex):
+for _module in (_math, _sdpa, _chunked, _flex, _decode):
     register(_module.BACKEND)
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "CAPABILITIES",
     "available_backends",
     "chunked_attention",
+    "decode_attention",
     "flex_attention",
     "get_backend",
     "math_attention",

@@ -364,22 +364,31 @@ CHUNKED_RATE = 16e9  # the block loop
 CHUNKED_BLOCK_S = 4e-5  # Python and dispatch overhead per visited 512-key block
 CHUNKED_FUSED_RATE = 30e9  # the fused tiles: torch's CPU flash kernel per tile
 FUSED_TILE_S = 1e-4
+CHUNKED_READ_RATE = 8e9  # bytes/s of K and V one tile streams (bench_decode.py, T=1)
+CHUNKED_HALF_READ_RATE = 0.8e9  # the same for bfloat16/float16, upcast block by block
 
 
 def chunked_cost(call) -> float:
-    """Estimated seconds: the visited pairs at the fused tiles' or the block loop's rate."""
+    """Estimated seconds: the visited pairs at the fused tiles' or the block loop's rate, but
+    never less than reading the visited K and V once per query tile (what bounds a short
+    query block; half-precision blocks are upcast on CPU, which is slower still)."""
     passes = BACKWARD_FACTOR if call.grad else 1.0
     frac, blocks = call.visited(BLOCK_Q, FINE)  # the plan's own granularity
     tiles = -(-call.T // BLOCK_Q)
     per_call = 5e-5
+    itemsize = torch.empty((), dtype=call.dtype).element_size()
+    rate = CHUNKED_READ_RATE if itemsize >= 4 or call.device.type != "cpu" else \
+        CHUNKED_HALF_READ_RATE
+    read = frac * tiles * 2.0 * call.B * call.Hkv * call.S * call.D * itemsize / rate
     if _fused_tiles.usable_for(call.device, call.dtype, call.score):
         # One fused kernel call per tile over its visible span (backward: two per tile).
-        return (frac * call.flops() * passes / CHUNKED_FUSED_RATE
-                + tiles * FUSED_TILE_S * (2.0 if call.grad else 1.0) + per_call)
+        compute = frac * call.flops() * passes / CHUNKED_FUSED_RATE
+        return (read if read > compute else compute) \
+            + tiles * FUSED_TILE_S * (2.0 if call.grad else 1.0) + per_call
     scored = 1.3 if call.score is not None else 1.0
     per_block = CHUNKED_BLOCK_S * (2.0 if call.grad else 1.0)
-    return (frac * call.flops() * passes * scored / CHUNKED_RATE
-            + blocks * per_block / 8 + per_call)
+    compute = frac * call.flops() * passes * scored / CHUNKED_RATE
+    return (read if read > compute else compute) + blocks * per_block / 8 + per_call
 
 
 BACKEND = Backend("chunked", chunked_attention, chunked_check,

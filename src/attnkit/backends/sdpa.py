@@ -13,6 +13,7 @@ Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` qu
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..scores import Bias
@@ -22,6 +23,8 @@ from .registry import BACKWARD_FACTOR, Backend, as_call
 SDPA_RATE = 40e9  # FLOP/s of one CPU thread, float32
 SDPA_MASKED_SLOWDOWN = 1.3  # the masked kernel path, plus reading the mask
 MASK_BUILD_S_PER_ELEMENT = 2e-9  # building a bool T x S mask and SDPA's float copy of it
+SDPA_READ_RATE = 12e9  # bytes/s its kernel reads K and V at (float32, one thread)
+SDPA_HALF_READ_RATE = 2.6e9  # the same for bfloat16/float16 (bench_decode.py)
 
 
 def _as_sdpa_mask(call, device):
@@ -83,14 +86,23 @@ def sdpa_attention(q, k, v, call, *, dropout_p: float, scale: float,
 
 
 def sdpa_cost(call) -> float:
+    """Estimated seconds: the FLOPs at the fused kernel's rate (half for ``is_causal``, more
+    plus the mask for a dense mask), but never less than reading K and V once per *query*
+    head, which is what bounds a short query block (SDPA's CPU kernel re-reads a GQA head's
+    cache for every query head of its group, at ~12 GB/s float32, ~2.6 GB/s bfloat16)."""
     passes = BACKWARD_FACTOR if call.grad else 1.0
+    itemsize = torch.empty((), dtype=call.dtype).element_size()
+    read = 2.0 * call.B * call.H * call.S * call.D * itemsize / (
+        SDPA_READ_RATE if itemsize >= 4 else SDPA_HALF_READ_RATE)
     if call.plain_causal and call.score is None:
-        return 0.5 * call.flops() * passes / SDPA_RATE + 2e-5
-    if call.mask is None and call.score is None:
-        return call.flops() * passes / SDPA_RATE + 2e-5
-    per_sample = any(t.dim() > 0 and t.shape[0] > 1 for t in call.spec.tensors())
-    build = MASK_BUILD_S_PER_ELEMENT * call.T * call.S * (call.B if per_sample else 1)
-    return call.flops() * passes * SDPA_MASKED_SLOWDOWN / SDPA_RATE + build + 2e-5
+        compute = 0.5 * call.flops() * passes / SDPA_RATE
+    elif call.mask is None and call.score is None:
+        compute = call.flops() * passes / SDPA_RATE
+    else:
+        per_sample = any(t.dim() > 0 and t.shape[0] > 1 for t in call.spec.tensors())
+        build = MASK_BUILD_S_PER_ELEMENT * call.T * call.S * (call.B if per_sample else 1)
+        compute = call.flops() * passes * SDPA_MASKED_SLOWDOWN / SDPA_RATE + build
+    return (read if read > compute else compute) + 2e-5
 
 
 BACKEND = Backend("sdpa", sdpa_attention, sdpa_check,

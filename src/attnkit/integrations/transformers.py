@@ -197,7 +197,8 @@ def register(name: str = DEFAULT_NAME, backend: str = "auto") -> str:
 
 
 def unregister(name: str = DEFAULT_NAME) -> None:
-    """Remove a name :func:`register` added (importing this module adds ``"attnkit"``).
+    """Remove a name :func:`register` added (importing this module adds ``"attnkit"``),
+    and its ``f"{name}_flash"`` twin.
 
     Raises:
         ValueError: a name that :func:`register` did not add.
@@ -209,6 +210,10 @@ def unregister(name: str = DEFAULT_NAME) -> None:
     _api.get("transformers.masking_utils.AttentionMaskInterface._global_mapping").pop(name,
                                                                                       None)
     del _OURS[name]
+    from .transformers_varlen import _BACKENDS, unregister as unregister_flash
+
+    if f"{name}_flash" in _BACKENDS:  # register() added its flash-convention twin
+        unregister_flash(f"{name}_flash")
 
 
 register()

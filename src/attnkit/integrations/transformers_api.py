@@ -4,7 +4,7 @@ transformers has no public API for reading a mask closure or removing a register
 function, so the integration depends on some of its private names and on the names of the
 variables its mask factories close over. They are all listed in :data:`NAMES`, and
 :func:`problems` says, naming each one, which of them this transformers no longer has
-(``tests/test_transformers_api.py`` fails with that list). A required name that is missing
+(``tests/attnkit/integrations/test_transformers_api.py`` fails with that list). A required name that is missing
 makes the import fail with the same list; a renamed closure variable only makes the mask
 reader fall back to transformers' dense mask for that piece (counted, with the reason).
 
@@ -81,25 +81,37 @@ NAMES: tuple[Name, ...] = (
     Name("transformers.utils.output_capturing._active_collector",
          "whether the model records attention weights (output_attentions)", private=True,
          required=False),
+    # transformers_varlen (continuous batching, packed training): transformers' one-slot
+    # flash loader, primed so a custom "*flash*" name is treated as loaded
+    *(Name(f"transformers.modeling_flash_attention_utils.{slot}",
+           "transformers_varlen primes the flash loader with it", private=True,
+           required=False)
+      for slot in ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn",
+                   "_flash_with_kvcache_fn", "_pad_fn", "_unpad_fn",
+                   "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn")),
+    Name("transformers.masking_utils.flash_attention_mask",
+         "transformers_varlen registers it as its mask function", required=False),
 )
 
 
+_MISSING = object()
+
+
 def _resolve(path: str):
-    """The object at ``path``, or ``None``."""
+    """The object at ``path`` (which may be ``None``: a slot transformers fills later), or
+    :data:`_MISSING`."""
     parts = path.split(".")
-    obj, i = None, len(parts)
+    obj, i = _MISSING, len(parts)
     while i > 0:  # the longest importable module prefix, then attributes
         try:
             obj = importlib.import_module(".".join(parts[:i]))
             break
         except ImportError:
             i -= 1
-    if obj is None:
-        return None
     for attr in parts[i:]:
-        obj = getattr(obj, attr, None)
-        if obj is None:
-            return None
+        if obj is _MISSING:
+            break
+        obj = getattr(obj, attr, _MISSING)
     return obj
 
 
@@ -113,7 +125,7 @@ def get(path: str):
         raise LookupError(f"{path} is not in attnkit's table of transformers names "
                           f"(attnkit.integrations.transformers_api.NAMES)")
     obj = _resolve(path)
-    if obj is None:
+    if obj is _MISSING:
         raise LookupError(f"transformers {transformers.__version__} has no {path} "
                           f"({_BY_PATH[path].use})")
     return obj
@@ -133,7 +145,7 @@ def problems() -> list[str]:
     out = []
     for name in NAMES:
         obj = _resolve(name.path)
-        if obj is None:
+        if obj is _MISSING:
             kind = "required" if name.required else "optional"
             out.append(f"missing {name.path} ({kind}: {name.use})")
             continue
@@ -148,7 +160,7 @@ def problems() -> list[str]:
 
 _BY_PATH = {name.path: name for name in NAMES}
 
-_missing = [n.path for n in NAMES if n.required and _resolve(n.path) is None]
+_missing = [n.path for n in NAMES if n.required and _resolve(n.path) is _MISSING]
 if _missing:
     raise ImportError(f"attnkit.integrations.transformers relies on names transformers "
                       f"{transformers.__version__} does not have: {', '.join(_missing)}; "

@@ -52,10 +52,11 @@ if not transformers.__version__.startswith("5."):
                       f"found {transformers.__version__}: pip install \"transformers>=5,<6\"")
 
 from ..engine import attention
+from . import transformers_api as _api
 from ..masks import sliding_window as _sliding_window
 from ..varlen import varlen_attention
 
-__all__ = ["NAME", "PRIVATE_NAMES", "register", "enable", "flash_attention_forward"]
+__all__ = ["NAME", "PRIVATE_NAMES", "enable", "flash_attention_forward", "register"]
 
 #: The default implementation name (contains "flash", which continuous batching requires).
 NAME = "attnkit_flash"
@@ -180,7 +181,7 @@ def register(name: str = NAME, backend: str = "auto") -> str:
     if "flash" not in name:
         raise ValueError(f"name must contain 'flash' for continuous batching to accept it, got "
                          f"{name!r}; e.g. {NAME!r}")
-    if name.startswith("flash_attention_") or name.startswith("paged|"):
+    if name.startswith(("flash_attention_", "paged|")):
         raise ValueError(f"{name!r} is one of transformers' own implementations; pick another, "
                          f"e.g. {NAME!r}")
 
@@ -195,9 +196,28 @@ def register(name: str = NAME, backend: str = "auto") -> str:
     return name
 
 
+def unregister(name: str = NAME) -> None:
+    """Remove a name :func:`register` added.
+
+    Raises:
+        ValueError: ``name`` was not registered by :func:`register`.
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"{name!r} was not registered by attnkit's flash convention; "
+                         f"registered: {sorted(_BACKENDS)}")
+    _api.get("transformers.AttentionInterface._global_mapping").pop(name, None)
+    _api.get("transformers.masking_utils.AttentionMaskInterface._global_mapping").pop(name,
+                                                                                      None)
+    del _BACKENDS[name]
+
+
 def enable(model, name: str = NAME):
-    """Switch a loaded model to ``name`` by writing its config (robust to another flash
-    implementation having been loaded since :func:`register`). Returns the model.
+    """Switch a loaded model to ``name`` by writing its config. Returns the model.
+
+    Needed for models that list their own flash kernels (gpt-oss's
+    ``_compatible_flash_implementations``: built with any other flash name they swap in a Hub
+    kernel): build them with another implementation, then ``enable(model)``. Also robust to
+    another flash implementation having been loaded since :func:`register`.
 
     Raises:
         ValueError: ``name`` was not registered by :func:`register`.

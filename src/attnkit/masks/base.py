@@ -150,7 +150,8 @@ class MaskFn(MaskMod):
                 message says what it returned and how to write it).
         """
         index = _index(min(B, 2), min(H, 2), 0, min(T, 3), 0, min(S, 3), None)
-        out = call_user_fn("mask_mod", self.fn, index)
+        # Through grid(): a subclass may adapt the function (e.g. run it under vmap).
+        out = call_user_fn("mask_mod", self.grid, index, self.fn)
         check_user_result("mask_mod", self.fn, out, torch.broadcast_shapes(
             *(t.shape for t in index)), want="bool")
 
@@ -162,8 +163,9 @@ _HOW = ("write it with tensor operations on its index arguments: & | ~ for and/o
         "torch.where(cond, a, b) for a choice, no Python if/and/or on them")
 
 
-def call_user_fn(name: str, fn, args):
-    """``fn(*args)`` with the torch errors of a Python ``if`` turned into advice.
+def call_user_fn(name: str, fn, args, user_fn=None):
+    """``fn(*args)`` with the torch errors of a Python ``if`` turned into advice about
+    ``user_fn`` (default ``fn``), the function the user wrote.
 
     Raises:
         TypeError: the function used a tensor where Python wanted one bool.
@@ -173,7 +175,8 @@ def call_user_fn(name: str, fn, args):
     except RuntimeError as err:
         if "Boolean value of Tensor" not in str(err):
             raise
-        raise TypeError(f"{name} {_fn_name(fn)} used a tensor as a Python bool ({err}); it "
+        raise TypeError(f"{name} {_fn_name(user_fn or fn)} used a tensor as a Python bool "
+                        f"({err}); it "
                         f"is called with index tensors, not ints: {_HOW}") from None
 
 

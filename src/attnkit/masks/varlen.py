@@ -173,4 +173,6 @@ class Varlen(MaskMod):
         return f"varlen({self.num_sequences} seqs, {kind}, bottom_right)"
 
     def tensors(self):
-        return (self.cu_q, self.cu_k)
+        # The per-query arrays are listed too: they are shaped by T, which tells flex not to
+        # evaluate this description at padded (bucketed) positions.
+        return (self.cu_q, self.cu_k, self.seq_q, self.pos)

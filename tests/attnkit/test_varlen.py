@@ -198,3 +198,11 @@ def test_other_errors():
         attnkit.varlen_attention(q, k, v, cu_q, cu_k, window=5)
     with pytest.raises(ValueError, match="cu_seqlens_q must end at the packed query length"):
         M.varlen([0, 2]).validate(1, 1, 3, 2)
+    with pytest.raises(ValueError, match="cu_seqlens_k must end at the packed key length S = 3"):
+        M.varlen([0, 2], [0, 4]).validate(1, 1, 2, 3)
+    with pytest.raises(TypeError, match="cu_seqlens_q must be a 1-D integer tensor or list"):
+        M.varlen(["a", "b"])
+    with pytest.raises(ValueError, match="window left must be a non-negative int or None"):
+        M.Varlen(torch.tensor([0, 2]), torch.tensor([0, 2]), left=-2)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor, got list"):
+        attnkit.varlen_attention(q, [1], v, cu_q, cu_k)

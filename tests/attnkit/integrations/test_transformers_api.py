@@ -94,9 +94,16 @@ def test_register_again_replaces_and_unregister_removes():
     assert hf.register("attnkit", backend="math") == "attnkit"  # ours: may be replaced
     assert transformers.AttentionInterface._global_mapping["attnkit"].attnkit_backend == "math"
     hf.unregister("attnkit")
+    assert "attnkit_flash" not in transformers.AttentionInterface._global_mapping  # its twin
     try:
         with pytest.raises(ValueError, match='attn_implementation="attnkit"` is not supported'):
             AutoModelForCausalLM.from_config(LlamaConfig(**TINY), attn_implementation="attnkit")
     finally:
         hf.register()
     assert transformers.AttentionInterface._global_mapping["attnkit"].attnkit_backend == "auto"
+
+
+def test_the_varlen_adapter_names_are_in_the_one_table():
+    varlen = pytest.importorskip("attnkit.integrations.transformers_varlen")
+    paths = {n.path for n in api.NAMES}
+    assert {f"transformers.{p}" for p in varlen.PRIVATE_NAMES} <= paths

@@ -35,3 +35,15 @@ def test_bad_threads_is_a_usage_error(capsys, argv):
     extra = ["--prompt", "a"] if argv[-1] in ("generate", "attention") else []
     assert cli.main([*argv, *extra, "--threads", "0"]) == 2
     assert "--threads: must be an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`attnkit walkthrough | head -1`: no traceback, the shell's SIGPIPE code."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(f"{sys.executable} -m attnkit walkthrough --no-plots | head -1",
+                         shell=True, capture_output=True, text=True, timeout=120,
+                         executable="/bin/bash")
+    assert run.stdout.startswith("Sentence:")
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr

@@ -91,6 +91,7 @@ MODS = {
     "offset_causal": lambda g: M.causal(offset=-3),
     "per_sample_chunks": lambda g: M.PerSampleChunks(7, torch.tensor([0, 3]), q_offset=2),
     "dilated": lambda g: M.dilated(3, window=9) | M.Dilated(4, offset=1),
+    "varlen": lambda g: M.varlen([0, 1, 9, 9, 20, 31], [0, 6, 9, 12, 25, 31], window=(5, -1)),
 }
 
 

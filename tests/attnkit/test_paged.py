@@ -104,6 +104,8 @@ def test_errors_name_the_argument():
         cache.reserve("zz", 1)
     with pytest.raises(ValueError, match="sequence 'a' is already in the cache"):
         cache.allocate("a")
+    with pytest.raises(ValueError, match="capacity must be an int >= 0, got -1"):
+        cache.allocate("b", capacity=-1)
     with pytest.raises(ValueError, match="num_pages must be a positive int, got 0"):
         PagedKVCache(0, 4, 1, 2)
     q = torch.zeros(1, 1, 1, 2)

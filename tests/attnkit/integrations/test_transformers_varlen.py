@@ -51,7 +51,7 @@ def _model(impl, cls=LlamaForCausalLM, config=None, dtype=torch.float32):
 
 def _prompts():
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(1, 64, (n,), generator=g).tolist() for n in (5, 40, 9, 23, 1)]
+    return [torch.randint(1, 64, (n,), generator=g).tolist() for n in (5, 70, 9, 23, 1)]
 
 
 def _batch(model, prompts, new=6):
@@ -77,6 +77,23 @@ def test_generate_batch_tokens_identical(name, calls, cls, config):
         ref = alone.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False,
                              pad_token_id=0)[0, len(p):].tolist()
         assert toks == ref
+
+
+def test_gpt_oss_sinks_and_window_through_enable(name, calls):
+    # gpt-oss lists its own flash kernels and swaps any other flash name for a Hub kernel
+    # when built; enable() switches a model built with another implementation.
+    from transformers import GptOssConfig, GptOssForCausalLM
+    config = GptOssConfig(**{**COMMON, "intermediate_size": 32}, head_dim=8, sliding_window=8,
+                          num_local_experts=2, num_experts_per_tok=1)
+    model = tv.enable(_model("eager", GptOssForCausalLM, config))
+    assert model.config._attn_implementation == name
+    prompts = _prompts()[:3]
+    ours = _batch(model, prompts)
+    assert calls
+    alone = _model("eager", GptOssForCausalLM, config)
+    for p, toks in zip(prompts, ours):
+        assert toks == alone.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False,
+                                      pad_token_id=0)[0, len(p):].tolist()
 
 
 def test_continuous_batching_manager_streams_the_same_tokens(name, calls):
@@ -197,10 +214,11 @@ def test_bench_serving_quick_reports_identical_tokens(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_serving.py"
     out = tmp_path / "serving.json"
     proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert {r["group"] for r in rows} == {"generate_batch", "mask build", "packed train step"}

@@ -224,3 +224,23 @@ def test_static_cache_reads_only_the_filled_part_as_views(monkeypatch):
     assert [c[1] for c in calls] == [8, 8, 9, 9]  # the filled part only
     assert [c[2] for c in calls] == ["causal"] * 2 + [None] * 2
     assert [c[3] for c in calls] == [None] * 4
+
+
+def test_weights_from_a_static_cache_cover_the_whole_cache():
+    """Only the filled part is read, but the weights come back (B, H, T, max_cache_len) with
+    zeros on the unfilled tail, as eager's."""
+    from transformers import StaticCache
+
+    ref, ours = models("llama", "auto")
+    ids, _ = _inputs(B=1, pad=0)
+    weights = []
+    for model in (ref, ours):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(ids[:, :6], cache=cache, use_cache=True)
+            weights.append(model(ids[:, 6:8], cache=cache, use_cache=True,
+                                 output_attentions=True).attentions)
+    for wa, wb in zip(weights[1], weights[0]):
+        assert wa.shape == wb.shape == (1, 4, 2, 16)
+        assert not wa[..., 8:].any()
+        _close(wa, wb, "attention weights")

@@ -1,0 +1,403 @@
+"""The ``decode`` backend (backends/decode.py): every mask and score kind, sizes, GQA groupings,
+cache views, threads, NaN and empty rows, against the math spec; both implementations (the
+compiled kernel, skipped with the reason when ``make`` did not build it, and pure PyTorch)."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import masks as M
+from attnkit import scores as Sc
+from attnkit.backends import decode as dec
+from attnkit.masks import MaskSpec
+from tolerance import assert_within_2x
+
+CPP_REASON = ("decode kernel not built for this machine (make builds it: python -m "
+              "attnkit.backends._decode_ext); only the pure-PyTorch path ran")
+IMPLS = [pytest.param("cpp", marks=pytest.mark.skipif(not dec.kernel_built(),
+                                                      reason=CPP_REASON)), "torch"]
+
+
+def test_says_which_implementation_runs(capsys):
+    chosen = {str(dt): dec.implementation("cpu", dt) for dt in (torch.float32, torch.bfloat16)}
+    assert set(chosen.values()) <= {"cpp", "torch"}
+    if not dec.kernel_built():
+        assert set(chosen.values()) == {"torch"}
+    with capsys.disabled():
+        print(f"\n[decode kernel built: {dec.kernel_built()}; default implementation {chosen}]")
+
+
+def make(B=2, H=4, Hkv=2, T=2, S=97, D=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, S, D, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def run(impl, q, k, v, spec, threads=1, scale=None):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            return dec.decode_attention(q, k, v, spec, dropout_p=0.0,
+                                        scale=scale or 1 / math.sqrt(q.shape[-1]),
+                                        return_lse=True, impl=impl)
+    finally:
+        torch.set_num_threads(old)
+
+
+def reference(q, k, v, spec, scale=None):
+    return attnkit.attention(q, k, v, spec=spec, backend="math", return_lse=True, scale=scale)
+
+
+def check(impl, q, k, v, spec, threads=1, **tol):
+    out, lse = run(impl, q, k, v, spec, threads)
+    ref, ref_lse = reference(q, k, v, spec)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **tol)
+
+
+def kinds(B, H, T, S):
+    """Every mask and score kind, as a MaskSpec for a decode block (the T queries are the
+    last T of the S positions)."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.arange(S).div(max(1, S // 3), rounding_mode="floor").view(1, S).expand(B, S)
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[-1, : S // 2] = False  # the last sample lost its first half (left padding)
+    bias = torch.randn(B, H, T, S, generator=g, dtype=torch.float64)
+    bias[0, 0, 0, : S // 2] = float("-inf")
+    sinks = torch.randn(H, generator=g, dtype=torch.float64)
+    dense = torch.rand(B, 1, T, S, generator=g) > 0.4
+    br = "bottom_right"
+    return {
+        "none": MaskSpec.from_args(),
+        "causal_bottom_right": MaskSpec.from_args(causal=True, causal_align=br),
+        "causal_offset": MaskSpec.from_args(causal=True, causal_align=max(0, S - T - 1)),
+        "window": MaskSpec.from_args(window=3, causal_align=br),
+        "sliding_window_two_sided": MaskSpec.from_args(mask_mod=M.sliding_window(2, 1, align=br)),
+        "documents_at_positions": MaskSpec.from_args(mask_mod=M.at_positions(M.documents(ids),
+                                                                   q_offset=S - T)),
+        "prefix_lm": MaskSpec.from_args(mask_mod=M.prefix_lm(2, align=br)),
+        "key_padding": MaskSpec.from_args(causal=True, causal_align=br, key_padding_mask=keep),
+        "dense": MaskSpec.from_args(mask=dense),
+        "sinks": MaskSpec.from_args(causal=True, causal_align=br, sinks=sinks),
+        "softcap": MaskSpec.from_args(causal=True, causal_align=br, score_mod=Sc.Softcap(0.5)),
+        "alibi": MaskSpec.from_args(causal=True, causal_align=br,
+                          score_mod=Sc.Alibi(Sc.alibi_slopes(H).double(), align=br)),
+        "bias": MaskSpec.from_args(score_mod=Sc.Bias(bias)),
+        "softcap_window_sinks": MaskSpec.from_args(window=2, causal_align=br, sinks=sinks,
+                                         score_mod=Sc.Softcap(1.0)),
+        # score functions of positions on a trimmed span (the window starts at key S-T-3)
+        "alibi_window": MaskSpec.from_args(window=4, causal_align=br,
+                                 score_mod=Sc.Alibi(Sc.alibi_slopes(H).double(), align=br)),
+        "score_fn_window": MaskSpec.from_args(window=4, causal_align=br,
+                                    score_mod=lambda s, b, h, q, k: s + 0.1 * k - 0.2 * h),
+        "dense_per_head": MaskSpec.from_args(mask=torch.rand(1, H, T, S, generator=g) > 0.5),
+    }
+
+
+KINDS = list(kinds(1, 1, 1, 4))
+
+
+def _to(spec, dtype):
+    """The spec's float tensors (bias, slopes, sinks) in ``dtype``."""
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+    score = spec.score_mod
+    if isinstance(score, Sc.Bias):
+        score = Sc.Bias(cast(score.bias))
+    elif isinstance(score, Sc.Alibi):
+        score = Sc.Alibi(cast(score.slopes), align=score.align)
+    return MaskSpec(mask_mod=spec.mask_mod, score_mod=score, sinks=cast(spec.sinks))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_matches_math(impl, dtype, T, kind):
+    B, H, Hkv, S, D = 2, 8, 2, 97, 64
+    q, k, v = make(B, H, Hkv, T, S, D, dtype=dtype)
+    check(impl, q, k, v, _to(kinds(B, H, T, S)[kind], dtype))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["none", "causal_bottom_right", "window", "sinks", "softcap",
+                                  "alibi", "documents_at_positions"])
+def test_bfloat16_within_2x_of_math(impl, kind):
+    B, H, Hkv, T, S, D = 1, 8, 2, 2, 1000, 128
+    q, k, v = make(B, H, Hkv, T, S, D, dtype=torch.float64, seed=1)
+    spec64 = kinds(B, H, T, S)[kind]
+    spec = _to(spec64, torch.bfloat16)
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    out, lse = run(impl, qb, kb, vb, spec)
+    plain, plain_lse = reference(qb, kb, vb, spec)
+    exact, exact_lse = reference(*(t.double() for t in (qb, kb, vb)), spec64)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert_within_2x(out, plain, exact, name=f"bf16 {kind} out")
+    assert_within_2x(lse, plain_lse, exact_lse, name=f"bf16 {kind} lse", slack=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float16_within_2x_of_math(impl):
+    B, H, Hkv, T, S, D = 1, 8, 2, 3, 500, 64
+    q, k, v = make(B, H, Hkv, T, S, D, seed=4)
+    spec = MaskSpec.from_args(window=200, causal_align="bottom_right")
+    qh, kh, vh = (t.to(torch.float16) for t in (q, k, v))
+    out, lse = run(impl, qh, kh, vh, spec)
+    plain = reference(qh, kh, vh, spec)[0]
+    exact = reference(*(t.double() for t in (qh, kh, vh)), spec)[0]
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    assert_within_2x(out, plain, exact, name="fp16 out")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("D", [5, 64, 128])
+@pytest.mark.parametrize("S", [1, 3, 97, 1000])
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_sizes_and_groupings(impl, T, S, D):
+    G = [1, 2, 4, 8][(T + S + D) % 4]  # every grouping, spread over the sizes
+    Hkv = 2
+    q, k, v = make(B=2, H=G * Hkv, Hkv=Hkv, T=T, S=S, D=D, seed=T * S + D)
+    check(impl, q, k, v, MaskSpec.from_args(causal=True, causal_align="bottom_right"))
+    check(impl, q, k, v, MaskSpec.from_args())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 4, 1), (2, 8, 4)])  # (B, H, Hkv): split-KV and not
+def test_threads_and_split_kv(impl, threads, shape):
+    B, H, Hkv = shape
+    q, k, v = make(B, H, Hkv, T=3, S=4099, D=64, dtype=torch.float32, seed=threads)
+    sinks = torch.randn(H)
+    check(impl, q, k, v, MaskSpec.from_args(causal=True, causal_align="bottom_right", sinks=sinks),
+          threads=threads)
+    check(impl, q, k, v, MaskSpec.from_args(window=700, causal_align="bottom_right"), threads=threads)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_cache_views_are_read_in_place(impl, dtype):
+    """k[:, :, :filled] of a (B, Hkv, max_len, D) buffer (attnkit's KVCache, transformers'
+    StaticCache), a (B, max_len, Hkv, D) buffer seen as (B, Hkv, S, D), and a cache whose
+    head dim is not contiguous (copied first)."""
+    B, H, Hkv, T, max_len, filled, D = 2, 8, 2, 2, 300, 123, 64
+    q, k, v = make(B, H, Hkv, T, max_len, D, dtype=torch.float32, seed=5)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    spec = MaskSpec.from_args(causal=True, causal_align="bottom_right")
+    kf, vf = k[:, :, :filled], v[:, :, :filled]
+    expect, expect_lse = run(impl, q, kf.contiguous(), vf.contiguous(), spec)
+    assert not kf.is_contiguous()
+    views = {
+        "static": (kf, vf),
+        "bshd": (k.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :filled],
+                 v.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :filled]),
+        "strided_head_dim": (kf.transpose(-1, -2).contiguous().transpose(-1, -2),
+                             vf.transpose(-1, -2).contiguous().transpose(-1, -2)),
+    }
+    for name, (kk, vv) in views.items():
+        out, lse = run(impl, q, kk, vv, spec)
+        torch.testing.assert_close(out, expect, msg=name)
+        torch.testing.assert_close(lse, expect_lse, msg=name)
+    ref = reference(q.double(), kf.double(), vf.double(), spec)[0]
+    torch.testing.assert_close(expect.double(), ref, atol=0.05 if dtype != torch.float32
+                               else 1e-5, rtol=0.02 if dtype != torch.float32 else 1e-5)
+
+
+def test_kv_cache_decoding_through_the_engine():
+    """attnkit's KVCache: the views it returns go to decode, step by step equal to the full
+    causal forward."""
+    g = torch.Generator().manual_seed(0)
+    T = 40
+    q, k, v = (torch.randn(1, h, T, 16, generator=g) for h in (4, 2, 2))
+    full = attnkit.attention(q, k, v, causal=True, backend="math")
+    cache = attnkit.KVCache(1, 2, 64, 16)
+    steps, t = [], 0
+    with torch.no_grad():
+        for n in (30, 1, 3, 1, 5):
+            ks, vs = cache.update(k[:, :, t:t + n], v[:, :, t:t + n])
+            steps.append(attnkit.attention(q[:, :, t:t + n], ks, vs, causal=True,
+                                           causal_align="bottom_right", backend="decode"))
+            t += n
+    torch.testing.assert_close(torch.cat(steps, 2), full)
+
+
+# --- NaN and empty rows -------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("where", ["q", "k", "v", "all_k", "hidden_k"])
+@pytest.mark.parametrize("T,S", [(1, 1), (1, 3), (2, 5), (5, 97), (1, 1000)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nan_reaches_exactly_the_rows_that_see_it(impl, where, T, S, threads):
+    B, H, Hkv, D = 2, 4, 2, 5
+    q, k, v = make(B, H, Hkv, T, S, D, dtype=torch.float32, seed=S)
+    spec = MaskSpec.from_args(window=2, causal_align="bottom_right")  # row t sees keys S-T+t-1, S-T+t
+    dense = spec.dense(T, S, B=B, H=H)  # None: the window covers every key (lowered away)
+    vis = torch.ones(B, H, T, S, dtype=torch.bool) if dense is None else dense.expand(B, H, T, S)
+    expect = torch.zeros(B, H, T, dtype=torch.bool)
+    if where == "q":
+        q[0, 1, T - 1, 3] = float("nan")
+        expect[0, 1, T - 1] = True
+    elif where == "all_k":
+        k[1, 0, :, 0] = float("nan")  # kv head 0 -> query heads 0, 1
+        expect[1, :2] = vis[1, :2].any(-1)
+    elif where == "hidden_k":
+        k[1, 1, 0, 2] = float("nan")  # key 0: seen only when S - T <= 1
+        expect[1, 2:] = vis[1, 2:, :, 0]
+    else:
+        j = S - 1  # the last key: seen by the last row only
+        {"k": k, "v": v}[where][1, 1, j, 2] = float("nan")
+        expect[1, 2:] = vis[1, 2:, :, j]
+    out, lse = run(impl, q, k, v, spec, threads)
+    got = torch.isnan(out).any(-1)
+    assert torch.equal(got, expect), (got, expect)
+    # the log-sum-exp sees the scores only: a NaN value leaves it finite
+    assert torch.equal(torch.isnan(lse), expect if where != "v" else torch.zeros_like(expect))
+    # every other row is exact: math without the NaN (math itself lets a hidden NaN value
+    # reach rows through 0 * NaN in its matmul; decode does not)
+    clean = [torch.nan_to_num(t, nan=0.0) for t in (q, k, v)]
+    ref = reference(*clean, spec)[0]
+    fine = ~expect
+    torch.testing.assert_close(out[fine], ref[fine])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sinks", [False, True])
+def test_rows_that_see_no_key_are_zeros(impl, sinks):
+    B, H, Hkv, T, S, D = 2, 4, 2, 3, 50, 6
+    q, k, v = make(B, H, Hkv, T, S, D)
+    v[:, :, 0] = float("nan")  # behind the mask: must not reach the empty rows
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[1] = False  # sample 1 sees nothing
+    mask = torch.ones(T, S, dtype=torch.bool)
+    mask[1] = False  # row 1 sees nothing
+    mask[:, 0] = False
+    sink = torch.randn(H, dtype=torch.float64) if sinks else None
+    spec = MaskSpec.from_args(key_padding_mask=keep, mask=mask, sinks=sink)
+    out, lse = run(impl, q, k, v, spec)
+    ref, ref_lse = reference(q, k, torch.nan_to_num(v, nan=0.0), spec)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    if not sinks:
+        assert torch.isneginf(lse[1]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_cache_and_fully_masked_call(impl):
+    q, k, v = make(T=1, S=0)
+    out, lse = run(impl, q, k, v, MaskSpec.from_args())
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    q, k, v = make(T=2, S=9)
+    spec = MaskSpec.from_args(key_padding_mask=torch.zeros(2, 9, dtype=torch.bool))
+    out, lse = run(impl, q, k, v, spec)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+# --- the engine: registration, auto, explain, errors ----------------------------------------
+
+def test_registered_with_its_capabilities():
+    backend = attnkit.backends.get_backend("decode")
+    assert set(backend.capabilities) == {"lse", "score_mod", "sinks"}
+
+
+def test_auto_picks_decode_for_a_step_over_a_long_cache_not_for_prefill():
+    # GQA 32/4 in bfloat16 on either implementation; 32/8 with the kernel (its cost rule
+    # against sdpa's, which prices a decode step as arithmetic only)
+    q, k, v = make(B=1, H=32, Hkv=4 if not dec.kernel_built() else 8, T=1, S=4096, D=128,
+                   dtype=torch.bfloat16)
+    with torch.no_grad():
+        step = attnkit.explain(q, k, v, causal=True, causal_align="bottom_right")
+        assert step.chosen == "decode", str(step)
+        q, k, v = (t.float() for t in (q, k, v))
+        window = attnkit.explain(q, k, v, window=1024, causal_align="bottom_right")
+        assert window.chosen == "decode", str(window)
+        qp, kp, vp = make(B=1, H=8, Hkv=2, T=512, S=512, D=64, dtype=torch.float32)
+        prefill = attnkit.explain(qp, kp, vp, causal=True)
+    assert prefill.chosen != "decode"
+    assert "T <= 128" in prefill.rejected["decode"]
+
+
+def test_auto_result_equals_math():
+    q, k, v = make(B=1, H=8, Hkv=2, T=1, S=3000, D=32, dtype=torch.float32)
+    with torch.no_grad():
+        out = attnkit.attention(q, k, v, causal=True, causal_align="bottom_right")
+    ref = attnkit.attention(q, k, v, causal=True, causal_align="bottom_right", backend="math")
+    torch.testing.assert_close(out, ref)
+
+
+def test_refusals_name_the_reason():
+    q, k, v = make(T=2, S=10)
+    with pytest.raises(ValueError, match=r"cannot serve this call: decode is not differentiable"):
+        attnkit.attention(q.requires_grad_(), k, v, backend="decode")
+    q = q.detach()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"decode has no dropout \(got dropout_p=0.1\)"):
+            attnkit.attention(q, k, v, backend="decode", dropout_p=0.1)
+        with pytest.raises(ValueError, match=r"decode does not build the attention weights"):
+            attnkit.attention(q, k, v, backend="decode", return_weights=True)
+        ql, kl, vl = make(T=129, S=129)
+        with pytest.raises(ValueError, match=r"T <= 128.*got T=129"):
+            attnkit.attention(ql, kl, vl, backend="decode")
+
+
+def test_impl_errors():
+    q, k, v = make(T=1, S=4)
+    with pytest.raises(ValueError, match=r"impl must be 'cpp', 'torch' or None, got 'fast'"):
+        dec.decode_rows(q, k, v, scale=1.0, impl="fast")
+    if not dec.kernel_built():
+        with pytest.raises(ValueError, match=r"impl='cpp' needs the compiled kernel"):
+            dec.decode_rows(q, k, v, scale=1.0, impl="cpp")
+
+
+def test_lse_through_the_engine():
+    q, k, v = make(T=2, S=30)
+    with torch.no_grad():
+        out, lse = attnkit.attention(q, k, v, backend="decode", return_lse=True, softcap=2.0)
+    ref, ref_lse = attnkit.attention(q, k, v, backend="math", return_lse=True, softcap=2.0)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dec.kernel_built(), reason=CPP_REASON)
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_kernel_built_for_avx2_and_sse2_is_right_too(march, tmp_path):
+    """The kernel as an AVX2-only (haswell) or SSE2-only CPU would build it, compiled here
+    (reused when present) and run on the kernel's cases in a subprocess."""
+    import subprocess
+    import sys
+    env = {**os.environ, "ATTNKIT_DECODE_MARCH": march}
+    build = subprocess.run([sys.executable, "-c", "from attnkit.backends._decode_ext import "
+                            "main; main()"], env=env, capture_output=True, text=True,
+                           timeout=600)
+    if "not built" in build.stdout:
+        pytest.skip(f"{march} build failed here: {build.stdout.strip()[-300:]}")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          __file__, "-k", "cpp and (kind or sizes or nan or views)", "-x"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1]
+
+
+def test_refused_inside_torch_compile():
+    """Under torch.compile decode steps aside (it reads tensor values), so a compiled
+    decoding loop never graph-breaks on it."""
+    q, k, v = make(T=1, S=40, dtype=torch.float32)
+    spec = MaskSpec.from_args(causal=True, causal_align="bottom_right")
+    seen = []
+
+    def probe(q, k, v):
+        seen.append(dec.decode_check(q, k, v, spec, dropout_p=0.0, return_lse=False))
+        return q * 2
+
+    torch.compile(probe, backend="eager", fullgraph=True)(q, k, v)
+    assert seen and "decode runs eagerly" in seen[0]
+    assert dec.decode_check(q, k, v, spec, dropout_p=0.0, return_lse=False) is None
