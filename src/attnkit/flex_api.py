@@ -217,10 +217,12 @@ class BlockGrid(MaskMod):
         partial, area = self._range("partial", *bounds)
         if int(partial) == int(area):  # inside partial tiles only: the mask_mod decides
             return inner
-        from .masks.base import _index
-
-        kd = self._lookup(*_index(B, H, q0, q1, k0, k1, self.kind.device)).to(device)
-        return (kd == FULL) | ((kd == PARTIAL) & inner)
+        bq, bk = self.block_q, self.block_k
+        r0, c0 = q0 // bq, k0 // bk
+        kd = self.kind[..., r0:(q1 - 1) // bq + 1, c0:(k1 - 1) // bk + 1]  # a few tiles
+        kd = kd.repeat_interleave(bq, -2)[..., q0 - r0 * bq:q1 - r0 * bq, :]
+        kd = kd.repeat_interleave(bk, -1)[..., k0 - c0 * bk:k1 - c0 * bk].to(device)
+        return (kd == FULL) | ((kd == PARTIAL) & inner)  # (Bg, Hg, nq, nk)
 
     def validate(self, B, H, T, S):
         Bg, Hg = self.kind.shape[:2]
