@@ -81,7 +81,7 @@ class TorchMaskFn(MaskFn):
                     torch.broadcast_shapes(out.shape, torch.broadcast_shapes(
                         b.shape, h.shape, q.shape, k.shape))
                     return out
-            except Exception:  # noqa: BLE001 - written for scalars: vmap below
+            except Exception:  # noqa: BLE001, S110 - written for scalars: vmap below
                 pass
             self._vmap[0] = True
         from torch.nn.attention.flex_attention import _vmap_for_bhqkv
@@ -122,7 +122,7 @@ class TorchScoreFn(ScoreFn):
                     return out
                 if isinstance(out, Tensor) and out.dim() <= 4:
                     return out.expand(score.shape)
-            except Exception:  # noqa: BLE001 - written for scalars: vmap below
+            except Exception:  # noqa: BLE001, S110 - written for scalars: vmap below
                 pass
             self._vmap[0] = True
         from torch.nn.attention.flex_attention import _vmap_for_bhqkv

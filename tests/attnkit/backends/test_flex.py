@@ -62,7 +62,7 @@ def test_lengths_share_a_graph_per_bucket():
     """Structural descriptions pad to a power of two; tensors shaped by the lengths and user
     functions compile per exact length."""
     from attnkit.spec import Call
-    q, k, v = qkv()
+    q, k, _ = qkv()
     window = attnkit.MaskSpec.from_args(window=40, softcap=2.0)
     docs = attnkit.MaskSpec.from_args(mask_mod=M.documents(cu_seqlens=[0, 70, 200]))
     assert flex_mod._lengths(Call.of(q, k, window, False)) == (256, 256)
