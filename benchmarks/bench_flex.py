@@ -39,10 +39,11 @@ forward+backward).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,10 +58,12 @@ WORKERS = ("attnkit", "flex", "sdpa", "torch_mask", "torch_mask_eager")
 
 def sizes(quick: bool) -> dict:
     if quick:
-        return dict(first_T=256, lengths=[64 + 13 * i for i in range(20)], fwd_T=512,
-                    bwd_T=256, window=64, docs=4, mask_T=2048, mask_docs=64, reps=2)
-    return dict(first_T=4096, lengths=[1024 + 97 * i for i in range(20)], fwd_T=16384,
-                bwd_T=8192, window=512, docs=16, mask_T=65536, mask_docs=64, reps=3)
+        return {"first_T": 256, "lengths": [64 + 13 * i for i in range(20)], "fwd_T": 512,
+                "bwd_T": 256, "window": 64, "docs": 4, "mask_T": 2048, "mask_docs": 64,
+                "reps": 2}
+    return {"first_T": 4096, "lengths": [1024 + 97 * i for i in range(20)], "fwd_T": 16384,
+            "bwd_T": 8192, "window": 512, "docs": 16, "mask_T": 65536, "mask_docs": 64,
+            "reps": 3}
 
 
 def _cuts(T: int, n: int, seed: int = 0) -> list[int]:
@@ -94,7 +97,7 @@ def _pairs(pattern: str, T: int, window: int, cu: list[int]) -> int:
         w = min(window, T)
         return w * (w + 1) // 2 + (T - w) * w
     if pattern == "documents":
-        return sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu[:-1], cu[1:]))
+        return sum((b - a) * (b - a + 1) // 2 for a, b in itertools.pairwise(cu))
     return T * (T + 1) // 2
 
 
@@ -302,7 +305,7 @@ def _run_worker(name: str, stage: str, quick: bool, timeout: float,
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name,
                                "--stage", stage] + (["--quick"] if quick else []), env=env,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return [_row(stage, name, None, note=f"timed out after {timeout:.0f} s")]
     if first_cache:
