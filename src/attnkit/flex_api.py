@@ -15,7 +15,9 @@ What each argument becomes:
 * a torch ``BlockMask`` is read as the plan: its ``kv_num_blocks``/``kv_indices`` (partial
   tiles) and ``full_kv_*`` (full tiles) become a per-tile grid (:class:`BlockGrid`) at its
   ``BLOCK_SIZE``; tiles it does not list are skipped, its full tiles get no mask, and its
-  ``mask_mod`` is evaluated only on the partial tiles, exactly torch's semantics. The
+  ``mask_mod`` is evaluated only on the partial tiles, exactly torch's semantics. One that
+  amounts to causal or a sliding window (verified exactly, :func:`_recognise`) runs as that
+  kind, so plain causal reaches SDPA's ``is_causal``. The
   ``mask_mod`` is called on broadcast index tensors (``b (B,1,1,1)``, ``h (1,H,1,1)``,
   ``q_idx (1,1,nq,1)``, ``kv_idx (1,1,1,nk)``); one that only works on scalars is run under
   ``torch.vmap`` as torch does (:class:`TorchMaskFn`);
@@ -47,8 +49,14 @@ from .scores import ScoreFn, ScoreMod
 from .spec import MaskSpec
 from .summary import EMPTY, FULL, PARTIAL, BlockSummary
 
-__all__ = ["flex_attention", "create_block_mask", "BlockMask", "BlockGrid", "TorchMaskFn",
-           "TorchScoreFn"]
+__all__ = [
+    "BlockGrid",
+    "BlockMask",
+    "TorchMaskFn",
+    "TorchScoreFn",
+    "create_block_mask",
+    "flex_attention",
+]
 
 
 # --- torch-style functions ------------------------------------------------------------------
@@ -73,13 +81,19 @@ class TorchMaskFn(MaskFn):
                     torch.broadcast_shapes(out.shape, torch.broadcast_shapes(
                         b.shape, h.shape, q.shape, k.shape))
                     return out
-            except Exception:  # noqa: BLE001 - written for scalars: vmap below
+            except Exception:  # noqa: BLE001, S110 - written for scalars: vmap below
                 pass
             self._vmap[0] = True
         from torch.nn.attention.flex_attention import _vmap_for_bhqkv
 
         fn = _vmap_for_bhqkv(self.fn, prefix=())
-        return fn(*_flat(b, h, q, k)).view(b.shape[0], h.shape[1], q.shape[2], k.shape[3])
+        out = fn(*_flat(b, h, q, k))
+        if not isinstance(out, Tensor) or out.dtype != torch.bool:
+            got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"mask_mod {self.describe()!r} must return a bool tensor (True = "
+                            f"may attend), got {got}; combine conditions with &, |, ~ or "
+                            f"torch.where, not Python if/and/or")
+        return out.view(b.shape[0], h.shape[1], q.shape[2], k.shape[3])
 
 
 def _captured_tensors(fn) -> tuple:
@@ -108,7 +122,7 @@ class TorchScoreFn(ScoreFn):
                     return out
                 if isinstance(out, Tensor) and out.dim() <= 4:
                     return out.expand(score.shape)
-            except Exception:  # noqa: BLE001 - written for scalars: vmap below
+            except Exception:  # noqa: BLE001, S110 - written for scalars: vmap below
                 pass
             self._vmap[0] = True
         from torch.nn.attention.flex_attention import _vmap_for_bhqkv
@@ -203,10 +217,12 @@ class BlockGrid(MaskMod):
         partial, area = self._range("partial", *bounds)
         if int(partial) == int(area):  # inside partial tiles only: the mask_mod decides
             return inner
-        from .masks.base import _index
-
-        kd = self._lookup(*_index(B, H, q0, q1, k0, k1, self.kind.device)).to(device)
-        return (kd == FULL) | ((kd == PARTIAL) & inner)
+        bq, bk = self.block_q, self.block_k
+        r0, c0 = q0 // bq, k0 // bk
+        kd = self.kind[..., r0:(q1 - 1) // bq + 1, c0:(k1 - 1) // bk + 1]  # a few tiles
+        kd = kd.repeat_interleave(bq, -2)[..., q0 - r0 * bq:q1 - r0 * bq, :]
+        kd = kd.repeat_interleave(bk, -1)[..., k0 - c0 * bk:k1 - c0 * bk].to(device)
+        return (kd == FULL) | ((kd == PARTIAL) & inner)  # (Bg, Hg, nq, nk)
 
     def validate(self, B, H, T, S):
         Bg, Hg = self.kind.shape[:2]
@@ -250,6 +266,80 @@ def _grid_from_torch(bm) -> BlockGrid:
     mod = bm.mask_mod
     mod = mod if isinstance(mod, MaskMod) else TorchMaskFn(mod)
     return BlockGrid(mod, kind, bq, bk, (T, S), authoritative=True)
+
+
+def _recognise(grid: BlockGrid, B: int, H: int) -> MaskMod | None:
+    """The structural kind (causal or a window) a torch ``BlockMask`` amounts to, or None.
+
+    A candidate is read off the first and last query rows of ``mask_mod``, then verified
+    exactly: its
+    interval arithmetic must call every empty tile of the grid empty and every full tile
+    full, and it must equal ``mask_mod`` on every partial tile, for every batch and head of
+    the call. Then the engine's lowering sees a kind it knows (plain causal reaches SDPA's
+    ``is_causal``; windows get chunked's tight plans) instead of an opaque function.
+    """
+    from .masks.structural import Causal, Window
+
+    kind = grid.kind
+    if kind.shape[:2] != (1, 1):
+        return None
+    T, S = grid.seq_lengths
+    ends = []
+    for q in (0, T - 1):  # the first row bounds the right side, the last row the left
+        row = grid.mod.tile(1, 1, q, q + 1, 0, S, None).reshape(-1)
+        if row.numel() != S or not bool(row.any()):
+            return None
+        seen = row.nonzero().flatten()
+        lo, hi = int(seen[0]), int(seen[-1])
+        if int(seen.numel()) != hi - lo + 1:
+            return None
+        ends.append((lo, hi))
+    right = None if ends[0][1] == S - 1 else ends[0][1]
+    left = None if ends[1][0] == 0 else T - 1 - ends[1][0]
+    if left is None and right is None or left is not None and left < 0:
+        return None
+    cand = Causal(offset=0) if left is None and right == 0 else \
+        Window(left=left, right=right, offset=0)
+    bq, bk = grid.block_q, grid.block_k
+    q_lo = torch.arange(0, T, bq).view(-1, 1)
+    k_lo = torch.arange(0, S, bk).view(1, -1)
+    some, every = cand.blocks(q_lo, (q_lo + bq).clamp(max=T) - 1, k_lo,
+                              (k_lo + bk).clamp(max=S) - 1)
+    k2 = kind[0, 0].cpu()
+    some, every = torch.broadcast_to(some, k2.shape), torch.broadcast_to(every, k2.shape)
+    if bool((some & (k2 == EMPTY)).any()) or bool((~every & (k2 == FULL)).any()):
+        return None
+    for i in range(k2.shape[0]):
+        cols = (k2[i] == PARTIAL).nonzero().flatten()
+        if cols.numel() == 0:
+            continue
+        q0, q1 = i * bq, min((i + 1) * bq, T)
+        k0, k1 = int(cols[0]) * bk, min((int(cols[-1]) + 1) * bk, S)
+        want = grid.mod.tile(B, H, q0, q1, k0, k1, kind.device)
+        got = cand.tile(B, H, q0, q1, k0, k1, kind.device)
+        inside = (k2[i, torch.arange(k0, k1) // bk] == PARTIAL).to(kind.device)  # (nk,)
+        if not bool(((want == got) | ~inside).all()):
+            return None
+    return cand
+
+
+_recognised: dict = {}  # id(torch BlockMask) -> (BlockMask, kind or None), a few recent
+
+
+def _from_torch(bm, B: int, H: int) -> MaskMod:
+    key = (id(bm), B, H)
+    hit = _recognised.get(key)
+    if hit is not None and hit[0] is bm:
+        return hit[1]
+    grid = _grid_from_torch(bm)
+    try:
+        mod = _recognise(grid, B, H) or grid
+    except Exception:  # noqa: BLE001 - a mask_mod the probe cannot run: keep it opaque
+        mod = grid
+    _recognised[key] = (bm, mod)
+    while len(_recognised) > 8:
+        _recognised.pop(next(iter(_recognised)))
+    return mod
 
 
 # --- attnkit's BlockMask and create_block_mask ---------------------------------------------
@@ -376,7 +466,7 @@ def create_block_mask(mask_mod, B: int | None, H: int | None, Q_LEN: int, KV_LEN
 
 # --- flex_attention -------------------------------------------------------------------------
 
-def _as_mask(block_mask):
+def _as_mask(block_mask, B: int, H: int):
     if block_mask is None:
         return None
     if isinstance(block_mask, BlockMask):
@@ -384,7 +474,7 @@ def _as_mask(block_mask):
     if isinstance(block_mask, MaskMod):
         return block_mask
     if hasattr(block_mask, "kv_num_blocks") and hasattr(block_mask, "BLOCK_SIZE"):
-        return _grid_from_torch(block_mask)
+        return _from_torch(block_mask, B, H)
     raise TypeError(f"block_mask must be a BlockMask (torch's or attnkit's create_block_mask), "
                     f"an attnkit mask description, or None; got {type(block_mask).__name__}")
 
@@ -440,7 +530,8 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, bl
             raise ValueError("attnkit.flex_attention serves return_aux=AuxRequest(lse=True); "
                              "max_scores is not computed")
         want_lse = bool(getattr(return_aux, "lse", False))
-    spec = MaskSpec(mask_mod=_as_mask(block_mask), score_mod=_as_score(score_mod))
+    spec = MaskSpec(mask_mod=_as_mask(block_mask, query.shape[0], H),
+                    score_mod=_as_score(score_mod))
     args = dict(dropout_p=0.0, scale=scale, spec=spec, return_lse=want_lse,
                 return_weights=False, **{n: engine._SIGNATURE.parameters[n].default
                                          for n in engine._DESCRIPTION_ARGS})

@@ -58,7 +58,7 @@ _QUIET = ("torch._dynamo", "torch._inductor", "torch.fx.experimental.symbolic_sh
           "torch._functorch", "torch._subclasses", "torch.utils._sympy")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unavailable(device_type: str) -> str | None:
     """Why flex cannot run on this device type here, or None.
 
@@ -285,7 +285,7 @@ def flex_attention(q, k, v, call, *, dropout_p: float = 0.0, scale: float,
         with _quiet(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             result = _compiled(qp, kp, vp, score_mod=score, block_mask=block_mask, scale=scale,
                                enable_gqa=k.shape[1] != H, return_lse=return_lse)
-    except Exception as err:  # noqa: BLE001 - only the recompile limit is translated
+    except Exception as err:
         if "RecompileLimit" not in type(err).__name__ and "CacheLimit" not in type(err).__name__:
             raise
         raise RuntimeError(f"flex: torch.compile's recompile limit ({_recompile_limit()}) for "

@@ -7,7 +7,6 @@ References: torch's eager ``flex_attention`` in float64 (forward; it has no CPU 
 attnkit's float64 math path (forward and backward), and one compiled FlexAttention call
 (float32 forward; one compile, skipped where flex cannot compile here)."""
 
-import math
 
 import pytest
 import torch

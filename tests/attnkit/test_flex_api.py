@@ -3,7 +3,6 @@ eagerly (nothing here compiles). References: torch's *eager* flex_attention in f
 dense definition of FlexAttention's semantics, forward only on CPU) and attnkit's float64
 math path (forward and backward)."""
 
-import math
 
 import pytest
 import torch
@@ -243,3 +242,41 @@ def test_dilated_plan_skips_off_lattice_tiles():
     assert (attnkit.create_block_mask(M.Dilated(1), None, None, 9, 9).summary.kind == FULL).all()
     assert (attnkit.create_block_mask(M.Dilated(3), None, None, 9, 9, BLOCK_SIZE=4)
             .summary.kind != EMPTY).all()
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("causal", "causal"), ("window", "window(left=63, right=0)"),
+    ("two_sided", "window(left=20, right=5)"), ("documents", None), ("causal_b", None)])
+def test_torch_block_masks_of_known_kinds_run_as_those_kinds(name, expected):
+    """Causal and windows are recognised (and verified on every partial tile), so plain
+    causal reaches SDPA's is_causal; anything else stays the exact opaque grid."""
+    from attnkit.flex_api import _from_torch
+    doc = torch.arange(300) // 100
+    mods = {
+        "causal": causal,
+        "window": lambda b, h, q, kv: (q >= kv) & (q - kv < 64),
+        "two_sided": lambda b, h, q, kv: (kv - q <= 5) & (q - kv <= 20),
+        "documents": lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv),
+        "causal_b": lambda b, h, q, kv: (q >= kv) & ((b == 0) | (kv > 0)),  # differs for b=1
+    }
+    bm = torch_cbm(mods[name], None, None, 300, 300, device="cpu", BLOCK_SIZE=64)
+    got = _from_torch(bm, 2, 4)
+    if expected is None:
+        assert isinstance(got, BlockGrid)
+    else:
+        assert got.describe() == expected
+    if name == "causal_b":  # per-sample structure, so torch's eager path agrees with the kernel
+        bm = torch_cbm(mods[name], 2, None, 300, 300, device="cpu", BLOCK_SIZE=64)
+    q, k, v = qkv(T=300)
+    torch.testing.assert_close(attnkit.flex_attention(q, k, v, block_mask=bm),
+                               torch_flex(q, k, v, block_mask=bm))
+    if name == "causal":
+        assert attnkit.spec.lower(got, 300, 300)[1] == 0  # SDPA's is_causal
+
+
+def test_a_mask_mod_returning_floats_is_a_type_error():
+    q, k, v = qkv(B=1, H=2, Hkv=2, T=40)
+    bm = attnkit.create_block_mask(M.causal(), None, None, 40, 40)
+    with pytest.raises(TypeError, match="bool"):
+        attnkit.flex_attention(q, k, v, block_mask=attnkit.flex_api.BlockMask(
+            TorchMaskFn(lambda b, h, qi, ki: (qi >= ki).float()), bm.summary))
