@@ -29,7 +29,7 @@ from .engine import attention
 from .functional import merge_partial_attention
 from .masks import sliding_window, varlen
 from .masks.varlen import Varlen, check_cu_seqlens
-from .scores import ScoreMod
+from .scores import Alibi
 
 __all__ = ["VarlenAlibi", "plan_groups", "varlen_attention"]
 
@@ -40,27 +40,22 @@ ALONE_FLOPS = 2e7
 
 
 @dataclass(frozen=True, eq=False)
-class VarlenAlibi(ScoreMod):
+class VarlenAlibi(Alibi):
     """ALiBi per packed sequence: ``score - slopes[h] * |p(i) - j|`` with the query's
-    bottom-right position ``p(i)`` from a :class:`~attnkit.masks.Varlen` description."""
+    bottom-right position ``p(i)`` from a :class:`~attnkit.masks.Varlen` description (the
+    slopes' checks are :class:`~attnkit.scores.Alibi`'s)."""
 
-    slopes: Tensor
-    mask: Varlen
+    mask: Varlen | None = None
+
+    def resolve(self, T, S):
+        return self  # positions come from the varlen description, not an alignment
 
     def apply(self, score, b, h, q, k):
         dist = (self.mask.pos[q] - k).abs()
         return score - self.slopes[h].to(score.dtype) * dist.to(score.dtype)
 
-    def validate(self, B, H, T, S):
-        if self.slopes.shape[0] != H:
-            raise ValueError(f"alibi_slopes must have one slope per query head, shape (H,) = "
-                             f"({H},), got {tuple(self.slopes.shape)}")
-
     def describe(self):
         return "alibi(varlen)"
-
-    def tensors(self):
-        return (self.slopes,)
 
 
 def plan_groups(len_q: list[int], len_k: list[int], flops_per_pair: float) -> list[tuple]:
@@ -203,7 +198,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
             res = _one_sequence(qg, kg, vg, causal, win, alibi_slopes, common)
         else:
             sub = Varlen(cu_q[a:b + 1] - q0, cu_k[a:b + 1] - k0, mask.left, mask.right)
-            score = None if alibi_slopes is None else VarlenAlibi(alibi_slopes, sub)
+            score = None if alibi_slopes is None else VarlenAlibi(alibi_slopes, mask=sub)
             res = attention(qg, kg, vg, mask_mod=sub, score_mod=score, **common)
         out, lse = (res[0], res[-1]) if return_lse else (res, None)
         outs.append(out[0].transpose(0, 1))  # (Tg, H, D)
