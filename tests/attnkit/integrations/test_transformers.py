@@ -132,6 +132,26 @@ def test_greedy_generate_token_for_token(name, cache):
     assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", DECODERS)
+def test_greedy_generate_on_the_decode_backend(name, cache):
+    """#16: the decode backend (every step, the prompt included: T <= 128) under generate,
+    with windows, sinks, softcap and a left-padded batch: tokens equal eager's."""
+    hf.register("attnkit_decode", backend="decode")
+    try:
+        ref, _ = models(name, "auto")
+        config = copy.deepcopy(ref.config)
+        ours = AutoModelForCausalLM.from_config(config, attn_implementation="attnkit_decode")
+        ours.load_state_dict(ref.state_dict())
+        ours.eval()
+        ids, attention_mask = _inputs(T=6, pad=2)
+        kw = dict(attention_mask=attention_mask, max_new_tokens=5, do_sample=False,
+                  cache_implementation=cache, pad_token_id=0)
+        assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+    finally:
+        hf.unregister("attnkit_decode")
+
+
 @pytest.mark.parametrize("backend", list(IMPLS))
 @pytest.mark.parametrize("name", DECODERS + ["bert"])
 def test_gradients_match_eager(name, backend):
