@@ -38,7 +38,6 @@ Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` qu
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -532,14 +531,13 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, bl
         want_lse = bool(getattr(return_aux, "lse", False))
     spec = MaskSpec(mask_mod=_as_mask(block_mask, query.shape[0], H),
                     score_mod=_as_score(score_mod))
-    args = dict(dropout_p=0.0, scale=scale, spec=spec, return_lse=want_lse,
-                return_weights=False, **{n: engine._SIGNATURE.parameters[n].default
-                                         for n in engine._DESCRIPTION_ARGS})
-    call = engine._prepare(query, key, value, args)
-    name = _eager_backend(query, key, value, call, args)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    result = engine.get_backend(name).fn(query, key, value, call, dropout_p=0.0, scale=scale,
-                                         return_lse=want_lse)
+    # The cheapest backend auto would run, never the compiled flex (no compile, no
+    # recompiles): explain() prices every backend that can serve the call.
+    estimates = engine.explain(query, key, value, spec=spec, scale=scale,
+                               return_lse=want_lse).estimates
+    name = min((n for n in estimates if n != "flex"), key=estimates.__getitem__)
+    result = engine.attention(query, key, value, spec=spec, scale=scale, backend=name,
+                              return_lse=want_lse)
     if return_aux is not None:
         from torch.nn.attention.flex_attention import AuxOutput
 
@@ -548,11 +546,3 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, bl
     return result
 
 
-def _eager_backend(q, k, v, call, args) -> str:
-    """The cheapest backend ``auto`` would run, never the compiled ``flex``."""
-    from . import engine
-
-    ranked = [n for n in engine._rank(q, k, v, call, args)[0] if n != "flex"]
-    if not ranked:  # pragma: no cover - math serves everything
-        raise ValueError("no eager backend can serve this call")
-    return ranked[0]
