@@ -5,8 +5,8 @@ Layers, each using only the ones above it:
 * :mod:`attnkit.functional` - the executable spec (plain-math attention).
 * :mod:`attnkit.masks` - mask descriptions (``mask_mod``), composable, and builders
   (True = may attend); :mod:`attnkit.scores` - score functions (softcap, ALiBi, bias).
-* :mod:`attnkit.backends` - ``math``, ``sdpa``, ``chunked``, ``flex`` engines behind one
-  contract, each declaring its capabilities and cost.
+* :mod:`attnkit.backends` - ``math``, ``sdpa``, ``chunked``, ``flex``, ``decode`` engines
+  behind one contract, each declaring its capabilities and cost.
 * :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point;
   :func:`attnkit.varlen_attention` - packed sequences, flash-attn's varlen convention.
 * :func:`attnkit.flex_attention` / :func:`attnkit.create_block_mask` - FlexAttention's

@@ -231,7 +231,7 @@ def attention(
             in eval mode).
         scale: score multiplier, default ``1/sqrt(D)``; finite and non-zero.
         backend: ``"auto"`` or a registered name (``"math"``, ``"sdpa"``, ``"chunked"``,
-            ``"flex"``).
+            ``"flex"``, ``"decode"``).
         return_lse: also return the row log-sum-exp ``(B, H, T)`` in float32 (float64 for
             float64 inputs); ``-inf`` for rows with no visible key. Differentiable.
         return_weights: also return the attention weights ``(B, H, T, S)`` (after dropout;

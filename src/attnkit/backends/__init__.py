@@ -3,9 +3,10 @@
 Each backend module exports one :class:`Backend` (``BACKEND``: function, check,
 capabilities, cost rule); registering them here is all the wiring there is. The built-in
 ones are ``math`` (the spec), ``sdpa`` (PyTorch's fused kernels), ``chunked`` (pure-PyTorch
-online softmax in O(T) memory, block-sparse from the call's block summary) and ``flex``
+online softmax in O(T) memory, block-sparse from the call's block summary), ``flex``
 (``torch.nn.attention.flex_attention``, compiled; refused with the reason where torch or a
-compiler cannot run it). See :mod:`.registry` for the contract a new backend follows and
+compiler cannot run it) and ``decode`` (short query blocks over long caches: grouped KV heads,
+split-KV, half caches read as such). See :mod:`.registry` for the contract a new backend follows and
 :func:`attnkit.attention` for the entry point.
 """
 
