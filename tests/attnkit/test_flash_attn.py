@@ -640,3 +640,28 @@ def test_type_errors():
         flash_attn_func(_x(1, 2, 2, 4), _x(1, 2, 2, 4).double(), _x(1, 2, 2, 4))
     with pytest.raises(TypeError, match="needs causal=True or causal=False"):
         attnkit.varlen_attention(_x(4, 2, 4), _x(4, 2, 4), _x(4, 2, 4), [0, 4])
+
+
+@pytest.mark.gpu
+def test_on_cuda_in_half_precision():  # tier 3: flash-attn's home ground
+    from tests.tolerance import assert_within_2x
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 67, n, 64, generator=g) for n in (8, 2, 2))
+    exact, _ = attention_ref(q, k, v, causal=True, window_size=(20, 0))
+    cq, ck, cv = (t.cuda().half() for t in (q, k, v))
+    out = flash_attn_func(cq, ck, cv, causal=True, window_size=(20, 0))
+    plain = attnkit.attention(*(t.transpose(1, 2) for t in (cq, ck, cv)), causal=True,
+                              causal_align="bottom_right", window=(20, 0), backend="math")
+    assert out.device.type == "cuda" and out.dtype == torch.float16
+    assert_within_2x(out.cpu(), plain.transpose(1, 2).cpu(), exact)
+    k_pages, v_pages = (torch.randn(12, 16, 2, 64, generator=g).cuda().half() for _ in range(2))
+    table = torch.randperm(12, generator=g).view(2, 6).to(torch.int32).cuda()
+    lens = torch.tensor([40, 75], dtype=torch.int32).cuda()
+    out = flash_attn_with_kvcache(cq[:, :1], k_pages, v_pages, ck[:, :1], cv[:, :1],
+                                  cache_seqlens=lens, block_table=table, causal=True)
+    dense_k = k_pages[table.long().flatten()].view(2, -1, 2, 64)
+    dense_v = v_pages[table.long().flatten()].view(2, -1, 2, 64)
+    for b, n in enumerate((41, 76)):
+        ref, _ = attention_ref(cq[b:b + 1, :1].cpu(), dense_k[b:b + 1, :n].cpu(),
+                               dense_v[b:b + 1, :n].cpu(), causal=True)  # half inputs, exact
+        torch.testing.assert_close(out[b:b + 1].cpu().double(), ref, atol=2e-3, rtol=2e-3)

@@ -393,3 +393,17 @@ def test_torch_users_path_is_correct_and_attnkits_module_warns():
     blocked = torch.ones(6, 6, dtype=torch.bool).triu(1)  # torch's causal attn_mask
     with pytest.warns(UserWarning, match="mask hides every key of some query"):
         own(x, mask=blocked)
+
+
+@pytest.mark.gpu
+def test_on_cuda():  # tier 3
+    ref = nn.MultiheadAttention(32, 4, batch_first=True, device="cuda")
+    mha = MultiheadAttention.from_torch(ref)
+    x = torch.randn(2, 9, 32, device="cuda")
+    pad = torch.zeros(2, 9, dtype=torch.bool, device="cuda")
+    pad[1, 6:] = True
+    out, w = mha(x, x, x, key_padding_mask=pad)
+    out_ref, w_ref = ref(x, x, x, key_padding_mask=pad)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w, w_ref, atol=1e-5, rtol=1e-4)
