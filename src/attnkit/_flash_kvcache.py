@@ -15,6 +15,8 @@ head dim, ``Dv`` value head dim, ``R`` rotary dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -155,99 +157,129 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             out of range, bad rotary tables, window, softcap or slopes.
     """
     check_4d(q=q, k_cache=k_cache, v_cache=v_cache)
-    B, Sq, H, D = q.shape
-    paged = block_table is not None
-    if paged and cache_batch_idx is not None:
-        raise FlashAttnArgumentError("Paged KVcache does not support cache_batch_idx (as in "
-                                     "flash-attn): index block_table's rows instead")
-    if paged and cache_leftpad is not None:
-        raise FlashAttnArgumentError("cache_leftpad cannot be combined with block_table (as "
-                                     "in flash-attn): start each block table at the first "
-                                     "valid page instead")
-    if k_cache.shape[:3] != v_cache.shape[:3]:
-        raise FlashAttnArgumentError(f"k_cache and v_cache must agree on all but the head "
-                                     f"dim, got {tuple(k_cache.shape)} and "
-                                     f"{tuple(v_cache.shape)}")
-    page_size = k_cache.shape[1]
-    table = _page_table(block_table, B, k_cache.shape[0]) if paged else None
-    capacity = table.shape[1] * page_size if paged else k_cache.shape[1]
-    rows = list(range(B)) if cache_batch_idx is None else \
-        _ints("cache_batch_idx", cache_batch_idx, B, 0, k_cache.shape[0] - 1)
-    if not paged and cache_batch_idx is None and k_cache.shape[0] < B:
-        raise FlashAttnArgumentError(f"k_cache holds {k_cache.shape[0]} sequences but q has "
-                                     f"batch_size {B}; pass cache_batch_idx or a larger cache")
-    new = 0
-    if k is not None or v is not None:
-        if k is None or v is None:
-            raise FlashAttnArgumentError("k and v go together: pass both to append to the "
-                                         "cache, or neither")
-        check_4d(k=k, v=v)
-        if cache_seqlens is None:
-            raise FlashAttnArgumentError("k and v are appended at cache_seqlens: pass "
-                                         "cache_seqlens (as flash-attn requires)")
-        if k.shape[0] != B or k.shape[:3] != v.shape[:3] or k.shape[2:] != k_cache.shape[2:] \
-                or v.shape[3] != v_cache.shape[3]:
-            raise FlashAttnArgumentError(f"k and v must be (batch_size, seqlen_new, nheads_k, "
-                                         f"headdim) like the cache, got {tuple(k.shape)} and "
-                                         f"{tuple(v.shape)} for caches {tuple(k_cache.shape)}")
-        new = k.shape[1]
-    seqlens = [capacity] * B if cache_seqlens is None else \
-        _ints("cache_seqlens", cache_seqlens, B, 0, capacity)
-    if max(seqlens) + new > capacity:
-        where = ("the capacity addressable by block_table (max_num_blocks_per_seq * "
-                 "page_block_size" if paged else "the capacity of k_cache (seqlen_cache")
-        raise FlashAttnArgumentError(f"max(cache_seqlens) + seqlen_new = {max(seqlens) + new} "
-                                     f"exceeds {where} = {capacity})")
-    left, right = window_sides(window_size, causal, capacity)
-    if rotary_cos is not None or rotary_sin is not None:
-        q, k = _rotary(q, k, rotary_cos, rotary_sin, seqlens,
-                       causal or left is not None or right is not None, rotary_interleaved)
-    if new:
-        _write(k_cache, k, rows, seqlens, table, page_size)
-        _write(v_cache, v, rows, seqlens, table, page_size)
-    lengths = [s + new for s in seqlens]
-    starts = [0] * B if cache_leftpad is None else [
-        _ints("cache_leftpad", cache_leftpad, B, 0, capacity)[b] for b in range(B)]
-    if any(s > n for s, n in zip(starts, lengths)):
-        raise FlashAttnArgumentError(f"cache_leftpad must not pass cache_seqlens (+ new "
-                                     f"tokens), got {starts} and {lengths}")
+    B, H = q.shape[0], q.shape[2]
+    cache = _Cache.of(B, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad,
+                      block_table)
     check_alibi(alibi_slopes, B, H)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise FlashAttnArgumentError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    left, right = window_sides(window_size, causal, cache.capacity)
     common = dict(left=left, right=right, softcap=softcap_arg(softcap), scale=softmax_scale)
-    out, lse = _attend(q, k_cache, v_cache, table, rows, starts, lengths, alibi_slopes, common)
+    if rotary_cos is not None or rotary_sin is not None:  # every check is done: now change
+        q, k = _rotary(q, k, rotary_cos, rotary_sin, cache.seqlens,
+                       left is not None or right is not None, rotary_interleaved)
+    if cache.new:
+        _write(k_cache, k, cache.rows, cache.seqlens, cache.table, cache.page_size)
+        _write(v_cache, v, cache.rows, cache.seqlens, cache.table, cache.page_size)
+    out, lse = _attend(q, k_cache, v_cache, cache, alibi_slopes, common)
     out = out.transpose(1, 2).contiguous()  # (B, Sq, H, Dv)
     return (out, flash_lse(lse)) if return_softmax_lse else out
 
 
-def _attend(q, k_cache, v_cache, table, rows, starts, lengths, slopes, common):
+@dataclass
+class _Cache:
+    """The checked bookkeeping of one call: page table (None for a dense cache), cache row
+    of each sequence, positions held before and after the append, first visible position."""
+
+    table: Tensor | None
+    page_size: int
+    capacity: int
+    rows: list[int]
+    seqlens: list[int]
+    new: int
+    starts: list[int]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [s + self.new for s in self.seqlens]
+
+    @classmethod
+    def of(cls, B, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad,
+           block_table) -> "_Cache":
+        paged = block_table is not None
+        if paged and cache_batch_idx is not None:
+            raise FlashAttnArgumentError("Paged KVcache does not support cache_batch_idx (as "
+                                         "in flash-attn): index block_table's rows instead")
+        if paged and cache_leftpad is not None:
+            raise FlashAttnArgumentError("cache_leftpad cannot be combined with block_table "
+                                         "(as in flash-attn): start each block table at the "
+                                         "first valid page instead")
+        if k_cache.shape[:3] != v_cache.shape[:3]:
+            raise FlashAttnArgumentError(f"k_cache and v_cache must agree on all but the head "
+                                         f"dim, got {tuple(k_cache.shape)} and "
+                                         f"{tuple(v_cache.shape)}")
+        page_size = k_cache.shape[1]
+        table = _page_table(block_table, B, k_cache.shape[0]) if paged else None
+        capacity = table.shape[1] * page_size if paged else k_cache.shape[1]
+        if not paged and cache_batch_idx is None and k_cache.shape[0] < B:
+            raise FlashAttnArgumentError(f"k_cache holds {k_cache.shape[0]} sequences but q "
+                                         f"has batch_size {B}; pass cache_batch_idx or a larger "
+                                         f"cache")
+        rows = list(range(B)) if cache_batch_idx is None else \
+            _ints("cache_batch_idx", cache_batch_idx, B, 0, k_cache.shape[0] - 1)
+        new = _new_tokens(B, k_cache, v_cache, k, v, cache_seqlens)
+        seqlens = [capacity] * B if cache_seqlens is None else \
+            _ints("cache_seqlens", cache_seqlens, B, 0, capacity)
+        if max(seqlens) + new > capacity:
+            where = ("the capacity addressable by block_table (max_num_blocks_per_seq * "
+                     "page_block_size" if paged else "the capacity of k_cache (seqlen_cache")
+            raise FlashAttnArgumentError(f"max(cache_seqlens) + seqlen_new = "
+                                         f"{max(seqlens) + new} exceeds {where} = {capacity})")
+        starts = [0] * B if cache_leftpad is None else \
+            _ints("cache_leftpad", cache_leftpad, B, 0, capacity)
+        lengths = [s + new for s in seqlens]
+        if any(s > n for s, n in zip(starts, lengths)):
+            raise FlashAttnArgumentError(f"cache_leftpad must not pass cache_seqlens (+ new "
+                                         f"tokens), got {starts} and {lengths}")
+        return cls(table, page_size, capacity, rows, seqlens, new, starts)
+
+
+def _new_tokens(B, k_cache, v_cache, k, v, cache_seqlens) -> int:
+    """How many new keys ``k``/``v`` append (0 without them), after checking them."""
+    if k is None and v is None:
+        return 0
+    if k is None or v is None:
+        raise FlashAttnArgumentError("k and v go together: pass both to append to the cache, "
+                                     "or neither")
+    check_4d(k=k, v=v)
+    if cache_seqlens is None:
+        raise FlashAttnArgumentError("k and v are appended at cache_seqlens: pass "
+                                     "cache_seqlens (as flash-attn requires)")
+    if k.shape[0] != B or k.shape[:3] != v.shape[:3] or k.shape[2:] != k_cache.shape[2:] \
+            or v.shape[3] != v_cache.shape[3]:
+        raise FlashAttnArgumentError(f"k and v must be (batch_size, seqlen_new, nheads_k, "
+                                     f"headdim) like the cache, got {tuple(k.shape)} and "
+                                     f"{tuple(v.shape)} for caches {tuple(k_cache.shape)}")
+    return k.shape[1]
+
+
+def _attend(q, k_cache, v_cache, cache: _Cache, slopes, common):
     """``(out (B, H, Sq, Dv), lse (B, H, Sq))`` over each sequence's cache."""
     B, Sq, H, _ = q.shape
     qt = q.transpose(1, 2)  # (B, H, Sq, D)
-    L = lengths[0]
-    if table is None and len(set(lengths)) == 1 and not any(starts) and L and \
+    lengths, L = cache.lengths, cache.lengths[0]
+    if cache.table is None and len(set(lengths)) == 1 and not any(cache.starts) and L and \
             (slopes is None or slopes.dim() == 1):  # one call for the whole batch
+        rows = cache.rows
         pick = slice(0, B) if rows == list(range(B)) else torch.tensor(rows, device=q.device)
         kt = k_cache[pick, :L].transpose(1, 2)  # (B, Hk, L, D)
         vt = v_cache[pick, :L].transpose(1, 2)  # (B, Hk, L, Dv)
-        left, right = common["left"], common["right"]
-        return attention(qt, kt, vt, window=engine_window(left, right),
+        return attention(qt, kt, vt, window=engine_window(common["left"], common["right"]),
                          causal_align="bottom_right", alibi_slopes=slopes,
                          softcap=common["softcap"], scale=common["scale"], return_lse=True)
-    Hk = k_cache.shape[2]
-    if table is not None:  # the pools as attend_pages reads them: (Hk, num_blocks * ps, D)
+    Hk, page_size = k_cache.shape[2], cache.page_size
+    if cache.table is not None:  # the pools as attend_pages reads them: (Hk, pages * ps, D)
         k_pool = k_cache.reshape(-1, Hk, k_cache.shape[-1]).transpose(0, 1)
         v_pool = v_cache.reshape(-1, Hk, v_cache.shape[-1]).transpose(0, 1)
     outs, lses = [], []
     for b in range(B):
-        if table is None:  # one cache row is one page
-            k_pool, v_pool = k_cache[rows[b]].transpose(0, 1), v_cache[rows[b]].transpose(0, 1)
-            pages, page_size = [0], k_cache.shape[1]
+        if cache.table is None:  # one cache row is one page
+            row = cache.rows[b]
+            k_pool, v_pool, pages = k_cache[row].transpose(0, 1), v_cache[row].transpose(0, 1), [0]
         else:
-            page_size = k_cache.shape[1]
-            pages = table[b, :-(-lengths[b] // page_size)].tolist()
+            pages = cache.table[b, :-(-lengths[b] // page_size)].tolist()
         o, l_ = attend_pages(qt[b:b + 1], k_pool, v_pool, pages, lengths[b], page_size,
-                             start=starts[b], alibi_slopes=None if slopes is None else
+                             start=cache.starts[b], alibi_slopes=None if slopes is None else
                              slopes if slopes.dim() == 1 else slopes[b], **common)
         if o is None:  # no visible key: zeros, lse -inf (flash: +inf, set by the caller)
             o = q.new_zeros(1, H, Sq, v_cache.shape[-1])

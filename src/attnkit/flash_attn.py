@@ -138,15 +138,15 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 # --- packed variable-length batches ---------------------------------------------------------
 
-def _gather_pages(pages: Tensor, block_table, cu_seqlens_k, name: str) -> Tensor:
-    """Packed ``(total_k, Hk, D)`` keys of every sequence from ``pages (num_blocks,
-    page_block_size, Hk, D)`` through ``block_table (B, max_blocks)`` (one index_select)."""
+def _page_index(pages: Tensor, block_table, cu_seqlens_k) -> Tensor:
+    """``(total_k,)`` row of every packed key in ``pages (num_blocks, page_block_size, Hk, D)``
+    flattened: sequence ``b``'s keys are the first ones of the pages ``block_table[b]``."""
     if not isinstance(block_table, Tensor) or block_table.dim() != 2 \
             or block_table.is_floating_point():
         raise FlashAttnArgumentError(f"block_table must be an integer tensor (batch_size, "
                                      f"max_num_blocks_per_seq), got {shape_of(block_table)}")
     if pages.dim() != 4:
-        raise FlashAttnArgumentError(f"with block_table, {name} must be the page pool "
+        raise FlashAttnArgumentError(f"with block_table, k and v must be the page pools "
                                      f"(num_blocks, page_block_size, nheads_k, headdim), got "
                                      f"shape {tuple(pages.shape)}")
     nb, ps = pages.shape[0], pages.shape[1]
@@ -160,13 +160,12 @@ def _gather_pages(pages: Tensor, block_table, cu_seqlens_k, name: str) -> Tensor
         raise FlashAttnArgumentError(f"a sequence of {int(lens.max())} keys exceeds the "
                                      f"capacity addressable by block_table (max_num_blocks_"
                                      f"per_seq * page_block_size = {cap})")
-    table = block_table.long().to(pages.device)
-    seq = torch.repeat_interleave(torch.arange(lens.numel()), lens).to(pages.device)  # (total,)
-    pos = (torch.arange(int(cu[-1])) - cu[:-1].repeat_interleave(lens)).to(pages.device)
-    page = table[seq, pos // ps]  # (total_k,) page of every key
+    seq = torch.repeat_interleave(torch.arange(lens.numel()), lens)  # (total_k,)
+    pos = torch.arange(int(cu[-1])) - cu[:-1].repeat_interleave(lens)  # (total_k,)
+    page = block_table.long().cpu()[seq, pos // ps]  # (total_k,) page of every key
     if page.numel() and (int(page.min()) < 0 or int(page.max()) >= nb):
         raise FlashAttnArgumentError(f"block_table points outside the pool of {nb} pages")
-    return pages.reshape(nb * ps, *pages.shape[2:]).index_select(0, page * ps + pos % ps)
+    return (page * ps + pos % ps).to(pages.device)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -195,9 +194,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         ValueError, TypeError: what :func:`attnkit.varlen_attention` refuses.
     """
     check_options(dropout_p, return_attn_probs, deterministic)
-    if block_table is not None:
-        k = _gather_pages(k, block_table, cu_seqlens_k, "k")  # (total_k, Hk, D)
-        v = _gather_pages(v, block_table, cu_seqlens_k, "v")  # (total_k, Hk, Dv)
+    if block_table is not None:  # each sequence's pages gathered once, packed
+        index = _page_index(k, block_table, cu_seqlens_k)  # (total_k,)
+        k = k.flatten(0, 1).index_select(0, index)  # (total_k, Hk, D)
+        v = v.flatten(0, 1).index_select(0, index)  # (total_k, Hk, Dv)
     if isinstance(q, Tensor) and q.dim() == 3:
         n = len(cu_seqlens_q) - 1
         check_alibi(alibi_slopes, n, q.shape[1])

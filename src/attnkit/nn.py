@@ -13,7 +13,8 @@ blocked), float masks are added to the scores, inputs are ``(L, N, E)`` unless
 ``batch_first``, unbatched ``(L, E)`` inputs work, ``need_weights`` defaults to True and
 ``average_attn_weights`` averages them over heads, ``is_causal`` is a hint that
 ``attn_mask`` is the causal mask (used as torch uses it). Error messages are torch's; shape
-errors are ``ValueError`` that are also ``AssertionError`` (what torch raises).
+and mask-type errors are ``ValueError``/``TypeError`` that are also ``AssertionError`` (what
+torch raises).
 
 One deliberate difference: a query whose keys are all masked gives zeros (and zero weights),
 where torch gives NaN (attnkit's rule for fully masked rows).
@@ -33,12 +34,17 @@ from torch import Tensor, nn
 from .backends import get_backend
 from .engine import attention
 
-__all__ = ["MultiheadAttention", "MultiheadAttentionShapeError"]
+__all__ = ["MultiheadAttention", "MultiheadAttentionShapeError", "MultiheadAttentionTypeError"]
 
 
 class MultiheadAttentionShapeError(ValueError, AssertionError):
     """A shape torch's ``MultiheadAttention`` refuses; torch raises ``AssertionError``,
     attnkit's rule is ``ValueError``: this is both."""
+
+
+class MultiheadAttentionTypeError(TypeError, AssertionError):
+    """A mask dtype torch's ``MultiheadAttention`` refuses (``AssertionError`` there,
+    ``TypeError`` by attnkit's rule): both."""
 
 
 def _shape_check(query, key, value, key_padding_mask, attn_mask, num_heads) -> bool:
@@ -68,10 +74,24 @@ def _shape_check(query, key, value, key_padding_mask, attn_mask, num_heads) -> b
     return batched
 
 
+def _check_key_value(key, value, batched: bool, batch_first: bool, same_dim: bool) -> None:
+    """torch's key/value agreement check, its shapes shown as torch shows them (sequence
+    first, unbatched inputs with a batch of 1)."""
+    def seq_first(t):
+        return t.unsqueeze(1) if not batched else t.transpose(0, 1) if batch_first else t
+    key, value = seq_first(key), seq_first(value)
+    if same_dim and key.shape != value.shape:
+        raise MultiheadAttentionShapeError(f"key shape {key.shape} does not match value shape "
+                                           f"{value.shape}")
+    if not same_dim and key.shape[:2] != value.shape[:2]:
+        raise MultiheadAttentionShapeError(f"key's sequence and batch dims {key.shape[:2]} do "
+                                           f"not match value's {value.shape[:2]}")
+
+
 def _check_mask_type(mask, name: str) -> None:
     if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"only bool and floating types of {name} are supported, got "
-                        f"{mask.dtype}")
+        raise MultiheadAttentionTypeError(f"only bool and floating types of {name} are "
+                                          f"supported, got {mask.dtype}")
 
 
 def _pad_key(mask: Tensor | None) -> Tensor | None:
@@ -178,7 +198,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         Raises:
             MultiheadAttentionShapeError: (ValueError and AssertionError) torch's shape
                 checks, with torch's messages.
-            TypeError: masks that are neither bool nor float.
+            MultiheadAttentionTypeError: (TypeError and AssertionError) masks that are
+                neither bool nor float.
             RuntimeError: ``is_causal`` without ``attn_mask``, or an ``attn_mask`` of the
                 wrong size (torch's messages).
         """
@@ -189,6 +210,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 and key_padding_mask.dtype != attn_mask.dtype:
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. "
                           "Use same type for both instead.", stacklevel=2)
+        _check_key_value(key, value, batched, self.batch_first, self._qkv_same_embed_dim)
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use "
                                "the Transformer module method `generate_square_subsequent_mask` "
@@ -217,11 +239,6 @@ class MultiheadAttention(nn.MultiheadAttention):
         if E != self.embed_dim:
             raise MultiheadAttentionShapeError(f"was expecting embedding dimension of "
                                                f"{self.embed_dim}, but got {E}")
-        same = key.shape == value.shape if self._qkv_same_embed_dim else \
-            key.shape[:2] == value.shape[:2]
-        if not same:
-            raise MultiheadAttentionShapeError(f"key shape {key.shape} does not match value "
-                                               f"shape {value.shape}")
         S, H, D = key.shape[1], self.num_heads, self.head_dim
         use_causal = is_causal and key_padding_mask is None and not need_weights
         if attn_mask is not None and not use_causal:

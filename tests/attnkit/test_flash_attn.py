@@ -555,7 +555,7 @@ ERRORS = [
      r"block_table must be an integer tensor \(batch_size, max_num_blocks_per_seq\)"),
     (lambda: flash_attn_varlen_func(_x(4, 2, 4), _x(12, 2, 4), _x(12, 2, 4), [0, 4], [0, 4],
                                     4, 4, block_table=torch.zeros(1, 1, dtype=torch.int32)),
-     r"with block_table, k must be the page pool \(num_blocks, page_block_size"),
+     r"with block_table, k and v must be the page pools \(num_blocks, page_block_size"),
     (lambda: flash_attn_varlen_func(_x(4, 2, 4), _x(3, 4, 2, 4), _x(3, 4, 2, 4), [0, 4],
                                     [0, 4], 4, 4, block_table=torch.zeros(2, 1, dtype=torch.int32)),
      "block_table has 2 rows but cu_seqlens_k describes 1 sequences"),
@@ -631,6 +631,18 @@ def test_errors_are_value_and_runtime_errors_naming_the_argument(call, match):
     with pytest.raises(FlashAttnArgumentError, match=match) as info:
         call()
     assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+
+
+def test_a_refused_call_leaves_the_cache_untouched():
+    k_cache, v_cache = torch.randn(2, 8, 1, 4), torch.randn(2, 8, 1, 4)
+    before = k_cache.clone(), v_cache.clone()
+    new = torch.randn(2, 1, 1, 4)
+    for bad in (dict(alibi_slopes=_x(5)), dict(num_splits=-1), dict(window_size=None),
+                dict(softcap="x"), dict(rotary_cos=_x(8, 2), rotary_sin=_x(3, 2))):
+        with pytest.raises(FlashAttnArgumentError):
+            flash_attn_with_kvcache(_x(2, 1, 2, 4), k_cache, v_cache, new, new,
+                                    cache_seqlens=3, **bad)
+        assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
 
 def test_type_errors():

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import attnkit
-from attnkit.nn import MultiheadAttention, MultiheadAttentionShapeError
+from attnkit.nn import (MultiheadAttention, MultiheadAttentionShapeError,
+                        MultiheadAttentionTypeError)
 
 F64 = torch.float64
 
@@ -333,7 +334,11 @@ INVALID = [  # torch's _test_multihead_attn_invalid_shape_impl, with its message
     ((3, 2, 5), (3, 2, 4), (3, 2, 4), {},
      "was expecting embedding dimension of 4, but got 5"),
     ((3, 2, 4), (3, 2, 4), (2, 2, 4), {},
-     r"key shape torch.Size\(\[2, 3, 4\]\) does not match value shape"),
+     r"key shape torch.Size\(\[3, 2, 4\]\) does not match value shape torch.Size\(\[2, 2, "
+     r"4\]\)"),
+    ((3, 4), (3, 4), (2, 4), {},
+     r"key shape torch.Size\(\[3, 1, 4\]\) does not match value shape torch.Size\(\[2, 1, "
+     r"4\]\)"),
     ((3, 2, 4), (3, 2, 4), (3, 2, 4), dict(key_padding_mask=torch.zeros(3, 3, dtype=torch.bool)),
      r"Expected key_padded_mask.shape\[0\] to be 2, but got 3"),
 ]
@@ -351,9 +356,11 @@ def test_invalid_shapes_raise_torchs_messages(q, k, v, kw, match):
 def test_other_errors_and_warnings():
     mha = MultiheadAttention(4, 2)
     x = torch.randn(3, 2, 4)
-    with pytest.raises(TypeError, match="only bool and floating types of key_padding_mask are "
-                                        "supported, got torch.int64"):
+    with pytest.raises(MultiheadAttentionTypeError, match="only bool and floating types of "
+                                                          "key_padding_mask are supported, got "
+                                                          "torch.int64") as info:
         mha(x, x, x, key_padding_mask=torch.zeros(2, 3, dtype=torch.long))
+    assert isinstance(info.value, TypeError) and isinstance(info.value, AssertionError)
     with pytest.raises(TypeError, match="only bool and floating types of attn_mask"):
         mha(x, x, x, attn_mask=torch.zeros(3, 3, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
@@ -364,6 +371,11 @@ def test_other_errors_and_warnings():
     with pytest.raises(RuntimeError, match=r"The shape of the 3D attn_mask is .* but should be "
                                            r"torch.Size\(\[4, 3, 3\]\)"):
         mha(x, x, x, attn_mask=torch.zeros(2, 3, 3, dtype=torch.bool))
+    cross = MultiheadAttention(4, 2, kdim=3, vdim=5)
+    with pytest.raises(MultiheadAttentionShapeError, match=r"key's sequence and batch dims "
+                                                           r"torch.Size\(\[3, 2\]\) do not match "
+                                                           r"value's torch.Size\(\[4, 2\]\)"):
+        cross(x, torch.randn(3, 2, 3), torch.randn(4, 2, 5))
     with pytest.warns(UserWarning, match="Support for mismatched key_padding_mask and attn_mask "
                                          "is deprecated"):
         mha(x, x, x, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool),
