@@ -30,6 +30,7 @@ from .functional import merge_partial_attention
 from .masks import sliding_window, varlen
 from .masks.varlen import Varlen, check_cu_seqlens
 from .scores import Alibi
+from .spec import MaskSpec
 
 __all__ = ["VarlenAlibi", "plan_groups", "varlen_attention"]
 
@@ -232,6 +233,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
     H, D, Dv = q.shape[1], q.shape[2], v.shape[-1]
     if alibi_slopes is not None:
         VarlenAlibi(alibi_slopes, mask=mask).validate(1, H, 0, 0)  # (H,) or (N, H)
+    if sinks is not None:  # checked here too: a keyless group never reaches attention()
+        MaskSpec(sinks=sinks).validate(1, H, 0, 0)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lq, lk = cu_q.diff().tolist(), cu_k.diff().tolist()
     bq, bk = cu_q.tolist(), cu_k.tolist()

@@ -260,6 +260,15 @@ def test_keyless_queries_lse_is_the_sink_logit_whatever_the_neighbours(lq, lk):
     torch.testing.assert_close(lse[:, rows], ref[0].detach())
 
 
+def test_sinks_are_checked_even_when_no_sequence_has_keys():
+    q, k, v, cu_q, cu_k = _packed([2], [0], H=2, Hkv=2)
+    with pytest.raises(ValueError, match=r"sinks must have shape \(H,\) = \(2,\), one per query "
+                                         r"head, got \(3,\)"):
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, sinks=torch.zeros(3))
+    with pytest.raises(TypeError, match="sinks must be a 1-D float tensor"):
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, sinks=torch.zeros(2, 1))
+
+
 def test_keyless_queries_without_sinks_keep_minus_inf():
     q, k, v, cu_q, cu_k = _packed([2, 600], [0, 2000], dtype=torch.float64)
     _, lse = attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
