@@ -43,7 +43,8 @@ function renderGPT(d) {
   }
   const rh = Math.max(3, Math.min(18, 760 / T)), top = 46, width = 760;
   const canvas = el("canvas", { width, height: top + T * rh + 10, id: "head-view" });
-  $("gpt-form").hidden = d.prompt === undefined;
+  // Weights from a notebook (no prompt): no prompt to type, the PNG button stays.
+  for (const n of $("gpt-form").querySelectorAll("label, button[type=submit]")) n.hidden = d.prompt === undefined;
   const hv = headSel.value;
   canvas.dataset.title = L("explore.gpt.head_view", { l: layerName(d, Number(layerSel.value)),
                                                       h: hv === "all" ? hv : headName(d, Number(hv)), T });
