@@ -7,13 +7,14 @@ One kernel (this venv's Python, registered in a temporary folder) serves the mod
 import base64
 import contextlib
 import io
-import json
 import sys
 
 import pytest
 
 from attnkit import cli
 from attnkit.apps import walkthrough, walkthrough_notebook, walkthrough_steps
+
+from _kernel import started_kernel
 
 nbformat = pytest.importorskip("nbformat", reason="the notebook extra: pip install -e '.[notebook]'")
 nbclient = pytest.importorskip("nbclient", reason="the notebook extra: pip install -e '.[notebook]'")
@@ -43,21 +44,9 @@ def written(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    """One started kernel of this venv's Python, found through a kernel spec in a temporary
-    folder (never the user's own kernels)."""
-    from jupyter_client import KernelManager
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    kernels = tmp_path_factory.mktemp("kernels")
-    (kernels / "attnkit-test").mkdir()
-    (kernels / "attnkit-test" / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "attnkit test", "language": "python"}))
-    km = KernelManager(kernel_name="attnkit-test",
-                       kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
-    km.start_kernel(extra_arguments=["--HistoryManager.enabled=False"])
-    yield km
-    km.shutdown_kernel(now=True)
+    """One started kernel of this venv's Python for the module."""
+    with started_kernel(tmp_path_factory.mktemp("kernels")) as km:
+        yield km
 
 
 def _read(path):

@@ -224,6 +224,8 @@ def heads_view(weights, tokens, *, layer_labels=None, head_labels=None, causal=N
     """
     grid = _stacked(weights)  # (L, H, T, S)
     L, H, T, S = grid.shape
+    if T == 0:
+        raise ValueError("weights must cover at least one token, got T = 0")
     if T != S:
         raise ValueError(f"weights must be square self-attention (L, H, T, T), got T = {T} "
                          f"queries and S = {S} keys")

@@ -123,7 +123,8 @@ if HAS_ANYWIDGET:
         def __init__(self, views, view, data, params, language="en", models=None):
             super().__init__(**self._setup(views, view, data, params, language))
             self._models = models or Models()
-            self._exports: dict[int, Path] = {}
+            self._exports: dict[int, Path] = {}  # export id -> the file to write
+            self._asked = 0
             self.saved: list[Path] = []
             self.on_msg(self._on_message)
 
@@ -152,9 +153,9 @@ if HAS_ANYWIDGET:
             write it to ``path`` when it answers: after the cell finishes, since the kernel
             reads the answer then. :attr:`saved` lists the files written."""
             view = view or self.views[0]
-            number = len(self._exports) + 1
-            self._exports[number] = Path(path)
-            self.send({"type": "export", "id": number, "view": view})
+            self._asked += 1
+            self._exports[self._asked] = Path(path)
+            self.send({"type": "export", "id": self._asked, "view": view})
             return Path(path)
 
         def _on_message(self, widget, content, buffers) -> None:
