@@ -16,9 +16,10 @@ from attnkit.apps import walkthrough, walkthrough_notebook, walkthrough_steps
 
 from _kernel import started_kernel
 
-nbformat = pytest.importorskip("nbformat", reason="the notebook extra: pip install -e '.[notebook]'")
-nbclient = pytest.importorskip("nbclient", reason="the notebook extra: pip install -e '.[notebook]'")
-pytest.importorskip("ipykernel", reason="the notebook extra: pip install -e '.[notebook]'")
+EXTRA = "the notebook extra: pip install -e '.[notebook]'"
+nbformat = pytest.importorskip("nbformat", reason=EXTRA)
+nbclient = pytest.importorskip("nbclient", reason=EXTRA)
+pytest.importorskip("ipykernel", reason=EXTRA)
 pytest.importorskip("matplotlib", reason="the viz extra: pip install -e '.[viz]'")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -104,7 +105,7 @@ def test_written_notebook_has_the_steps_and_their_outputs(written, language):
         assert cell.outputs
     assert not list(written[language].parent.glob(".*.tmp"))  # written atomically
     if language == "zh":
-        assert "## 3.6.1 叠加多个单头注意力层" in [c.source.splitlines()[0] for c in nb.cells]
+        assert "## 3.6.1 叠加多个单头注意力层" in titles
         assert "show.vector('attn_weights_2(softmax 归一化)', attn_weights_2, " \
                'published="attn_weights_2")' in code[2].source
 
@@ -144,8 +145,8 @@ def test_localize_writes_plain_python():
         "show.line(f'Both methods agree: {same} (max |difference| = {gap:.1e})')\n"
         "show.vector('attn_scores_2 (query \"journey\")', x)\n")
     same, gap = True, 3e-8
-    assert eval(walkthrough_notebook.localize('tr("walkthrough.agree", ok=same, gap=gap)',
-                                              "zh")) == "两种方法结果一致:True(最大 |差值| = 3.0e-08)"
+    localized = walkthrough_notebook.localize('tr("walkthrough.agree", ok=same, gap=gap)', "zh")
+    assert eval(localized) == "两种方法结果一致:True(最大 |差值| = 3.0e-08)"
     with pytest.raises(ValueError, match="tr\\(\\) takes one literal key and named fields"):
         walkthrough_notebook.localize("tr(key)", "en")
     with pytest.raises(ValueError, match="a tr\\(\\) field must be a literal or an expression "

@@ -66,7 +66,8 @@ return hosts.map((host) => {
   }).length;
   const shown = [...root.querySelectorAll(".view")].filter((v) => !v.hidden).map((v) => v.id);
   return { canvases: canvases.length, inked, shown,
-           errors: [...root.querySelectorAll(".error")].filter((e) => !e.hidden).map((e) => e.textContent) };
+           errors: [...root.querySelectorAll(".error")].filter((e) => !e.hidden)
+                     .map((e) => e.textContent) };
 });"""
 
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import ast
 import json
 import string
-from pathlib import Path
 
 from .. import _atomic, viz
 from ._i18n import catalogue, translator
-from .walkthrough import Show, WalkthroughResult, figure_png, new_namespace, png_bundle, run_step, step_title
+from .walkthrough import (Show, WalkthroughResult, figure_png, new_namespace, png_bundle,
+                          run_step, step_title)
 from .walkthrough_steps import EXERCISES, PRELUDE, STEPS
 
 __all__ = ["localize", "notebook", "write_notebook"]

@@ -57,8 +57,9 @@ def page_script() -> str:
     """The page's ``explorer.js``: :func:`explorer_script` run on the document, with the
     catalogues (``window.ATTNKIT_I18N``) and, in an exported file, its views
     (``window.ATTNKIT_OFFLINE``)."""
-    return explorer_script() + ("attnkitExplorer(document, { page: true, i18n: "
-                                "window.ATTNKIT_I18N, offline: window.ATTNKIT_OFFLINE || null });\n")
+    return explorer_script() + (
+        "attnkitExplorer(document, { page: true, i18n: window.ATTNKIT_I18N, "
+        "offline: window.ATTNKIT_OFFLINE || null });\n")
 
 
 def markup() -> str:
