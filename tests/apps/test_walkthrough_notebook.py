@@ -176,7 +176,14 @@ def test_bad_notebook_paths_are_usage_errors(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.ipynb"]
 
 
-def test_unwritable_notebook_is_a_usage_error(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Skip drawing the heatmaps (the slow part) in tests about other things."""
+    monkeypatch.setattr(walkthrough_notebook._RecordingShow, "figure",
+                        lambda self, name, draw: None)
+
+
+def test_unwritable_notebook_is_a_usage_error(tmp_path, capsys, monkeypatch, no_figures):
     target = tmp_path / "nb.ipynb"
     target.write_text("old")
 
@@ -189,7 +196,8 @@ def test_unwritable_notebook_is_a_usage_error(tmp_path, capsys, monkeypatch):
     assert target.read_text() == "old"
 
 
-def test_a_value_that_does_not_reproduce_fails_the_notebook_too(tmp_path, monkeypatch, capsys):
+def test_a_value_that_does_not_reproduce_fails_the_notebook_too(tmp_path, monkeypatch, capsys,
+                                                                no_figures):
     monkeypatch.setitem(walkthrough.PUBLISHED, "ca row 0", (0.0, 0.0))
     target = tmp_path / "nb.ipynb"
     assert cli.main(["walkthrough", "--notebook", str(target), "--lang", "en"]) == 1
