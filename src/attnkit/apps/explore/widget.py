@@ -26,12 +26,13 @@ import traceback
 from pathlib import Path
 
 from ..._atomic import atomic_write
-from .._i18n import localized, translator
+from .._i18n import LANGUAGES, localized, translator
+from ..walkthrough_steps import SENTENCE
 from .guard import cost_refusal
 from .mask_view import mask_view
 from .model_view import ModelMissing, Models, gpt_view, heads_view, translate_view
 from .scripts import static_html, widget_module
-from .server import DEFAULTS, _default_sentence
+from .server import DEFAULTS
 from .tutorial_view import tutorial_view
 
 __all__ = ["Widget", "StaticView", "tutorial", "mask", "translate", "gpt", "heads", "explorer",
@@ -48,7 +49,7 @@ except ImportError:  # the notebook extra is not installed: static HTML only
 def _compute(view: str, params: dict, models: Models) -> dict:
     """One view's data for ``params``, as the server computes it."""
     if view == "tutorial":
-        return tutorial_view(params.get("sentence", _default_sentence()))
+        return tutorial_view(params.get("sentence", SENTENCE))
     if view == "mask":
         return mask_view(params)
     if view == "translate":
@@ -60,7 +61,6 @@ def _compute(view: str, params: dict, models: Models) -> dict:
 
 def _error(err: Exception) -> dict:
     """A view that could not be computed, in every language (as an exported page keeps it)."""
-    from .._i18n import LANGUAGES
     return {"error": str(err), "errors": {lang: localized(err, lang) for lang in LANGUAGES}}
 
 
@@ -231,7 +231,7 @@ def tutorial(sentence: str | None = None, *, language: str = "en", static: bool 
             ``language``.
         ImportError: ``static=False`` without anywidget.
     """
-    params = {"sentence": _default_sentence() if sentence is None else sentence}
+    params = {"sentence": SENTENCE if sentence is None else sentence}
     return _make(["tutorial"], "tutorial", {"tutorial": _compute("tutorial", params, None)},
                  {"tutorial": params}, language, static)
 
@@ -342,7 +342,7 @@ def explorer(*, translator_dir="out/translate", checkpoint="out/gpt/gpt.pt",
     models = Models(translator_dir, checkpoint)
     data, params = {}, {}
     for view in ("tutorial", "mask", "translate", "gpt"):
-        params[view] = {"tutorial": {"sentence": _default_sentence()}}.get(view, DEFAULTS[view])
+        params[view] = {"tutorial": {"sentence": SENTENCE}}.get(view, DEFAULTS[view])
         try:
             data[view] = _compute(view, params[view], models)
         except (ValueError, TypeError, ModelMissing) as err:
