@@ -106,7 +106,7 @@ def test_written_notebook_has_the_steps_and_their_outputs(written, language):
     assert not list(written[language].parent.glob(".*.tmp"))  # written atomically
     if language == "zh":
         assert "## 3.6.1 叠加多个单头注意力层" in titles
-        assert "show.vector('attn_weights_2(softmax 归一化)', attn_weights_2, " \
+        assert 'show.vector("attn_weights_2(softmax 归一化)", attn_weights_2, ' \
                'published="attn_weights_2")' in code[2].source
 
 
@@ -142,7 +142,7 @@ def test_localize_writes_plain_python():
     code = ('show.line(tr("walkthrough.agree", ok=same, gap=gap))\n'
             'show.vector(tr("walkthrough.attn_scores_2", token="journey"), x)\n')
     assert walkthrough_notebook.localize(code, "en") == (
-        "show.line(f'Both methods agree: {same} (max |difference| = {gap:.1e})')\n"
+        'show.line(f"Both methods agree: {same} (max |difference| = {gap:.1e})")\n'
         "show.vector('attn_scores_2 (query \"journey\")', x)\n")
     same, gap = True, 3e-8
     localized = walkthrough_notebook.localize('tr("walkthrough.agree", ok=same, gap=gap)', "zh")

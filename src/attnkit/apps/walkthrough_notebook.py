@@ -37,6 +37,12 @@ def _field_source(code: str, node: ast.expr) -> str:
     return text
 
 
+def _literal(text: str) -> str:
+    """A Python string literal of ``text``: double-quoted like the steps' own strings, unless
+    the text holds a double quote (then ``repr``'s quotes)."""
+    return repr(text) if '"' in text else json.dumps(text, ensure_ascii=False)
+
+
 def _replacement(code: str, call: ast.Call, tr, texts: dict) -> str:
     """Python source for one ``tr(key, **fields)`` call: a str literal, or an f-string."""
     if len(call.args) != 1 or not isinstance(call.args[0], ast.Constant) or \
@@ -47,7 +53,7 @@ def _replacement(code: str, call: ast.Call, tr, texts: dict) -> str:
     tr(key)  # a missing key fails here, naming it
     values = {k.arg: k.value for k in call.keywords}
     if all(isinstance(v, ast.Constant) for v in values.values()):
-        return repr(tr(key, **{name: v.value for name, v in values.items()}))
+        return _literal(tr(key, **{name: v.value for name, v in values.items()}))
     parts = []
     for literal, name, spec, _ in string.Formatter().parse(texts[key]):
         parts.append(literal.replace("{", "{{").replace("}", "}}"))
@@ -58,8 +64,8 @@ def _replacement(code: str, call: ast.Call, tr, texts: dict) -> str:
             parts.append(format(node.value, spec).replace("{", "{{").replace("}", "}}"))
         else:
             parts.append("{" + _field_source(code, node) + (":" + spec if spec else "") + "}")
-    # repr() quotes and escapes the text; the fields hold no quotes or backslashes.
-    return "f" + repr("".join(parts))
+    # _literal() quotes and escapes the text; the fields hold no quotes or backslashes.
+    return "f" + _literal("".join(parts))
 
 
 def localize(code: str, language: str) -> str:
