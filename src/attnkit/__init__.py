@@ -19,6 +19,9 @@ Layers, each using only the ones above it:
   cached cross-attention context).
 * :mod:`attnkit.viz` - attention heatmaps and head grids (optional extra ``viz``, lazy).
 * :mod:`attnkit.apps` - what a person runs: walkthrough, translate, why-attention, gpt.
+* :mod:`attnkit.widgets` - the explorer's views in a notebook (optional extra ``notebook``;
+  not imported here). attnkit's own objects (``explain()``'s answer, block summaries and
+  masks, mask descriptions) draw themselves in a notebook (:mod:`attnkit._display`).
 """
 
 from . import masks, scores, tutorial

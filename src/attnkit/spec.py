@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import _display
 from .masks.base import And, MaskMod, Or, Shift, as_mask_mod, check_align
 from .masks.data import Dense, KeyPadding
 from .masks.simplify import merge_and
@@ -127,6 +128,10 @@ class MaskSpec:
             got = f"{s.dtype} {tuple(s.shape)}" if isinstance(s, Tensor) else type(s).__name__
             raise TypeError(f"sinks must be a 1-D float tensor (H,), one logit per query "
                             f"head, got {got}")
+
+    # In a notebook: a picture (attnkit._display); str() stays the text everywhere else.
+    _repr_html_ = _display.spec_html
+    _repr_png_ = _display.spec_png
 
     @classmethod
     def from_args(cls, *, causal: bool = False, causal_align="top_left", window=None,
