@@ -1,0 +1,456 @@
+"""Attention weights of chosen layers and heads, and what a reader does with them.
+
+:func:`attnkit.inspect` returns an :class:`AttentionMaps`; :meth:`AttentionMaps.from_tensor`
+wraps weights from anywhere else (transformers' ``outputs.attentions``, attnkit's
+``return_weights=True``). The object is plain data plus methods:
+
+* data: ``maps[layer, head]`` is ``(B, T, S)``; :attr:`~AttentionMaps.layers`,
+  :attr:`~AttentionMaps.heads`, the tokens, which positions are real (not padding) and the
+  original position of every row and column; :meth:`~AttentionMaps.to_dict` is the same as
+  JSON-ready lists (what a notebook widget reads);
+* reading: :meth:`~AttentionMaps.aggregate` (mean or max over heads, layers or both),
+  :meth:`~AttentionMaps.sample` (one sequence, its padding dropped),
+  :meth:`~AttentionMaps.zoom` (a window of rows and columns, positions kept) and
+  :meth:`~AttentionMaps.pool` (blocks of tokens: the mean over a block's queries of the
+  weight on a block's keys, so rows still sum to at most 1), each returning a new
+  :class:`AttentionMaps`;
+* drawing (matplotlib, imported lazily through :mod:`attnkit.viz`): :meth:`heatmap`,
+  :meth:`head_view` (one layer's heads), :meth:`model_view` (layers x heads), :meth:`save`
+  (atomic; PNG by default), :meth:`to_png`; a long sequence is pooled to at most
+  ``max_cells`` cells a side, and the title says so. In a notebook the object draws itself
+  (``_repr_png_``, ``_repr_html_``); in text it prints :meth:`summary`.
+
+Shape letters: ``B`` batch, ``T`` queries, ``S`` keys, ``L`` layers, ``H`` heads.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["AttentionMaps"]
+
+_VIEWS = ("model", "head", "heatmap")
+
+
+def _tokens(tokens, B: int, n: int, what: str) -> tuple:
+    if tokens is None:
+        return tuple(tuple(str(i) for i in range(n)) for _ in range(B))
+    tokens = [list(t) for t in tokens]
+    if len(tokens) != B or any(len(t) != n for t in tokens):
+        raise ValueError(f"{what} must be {B} lists of {n} tokens, got lengths "
+                         f"{[len(t) for t in tokens]}")
+    return tuple(tuple(str(s) for s in t) for t in tokens)
+
+
+def _real(real, B: int, n: int, what: str) -> Tensor:
+    if real is None:
+        return torch.ones(B, n, dtype=torch.bool)
+    real = torch.as_tensor(real).to("cpu", torch.bool)
+    if tuple(real.shape) != (B, n):
+        raise ValueError(f"{what} must be ({B}, {n}), got {tuple(real.shape)}")
+    return real
+
+
+class AttentionMaps:
+    """Attention weights ``(B, T, S)`` per ``(layer, head)``, with tokens and positions.
+
+    Args:
+        weights: ``{(layer, head): (B, T, S) tensor}`` for every pair of some layers and
+            some heads (a full grid), all of one shape.
+        query_tokens: ``B`` lists of ``T`` strings (default: positions).
+        key_tokens: ``B`` lists of ``S`` strings (default: ``query_tokens`` when ``S == T``).
+        query_real, key_real: ``(B, T)`` / ``(B, S)`` bool, False for padding (default all).
+        query_positions, key_positions: the original position of each row / column
+            (default ``0, 1, ...``; a zoomed or pooled map keeps its source's).
+        layer_names: ``{layer: module name}``; layer_info: ``{layer: mask and scores}``.
+        block: tokens per cell (1; more for a pooled map).
+        title: what the weights are of (figure titles, the summary).
+
+    Raises:
+        TypeError: ``weights`` not a dict of tensors keyed by ``(int, int)``.
+        ValueError: an empty or partial grid, tensors of different shapes or not 3-D, tokens
+            or masks of the wrong size.
+    """
+
+    def __init__(self, weights: dict, *, query_tokens=None, key_tokens=None, query_real=None,
+                 key_real=None, query_positions=None, key_positions=None, layer_names=None,
+                 layer_info=None, block: int = 1, title: str = "attention"):
+        if not isinstance(weights, dict) or not all(
+                isinstance(k, tuple) and len(k) == 2 and all(isinstance(i, int) for i in k)
+                and isinstance(w, Tensor) for k, w in weights.items()):
+            raise TypeError("weights must be a dict {(layer, head): (B, T, S) tensor}")
+        if not weights:
+            raise ValueError("weights is empty: pass at least one (layer, head)")
+        self.layers = tuple(sorted({k[0] for k in weights}))
+        self.heads = tuple(sorted({k[1] for k in weights}))
+        missing = [(l, h) for l in self.layers for h in self.heads if (l, h) not in weights]
+        if missing:
+            raise ValueError(f"weights must hold every (layer, head) of layers {self.layers} "
+                             f"and heads {self.heads}; missing {missing}")
+        shapes = {tuple(w.shape) for w in weights.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+            raise ValueError(f"every weight tensor must be (B, T, S) of one shape, got "
+                             f"{sorted(shapes)}")
+        self._weights = {k: weights[k].detach() for k in sorted(weights)}
+        B, T, S = next(iter(shapes))
+        self.batch_size, self.num_queries, self.num_keys = B, T, S
+        self.query_tokens = _tokens(query_tokens, B, T, "query_tokens")
+        self.key_tokens = _tokens(key_tokens if key_tokens is not None or S != T
+                                  else query_tokens, B, S, "key_tokens")
+        self.query_real = _real(query_real, B, T, "query_real")
+        self.key_real = _real(key_real, B, S, "key_real")
+        self.query_positions = list(range(T)) if query_positions is None else \
+            [int(p) for p in query_positions]
+        self.key_positions = list(range(S)) if key_positions is None else \
+            [int(p) for p in key_positions]
+        if len(self.query_positions) != T or len(self.key_positions) != S:
+            raise ValueError(f"query_positions / key_positions must have {T} / {S} entries, "
+                             f"got {len(self.query_positions)} / {len(self.key_positions)}")
+        self.layer_names = dict(layer_names or {})
+        self.layer_info = dict(layer_info or {})
+        self.block = int(block)
+        self.title = title
+
+    @classmethod
+    def from_tensor(cls, weights, *, layers=None, tokens=None, attention_mask=None,
+                    title: str = "attention") -> "AttentionMaps":
+        """Wrap ``(B, H, T, S)`` weights of one layer, or a sequence of them (one per
+        layer, as transformers' ``outputs.attentions``).
+
+        Args:
+            layers: the layer number of each entry (default ``0, 1, ...``).
+            tokens: ``B`` lists of ``T`` strings (queries and keys, ``S == T``).
+            attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding.
+
+        Raises:
+            ValueError: tensors that are not 4-D, or ``layers`` of another length.
+        """
+        stack = [weights] if isinstance(weights, Tensor) else list(weights)
+        if not stack or any(not isinstance(w, Tensor) or w.dim() != 4 for w in stack):
+            raise ValueError("weights must be a (B, H, T, S) tensor or a sequence of them")
+        layers = list(range(len(stack))) if layers is None else list(layers)
+        if len(layers) != len(stack):
+            raise ValueError(f"layers must name each of the {len(stack)} tensors, got "
+                             f"{len(layers)}")
+        grid = {(int(l), h): w[:, h] for l, w in zip(layers, stack) for h in range(w.shape[1])}
+        real = None if attention_mask is None else torch.as_tensor(attention_mask).bool()
+        return cls(grid, query_tokens=tokens, query_real=real,
+                   key_real=real if stack[0].shape[-1] == stack[0].shape[-2] else None,
+                   title=title)
+
+    # --- data -----------------------------------------------------------------------------
+
+    def __getitem__(self, key) -> Tensor:
+        """``maps[layer, head]``: ``(B, T, S)``.
+
+        Raises:
+            KeyError: a pair that was not inspected (the message lists what was).
+        """
+        if key not in self._weights:
+            raise KeyError(f"{key!r} was not inspected: layers {self.layers}, heads "
+                           f"{self.heads}")
+        return self._weights[key]
+
+    def stack(self, sample: int | None = None) -> Tensor:
+        """All weights as one tensor: ``(L, H, B, T, S)``, or ``(L, H, T, S)`` of one
+        sample."""
+        out = torch.stack([torch.stack([self._weights[l, h] for h in self.heads])
+                           for l in self.layers])  # (L, H, B, T, S)
+        return out if sample is None else out[:, :, self._sample_index(sample)]
+
+    def aggregate(self, over: str = "heads", reduce: str = "mean") -> Tensor:
+        """Reduce the weights over the chosen heads, layers or both.
+
+        Args:
+            over: ``"heads"`` -> ``(L, B, T, S)``, ``"layers"`` -> ``(H, B, T, S)``,
+                ``"all"`` -> ``(B, T, S)``.
+            reduce: ``"mean"`` or ``"max"``.
+
+        Raises:
+            ValueError: another ``over`` or ``reduce``.
+        """
+        dims = {"heads": (1,), "layers": (0,), "all": (0, 1)}
+        if over not in dims:
+            raise ValueError(f"over must be one of {list(dims)}, got {over!r}")
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+        stacked = self.stack()  # (L, H, B, T, S)
+        return stacked.mean(dims[over]) if reduce == "mean" else stacked.amax(dims[over])
+
+    def _sample_index(self, sample: int) -> int:
+        if isinstance(sample, bool) or not isinstance(sample, int) \
+                or not -self.batch_size <= sample < self.batch_size:
+            raise ValueError(f"sample must be an int in [0, {self.batch_size}), got "
+                             f"{sample!r}")
+        return sample % self.batch_size
+
+    def _replace(self, weights, rows, cols, batch=None, **changes) -> "AttentionMaps":
+        """A map of the same model: ``weights`` on rows ``rows`` and columns ``cols`` of
+        this one, for the samples ``batch`` (default all)."""
+        batch = list(range(self.batch_size)) if batch is None else batch
+        args = dict(query_tokens=[[self.query_tokens[b][i] for i in rows] for b in batch],
+                    key_tokens=[[self.key_tokens[b][j] for j in cols] for b in batch],
+                    query_real=self.query_real[batch][:, rows],
+                    key_real=self.key_real[batch][:, cols],
+                    query_positions=[self.query_positions[i] for i in rows],
+                    key_positions=[self.key_positions[j] for j in cols],
+                    layer_names=self.layer_names, layer_info=self.layer_info,
+                    block=self.block, title=self.title)
+        args.update(changes)
+        return AttentionMaps(weights, **args)
+
+    def sample(self, sample: int = 0) -> "AttentionMaps":
+        """One sequence of the batch (``B = 1``), its padded rows and columns dropped.
+
+        Raises:
+            ValueError: ``sample`` out of range, or a sample with no real token.
+        """
+        b = self._sample_index(sample)
+        rows = self.query_real[b].nonzero()[:, 0].tolist()
+        cols = self.key_real[b].nonzero()[:, 0].tolist()
+        if not rows or not cols:
+            raise ValueError(f"sample {b} has no real tokens (its attention_mask is all 0)")
+        weights = {k: w[b:b + 1, rows][:, :, cols] for k, w in self._weights.items()}
+        return self._replace(weights, rows, cols, batch=[b])
+
+    def zoom(self, rows=None, cols=None) -> "AttentionMaps":
+        """The window of queries at positions ``rows = (start, stop)`` and keys at
+        ``cols = (start, stop)`` (stop excluded; None = all), positions kept.
+
+        Raises:
+            ValueError: a range that is not ``(start, stop)`` with ``start < stop``, or one
+                that holds no row / column.
+        """
+        def pick(span, positions, what):
+            if span is None:
+                return list(range(len(positions)))
+            if isinstance(span, slice):
+                span = (span.start if span.start is not None else positions[0],
+                        span.stop if span.stop is not None else positions[-1] + 1)
+            if not (isinstance(span, (tuple, list)) and len(span) == 2
+                    and all(isinstance(x, int) for x in span) and span[0] < span[1]):
+                raise ValueError(f"{what} must be (start, stop) positions with start < stop, "
+                                 f"got {span!r}")
+            out = [i for i, p in enumerate(positions) if span[0] <= p < span[1]]
+            if not out:
+                raise ValueError(f"{what}={tuple(span)} holds no position of this map (it "
+                                 f"has {positions[0]}..{positions[-1]})")
+            return out
+
+        r = pick(rows, self.query_positions, "rows")
+        c = pick(cols, self.key_positions, "cols")
+        weights = {k: w[:, r][:, :, c] for k, w in self._weights.items()}
+        return self._replace(weights, r, c)
+
+    def pool(self, block: int) -> "AttentionMaps":
+        """Blocks of ``block`` tokens: cell ``(I, J)`` is the mean, over the real queries of
+        block ``I``, of their total weight on the keys of block ``J`` (rows keep summing to
+        at most 1). Tokens become the block's text, positions the block's first.
+
+        Raises:
+            ValueError: ``block`` not a positive int.
+        """
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"block must be a positive int (tokens per cell), got {block!r}")
+        if block == 1:
+            return self
+        B, T, S = self.batch_size, self.num_queries, self.num_keys
+        nT, nS = -(-T // block), -(-S // block)
+        real = torch.nn.functional.pad(self.query_real.float(), (0, nT * block - T))
+        count = real.view(B, nT, block).sum(-1)  # (B, nT) real queries per block
+        weights = {}
+        for key, w in self._weights.items():
+            w = torch.nn.functional.pad(w, (0, nS * block - S, 0, nT * block - T))
+            w = w.view(B, nT, block, nS, block).sum((2, 4))  # (B, nT, nS)
+            weights[key] = w / count.clamp(min=1).unsqueeze(-1).to(w.dtype)
+        rows, cols = list(range(0, T, block)), list(range(0, S, block))
+
+        def text(tokens, starts):  # the block's text, cut to 12 characters
+            return [["".join(t[i:i + block])[:12] + "…" for i in starts] for t in tokens]
+
+        def any_real(mask, n, blocks):
+            padded = torch.nn.functional.pad(mask, (0, blocks * block - n))
+            return padded.view(B, blocks, block).any(-1)
+
+        return self._replace(weights, rows, cols,
+                             query_tokens=text(self.query_tokens, rows),
+                             key_tokens=text(self.key_tokens, cols),
+                             query_real=any_real(self.query_real, T, nT),
+                             key_real=any_real(self.key_real, S, nS),
+                             block=self.block * block)
+
+    # --- figures --------------------------------------------------------------------------
+
+    def _readable(self, sample: int, max_cells: int) -> "AttentionMaps":
+        maps = self.sample(sample)
+        n = max(maps.num_queries, maps.num_keys)
+        return maps.pool(math.ceil(n / max_cells)) if n > max_cells else maps
+
+    def _figure_title(self, what: str, sample: int) -> str:
+        title = f"{self.title}: {what}, sample {self._sample_index(sample)}"
+        if self.block > 1:
+            title += (f"; blocks of {self.block} tokens (mean over a block's queries of the "
+                      f"weight on a block's keys)")
+        return title
+
+    def _grid(self, panels, maps, title, panel_titles):
+        from . import viz
+
+        return viz.grid_figure(panels, maps.key_tokens[0], maps.query_tokens[0], title=title,
+                               panel_titles=panel_titles, label_outer=True,
+                               x_index=maps.key_positions, y_index=maps.query_positions)
+
+    def _layer_title(self, layer: int) -> str:
+        name = self.layer_names.get(layer)
+        return f"layer {layer}" + (f" ({name})" if name else "")
+
+    def heatmap(self, layer: int | None = None, head: int | None = None, *, sample: int = 0,
+                max_cells: int = 256):
+        """One panel: ``maps[layer, head]``, or the mean over the chosen heads (``head=None``)
+        and/or layers (``layer=None``), of one sample.
+
+        Raises:
+            KeyError: a layer or head that was not inspected.
+            ImportError: matplotlib is missing.
+        """
+        maps = self._readable(sample, max_cells)
+        layers = self.layers if layer is None else [layer]
+        heads = self.heads if head is None else [head]
+        matrix = torch.stack([maps[l, h][0] for l in layers for h in heads]).mean(0)
+        what = ("mean over layers" if layer is None else f"layer {layer}") + ", " + \
+            ("mean over heads" if head is None else f"head {head}")
+        return self._grid([[matrix]], maps, self._figure_title(what, sample), [[None]])
+
+    def head_view(self, layer: int | None = None, *, sample: int = 0, max_cells: int = 128):
+        """One layer's chosen heads side by side (default: the first chosen layer).
+
+        Raises:
+            KeyError: a layer that was not inspected.
+            ImportError: matplotlib is missing.
+        """
+        layer = self.layers[0] if layer is None else layer
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer!r} was not inspected: layers {self.layers}")
+        maps = self._readable(sample, max_cells)
+        panels = [[maps[layer, h][0] for h in self.heads]]
+        return self._grid(panels, maps, self._figure_title(self._layer_title(layer), sample),
+                          [[f"head {h}" for h in self.heads]])
+
+    def model_view(self, *, sample: int = 0, max_cells: int = 64):
+        """Every chosen layer (rows) by every chosen head (columns), one colour scale.
+
+        Raises:
+            ImportError: matplotlib is missing.
+        """
+        maps = self._readable(sample, max_cells)
+        panels = [[maps[l, h][0] for h in self.heads] for l in self.layers]
+        titles = [[f"layer {l}, head {h}" for h in self.heads] for l in self.layers]
+        return self._grid(panels, maps, self._figure_title("layers x heads", sample), titles)
+
+    def figure(self, view: str = "model", **kwargs):
+        """:meth:`model_view`, :meth:`head_view` or :meth:`heatmap` by name.
+
+        Raises:
+            ValueError: another view.
+        """
+        if view not in _VIEWS:
+            raise ValueError(f"view must be one of {list(_VIEWS)}, got {view!r}")
+        return {"model": self.model_view, "head": self.head_view,
+                "heatmap": self.heatmap}[view](**kwargs)
+
+    def save(self, path, view: str = "model", **kwargs):
+        """Draw ``view`` (as :meth:`figure`) and write it to ``path`` atomically (the format
+        follows the suffix; PNG without one). Returns the path."""
+        from . import viz
+
+        return viz.save_figure(self.figure(view, **kwargs), path)
+
+    def to_png(self, view: str = "model", **kwargs) -> bytes:
+        """The PNG bytes of ``view`` (as :meth:`figure`)."""
+        import io
+
+        from . import viz
+
+        fig = self.figure(view, **kwargs)
+        viz.fit_tick_labels(fig)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=viz.DPI)
+        return buffer.getvalue()
+
+    def _repr_png_(self):
+        # the model view while it stays legible, else the mean over every layer and head
+        view = "model" if len(self.layers) * len(self.heads) <= 16 else "heatmap"
+        try:
+            return self.to_png(view, max_cells=48 if view == "model" else 128)
+        except ImportError:  # no matplotlib: the notebook shows the text instead
+            return None
+
+    def _repr_html_(self) -> str:
+        png = self._repr_png_()
+        image = "" if png is None else (f'<img alt="attention weights" src="data:image/png;'
+                                        f'base64,{base64.b64encode(png).decode()}">')
+        return f"<pre>{html.escape(self.summary())}</pre>{image}"
+
+    # --- text -----------------------------------------------------------------------------
+
+    def to_dict(self, sample: int = 0, max_cells: int = 256) -> dict:
+        """One sample as JSON-ready data (pooled to at most ``max_cells`` a side): layers,
+        heads, tokens, positions, block and ``weights[i][j]`` (rows of floats) for layer
+        ``layers[i]``, head ``heads[j]``."""
+        maps = self._readable(sample, max_cells)
+        return {"title": self.title, "layers": list(self.layers), "heads": list(self.heads),
+                "layer_names": {str(l): n for l, n in self.layer_names.items()},
+                "query_tokens": list(maps.query_tokens[0]),
+                "key_tokens": list(maps.key_tokens[0]),
+                "query_positions": maps.query_positions, "key_positions": maps.key_positions,
+                "block": maps.block,
+                "weights": [[maps[l, h][0].float().tolist() for h in self.heads]
+                            for l in self.layers]}
+
+    def _stats(self, w: Tensor) -> tuple[float, float, float, int]:
+        """Of one sample without padding ``w (1, T, S)``: mean entropy (nats) of the rows,
+        mean distance in positions, mean weight on the first key, the most attended key."""
+        w = w[0].double()  # (T, S)
+        entropy = -(w * torch.log(w.clamp(min=1e-300))).sum(-1)  # (T,)
+        q = torch.tensor(self.query_positions, dtype=torch.float64).view(-1, 1)  # (T, 1)
+        k = torch.tensor(self.key_positions, dtype=torch.float64).view(1, -1)  # (1, S)
+        distance = (w * (q - k).abs()).sum(-1)  # (T,)
+        return (float(entropy.mean()), float(distance.mean()), float(w[:, 0].mean()),
+                int(w.sum(0).argmax()))
+
+    def summary(self, sample: int = 0) -> str:
+        """A text table of one sample (padding dropped): per layer and head, the rows' mean
+        entropy (nats), mean attention distance (positions), mean weight on the first token
+        and the key that receives the most weight in total."""
+        maps = self.sample(sample)
+        lines = [f"{self.title}: {len(self.layers)} layer(s) x {len(self.heads)} head(s), "
+                 f"sample {self._sample_index(sample)} of {self.batch_size}: "
+                 f"{maps.num_queries} queries x {maps.num_keys} keys"
+                 + (f" (blocks of {self.block} tokens)" if self.block > 1 else "")]
+        for l in self.layers:
+            info = self.layer_info.get(l)
+            if info or self.layer_names.get(l):
+                lines.append(f"  {self._layer_title(l)}" + (f": {info}" if info else ""))
+        lines.append("| layer | head | entropy | mean distance | on first token | most "
+                     "attended key |")
+        lines.append("|------:|-----:|--------:|--------------:|---------------:|"
+                     "-------------------|")
+        for (l, h), w in maps._weights.items():
+            entropy, distance, first, top = maps._stats(w)
+            token = maps.key_tokens[0][top]
+            lines.append(f"| {l:5d} | {h:4d} | {entropy:7.3f} | {distance:13.2f} | "
+                         f"{first:14.3f} | {maps.key_positions[top]}:{token!r} |")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return (f"AttentionMaps(layers={self.layers}, heads={self.heads}, "
+                f"B={self.batch_size}, T={self.num_queries}, S={self.num_keys}"
+                + (f", block={self.block}" if self.block > 1 else "") + ")")
