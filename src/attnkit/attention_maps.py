@@ -70,6 +70,8 @@ class AttentionMaps:
         layer_names: ``{layer: module name}``; layer_info: ``{layer: mask and scores}``.
         block: tokens per cell (1; more for a pooled map).
         title: what the weights are of (figure titles, the summary).
+        window: set by :meth:`zoom`: ``((first, last) query, (first, last) key)`` positions,
+            said in figure titles.
 
     Raises:
         TypeError: ``weights`` not a dict of tensors keyed by ``(int, int)``.
@@ -79,7 +81,7 @@ class AttentionMaps:
 
     def __init__(self, weights: dict, *, query_tokens=None, key_tokens=None, query_real=None,
                  key_real=None, query_positions=None, key_positions=None, layer_names=None,
-                 layer_info=None, block: int = 1, title: str = "attention"):
+                 layer_info=None, block: int = 1, title: str = "attention", window=None):
         if not isinstance(weights, dict) or not all(
                 isinstance(k, tuple) and len(k) == 2 and all(isinstance(i, int) for i in k)
                 and isinstance(w, Tensor) for k, w in weights.items()):
@@ -115,6 +117,7 @@ class AttentionMaps:
         self.layer_info = dict(layer_info or {})
         self.block = int(block)
         self.title = title
+        self.window = window  # ((first, last) query, (first, last) key position) of a zoom
 
     @classmethod
     def from_tensor(cls, weights, *, layers=None, tokens=None, attention_mask=None,
@@ -200,7 +203,7 @@ class AttentionMaps:
                     query_positions=[self.query_positions[i] for i in rows],
                     key_positions=[self.key_positions[j] for j in cols],
                     layer_names=self.layer_names, layer_info=self.layer_info,
-                    block=self.block, title=self.title)
+                    block=self.block, title=self.title, window=self.window)
         args.update(changes)
         return AttentionMaps(weights, **args)
 
@@ -245,7 +248,8 @@ class AttentionMaps:
         r = pick(rows, self.query_positions, "rows")
         c = pick(cols, self.key_positions, "cols")
         weights = {k: w[:, r][:, :, c] for k, w in self._weights.items()}
-        return self._replace(weights, r, c)
+        q, k = self.query_positions, self.key_positions
+        return self._replace(weights, r, c, window=((q[r[0]], q[r[-1]]), (k[c[0]], k[c[-1]])))
 
     def pool(self, block: int) -> "AttentionMaps":
         """Blocks of ``block`` tokens: cell ``(I, J)`` is the mean, over the real queries of
@@ -291,28 +295,36 @@ class AttentionMaps:
         n = max(maps.num_queries, maps.num_keys)
         return maps.pool(math.ceil(n / max_cells)) if n > max_cells else maps
 
-    def _figure_title(self, what: str, sample: int) -> str:
+    def _figure_title(self, what: str, sample: int, drawn: "AttentionMaps") -> str:
         title = f"{self.title}: {what}, sample {self._sample_index(sample)}"
-        if self.block > 1:
-            title += (f"; blocks of {self.block} tokens (mean over a block's queries of the "
+        if drawn.window is not None:
+            (q0, q1), (k0, k1) = drawn.window
+            title += f"; queries {q0}..{q1}, keys {k0}..{k1}"
+        if drawn.block > 1:
+            title += (f"; blocks of {drawn.block} tokens (mean over a block's queries of the "
                       f"weight on a block's keys)")
         return title
 
-    def _grid(self, panels, maps, title, panel_titles):
+    def _grid(self, panels, maps, title, panel_titles, draw_kwargs):
         from . import viz
 
         return viz.grid_figure(panels, maps.key_tokens[0], maps.query_tokens[0], title=title,
                                panel_titles=panel_titles, label_outer=True,
-                               x_index=maps.key_positions, y_index=maps.query_positions)
+                               x_index=maps.key_positions, y_index=maps.query_positions,
+                               **draw_kwargs)
 
     def _layer_title(self, layer: int) -> str:
         name = self.layer_names.get(layer)
         return f"layer {layer}" + (f" ({name})" if name else "")
 
     def heatmap(self, layer: int | None = None, head: int | None = None, *, sample: int = 0,
-                max_cells: int = 256):
+                max_cells: int = 256, **draw_kwargs):
         """One panel: ``maps[layer, head]``, or the mean over the chosen heads (``head=None``)
         and/or layers (``layer=None``), of one sample.
+
+        Every view draws one sample without its padding, pooled to at most ``max_cells``
+        cells a side (:meth:`pool`); ``draw_kwargs`` go to :func:`attnkit.viz.grid_figure`
+        (``vmax``, ``cmap``, ``annotate``, ``max_size``).
 
         Raises:
             KeyError: a layer or head that was not inspected.
@@ -324,10 +336,13 @@ class AttentionMaps:
         matrix = torch.stack([maps[l, h][0] for l in layers for h in heads]).mean(0)
         what = ("mean over layers" if layer is None else f"layer {layer}") + ", " + \
             ("mean over heads" if head is None else f"head {head}")
-        return self._grid([[matrix]], maps, self._figure_title(what, sample), [[None]])
+        return self._grid([[matrix]], maps, self._figure_title(what, sample, maps), [[None]],
+                          draw_kwargs)
 
-    def head_view(self, layer: int | None = None, *, sample: int = 0, max_cells: int = 128):
-        """One layer's chosen heads side by side (default: the first chosen layer).
+    def head_view(self, layer: int | None = None, *, sample: int = 0, max_cells: int = 128,
+                  **draw_kwargs):
+        """One layer's chosen heads side by side (default: the first chosen layer); the
+        keywords as :meth:`heatmap`.
 
         Raises:
             KeyError: a layer that was not inspected.
@@ -338,11 +353,13 @@ class AttentionMaps:
             raise KeyError(f"layer {layer!r} was not inspected: layers {self.layers}")
         maps = self._readable(sample, max_cells)
         panels = [[maps[layer, h][0] for h in self.heads]]
-        return self._grid(panels, maps, self._figure_title(self._layer_title(layer), sample),
-                          [[f"head {h}" for h in self.heads]])
+        title = self._figure_title(self._layer_title(layer), sample, maps)
+        return self._grid(panels, maps, title, [[f"head {h}" for h in self.heads]],
+                          draw_kwargs)
 
-    def model_view(self, *, sample: int = 0, max_cells: int = 64):
-        """Every chosen layer (rows) by every chosen head (columns), one colour scale.
+    def model_view(self, *, sample: int = 0, max_cells: int = 64, **draw_kwargs):
+        """Every chosen layer (rows) by every chosen head (columns), one colour scale; the
+        keywords as :meth:`heatmap`.
 
         Raises:
             ImportError: matplotlib is missing.
@@ -350,7 +367,8 @@ class AttentionMaps:
         maps = self._readable(sample, max_cells)
         panels = [[maps[l, h][0] for h in self.heads] for l in self.layers]
         titles = [[f"layer {l}, head {h}" for h in self.heads] for l in self.layers]
-        return self._grid(panels, maps, self._figure_title("layers x heads", sample), titles)
+        title = self._figure_title("layers x heads", sample, maps)
+        return self._grid(panels, maps, title, titles, draw_kwargs)
 
     def figure(self, view: str = "model", **kwargs):
         """:meth:`model_view`, :meth:`head_view` or :meth:`heatmap` by name.
@@ -444,7 +462,7 @@ class AttentionMaps:
             entropy, distance, first, top = maps._stats(w)
             token = maps.key_tokens[0][top]
             lines.append(f"| {l:5d} | {h:4d} | {entropy:7.3f} | {distance:13.2f} | "
-                         f"{first:14.3f} | {maps.key_positions[top]}:{token!r} |")
+                         f"{first:14.3f} | {f'{maps.key_positions[top]}:{token!r}':<17} |")
         return "\n".join(lines)
 
     def __str__(self) -> str:
