@@ -404,7 +404,8 @@ class AttentionMaps:
         # the model view while it stays legible, else the mean over every layer and head
         view = "model" if len(self.layers) * len(self.heads) <= 16 else "heatmap"
         try:
-            return self.to_png(view, max_cells=48 if view == "model" else 128)
+            return self.to_png(view, max_cells=48 if view == "model" else 128,
+                               annotate=False)  # numbers in cells are slow to lay out
         except ImportError:  # no matplotlib: the notebook shows the text instead
             return None
 

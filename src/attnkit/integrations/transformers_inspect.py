@@ -240,7 +240,8 @@ def inspect(model, input_ids, *, layers=None, heads=None, attention_mask=None,
             tensor; ``layers``/``heads`` not ints; ``dtype`` not a torch dtype.
         ValueError: a model not on attnkit's attention; ``input_ids`` not 1-D or 2-D, empty,
             or longer than the model's ``max_position_embeddings``; an ``attention_mask``
-            of another shape; a layer or head out of range; another ``dtype``.
+            of another shape; a ``cache`` / ``past_key_values``; a layer or head out of
+            range; another ``dtype``.
         RuntimeError: the forward made no attention call through attnkit.
     """
     config, text = _check_model(model)
@@ -261,6 +262,10 @@ def inspect(model, input_ids, *, layers=None, heads=None, attention_mask=None,
     if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask must be (B, T) = ({B}, {T}) like input_ids, got "
                          f"{tuple(attention_mask.shape)}")
+    for name in ("cache", "past_key_values"):
+        if forward_kwargs.get(name) is not None:
+            raise ValueError(f"inspect() runs one forward over input_ids from the first "
+                             f"token, got {name}=; pass the whole sequence as input_ids")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
     if dtype not in (torch.float32, torch.float64):

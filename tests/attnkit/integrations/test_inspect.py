@@ -26,8 +26,9 @@ hf = pytest.importorskip("attnkit.integrations.transformers")
 
 import attnkit  # noqa: E402
 from attnkit.integrations import transformers_inspect as ti  # noqa: E402
-from transformers import (AutoModelForCausalLM, GptOssConfig, LlamaConfig,  # noqa: E402
-                          MistralConfig)
+from transformers import (AutoModelForCausalLM, BertConfig, BertForMaskedLM,  # noqa: E402
+                          Gemma2Config, GPT2Config, GptOssConfig, LlamaConfig, MistralConfig,
+                          Qwen2Config)
 
 COMMON = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -38,6 +39,17 @@ CONFIGS = {
                                     sliding_window=4, num_local_experts=2,
                                     num_experts_per_tok=1),  # sinks + window
 }
+# more architectures for the padded batch: softcap, a window on one layer only, GPT-2's own
+# attention module, a bidirectional encoder padded on the right
+MORE = {
+    "gemma2": lambda: Gemma2Config(**COMMON, head_dim=8, sliding_window=4,
+                                   attn_logit_softcapping=5.0, query_pre_attn_scalar=8),
+    "qwen2": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=4,
+                                 max_window_layers=1),
+    "gpt2": lambda: GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "bert": lambda: BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64),
+}
 HEADS = [1, 2]  # one query head on each key/value head (GQA groups of 2)
 _CACHE = {}
 
@@ -47,14 +59,14 @@ def models(name, dtype=torch.float32):
     key = (name, dtype)
     if key not in _CACHE:
         torch.manual_seed(0)
-        config = CONFIGS[name]()
+        config = {**CONFIGS, **MORE}[name]()
         # gpt-oss' default experts use torch._grouped_mm, which has no float64
         kw = dict(experts_implementation="eager") if name == "gpt_oss" else {}
-        ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager",
-                                               **kw).to(dtype).eval()
-        ours = AutoModelForCausalLM.from_config(copy.deepcopy(config),
-                                                attn_implementation="attnkit", **kw
-                                                ).to(dtype).eval()
+        build = BertForMaskedLM._from_config if name == "bert" else \
+            AutoModelForCausalLM.from_config
+        ref = build(copy.deepcopy(config), attn_implementation="eager", **kw).to(dtype).eval()
+        ours = build(copy.deepcopy(config), attn_implementation="attnkit", **kw
+                     ).to(dtype).eval()
         ours.load_state_dict(ref.state_dict())
         _CACHE[key] = ref, ours
     return _CACHE[key]
@@ -87,10 +99,12 @@ def test_float64_equals_eager_output_attentions(name):
                                        atol=1e-6 if name != "gpt_oss" else 1e-12)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_left_padded_batch_equals_eager_on_real_rows(name):
+@pytest.mark.parametrize("name", list(CONFIGS) + list(MORE))
+def test_padded_batch_equals_eager_on_real_rows(name):
     ref, ours = models(name)
     ids, attention_mask = _inputs()
+    if name == "bert":
+        attention_mask = attention_mask.flip(1)  # BERT pads on the right
     maps = attnkit.inspect(ours, ids, attention_mask=attention_mask, heads=HEADS)
     expected = _attentions(ref, ids, attention_mask=attention_mask)
     real = attention_mask.bool()
@@ -99,8 +113,9 @@ def test_left_padded_batch_equals_eager_on_real_rows(name):
             got = maps[layer, h]
             torch.testing.assert_close(got[real], expected[layer][:, h][real], rtol=0,
                                        atol=1e-6)
-            assert not got[~real].any()  # a row that sees no key is zeros
-            assert not got[1, :, :4].any()  # nothing on the padding
+            assert not got[~real.unsqueeze(1).expand_as(got)].any()  # nothing on padding
+            if name != "bert":  # a decoder's padded row sees no key: zeros
+                assert not got[~real].any()
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -187,11 +202,12 @@ def test_tokens_from_a_tokenizer_and_figures(tmp_path):
     _, ours = models("mistral")
     tokenizer = SimpleNamespace(decode=lambda ids: f"<{ids[0]}>")
     ids, attention_mask = _inputs()
-    maps = attnkit.inspect(ours, ids, attention_mask=attention_mask, tokenizer=tokenizer)
+    maps = attnkit.inspect(ours, ids, attention_mask=attention_mask, tokenizer=tokenizer,
+                           heads=1)
     assert maps.query_tokens[0][:2] == (f"<{ids[0, 0]}>", f"<{ids[0, 1]}>")
     assert maps.sample(1).query_tokens[0][0] == f"<{ids[1, 4]}>"  # padding dropped
     assert "window(left=3" in maps.layer_info[0]
-    path = maps.save(tmp_path / "model.png")
+    path = maps.save(tmp_path / "model.png", sample=1, annotate=False)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -245,6 +261,15 @@ def test_bad_input_ids():
         attnkit.inspect(ours, torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"input_ids must be \(B, T\) or \(T,\)"):
         attnkit.inspect(ours, torch.zeros(1, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_cache_is_refused(name):
+    from transformers import DynamicCache
+
+    _, ours = models("llama")
+    with pytest.raises(ValueError, match=f"from the first token, got {name}=; pass the whole"):
+        attnkit.inspect(ours, _inputs()[0], **{name: DynamicCache(config=ours.config)})
 
 
 def test_input_too_long():
