@@ -18,6 +18,9 @@ Layers, each using only the ones above it:
 * :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache,
   cached cross-attention context).
 * :mod:`attnkit.viz` - attention heatmaps and head grids (optional extra ``viz``, lazy).
+* :func:`attnkit.inspect` - the attention weights of chosen layers and heads of a
+  transformers model running on attnkit, as an :class:`attnkit.AttentionMaps` (figures,
+  zoom, summary); imports transformers only when called.
 * :mod:`attnkit.apps` - what a person runs: walkthrough, translate, why-attention, gpt.
 * :mod:`attnkit.widgets` - the explorer's views in a notebook (optional extra ``notebook``;
   not imported here). attnkit's own objects (``explain()``'s answer, block summaries and
@@ -25,6 +28,7 @@ Layers, each using only the ones above it:
 """
 
 from . import masks, scores, tutorial
+from .attention_maps import AttentionMaps
 from .backends import available_backends, register_backend
 from .engine import Explanation, attention, explain
 from .flex_api import create_block_mask, flex_attention
@@ -36,7 +40,21 @@ from .varlen import varlen_attention
 
 __version__ = "0.1.0"
 
+
+def inspect(model, input_ids, **kwargs) -> AttentionMaps:
+    """The attention weights of chosen layers and heads of a transformers model on attnkit.
+
+    :func:`attnkit.integrations.transformers_inspect.inspect` (arguments, returns and errors
+    documented there); imported on the first call, so ``import attnkit`` never imports
+    transformers.
+    """
+    from .integrations.transformers_inspect import inspect as _inspect
+
+    return _inspect(model, input_ids, **kwargs)
+
+
 __all__ = [
+    "AttentionMaps",
     "ContextKV",
     "Explanation",
     "KVCache",
@@ -48,6 +66,7 @@ __all__ = [
     "create_block_mask",
     "explain",
     "flex_attention",
+    "inspect",
     "masks",
     "register_backend",
     "scores",

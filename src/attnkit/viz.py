@@ -120,7 +120,8 @@ _NICE_STRIDES = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000)
 
 def draw_heatmap(ax, matrix, x_labels=None, y_labels=None, title=None, *, annotate=None,
                  vmin=0.0, vmax=None, cmap="viridis", x_name="key", y_name="query",
-                 fontsize=None, cell_inches=None, label_x=True, label_y=True):
+                 fontsize=None, cell_inches=None, label_x=True, label_y=True,
+                 x_index=None, y_index=None):
     """Draw ``matrix`` (rows = queries, columns = keys) on ``ax`` and return the image.
 
     Tick labels are thinned to every k-th (first and last kept) when they would not fit the
@@ -142,31 +143,39 @@ def draw_heatmap(ax, matrix, x_labels=None, y_labels=None, title=None, *, annota
             guess of the label stride; default from the Axes' share of the figure.
         label_x, label_y: False leaves that axis bare (no ticks, labels or name), for inner
             panels of a grid whose outer panels carry them.
+        x_index, y_index: the position of each column / row (default ``0, 1, ...``): the
+            labels when none are given, and the ``position:`` prefix of thinned labels, so
+            a window cut out of a longer sequence keeps its positions.
 
     Raises:
-        ValueError: ``matrix`` is not 2-D, or a label list does not match its size.
+        ValueError: ``matrix`` is not 2-D, or a label or index list does not match its size.
     """
     data = _matrix(matrix, "matrix")
     rows, cols = data.shape
-    for arg, labels, size in (("x_labels", x_labels, cols), ("y_labels", y_labels, rows)):
+    for arg, labels, size in (("x_labels", x_labels, cols), ("y_labels", y_labels, rows),
+                              ("x_index", x_index, cols), ("y_index", y_index, rows)):
         if labels is not None and len(labels) != size:
-            what = "column" if arg == "x_labels" else "row"
-            raise ValueError(f"{arg} must have one label per {what} ({size}), got {len(labels)}")
+            what = "column" if arg.startswith("x") else "row"
+            kind = "label" if arg.endswith("labels") else "position"
+            raise ValueError(f"{arg} must have one {kind} per {what} ({size}), got "
+                             f"{len(labels)}")
+    x_index = list(range(cols)) if x_index is None else list(x_index)
+    y_index = list(range(rows)) if y_index is None else list(y_index)
     image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax)
     if cell_inches is None:  # the panel's share of the figure before layout (an overestimate)
         box = ax.get_position()
         width, height = ax.figure.get_size_inches()
         cell_inches = min(box.width * width / cols, box.height * height / rows)
     fontsize = fontsize or _tick_fontsize(cell_inches)
-    xs = [str(s) for s in x_labels] if x_labels is not None else [str(i) for i in range(cols)]
-    ys = [str(s) for s in y_labels] if y_labels is not None else [str(i) for i in range(rows)]
+    xs = [str(s) for s in x_labels] if x_labels is not None else [str(i) for i in x_index]
+    ys = [str(s) for s in y_labels] if y_labels is not None else [str(i) for i in y_index]
     vertical = x_labels is not None and max(map(len, xs)) > 1
     ax._attnkit_ticks = {
         "x": {"labels": xs, "name": x_name, "stride": 1, "named": x_labels is not None,
-              "kwargs": dict(fontsize=fontsize, rotation=90 if vertical else 0,
-                             ha="center")},
+              "index": x_index, "kwargs": dict(fontsize=fontsize,
+                                               rotation=90 if vertical else 0, ha="center")},
         "y": {"labels": ys, "name": y_name, "stride": 1, "named": y_labels is not None,
-              "kwargs": dict(fontsize=fontsize)},
+              "index": y_index, "kwargs": dict(fontsize=fontsize)},
     }
     # A first guess of the stride from the font size (a label about 1.2 em tall, a character
     # about 0.65 em wide); fit_tick_labels corrects it once the layout is known. Labelling
@@ -240,7 +249,7 @@ def _thin(ax, which: str, extent: float, spacing: float) -> bool:
     style["stride"] = k
     setattr(ax, f"_attnkit_{which}_set", True)
     if k > 1 and style["named"]:
-        labels = [f"{i}:{label}" for i, label in enumerate(labels)]
+        labels = [f"{i}:{label}" for i, label in zip(style["index"], labels)]
         if which == "x":
             style["kwargs"]["rotation"] = 90
     _set_ticks(ax, which, _kept(len(labels), k), labels)
@@ -390,7 +399,8 @@ def grid_figure(panels: Sequence[Sequence], x_labels=None, y_labels=None, *, tit
     y_width = max((len(str(s)) for s in (y_labels if y_labels is not None else [rows])),
                   default=1)
     if rows > 40:  # thinned labels carry their position ("120:t")
-        y_width = max(y_width, len(str(rows)) + 2)
+        last = draw_kwargs["y_index"][-1] if draw_kwargs.get("y_index") is not None else rows
+        y_width = max(y_width, len(str(last)) + 2)
     label_w = 0.35 + 0.07 * min(y_width, 12)
     label_h = 0.5 + (0.07 * min(longest, 12) if x_named else 0)
     label_w, label_h = (label_w, label_h) if label_outer else (ncols * label_w, nrows * label_h)

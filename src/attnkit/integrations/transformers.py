@@ -35,6 +35,8 @@ Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` qu
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor
 
@@ -59,6 +61,11 @@ except LookupError:  # optional: then only output_attentions=True asks for weigh
     _active_collector = None
 
 _OURS: dict[str, str] = {}  # name -> backend, the names register() added
+
+#: The recorder of :func:`attnkit.inspect` while its forward runs (one per context, so
+#: threads do not see each other's), else None. Its ``record(...)`` keeps the q/k and the
+#: description of the layers it was asked for; the attention itself runs as always.
+INSPECTOR: ContextVar = ContextVar("attnkit_inspector", default=None)
 
 
 def _wants_weights(kwargs) -> bool:
@@ -142,6 +149,12 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
                         f"{type(attention_mask).__name__}; load the model with "
                         f"attn_implementation set to the name register() returned so "
                         f"transformers builds the mask with attnkit's mask function")
+    # attnkit.inspect() records the call (torch.compile cannot trace a context variable's
+    # get; inspect never runs compiled, so a compiled forward skips the check)
+    inspector = None if torch.compiler.is_compiling() else INSPECTOR.get()
+    if inspector is not None:
+        inspector.record(module, query, key, parts=parts, bias=bias, scaling=scaling,
+                         softcap=softcap, sinks=s_aux, kv_length=S, mask=attention_mask)
     weights = _wants_weights(kwargs)
     result = _engine.attention(query, key, value, bias=bias, dropout_p=float(dropout),
                                scale=scaling, softcap=softcap, sinks=s_aux, backend=backend,

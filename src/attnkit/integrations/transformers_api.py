@@ -91,6 +91,12 @@ NAMES: tuple[Name, ...] = (
                    "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn")),
     Name("transformers.masking_utils.flash_attention_mask",
          "transformers_varlen registers it as its mask function", required=False),
+    # transformers_inspect (attnkit.inspect)
+    Name("transformers.PreTrainedConfig._attn_implementation",
+         "inspect() checks the model runs on a name register() added", private=True,
+         required=False),
+    Name("transformers.PreTrainedModel.base_model",
+         "inspect() runs the base model (no LM head)", required=False),
 )
 
 
