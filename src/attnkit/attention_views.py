@@ -132,6 +132,32 @@ class MapViews:
         fig.savefig(buffer, format="png", dpi=viz.DPI)
         return buffer.getvalue()
 
+    def widget(self, *, sample: int = 0, max_cells: int = 128, language: str = "en",
+               static: bool | None = None):
+        """The explorer's head and model views of one sample, as a notebook widget
+        (:func:`attnkit.widgets.heads`; static HTML without anywidget).
+
+        The sample is drawn as :meth:`readable` gives it: padding dropped, pooled to at most
+        ``max_cells`` tokens a side (each pooled cell shows its block's mean weight), so a
+        2k-token map stays interactive; :meth:`zoom` first to look at a span in full.
+
+        Raises:
+            ValueError: cross-attention (queries and keys differ), or what
+                :func:`attnkit.widgets.heads` refuses (too many weights: keep fewer heads).
+        """
+        from . import widgets
+
+        maps = self.readable(sample, max_cells)
+        if maps.num_queries != maps.num_keys or maps.query_positions != maps.key_positions:
+            raise ValueError(f"the head and model views draw self-attention over one token "
+                             f"sequence; these maps have {maps.num_queries} queries and "
+                             f"{maps.num_keys} keys (zoom rows and cols to the same span)")
+        weights = maps.stack(0)  # (L, H, T, T)
+        return widgets.heads(weights, list(maps.query_tokens[0]),
+                             layer_labels=[str(l) for l in self.layers],
+                             head_labels=[str(h) for h in self.heads],
+                             language=language, static=static)
+
     def _repr_png_(self):
         # the model view while it stays legible, else the mean over every layer and head
         view = "model" if len(self.layers) * len(self.heads) <= 16 else "heatmap"

@@ -228,3 +228,25 @@ def test_viz_positions_label_thinned_ticks():
     assert ys[0] == "100:q0" and ys[-1] == "299:q199"  # thinned: position:token
     with pytest.raises(ValueError, match=r"x_index must have one position per column \(3\)"):
         viz.heatmap_figure(torch.rand(2, 3), x_index=[0, 1])
+
+
+def test_widget_shows_the_readable_sample_in_the_head_and_model_views():
+    """AttentionMaps.widget() hands one sample, padding dropped, to attnkit.widgets.heads."""
+    from attnkit import widgets
+    from attnkit.apps.explore.model_view import heads_view
+
+    maps, w = padded_maps()
+    view = maps.widget(sample=1, static=True)
+    assert isinstance(view, widgets.StaticView)
+    # the same payload heads_view builds from sample 1's real tokens (2 padded dropped)
+    want = heads_view(w[1:2, :, 2:, 2:], [f"b{i}" for i in range(2, 6)],
+                      layer_labels=["0"], head_labels=["0", "1"])
+    got = view.data["gpt"]
+    assert got["tokens"] == want["tokens"] == ["b2", "b3", "b4", "b5"]
+    assert got["weights_u8"] == want["weights_u8"] and got["layer_labels"] == ["0"]
+
+
+def test_widget_refuses_cross_attention_maps():
+    maps = AttentionMaps({(0, 0): torch.full((1, 3, 5), 0.2)})
+    with pytest.raises(ValueError, match="self-attention over one token sequence"):
+        maps.widget(static=True)
