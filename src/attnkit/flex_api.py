@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .masks.base import MaskFn, MaskMod, as_mask_mod
+from .masks.base import MaskFn, MaskMod, as_mask_mod, broadcast_shape
 from .scores import ScoreFn, ScoreMod
 from .spec import MaskSpec
 from .summary import EMPTY, FULL, PARTIAL, BlockSummary
@@ -77,8 +77,7 @@ class TorchMaskFn(MaskFn):
             try:
                 out = self.fn(b, h, q, k)
                 if isinstance(out, Tensor) and out.dtype == torch.bool and out.dim() <= 4:
-                    torch.broadcast_shapes(out.shape, torch.broadcast_shapes(
-                        b.shape, h.shape, q.shape, k.shape))
+                    broadcast_shape(out.shape, b.shape, h.shape, q.shape, k.shape)
                     return out
             except Exception:  # noqa: BLE001, S110 - written for scalars: vmap below
                 pass
@@ -529,6 +528,13 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, bl
             raise ValueError("attnkit.flex_attention serves return_aux=AuxRequest(lse=True); "
                              "max_scores is not computed")
         want_lse = bool(getattr(return_aux, "lse", False))
+    if isinstance(block_mask, BlockMask) and \
+            tuple(block_mask.seq_lengths) != (query.shape[2], key.shape[2]):
+        # A recognised kind would otherwise stretch to any length (the grid checks itself).
+        raise ValueError(f"block_mask was made for (Q_LEN, KV_LEN) = "
+                         f"{tuple(block_mask.seq_lengths)}, but the call has T="
+                         f"{query.shape[2]} queries and S={key.shape[2]} keys; create it with "
+                         f"Q_LEN={query.shape[2]}, KV_LEN={key.shape[2]}")
     spec = MaskSpec(mask_mod=_as_mask(block_mask, query.shape[0], H),
                     score_mod=_as_score(score_mod))
     # The cheapest backend auto would run, never the compiled flex (no compile, no

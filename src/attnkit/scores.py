@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .masks.base import (_index, call_user_fn, check_align, check_broadcasts,
-                         check_user_result, offset_of)
+from .masks.base import (_index, broadcast_shape, call_user_fn, check_align,
+                         check_broadcasts, check_user_result, offset_of)
 
 __all__ = ["ScoreMod", "Softcap", "Alibi", "Bias", "ScoreFn", "ScoreShift", "Chain", "chain",
            "alibi_slopes", "as_score_mod", "at_positions"]
@@ -88,7 +88,7 @@ class ScoreFn(ScoreMod):
             TypeError: it does not return a float tensor broadcastable to the scores.
         """
         index = _index(min(B, 2), min(H, 2), 0, min(T, 3), 0, min(S, 3), None)
-        score = torch.zeros(torch.broadcast_shapes(*(t.shape for t in index)))
+        score = torch.zeros(broadcast_shape(*(t.shape for t in index)))
         out = call_user_fn("score_mod", self.fn, (score, *index))
         check_user_result("score_mod", self.fn, out, score.shape, want="float")
 
