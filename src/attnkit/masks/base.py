@@ -149,9 +149,32 @@ def as_mask_mod(mod) -> MaskMod:
                     f"fn(b, h, q_idx, kv_idx) -> bool tensor, got {type(mod).__name__}")
 
 
+def vmap_grid(fn, b, h, q, k) -> Tensor:
+    """``fn`` called per element under ``torch.vmap``, as FlexAttention does, on broadcast
+    index tensors ``b (B,1,1,1)``, ``h (1,H,1,1)``, ``q (1,1,nq,1)``, ``k (1,1,1,nk)``: for
+    functions written for scalars (chained indexing such as ``doc[b][q]``)."""
+    from torch.nn.attention.flex_attention import _vmap_for_bhqkv
+
+    flat = [t.reshape(-1) for t in (b, h, q, k)]
+    out = _vmap_for_bhqkv(fn, prefix=())(*flat)
+    if not isinstance(out, Tensor) or out.dim() != 4:
+        return out
+    return out.view(b.shape[0], h.shape[1], q.shape[2], k.shape[3])
+
+
+def reads_scalars(seen: dict) -> bool:
+    """Whether the probe of a user function (kept in ``seen``) showed a function of
+    scalars that broadcasting would get wrong: a 0-d result through non-0-d intermediate
+    values (``bias[b][q]`` indexes a row, then an element)."""
+    pr = seen.get("probe")
+    return pr is not None and not pr.elementwise and isinstance(pr.out, tuple) \
+        and pr.out[1] == () and not pr.data_dependent
+
+
 @dataclass(frozen=True, eq=False)
 class MaskFn(MaskMod):
-    """A user's ``fn(b, h, q_idx, kv_idx) -> bool`` written with broadcasting tensor ops.
+    """A user's ``fn(b, h, q_idx, kv_idx) -> bool`` written with broadcasting tensor ops
+    (one written for scalars, such as ``doc[b][q_idx]``, runs under ``torch.vmap``).
 
     Resolved for a call (:meth:`resolve`), it is read rather than only evaluated
     (:mod:`attnkit.masks.traced`): a native kind when the expression is one (``q >= kv`` is
@@ -161,8 +184,11 @@ class MaskFn(MaskMod):
 
     fn: Callable
     why: str | None = field(default=None, repr=False)
+    _seen: dict = field(default_factory=dict, repr=False, compare=False)
 
     def grid(self, b, h, q, k):
+        if reads_scalars(self._seen):
+            return vmap_grid(self.fn, b, h, q, k)
         return self.fn(b, h, q, k)
 
     def resolve(self, T, S):

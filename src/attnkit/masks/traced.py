@@ -82,8 +82,8 @@ def analyse(mfn: MaskFn, T: int, S: int) -> MaskMod:
     ``mfn`` itself with the reason it stays opaque (see the module docstring)."""
     if T < 1 or S < 1:
         return mfn
-    inputs = index_args(4)
-    pr = probe(mfn.fn, inputs)
+    pr = probe(mfn.fn, index_args(4))
+    mfn._seen["probe"] = pr  # grid() runs a function of scalars under vmap
     why = None
     if pr.key is None:
         why = f"{pr.error[:100]} on 0-d index tensors"
