@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .probe import Program
+from .probe import Program, version
 
 __all__ = ["Num", "Tri", "Arr", "Evaluator", "INF"]
 
@@ -104,7 +104,7 @@ class Evaluator:
         captured: the tensors its captured slots stand for, this call.
     """
 
-    TABLE_LIMIT = 1 << 24  # sparse-table elements per tensor before it is coarsened
+    TABLE_LIMIT = 1 << 22  # sparse-table elements per tensor before it is coarsened
 
     def __init__(self, program: Program, captured):
         self.program, self.captured = program, captured
@@ -246,8 +246,8 @@ class Evaluator:
     def _range_query(self, t, keep, reduce, lows, highs):
         """Min and max of ``t`` with dim ``keep`` over ``[lows, highs]``, dims ``reduce``
         over their whole extent, the other dims at ``lows``."""
-        key = (id(t), t._version, keep, tuple(reduce))
-        if key not in self.tables:
+        key = (id(t), version(t), keep, tuple(reduce))
+        if key not in self.tables or key[1] is None:
             mn, mx = t, t
             for d in reduce:
                 mn, mx = mn.amin(d, keepdim=True), mx.amax(d, keepdim=True)

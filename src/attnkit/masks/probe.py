@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Node", "Program", "Probe", "probe", "run", "index_args", "reachable_tensors"]
+__all__ = ["Node", "Program", "Probe", "probe", "run", "index_args", "reachable_tensors",
+           "version"]
 
 # Python-level reads of a value: if the function does this to something computed from its
 # indices, its control flow may depend on the index values and one run says little.
@@ -61,7 +62,6 @@ _CANON = {
 _REFLECTED = {"rsub", "rdiv", "rfloor_divide", "rremainder", "rlshift", "rrshift"}
 
 
-@dataclass(frozen=True)
 class Node:
     """One step of a :class:`Program`.
 
@@ -73,14 +73,15 @@ class Node:
     operands in that operator's order. ``dtype``/``shape`` describe the result.
     """
 
-    op: object
-    args: tuple = ()
-    kwargs: tuple = ()
-    arg: object = None
-    name: str = ""
-    cargs: tuple = ()
-    dtype: torch.dtype | None = None
-    shape: tuple = ()
+    __slots__ = ("op", "args", "kwargs", "arg", "name", "cargs", "dtype", "shape")
+
+    def __init__(self, op, args=(), kwargs=(), arg=None, name="", cargs=(), dtype=None,
+                 shape=()):
+        self.op, self.args, self.kwargs, self.arg = op, args, kwargs, arg
+        self.name, self.cargs, self.dtype, self.shape = name or str(op), cargs, dtype, shape
+
+    def __repr__(self):
+        return f"Node({self.name}, {self.cargs or self.arg}, {self.dtype}, {self.shape})"
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,6 @@ class Probe:
     Attributes:
         key: hashable log of the run (None when the run failed).
         captured: the tensors it read from outside, in order of first use.
-        program: the run as a :class:`Program` (None when it failed).
         elementwise: every value computed from the indices was 0-d (no chained indexing
             such as ``bias[b][q]``): broadcasting the function over index grids is exact.
         data_dependent: Python read an index-dependent value (``if``, ``.item()``).
@@ -122,11 +122,19 @@ class Probe:
 
     key: tuple | None
     captured: tuple
-    program: Program | None = None
+    build: object = None  # () -> Program
     elementwise: bool = True
     data_dependent: bool = False
     out: object = None
     error: str | None = None
+    _program: Program | None = None
+
+    @property
+    def program(self) -> Program | None:
+        """The run as a :class:`Program` (built on first use; None when it failed)."""
+        if self._program is None and self.build is not None:
+            self._program = self.build()
+        return self._program
 
 
 def is_ref(x) -> bool:
@@ -164,27 +172,44 @@ def _canonical(func, args, kwargs) -> tuple[str, tuple]:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, inputs):
+    """Logs every torch call of a run (and keeps its tensors alive: ids stay unique)."""
+
+    def __init__(self):
         super().__init__()
-        self.nodes = [Node("input", arg=i, dtype=t.dtype, shape=tuple(t.shape))
+        self.calls: list = []
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func, args, kwargs, out))
+        return out
+
+
+class _Digest:
+    """The log of one run as program nodes and a key (one pass, after the run)."""
+
+    def __init__(self, inputs):
+        self.nodes = [Node("input", arg=i, name="input", dtype=t.dtype, shape=tuple(t.shape))
                       for i, t in enumerate(inputs)]
         self.ref = {id(t): i for i, t in enumerate(inputs)}
-        self.dependent = set(range(len(inputs)))  # nodes computed from the indices
-        self.keep = list(inputs)  # every tensor seen stays alive: ids stay unique
         self.captured: list = []
+        self.capkey: list = []
+        self.dependent = set(range(len(inputs)))
         self.log: list = []
+        self.raw: list = []
         self.elementwise = True
         self.data_dependent = False
 
-    def node_of(self, t: Tensor) -> int:
+    def node_of(self, t: Tensor):
+        """Its node: an int for inputs and captured tensors, ``("v", call, item)`` for
+        values computed in the run."""
         i = self.ref.get(id(t))
         if i is None:  # first sight of a tensor from outside: captured
             i = len(self.nodes)
-            self.nodes.append(Node("captured", arg=len(self.captured), dtype=t.dtype,
-                                   shape=tuple(t.shape)))
+            self.nodes.append(Node("captured", arg=len(self.captured), name="captured",
+                                   dtype=t.dtype, shape=tuple(t.shape)))
             self.ref[id(t)] = i
+            self.capkey.append((tuple(t.shape), t.dtype, t.device.type, t.requires_grad))
             self.captured.append(t)
-            self.keep.append(t)
         return i
 
     def arg(self, x):
@@ -198,59 +223,102 @@ class _Recorder(TorchFunctionMode):
         return x
 
     def key(self, x):
-        """A hashable stand-in for an argument structure (tensors by role, not value)."""
-        if isinstance(x, tuple) and len(x) == 2 and x[0] == "n" and isinstance(x[1], int):
-            n = self.nodes[x[1]]
-            if n.op == "captured":
-                t = self.captured[n.arg]
-                return ("cap", n.arg, n.shape, n.dtype, t.device.type, t.requires_grad)
-            return x
-        if isinstance(x, (list, tuple)):
-            return (type(x).__name__, tuple(self.key(i) for i in x))
+        """A hashable stand-in (tensors are references; scalars typed: 1 != 1.0 != True)."""
+        if isinstance(x, tuple):
+            return x if _is_dref(x) else ("T", *(self.key(i) for i in x))
+        if isinstance(x, list):
+            return ("L", *(self.key(i) for i in x))
         if isinstance(x, dict):
-            return ("dict", tuple(sorted((str(k), self.key(v)) for k, v in x.items())))
+            return ("D", *sorted((str(k), self.key(v)) for k, v in x.items()))
         if isinstance(x, slice):
-            return ("slice", self.key(x.start), self.key(x.stop), self.key(x.step))
-        if x is None or x is Ellipsis or isinstance(x, (bool, int, float, complex, str,
-                                                        torch.dtype, torch.device,
-                                                        torch.layout, torch.memory_format)):
+            return ("S", self.key(x.start), self.key(x.stop), self.key(x.step))
+        if type(x) is int or x is None or isinstance(x, (str, torch.dtype, torch.device)):
+            return x
+        if isinstance(x, (bool, float, complex, torch.layout, torch.memory_format)):
             return (type(x).__name__, x)
+        if x is Ellipsis:
+            return "..."
         return ("obj", type(x).__qualname__, id(x))
 
-    def __torch_function__(self, func, types_, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        a, k = self.arg(tuple(args)), self.arg(kwargs)
-        dep = any(i in self.dependent for i in refs((a, k)))
-        name = getattr(func, "__name__", "")
-        if dep and name in _DATA_DEPENDENT:
+    def call(self, func, args, kwargs, out):
+        a = self.arg(args) if type(args) is tuple else self.arg(tuple(args))
+        k = self.arg(kwargs) if kwargs else {}
+        dep = not self.dependent.isdisjoint(_drefs((a, k)))
+        if dep and getattr(func, "__name__", "") in _DATA_DEPENDENT:
             self.data_dependent = True
-        out = func(*args, **kwargs)
         fkey = ("get", func.__self__) if type(func).__name__ == "method-wrapper" else func
-        entry = [fkey, self.key(a), self.key(k)]
-        cname, cargs = _canonical(func, a, k)
-        call = len(self.nodes)
-        meta = dict(dtype=out.dtype, shape=tuple(out.shape)) if isinstance(out, Tensor) else {}
-        self.nodes.append(Node(func, a, tuple(sorted(k.items())), name=cname, cargs=cargs,
-                               **meta))
-        outs = out if isinstance(out, (list, tuple)) else (out,)
-        for j, o in enumerate(outs):
-            if not isinstance(o, Tensor):
-                continue
-            if o is not out:  # an item of a tuple result
-                self.nodes.append(Node("element", (("n", call),), arg=j, name="element",
-                                       dtype=o.dtype, shape=tuple(o.shape)))
-            node = len(self.nodes) - 1
-            if id(o) not in self.ref:
-                self.ref[id(o)] = node
-                self.keep.append(o)
+        entry = [fkey, self.key(a), self.key(k) if k else None]
+        at = len(self.raw)
+        self.raw.append((func, a, k, out))
+        if isinstance(out, Tensor):
+            self.ref.setdefault(id(out), ("v", at, None))
             if dep:
-                self.dependent.add(node)
-                if o.dim() != 0:
-                    self.elementwise = False
-        if not any(isinstance(o, Tensor) for o in outs):
+                self.dependent.add(("v", at, None))
+                self.elementwise = self.elementwise and out.dim() == 0
+        elif isinstance(out, (list, tuple)) and any(isinstance(o, Tensor) for o in out):
+            for j, o in enumerate(out):
+                if isinstance(o, Tensor):
+                    self.ref.setdefault(id(o), ("v", at, j))
+                    if dep:
+                        self.dependent.add(("v", at, j))
+                        self.elementwise = self.elementwise and o.dim() == 0
+        else:
             entry.append(("=", self.key(self.arg(out))))  # a value Python reads: keyed
         self.log.append(tuple(entry))
-        return out
+
+    def program(self, result) -> Program:
+        """The run as program nodes (built only when a probe's analysis needs them)."""
+        nodes = list(self.nodes)
+        where: dict = {}  # ("v", call, item) -> node index
+
+        def fix(x):
+            if _is_dref(x):
+                return ("n", where[x[1]] if isinstance(x[1], tuple) else x[1])
+            if isinstance(x, (list, tuple)):
+                return type(x)(fix(i) for i in x)
+            if isinstance(x, dict):
+                return {k: fix(v) for k, v in x.items()}
+            return x
+        for at, (func, a, k, out) in enumerate(self.raw):
+            a, k = fix(a), fix(k)
+            cname, cargs = _canonical(func, a, k)
+            tensor = isinstance(out, Tensor)
+            where[("v", at, None)] = len(nodes)
+            nodes.append(Node(func, a, tuple(sorted(k.items())), name=cname, cargs=cargs,
+                              dtype=out.dtype if tensor else None,
+                              shape=tuple(out.shape) if tensor else ()))
+            if isinstance(out, (list, tuple)):
+                for j, o in enumerate(out):
+                    if isinstance(o, Tensor):
+                        where[("v", at, j)] = len(nodes)
+                        nodes.append(Node("element", (("n", where[("v", at, None)]),), arg=j,
+                                          name="element", dtype=o.dtype, shape=tuple(o.shape)))
+        return Program(tuple(nodes), where[result] if isinstance(result, tuple) else result)
+
+
+def _is_dref(x) -> bool:
+    return type(x) is tuple and len(x) == 2 and x[0] == "n"
+
+
+def _drefs(x):
+    """References in a digest's arguments: ints, or ``("v", call, item)``."""
+    if _is_dref(x):
+        yield x[1]
+    elif isinstance(x, (list, tuple)):
+        for i in x:
+            yield from _drefs(i)
+    elif isinstance(x, dict):
+        for i in x.values():
+            yield from _drefs(i)
+
+
+def version(t: Tensor):
+    """``t._version`` (bumped by in-place updates), or None for an inference tensor, which
+    has no version counter (then nothing derived from it may be cached)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def index_args(n: int, dtype=torch.int64):
@@ -261,23 +329,29 @@ def index_args(n: int, dtype=torch.int64):
 def probe(fn, inputs) -> Probe:
     """Run ``fn(*inputs)`` once and record it (see the module docstring). Never raises:
     a failing run is reported in :attr:`Probe.error`."""
-    rec = _Recorder(inputs)
+    rec = _Recorder()
     try:
-        with torch.no_grad(), rec:
+        with rec:
             out = fn(*inputs)
     except Exception as err:  # noqa: BLE001 - any failure means "cannot read it"
-        return Probe(None, tuple(rec.captured), error=f"{type(err).__name__}: {err}")
+        d = _Digest(inputs)
+        for c in rec.calls:
+            d.call(*c)
+        return Probe(None, tuple(d.captured), error=f"{type(err).__name__}: {err}")
+    d = _Digest(inputs)
+    for c in rec.calls:
+        d.call(*c)
     if not isinstance(out, Tensor):
-        return Probe(None, tuple(rec.captured), out=type(out).__name__,
+        return Probe(None, tuple(d.captured), out=type(out).__name__,
                      error=f"it returns {type(out).__name__}, not a tensor")
-    result = rec.node_of(out)
-    key = (len(inputs), tuple(rec.log), rec.key(("n", result)))
+    result = d.node_of(out)
+    key = (len(inputs), tuple(d.log), tuple(d.capkey), result)
     try:
         hash(key)
     except TypeError:  # an unhashable constant somewhere: no key, no analysis
-        return Probe(None, tuple(rec.captured), error="its arguments cannot be keyed")
-    return Probe(key, tuple(rec.captured), Program(tuple(rec.nodes), result),
-                 rec.elementwise, rec.data_dependent, (out.dtype, tuple(out.shape)))
+        return Probe(None, tuple(d.captured), error="its arguments cannot be keyed")
+    return Probe(key, tuple(d.captured), functools.partial(d.program, result),
+                 d.elementwise, d.data_dependent, (out.dtype, tuple(out.shape)))
 
 
 def run(program: Program, inputs, captured, upto: int | None = None):

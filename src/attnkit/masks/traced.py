@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .base import MaskFn, MaskMod
 from .intervals import INF, Evaluator, Num, Tri
-from .probe import Program, index_args, probe, run
+from .probe import Program, index_args, probe, run, version
 from .recognise import recognise, verify
 
 __all__ = ["TracedMask", "analyse"]
@@ -93,7 +93,10 @@ def analyse(mfn: MaskFn, T: int, S: int) -> MaskMod:
         why = f"it returns {pr.out} on 0-d indices, not a 0-d bool tensor"
     if why is not None:
         return replace(mfn, why=why)
-    key = (type(mfn), pr.key, tuple((id(t), t._version) for t in pr.captured), T, S)
+    versions = tuple(version(t) for t in pr.captured)
+    key = (type(mfn), pr.key, tuple(map(id, pr.captured)), versions, T, S)
+    if None in versions:  # an inference tensor: no version counter, no cache
+        return _resolve(mfn, pr.program, pr.captured, T, S)
     hit = _RESOLVED.get(key)
     if hit is not None:
         _RESOLVED.move_to_end(key)
