@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .probe import Program, version
+from .probe import Program, refs, version
 
 __all__ = ["Num", "Tri", "Arr", "Evaluator", "INF"]
 
@@ -109,7 +109,15 @@ class Evaluator:
     def __init__(self, program: Program, captured):
         self.program, self.captured = program, captured
         self.tables: dict = {}
-        self.beyond: set = set()  # operators outside the rules, for describe()
+        # operators outside the rules on values computed from the indices (describe())
+        reads = set()
+        self.beyond = set()
+        for i, node in enumerate(program.nodes):
+            if node.op == "input" or reads.intersection(refs((node.args, node.kwargs))):
+                reads.add(i)
+                if node.op not in ("input", "captured") and \
+                        getattr(self, "_op_" + node.name.strip("_"), None) is None:
+                    self.beyond.add(node.name)
 
     # --- entry -----------------------------------------------------------------------------
 

@@ -246,7 +246,8 @@ class TracedMask(MaskMod):
         certain = self._sampled(open_, bounds, bs, hs)
         open_ &= ~certain
         if bool(open_.any()) and not isinstance(bs, tuple) and not isinstance(hs, tuple):
-            self._evaluated(t, f, open_, bounds, bs, hs)
+            for i in range(len(bs)):  # one batch index at a time: Hn x block_q x keys
+                self._evaluated(t[i:i + 1], f[i:i + 1], open_[i:i + 1], bounds, bs[i:i + 1], hs)
         return t, f
 
     def _sampled(self, open_, bounds, bs, hs) -> Tensor:
@@ -256,10 +257,14 @@ class TracedMask(MaskMod):
         q_lo, q_hi, k_lo, k_hi = bounds
         i, j = where[:, 2], where[:, 3]
         qa, qb, ka, kb = q_lo[i], q_hi[i], k_lo[j], k_hi[j]
-        diag = torch.maximum(qa, ka).clamp(max=torch.minimum(qb, kb))
-        qs = torch.stack([qa, qa, qa, (qa + qb) // 2, qb, qb, qb, diag, diag], 1)
-        ks = torch.stack([ka, (ka + kb) // 2, kb, (ka + kb) // 2, ka, (ka + kb) // 2, kb, diag,
-                          (diag - 1).clamp(min=ka)], 1)
+        # corners, middles, and where the tile meets the diagonal (every point inside it)
+        x = torch.maximum(qa, ka)
+        qd = torch.minimum(torch.maximum(x, qa), qb)
+        kd = torch.minimum(torch.maximum(x, ka), kb)
+        kd1 = torch.maximum(kd - 1, ka)
+        qs = torch.stack([qa, qa, qa, (qa + qb) // 2, qb, qb, qb, qd, qd], 1)
+        ks = torch.stack([ka, (ka + kb) // 2, kb, (ka + kb) // 2, ka, (ka + kb) // 2, kb, kd,
+                          kd1], 1)
         pick = [bs[where[:, 0]] if isinstance(bs, Tensor) else torch.zeros_like(i),
                 hs[where[:, 1]] if isinstance(hs, Tensor) else torch.zeros_like(i)]
         args = [p[:, None].expand_as(qs).reshape(-1) for p in pick] + \
