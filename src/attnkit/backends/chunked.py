@@ -326,7 +326,8 @@ def chunked_check(q, k, v, call, *, dropout_p: float, return_lse: bool,
                 "use backend='sdpa' or 'math', or dropout_p=0")
     if return_weights:
         return "the chunked backend never builds the T x S weights it would have to return"
-    if call.grad and call.score is not None and not call.score.reads_known:
+    if call.grad and call.score is not None and not call.score.reads_known and \
+            any(t.requires_grad for t in call.score.tensors()):
         # Its autograd returns gradients only for the tensors the score function reads.
         return (f"score_mod {call.score.describe()} could not be traced (it branches in "
                 f"Python on its index arguments or fails on 0-d ones), so the chunked "
