@@ -67,7 +67,7 @@ def _caps(program: Program) -> tuple:
             continue
         base = node.cargs[0]
         base = program.nodes[base[1]] if isinstance(base, tuple) and base[0] == "n" else None
-        if base is None or base.op != "captured":
+        if base is None:
             continue
         for d, a in enumerate(node.cargs[1]):
             ref = program.nodes[a[1]] if isinstance(a, tuple) and a[0] == "n" else None
