@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .base import MaskFn, MaskMod
-from .intervals import INF, Evaluator, Num, Tri
+from .intervals import Evaluator, Num, Tri
 from .probe import Program, index_args, probe, run, version
 from .recognise import recognise, verify
 
