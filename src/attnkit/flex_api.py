@@ -15,21 +15,25 @@ What each argument becomes:
 * a torch ``BlockMask`` is read as the plan: its ``kv_num_blocks``/``kv_indices`` (partial
   tiles) and ``full_kv_*`` (full tiles) become a per-tile grid (:class:`BlockGrid`) at its
   ``BLOCK_SIZE``; tiles it does not list are skipped, its full tiles get no mask, and its
-  ``mask_mod`` is evaluated only on the partial tiles, exactly torch's semantics. One that
-  amounts to causal or a sliding window (verified exactly, :func:`_recognise`) runs as that
-  kind, so plain causal reaches SDPA's ``is_causal``. The
+  ``mask_mod`` is evaluated only on the partial tiles, exactly torch's semantics. One whose
+  ``mask_mod`` is a native kind (causal, windows, documents, ...; checked against its block
+  structure, :func:`_recognise`) runs as that kind, so plain causal reaches SDPA's
+  ``is_causal``. The
   ``mask_mod`` is called on broadcast index tensors (``b (B,1,1,1)``, ``h (1,H,1,1)``,
   ``q_idx (1,1,nq,1)``, ``kv_idx (1,1,1,nk)``); one that only works on scalars is run under
-  ``torch.vmap`` as torch does (:class:`TorchMaskFn`);
+  ``torch.vmap`` as torch does (:class:`TorchMaskFn`), and it is read
+  (:mod:`attnkit.masks.traced`): a ``mask_mod`` that is a native kind runs as that kind;
 * an attnkit :class:`BlockMask` (from :func:`create_block_mask`) keeps the description, so
   the backend also sees its interval arithmetic at its own tile sizes;
 * ``score_mod(score, b, h, q_idx, kv_idx)`` is a score function (:class:`TorchScoreFn`);
-  tensors it captures (a learnable bias table) get gradients.
+  the tensors it reads (found by running it: ``self.bias``, lists, dicts, nested closures)
+  get gradients.
 
 :func:`create_block_mask` builds the block summary from the description's interval
 arithmetic where the kind has one (causal, windows, documents, prefix-LM, dilated, ...:
-``O(nQ x nK)`` work, no ``T x S`` tensor) and evaluates the tiles of an opaque mask function
-one row of tiles at a time otherwise.
+``O(nQ x nK)`` work, no ``T x S`` tensor); a ``mask_mod`` callable is read first (a native
+kind, or interval summaries of its traced program with only undecided tiles evaluated), and
+only one that cannot be read has its tiles evaluated, one row of tiles at a time.
 
 Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` queries
 (torch's ``L``), ``S`` keys, ``D`` head dim, ``nQ``/``nK`` query/key tiles.
