@@ -58,6 +58,7 @@ class _Builder:
 
     def __init__(self, sym: Symbolic, captured, T: int, S: int, bcap: int | None):
         self.sym, self.captured, self.T, self.S, self.bcap = sym, captured, T, S, bcap
+        self.device = _device(captured)
 
     def support(self, form: dict) -> set:
         out = set()
@@ -74,10 +75,11 @@ class _Builder:
         sup = self.support(form) - {var}
         if sup - {"b"} or "b" in sup and self.bcap is None:
             raise _NotNative
-        zero = torch.zeros((), dtype=torch.long)
-        b = torch.arange(self.bcap).view(-1, 1) if "b" in sup else zero
-        inputs = {"b": b, "h": zero, var: torch.arange(n)}
-        out = torch.full((), form.get(None, 0), dtype=torch.long)
+        dev = self.device
+        zero = torch.zeros((), dtype=torch.long, device=dev)
+        b = torch.arange(self.bcap, device=dev).view(-1, 1) if "b" in sup else zero
+        inputs = {"b": b, "h": zero, var: torch.arange(n, device=dev)}
+        out = torch.full((), form.get(None, 0), dtype=torch.long, device=dev)
         for a, c in form.items():
             if a is None:
                 continue
@@ -233,14 +235,19 @@ class _Builder:
         """``kv >= start(q)`` (with ``kv <= q``) is "same document" when ``start`` is, for
         every query, the first position of its run."""
         s = self.table(start, "q", self.T).clamp(min=0)
-        x = torch.arange(self.T)
+        x = torch.arange(self.T, device=s.device)
         prev = torch.cat([s[:1], s[:-1]])
         ok = bool((s <= x).all()) and int(s[0]) == 0 and bool(((s == prev) | (s == x)).all())
         if not ok:
             raise _NotNative
-        kv = torch.full((self.S,), self.T, dtype=torch.long)  # keys past T: no query's run
+        kv = torch.full((self.S,), self.T, dtype=torch.long, device=s.device)  # past T: no run
         kv[:min(self.S, self.T)] = s[:self.S]
         return SameDocument(s[None], None if self.S == self.T else kv[None])
+
+
+def _device(tensors):
+    """Where the function's tensors live (its indices must be there too)."""
+    return next((t.device for t in tensors), torch.device("cpu"))
 
 
 def _window(lo, hi) -> MaskMod | None:
@@ -285,7 +292,7 @@ def _samples(n: int, extra, g: torch.Generator, k: int = 24) -> Tensor:
     return torch.tensor(sorted({int(p) for p in pts if 0 <= p < n}), dtype=torch.long)
 
 
-def verify(native: MaskMod, grid, T: int, S: int, bcap: int | None) -> bool:
+def verify(native: MaskMod, grid, T: int, S: int, bcap: int | None, device=None) -> bool:
     """Whether ``grid(b, h, q, kv)`` (the user's function as attnkit evaluates it) equals
     ``native.grid`` on sampled positions: both ends, diagonals and window edges, document
     and chunk boundaries, random ones."""
@@ -294,10 +301,11 @@ def verify(native: MaskMod, grid, T: int, S: int, bcap: int | None) -> bool:
     for t in native.tensors():
         if t.dim() >= 1 and t.shape[-1] > 1 and not t.dtype == torch.bool:
             change = (t.reshape(-1, t.shape[-1]).diff(dim=-1) != 0).any(0).nonzero().flatten()
+            change = change.cpu()
             change = change[torch.randperm(change.numel(), generator=g)[:16]]
             edges += [int(c) + d for c in change for d in (0, 1, 2)]
         elif t.dim() == 1:
-            edges += t.reshape(-1).tolist()[:8]
+            edges += t.reshape(-1)[:8].tolist()
     offsets = [0, 1, -1]
     for part in (native.parts if isinstance(native, (And, Or)) else (native,)):
         for side in (getattr(part, "left", None), getattr(part, "right", None)):
@@ -312,9 +320,9 @@ def verify(native: MaskMod, grid, T: int, S: int, bcap: int | None) -> bool:
     qs = _samples(T, edges, g)
     diag = [int(q) + o for q in qs[:12] for o in offsets]
     ks = _samples(S, edges + diag, g)
-    bs = torch.arange(min(bcap or 1, 4)).view(-1, 1, 1, 1)
-    h = torch.zeros(1, 1, 1, 1, dtype=torch.long)
-    q, kv = qs.view(1, 1, -1, 1), ks.view(1, 1, 1, -1)
+    bs = torch.arange(min(bcap or 1, 4), device=device).view(-1, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    q, kv = qs.to(device).view(1, 1, -1, 1), ks.to(device).view(1, 1, 1, -1)
     try:
         want = grid(bs, h, q, kv)
         got = native.grid(bs, h, q, kv)

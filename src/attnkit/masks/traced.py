@@ -113,7 +113,7 @@ def _resolve(mfn, program, captured, T, S) -> MaskMod:
     state = _State(program, captured, T, S, caps, Evaluator(program, captured))
     traced = TracedMask(mfn, state)
     native = recognise(program, captured, T, S, caps[0])
-    if native is not None and verify(native, mfn.grid, T, S, caps[0]) \
+    if native is not None and verify(native, mfn.grid, T, S, caps[0], traced._device()) \
             and _consistent(native, traced, T, S):
         return native
     return traced
@@ -123,10 +123,11 @@ def _consistent(native: MaskMod, traced: "TracedMask", T: int, S: int) -> bool:
     """A coarse cross-check: the interval evaluator never calls a tile full where the
     native kind calls it empty, nor the reverse."""
     bq, bk = max(64, -(-T // 64)), max(64, -(-S // 64))
-    q_lo = torch.arange(0, T, bq).view(-1, 1)
-    k_lo = torch.arange(0, S, bk).view(1, -1)
+    dev = traced._device()
+    q_lo = torch.arange(0, T, bq, device=dev).view(-1, 1)
+    k_lo = torch.arange(0, S, bk, device=dev).view(1, -1)
     q_hi, k_hi = (q_lo + bq).clamp(max=T) - 1, (k_lo + bk).clamp(max=S) - 1
-    some, every = native.blocks(q_lo, q_hi, k_lo, k_hi)
+    some, every = (x.cpu() for x in native.blocks(q_lo, q_hi, k_lo, k_hi))
     t, f = traced._abstract(q_lo, q_hi, k_lo, k_hi, *traced._indices(None, None))
     t, f = t.any(0).any(0), f.any(0).any(0)
     return not bool((every & ~t).any()) and not bool((~some & ~f).any())
@@ -226,7 +227,9 @@ class TracedMask(MaskMod):
                  len(hs) if not isinstance(hs, tuple) else 1, q_lo.numel(), k_lo.numel())
         if not isinstance(out, Tri):
             out = Tri(torch.tensor(True), torch.tensor(True))
-        return torch.broadcast_to(out.t, shape).clone(), torch.broadcast_to(out.f, shape).clone()
+        # the tile grid is small: its bookkeeping stays on the CPU
+        return (torch.broadcast_to(out.t.cpu(), shape).clone(),
+                torch.broadcast_to(out.f.cpu(), shape).clone())
 
     def _classified(self, q_lo, q_hi, k_lo, k_hi, B, H):
         bs, hs = self._indices(B, H)
