@@ -107,9 +107,12 @@ class ScoreFn(ScoreMod):
     _seen: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _probe(self):
-        from .masks.probe import index_args, probe
+        from .masks.probe import Probe, closure_tensors, index_args, probe
 
-        pr = probe(self.fn, [torch.zeros(()), *index_args(4)])
+        if torch.compiler.is_compiling():  # no recording mode inside a compiled graph
+            pr = Probe(("compiling",), closure_tensors(self.fn))
+        else:
+            pr = probe(self.fn, [torch.zeros(()), *index_args(4)])
         self._seen["probe"] = pr
         return pr
 

@@ -80,7 +80,7 @@ def _caps(program: Program) -> tuple:
 def analyse(mfn: MaskFn, T: int, S: int) -> MaskMod:
     """``mfn`` at ``T`` queries and ``S`` keys: a native kind, a :class:`TracedMask`, or
     ``mfn`` itself with the reason it stays opaque (see the module docstring)."""
-    if T < 1 or S < 1:
+    if T < 1 or S < 1 or torch.compiler.is_compiling():  # no recording inside a graph
         return mfn
     pr = probe(mfn.fn, index_args(4))
     mfn._seen["probe"] = pr  # grid() runs a function of scalars under vmap
@@ -112,11 +112,13 @@ def _resolve(mfn, program, captured, T, S) -> MaskMod:
     caps = _caps(program)
     state = _State(program, captured, T, S, caps, Evaluator(program, captured))
     traced = TracedMask(mfn, state)
-    native = recognise(program, captured, T, S, caps[0])
-    if native is not None and verify(native, mfn.grid, T, S, caps[0], traced._device()) \
-            and _consistent(native, traced, T, S):
-        return native
-    return traced
+    try:
+        native = recognise(program, captured, T, S, caps[0])
+        ok = native is not None and verify(native, mfn.grid, T, S, caps[0], traced._device()) \
+            and _consistent(native, traced, T, S)
+    except Exception:  # noqa: BLE001 - reading a function must never break running it
+        ok = False
+    return native if ok else traced
 
 
 def _consistent(native: MaskMod, traced: "TracedMask", T: int, S: int) -> bool:
@@ -222,7 +224,10 @@ class TracedMask(MaskMod):
                         q_hi.to(dev, torch.float64).view(1, 1, -1, 1)),
                "kv": Num(k_lo.to(dev, torch.float64).view(1, 1, 1, -1),
                          k_hi.to(dev, torch.float64).view(1, 1, 1, -1))}
-        out = self.state.evaluator.run(env)
+        try:
+            out = self.state.evaluator.run(env)
+        except Exception:  # noqa: BLE001 - never break a working function: "anything"
+            out = None
         shape = (len(bs) if not isinstance(bs, tuple) else 1,
                  len(hs) if not isinstance(hs, tuple) else 1, q_lo.numel(), k_lo.numel())
         if not isinstance(out, Tri):
