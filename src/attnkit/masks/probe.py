@@ -14,7 +14,7 @@ convention) under a recording ``TorchFunctionMode``. Every torch call it makes i
 Captured tensors are found by identity, however the function reaches them (closure,
 ``self.bias``, a list, a dict, a ``ParameterList``, a nested helper, a global): that is
 the read set a score function's gradients need. The probe costs one eager run of the
-function (tens of microseconds for a lambda), so it is redone on every call: nothing is
+function plus the recording, so it is redone on every call: nothing is
 stale after a closure variable is rebound or a parameter swapped. (torch's own route,
 ``make_fx`` inside ``TransformGetItemToIndex``, sees the same calls but imports
 ``torch._dynamo`` on first use, seconds, and runs the function a second time.)
