@@ -107,10 +107,10 @@ class ScoreFn(ScoreMod):
     _seen: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _probe(self):
-        from .masks.probe import Probe, closure_tensors, index_args, probe
+        from .masks.probe import Probe, index_args, probe
 
         if torch.compiler.is_compiling():  # no recording mode inside a compiled graph
-            pr = Probe(("compiling",), closure_tensors(self.fn))
+            pr = Probe(None, (), error="under torch.compile")
         else:
             pr = probe(self.fn, [torch.zeros(()), *index_args(4)])
         self._seen["probe"] = pr
@@ -137,14 +137,23 @@ class ScoreFn(ScoreMod):
 
     @property
     def reads_known(self) -> bool:
-        """Whether the tensors the function reads were found by running it (else
-        :meth:`tensors` is every tensor it can reach)."""
+        """Whether every learnable tensor the function reads is in :meth:`tensors`: found by
+        running it, or, when it cannot be run that way, because no tensor it can reach
+        requires grad (unknown under ``torch.compile``, where nothing is run)."""
         pr = self._seen.get("probe") or self._probe()
-        return pr.key is not None and not pr.data_dependent
+        if pr.key is not None and not pr.data_dependent:
+            return True
+        if torch.compiler.is_compiling():
+            return False
+        from .masks.probe import reachable_tensors
+
+        return not any(t.requires_grad for t in reachable_tensors(self.fn))
 
     def tensors(self):
         pr = self._seen.get("probe") or self._probe()
         if pr.key is None or pr.data_dependent:
+            if torch.compiler.is_compiling():
+                return ()
             from .masks.probe import reachable_tensors
 
             return tuple(t for t in reachable_tensors(self.fn) if t.requires_grad)

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["Node", "Program", "Probe", "probe", "run", "index_args", "reachable_tensors",
-           "closure_tensors", "version"]
+           "version"]
 
 # Python-level reads of a value: if the function does this to something computed from its
 # indices, its control flow may depend on the index values and one run says little.
@@ -422,16 +422,6 @@ def reachable_tensors(fn, limit: int = 2000) -> tuple:
             call = getattr(type(x), "__call__", None)
             if isinstance(call, types.FunctionType):
                 stack.append(call)
-    return tuple(found.values())
-
-
-def closure_tensors(fn) -> tuple:
-    """Tensors ``fn`` closes over or names as globals: what can be found without running
-    it (under ``torch.compile``, where the probe's recording mode cannot run)."""
-    code = getattr(fn, "__code__", None)
-    cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if _filled(c)]
-    names = [fn.__globals__.get(n) for n in _names(code)] if code is not None else []
-    found = {id(t): t for t in cells + names if isinstance(t, Tensor)}
     return tuple(found.values())
 
 

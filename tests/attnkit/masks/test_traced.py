@@ -280,3 +280,13 @@ def test_an_index_past_the_captured_tensor_fails_like_the_function():
     with pytest.raises(IndexError):
         attnkit.create_block_mask(lambda b, h, q, kv: short[q] == short[kv], None, None,
                                   200, 200)
+
+
+def test_under_torch_compile_nothing_is_recorded_and_answers_agree():
+    q, k, v = _qkv(40)
+    bias = torch.randn(2, 79, dtype=torch.float64)
+
+    def f(q, k, v):
+        return attnkit.attention(q, k, v, mask_mod=lambda b, h, qi, kv: qi >= kv,
+                                 score_mod=lambda s, b, h, qi, kv: s + bias[h, qi - kv + 39])
+    torch.testing.assert_close(torch.compile(f, backend="eager")(q, k, v), f(q, k, v))
