@@ -25,7 +25,7 @@ Groups (B=1, H=4, D=64, float32):
   ``attention(lambda)`` is ``attnkit.attention(mask_mod=lambda ...)`` beside
   ``attention(args)``, the same call spelled ``causal=True`` / ``window=`` /
   ``mask_mod=masks.documents(...)`` (a lambda is read, not evaluated: it should cost the
-  same);
+  same; ``--quick`` times them forward only);
 * ``fwd+bwd ...``: attnkit against SDPA with the dense mask (``is_causal`` for causal) at
   T=8192; flex has no backward on CPU (row left blank with the reason);
 * ``block mask``: create_block_mask for 64 documents at T=65536: time and peak memory,
@@ -68,10 +68,10 @@ def sizes(quick: bool) -> dict:
     if quick:
         return {"first_T": 256, "lengths": [64 + 13 * i for i in range(20)], "fwd_T": 512,
                 "bwd_T": 256, "window": 64, "docs": 4, "mask_T": 2048, "mask_docs": 64,
-                "reps": 2}
+                "reps": 2, "quick": True}
     return {"first_T": 4096, "lengths": [1024 + 97 * i for i in range(20)], "fwd_T": 16384,
             "bwd_T": 8192, "window": 512, "docs": 16, "mask_T": 65536, "mask_docs": 64,
-            "reps": 3}
+            "reps": 3, "quick": False}
 
 
 def _cuts(T: int, n: int, seed: int = 0) -> list[int]:
@@ -250,12 +250,13 @@ def _lengths(name, z, masks, run):
 def _steady(name, mode, z, masks, run):
     import torch
     rows = []
-    variants = [(name, False)] + ([("attnkit(torch mask)", True), ("attnkit(lambda)", "lambda"),
-                                   ("attention(args)", "args"),
-                                   ("attention(lambda)", "attention")]
+    grad = mode == "fwd+bwd"
+    # --quick keeps the lambdas to the forward (a smoke test stays seconds long)
+    lambdas = [("attnkit(lambda)", "lambda"), ("attention(args)", "args"),
+               ("attention(lambda)", "attention")] if not (z["quick"] and grad) else []
+    variants = [(name, False)] + ([("attnkit(torch mask)", True), *lambdas]
                                   if name == "attnkit" else [])
     T = z["fwd_T"] if mode == "fwd" else z["bwd_T"]
-    grad = mode == "fwd+bwd"
     for pattern in ("window", "documents", "causal"):
         group = f"{mode} {pattern}"
         for label, torch_block in variants:
