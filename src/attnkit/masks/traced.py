@@ -39,6 +39,7 @@ from .recognise import recognise, verify
 __all__ = ["TracedMask", "analyse"]
 
 _RESOLVED: OrderedDict = OrderedDict()
+_VERIFIED: OrderedDict = OrderedDict()  # (function and data, kind's structure) verified once
 _MAX_RESOLVED = 32
 _ENUMERATE = 64  # batch indices / heads enumerated one by one up to this many
 _CELLS = 1 << 22  # tiles x (b, h) evaluated at once
@@ -94,31 +95,46 @@ def analyse(mfn: MaskFn, T: int, S: int) -> MaskMod:
     if why is not None:
         return replace(mfn, why=why)
     versions = tuple(version(t) for t in pr.captured)
-    key = (type(mfn), pr.key, tuple(map(id, pr.captured)), versions, T, S)
+    same = (type(mfn), pr.key, tuple(map(id, pr.captured)), versions)  # at any lengths
     if None in versions:  # an inference tensor: no version counter, no cache
-        return _resolve(mfn, pr.program, pr.captured, T, S)
-    hit = _RESOLVED.get(key)
+        return _resolve(mfn, pr.program, pr.captured, T, S, None)
+    hit = _RESOLVED.get(same + (T, S))
     if hit is not None:
-        _RESOLVED.move_to_end(key)
+        _RESOLVED.move_to_end(same + (T, S))
         return replace(hit, source=mfn) if isinstance(hit, TracedMask) else hit
-    got = _resolve(mfn, pr.program, pr.captured, T, S)
-    _RESOLVED[key] = got  # holds the captured tensors: their ids stay unique while cached
+    got = _resolve(mfn, pr.program, pr.captured, T, S, same)
+    _RESOLVED[same + (T, S)] = got  # holds the captured tensors: their ids stay unique
     while len(_RESOLVED) > _MAX_RESOLVED:
         _RESOLVED.popitem(last=False)
     return got
 
 
-def _resolve(mfn, program, captured, T, S) -> MaskMod:
+def _resolve(mfn, program, captured, T, S, same) -> MaskMod:
+    """Recognise and verify (:mod:`.recognise`), else trace. A structure verified once for
+    this function and data is not sampled again at other lengths (a decode step is a new
+    length every time): the match is a proof, the samples a guard against its bugs."""
     caps = _caps(program)
     state = _State(program, captured, T, S, caps, Evaluator(program, captured))
     traced = TracedMask(mfn, state)
     try:
         native = recognise(program, captured, T, S, caps[0])
-        ok = native is not None and verify(native, mfn.grid, T, S, caps[0], traced._device()) \
-            and _consistent(native, traced, T, S)
+        known = native is not None and same is not None and \
+            (same, _shape(native)) in _VERIFIED
+        ok = native is not None and (known or verify(
+            native, mfn.grid, T, S, caps[0], traced._device()) and
+            _consistent(native, traced, T, S))
     except Exception:  # noqa: BLE001 - reading a function must never break running it
         ok = False
+    if ok and same is not None:
+        _VERIFIED[(same, _shape(native))] = True
+        while len(_VERIFIED) > 4 * _MAX_RESOLVED:
+            _VERIFIED.popitem(last=False)
     return native if ok else traced
+
+
+def _shape(mod: MaskMod) -> str:
+    """A kind's structure without its numbers (``causal(offset=?)``, ``window(...)``)."""
+    return "".join("?" if c.isdigit() else c for c in mod.describe())
 
 
 def _consistent(native: MaskMod, traced: "TracedMask", T: int, S: int) -> bool:
