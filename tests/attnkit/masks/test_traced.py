@@ -290,3 +290,18 @@ def test_under_torch_compile_nothing_is_recorded_and_answers_agree():
         return attnkit.attention(q, k, v, mask_mod=lambda b, h, qi, kv: qi >= kv,
                                  score_mod=lambda s, b, h, qi, kv: s + bias[h, qi - kv + 39])
     torch.testing.assert_close(torch.compile(f, backend="eager")(q, k, v), f(q, k, v))
+
+
+def test_decode_steps_at_new_lengths_stay_exact():
+    """Each decode step resolves at new global lengths (verified once, then proved)."""
+    doc = torch.tensor([0] * 23 + [1] * 30 + [2] * 11)
+    fns = [lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv),
+           lambda b, h, q, kv: (q >= kv) & (q - kv < 9),
+           lambda b, h, q, kv: (q * 5 + kv) % 4 != 1]
+    for fn in fns:
+        mf = M.MaskFn(fn)
+        for S in range(20, 64, 3):
+            step = M.at_positions(mf, S - 1, 0).resolve(1, S)
+            want = dense(fn, S, S, B=1, H=1)[..., S - 1:, :]
+            torch.testing.assert_close(step.tile(1, 1, 0, 1, 0, S, None).expand(1, 1, 1, S),
+                                       want)
