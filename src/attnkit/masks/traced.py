@@ -36,7 +36,7 @@ from .intervals import Evaluator, Num, Tri
 from .probe import Program, index_args, probe, run, version
 from .recognise import recognise, verify
 
-__all__ = ["TracedMask", "analyse"]
+__all__ = ["TracedMask", "PerBatch", "analyse"]
 
 _RESOLVED: OrderedDict = OrderedDict()
 _VERIFIED: OrderedDict = OrderedDict()  # (function and data, kind's structure) verified once
@@ -129,6 +129,8 @@ def _resolve(mfn, program, captured, T, S, same) -> MaskMod:
         _VERIFIED[(same, _shape(native))] = True
         while len(_VERIFIED) > 4 * _MAX_RESOLVED:
             _VERIFIED.popitem(last=False)
+    if ok and caps[0] is not None and caps[0] > 1 and program.uses(0):
+        return PerBatch(native, caps[0], mfn.describe())  # tables have one row per b
     return native if ok else traced
 
 
@@ -149,6 +151,43 @@ def _consistent(native: MaskMod, traced: "TracedMask", T: int, S: int) -> bool:
     t, f = traced._abstract(q_lo, q_hi, k_lo, k_hi, *traced._indices(None, None))
     t, f = t.any(0).any(0), f.any(0).any(0)
     return not bool((every & ~t).any()) and not bool((~some & ~f).any())
+
+
+@dataclass(frozen=True, eq=False)
+class PerBatch(MaskMod):
+    """A recognised kind whose tables have one row per batch index ``b`` the function can
+    index (``kv < L[b]``: ``L``'s length): a call may use fewer, as the function allows;
+    more is the function's own ``IndexError``. Everything else is the kind's."""
+
+    mod: MaskMod
+    rows: int
+    name: str
+
+    def grid(self, b, h, q, k):
+        return self.mod.grid(b, h, q, k)
+
+    def tile(self, B, H, q0, q1, k0, k1, device):
+        out = self.mod.tile(self.rows, H, q0, q1, k0, k1, device)
+        return out[:B] if out.dim() == 4 and out.shape[0] == self.rows else out
+
+    def blocks(self, q_lo, q_hi, k_lo, k_hi):
+        return self.mod.blocks(q_lo, q_hi, k_lo, k_hi)
+
+    def validate(self, B, H, T, S):
+        """
+        Raises:
+            IndexError: the call has more samples than the tensors ``b`` indexes.
+        """
+        if B > self.rows:
+            raise IndexError(f"mask_mod {self.name} indexes a tensor of {self.rows} rows by "
+                             f"its batch index b, but the call has B={B} samples")
+        self.mod.validate(self.rows, H, T, S)
+
+    def describe(self):
+        return self.mod.describe()
+
+    def tensors(self):
+        return self.mod.tensors()
 
 
 @dataclass(frozen=True, eq=False)

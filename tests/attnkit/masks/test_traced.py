@@ -305,3 +305,21 @@ def test_decode_steps_at_new_lengths_stay_exact():
             want = dense(fn, S, S, B=1, H=1)[..., S - 1:, :]
             torch.testing.assert_close(step.tile(1, 1, 0, 1, 0, S, None).expand(1, 1, 1, S),
                                        want)
+
+
+@pytest.mark.parametrize("backend", ["math", "chunked", "sdpa"])
+def test_per_sample_tables_serve_fewer_samples_and_refuse_more(backend):
+    """``kv < L[b]`` with three lengths runs a batch of two (as the function allows) and
+    refuses four (where the function itself would fail)."""
+    lengths = torch.tensor([50, 30, 20])
+    doc = torch.tensor([[0] * 40 + [1] * 24, [0] * 10 + [1] * 54, [0] * 64])
+    q, k, v = _qkv(64, B=2)
+    for fn in (lambda b, h, qi, kv: kv < lengths[b],
+               lambda b, h, qi, kv: (doc[b, qi] == doc[b, kv]) & (qi >= kv)):
+        ref = attnkit.attention(q, k, v, mask=dense(fn, 64, 64, B=2, H=1), backend="math")
+        torch.testing.assert_close(attnkit.attention(q, k, v, mask_mod=fn, backend=backend),
+                                   ref)
+    q4 = torch.cat([q, q])
+    with pytest.raises(IndexError, match=r"indexes a tensor of 3 rows by its batch index b, "
+                                         r"but the call has B=4 samples"):
+        attnkit.attention(q4, q4, q4, mask_mod=lambda b, h, qi, kv: kv < lengths[b])
