@@ -325,17 +325,17 @@ class TracedMask(MaskMod):
         qd = torch.minimum(torch.maximum(x, qa), qb)
         kd = torch.minimum(torch.maximum(x, ka), kb)
         kd1 = torch.maximum(kd - 1, ka)
-        qs = torch.stack([qa, qa, qa, (qa + qb) // 2, qb, qb, qb, qd, qd], 1)
+        qs = torch.stack([qa, qa, qa, (qa + qb) // 2, qb, qb, qb, qd, qd], 1)  # (N, 9)
         ks = torch.stack([ka, (ka + kb) // 2, kb, (ka + kb) // 2, ka, (ka + kb) // 2, kb, kd,
-                          kd1], 1)
+                          kd1], 1)  # (N, 9)
         pick = [bs[where[:, 0]] if isinstance(bs, Tensor) else torch.zeros_like(i),
                 hs[where[:, 1]] if isinstance(hs, Tensor) else torch.zeros_like(i)]
         args = [p[:, None].expand_as(qs).reshape(-1) for p in pick] + \
-            [qs.reshape(-1), ks.reshape(-1)]
+            [qs.reshape(-1), ks.reshape(-1)]  # b, h, q, kv: (N * 9,) aligned
         dev = self._device()
         try:
             out = run(self.state.program, [a.to(dev) for a in args], self.state.captured)
-            out = torch.broadcast_to(out, args[2].shape).view(qs.shape).cpu()
+            out = torch.broadcast_to(out, args[2].shape).view(qs.shape).cpu()  # (N, 9)
         except Exception:  # noqa: BLE001 - e.g. chained indexing: no shortcut
             return torch.zeros_like(open_)
         both = out.any(1) & ~out.all(1)
@@ -355,10 +355,11 @@ class TracedMask(MaskMod):
             cols = rows[i].nonzero().flatten()
             widths = (k_hi[cols] - k_lo[cols] + 1)
             keys = torch.cat([torch.arange(int(a), int(z) + 1)
-                              for a, z in zip(k_lo[cols], k_hi[cols])])
+                              for a, z in zip(k_lo[cols], k_hi[cols])])  # (nkeys,)
             q = torch.arange(int(q_lo[i]), int(q_hi[i]) + 1, device=dev).view(1, 1, -1, 1)
             m = self.source.grid(b, h, q, keys.to(dev).view(1, 1, 1, -1))
             m = torch.broadcast_to(m, (b.shape[0], h.shape[1], q.shape[2], keys.numel()))
+            # (Bn, Hn, nq, nkeys) -> visible pairs per open tile (Bn, Hn, len(cols))
             seg = torch.repeat_interleave(torch.arange(len(cols)), widths).to(dev)
             hits = torch.zeros(b.shape[0], h.shape[1], len(cols), dtype=torch.long, device=dev)
             hits.index_add_(2, seg, m.sum(2))
