@@ -19,12 +19,20 @@ Groups (B=1, H=4, D=64, float32):
 * ``20 lengths``: 20 distinct T from 1024 (step 97), mask + forward each; total ms and the
   graphs dynamo compiled;
 * ``fwd window`` / ``fwd documents`` / ``fwd causal``: steady forward at T=16384, window
-  512, 16 documents, plain causal (always printed beside the others, with SDPA);
+  512, 16 documents, plain causal (always printed beside the others, with SDPA). attnkit's
+  rows also show the same call *written as lambdas*: ``attnkit(lambda)`` is
+  ``attnkit.flex_attention`` with ``attnkit.create_block_mask(lambda ...)``,
+  ``attention(lambda)`` is ``attnkit.attention(mask_mod=lambda ...)`` beside
+  ``attention(args)``, the same call spelled ``causal=True`` / ``window=`` /
+  ``mask_mod=masks.documents(...)`` (a lambda is read, not evaluated: it should cost the
+  same; ``--quick`` times them forward only);
 * ``fwd+bwd ...``: attnkit against SDPA with the dense mask (``is_causal`` for causal) at
   T=8192; flex has no backward on CPU (row left blank with the reason);
-* ``block mask``: create_block_mask for 64 documents at T=65536: time and peak memory
-  (torch's eager one builds the dense mask: its process is capped at 8 GiB of address
-  space, ``BENCH_FLEX_MASK_CAP_GIB``, so it fails cleanly instead of swapping).
+* ``block mask``: create_block_mask for 64 documents at T=65536: time and peak memory,
+  from ``masks.documents`` (``attnkit``) and from the lambda ``(doc[q] == doc[kv]) & (q >=
+  kv)`` (``attnkit(lambda)``); torch's eager one builds the dense mask: its process is
+  capped at 8 GiB of address space, ``BENCH_FLEX_MASK_CAP_GIB``, so it fails cleanly
+  instead of swapping.
 
 The steady forward stage runs ``--rounds`` times (default 3), interleaved across
 implementations, each round a fresh process; the best round is kept and every round's
@@ -60,10 +68,10 @@ def sizes(quick: bool) -> dict:
     if quick:
         return {"first_T": 256, "lengths": [64 + 13 * i for i in range(20)], "fwd_T": 512,
                 "bwd_T": 256, "window": 64, "docs": 4, "mask_T": 2048, "mask_docs": 64,
-                "reps": 2}
+                "reps": 2, "quick": True}
     return {"first_T": 4096, "lengths": [1024 + 97 * i for i in range(20)], "fwd_T": 16384,
             "bwd_T": 8192, "window": 512, "docs": 16, "mask_T": 65536, "mask_docs": 64,
-            "reps": 3}
+            "reps": 3, "quick": False}
 
 
 def _cuts(T: int, n: int, seed: int = 0) -> list[int]:
@@ -182,6 +190,8 @@ def worker(name: str, stage: str, quick: bool) -> list[dict]:
             if pattern == "causal":
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=torch_mask)
+        if isinstance(impl_mask, dict):  # attention() with these keyword arguments
+            return attnkit.attention(q, k, v, **impl_mask)
         return attnkit.flex_attention(q, k, v, block_mask=impl_mask)
 
     def masks(pattern, T, window, docs, torch_block=False):
@@ -240,18 +250,24 @@ def _lengths(name, z, masks, run):
 def _steady(name, mode, z, masks, run):
     import torch
     rows = []
-    variants = [(name, False)] + ([("attnkit(torch mask)", True)] if name == "attnkit" else [])
-    T = z["fwd_T"] if mode == "fwd" else z["bwd_T"]
     grad = mode == "fwd+bwd"
+    # --quick keeps the lambdas to the forward (a smoke test stays seconds long)
+    lambdas = [("attnkit(lambda)", "lambda"), ("attention(args)", "args"),
+               ("attention(lambda)", "attention")] if not (z["quick"] and grad) else []
+    variants = [(name, False)] + ([("attnkit(torch mask)", True), *lambdas]
+                                  if name == "attnkit" else [])
+    T = z["fwd_T"] if mode == "fwd" else z["bwd_T"]
     for pattern in ("window", "documents", "causal"):
         group = f"{mode} {pattern}"
         for label, torch_block in variants:
-            if torch_block and pattern == "causal" and grad:
+            if torch_block is True and pattern == "causal" and grad:
                 continue
             q, k, v = _inputs(T, grad)
-            ours, theirs, cu = masks(pattern, T, z["window"], z["docs"], torch_block)
-            if torch_block:
+            ours, theirs, cu = masks(pattern, T, z["window"], z["docs"], torch_block is True)
+            if torch_block is True:
                 ours = theirs
+            elif torch_block:  # the same call written as a lambda, or with arguments
+                ours = _as_lambda(torch_block, pattern, T, z["window"], cu)
             flops = 4.0 * D * H * B * _pairs(pattern, T, z["window"], cu) * \
                 (3.5 if grad else 1.0)
             g = torch.randn(B, H, T, D)
@@ -272,6 +288,20 @@ def _steady(name, mode, z, masks, run):
     return rows
 
 
+def _as_lambda(how: str, pattern: str, T: int, window: int, cu: list[int]):
+    """The attnkit call for ``pattern`` written as a lambda (a BlockMask for
+    ``attnkit.flex_attention``, or ``attention()`` keyword arguments), or with the
+    equivalent arguments of ``attention()``."""
+    import attnkit
+    mods, _ = _torch_mods(T, window, len(cu) - 1)
+    if how == "lambda":
+        return attnkit.create_block_mask(mods[pattern], None, None, T, T)
+    if how == "attention":
+        return {"mask_mod": mods[pattern]}
+    return {"window": {"window": window}, "causal": {"causal": True},
+            "documents": {"mask_mod": attnkit.masks.documents(cu_seqlens=cu)}}[pattern]
+
+
 def _mask(name, z):
     import attnkit
     rows = []
@@ -279,14 +309,13 @@ def _mask(name, z):
         T = z["mask_T"]
         mods, cu = _torch_mods(T, z["window"], z["mask_docs"])
         desc = attnkit.masks.documents(cu_seqlens=cu)
-        for label, mod in (("attnkit", desc), ("attnkit(torch mask_mod)", mods["documents"])):
+        for label, mod in (("attnkit", desc), ("attnkit(lambda)", mods["documents"])):
             def make(mod=mod):
                 return attnkit.create_block_mask(mod, None, None, T, T)
             start = time.perf_counter()
             peak = _common.peak_memory_mib(make)
             first = (time.perf_counter() - start) * 1e3
-            reps = z["reps"] if mod is desc else 1  # the evaluated one takes seconds
-            ms, lo = _median_ms(make, reps, warmup=0)
+            ms, lo = _median_ms(make, z["reps"], warmup=0)
             rows.append(_row("block mask", label, ms, min_ms=lo, peak=peak, first_ms=first,
                              T=T, note=f"{z['mask_docs']} documents"))
     return rows
@@ -320,7 +349,8 @@ def _run_worker(name: str, stage: str, quick: bool, timeout: float,
 
 COLUMNS = [("group", "group", ""), ("T", "T", ""), ("impl", "impl", ""),
            ("median ms", "median_ms", ".1f"), ("min ms", "min_ms", ".1f"),
-           ("x fastest", "ratio", ".2f"), ("GFLOP/s", "gflops", ".1f"),
+           ("x fastest", "ratio", ".2f"), ("lambda/spelled", "lambda_ratio", ".2f"),
+           ("GFLOP/s", "gflops", ".1f"),
            ("compiles", "compiles", ""), ("peak MiB", "peak_mib", ".0f"),
            ("first ms", "first_ms", ".0f"), ("rounds ms", "round_ms", ""),
            ("note", "note", "")]
@@ -342,6 +372,16 @@ def _ratios(rows: list[dict]) -> list[str]:
                 lines.append(f"{group}: {peer} / attnkit = "
                              f"{other['median_ms'] / ours['median_ms']:.2f}x (median), "
                              f"{other['min_ms'] / ours['min_ms']:.2f}x (min)")
+        # written as lambdas, against the same call spelled as a description / arguments
+        for lam, spelled in (("attnkit(lambda)", "attnkit"),
+                             ("attention(lambda)", "attention(args)")):
+            a, b = by.get((group, lam)), by.get((group, spelled))
+            if a and b and a["median_ms"] and b["median_ms"]:
+                a["lambda_ratio"] = a["median_ms"] / b["median_ms"]
+                lines.append(f"{group}: {lam} / {spelled} = {a['lambda_ratio']:.2f}x (median)"
+                             + (f", peak {a['peak_mib']:.0f} vs {b['peak_mib']:.0f} MiB"
+                                if a.get("peak_mib") is not None
+                                and b.get("peak_mib") is not None else ""))
     return lines
 
 

@@ -15,21 +15,25 @@ What each argument becomes:
 * a torch ``BlockMask`` is read as the plan: its ``kv_num_blocks``/``kv_indices`` (partial
   tiles) and ``full_kv_*`` (full tiles) become a per-tile grid (:class:`BlockGrid`) at its
   ``BLOCK_SIZE``; tiles it does not list are skipped, its full tiles get no mask, and its
-  ``mask_mod`` is evaluated only on the partial tiles, exactly torch's semantics. One that
-  amounts to causal or a sliding window (verified exactly, :func:`_recognise`) runs as that
-  kind, so plain causal reaches SDPA's ``is_causal``. The
+  ``mask_mod`` is evaluated only on the partial tiles, exactly torch's semantics. One whose
+  ``mask_mod`` is a native kind (causal, windows, documents, ...; checked against its block
+  structure, :func:`_recognise`) runs as that kind, so plain causal reaches SDPA's
+  ``is_causal``. The
   ``mask_mod`` is called on broadcast index tensors (``b (B,1,1,1)``, ``h (1,H,1,1)``,
   ``q_idx (1,1,nq,1)``, ``kv_idx (1,1,1,nk)``); one that only works on scalars is run under
-  ``torch.vmap`` as torch does (:class:`TorchMaskFn`);
+  ``torch.vmap`` as torch does (:class:`TorchMaskFn`), and it is read
+  (:mod:`attnkit.masks.traced`): a ``mask_mod`` that is a native kind runs as that kind;
 * an attnkit :class:`BlockMask` (from :func:`create_block_mask`) keeps the description, so
   the backend also sees its interval arithmetic at its own tile sizes;
 * ``score_mod(score, b, h, q_idx, kv_idx)`` is a score function (:class:`TorchScoreFn`);
-  tensors it captures (a learnable bias table) get gradients.
+  the tensors it reads (found by running it: ``self.bias``, lists, dicts, nested closures)
+  get gradients.
 
 :func:`create_block_mask` builds the block summary from the description's interval
 arithmetic where the kind has one (causal, windows, documents, prefix-LM, dilated, ...:
-``O(nQ x nK)`` work, no ``T x S`` tensor) and evaluates the tiles of an opaque mask function
-one row of tiles at a time otherwise.
+``O(nQ x nK)`` work, no ``T x S`` tensor); a ``mask_mod`` callable is read first (a native
+kind, or interval summaries of its traced program with only undecided tiles evaluated), and
+only one that cannot be read has its tiles evaluated, one row of tiles at a time.
 
 Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` queries
 (torch's ``L``), ``S`` keys, ``D`` head dim, ``nQ``/``nK`` query/key tiles.
@@ -37,15 +41,15 @@ Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` qu
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from . import _display
-from .masks.base import MaskFn, MaskMod, as_mask_mod
-from .scores import ScoreFn, ScoreMod
+from .masks.base import (MaskFn, MaskMod, as_mask_mod, broadcast_shape, reads_scalars,
+                         vmap_grid)
+from .scores import ScoreFn, ScoreMod, vmap_scores
 from .spec import MaskSpec
 from .summary import EMPTY, FULL, PARTIAL, BlockSummary
 
@@ -61,61 +65,46 @@ __all__ = [
 
 # --- torch-style functions ------------------------------------------------------------------
 
-def _flat(*idx):
-    return tuple(t.reshape(-1) for t in idx)
-
-
 @dataclass(frozen=True, eq=False)
 class TorchMaskFn(MaskFn):
     """A FlexAttention ``mask_mod``: called on broadcast index tensors (fast, works for most
     ``&``/``|``/indexing code); if that raises or returns something else than a bool tensor
-    of the grid's shape, run under ``torch.vmap`` over scalars, as torch does."""
+    of the grid's shape, run under ``torch.vmap`` over scalars, as torch does. Resolved for
+    a call, it is read like any :class:`~attnkit.masks.MaskFn` (a native kind when it is
+    one, else block summaries from its traced program)."""
 
     _vmap: list = field(default_factory=lambda: [False], repr=False)
 
     def grid(self, b, h, q, k):
-        if not self._vmap[0]:
+        if not self._vmap[0] and not reads_scalars(self._seen):
             try:
                 out = self.fn(b, h, q, k)
                 if isinstance(out, Tensor) and out.dtype == torch.bool and out.dim() <= 4:
-                    torch.broadcast_shapes(out.shape, torch.broadcast_shapes(
-                        b.shape, h.shape, q.shape, k.shape))
+                    broadcast_shape(out.shape, b.shape, h.shape, q.shape, k.shape)
                     return out
             except Exception:  # noqa: BLE001, S110 - written for scalars: vmap below
                 pass
             self._vmap[0] = True
-        from torch.nn.attention.flex_attention import _vmap_for_bhqkv
-
-        fn = _vmap_for_bhqkv(self.fn, prefix=())
-        out = fn(*_flat(b, h, q, k))
+        out = vmap_grid(self.fn, b, h, q, k)
         if not isinstance(out, Tensor) or out.dtype != torch.bool:
             got = out.dtype if isinstance(out, Tensor) else type(out).__name__
             raise TypeError(f"mask_mod {self.describe()!r} must return a bool tensor (True = "
                             f"may attend), got {got}; combine conditions with &, |, ~ or "
                             f"torch.where, not Python if/and/or")
-        return out.view(b.shape[0], h.shape[1], q.shape[2], k.shape[3])
-
-
-def _captured_tensors(fn) -> tuple:
-    """Tensors a function closes over or reads as globals (a learnable bias table)."""
-    try:
-        cv = inspect.getclosurevars(fn)
-    except (TypeError, ValueError):
-        return ()
-    found = [v for v in (*cv.nonlocals.values(), *cv.globals.values()) if isinstance(v, Tensor)]
-    return tuple({id(t): t for t in found}.values())
+        return out
 
 
 @dataclass(frozen=True, eq=False)
 class TorchScoreFn(ScoreFn):
     """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)``; broadcast first, ``vmap``
-    if needed. The tensors it captures are reported by :meth:`tensors`, so the chunked
-    backend differentiates through them."""
+    if needed. The tensors it reads are found by running it (:class:`ScoreFn`), so the
+    chunked backend differentiates through them: a bias reached as ``self.bias``, in a
+    list, a dict or a ``ParameterList``, or through nested functions."""
 
     _vmap: list = field(default_factory=lambda: [False], repr=False)
 
     def apply(self, score, b, h, q, k):
-        if not self._vmap[0]:
+        if not self._vmap[0] and not reads_scalars(self._seen):
             try:
                 out = self.fn(score, b, h, q, k)
                 if isinstance(out, Tensor) and out.shape == score.shape:
@@ -125,16 +114,7 @@ class TorchScoreFn(ScoreFn):
             except Exception:  # noqa: BLE001, S110 - written for scalars: vmap below
                 pass
             self._vmap[0] = True
-        from torch.nn.attention.flex_attention import _vmap_for_bhqkv
-
-        fn = _vmap_for_bhqkv(self.fn, prefix=(0,))
-        B, H, nq, nk = score.shape
-        idx = [t.expand(n).contiguous() if t.numel() == 1 else t.reshape(-1)
-               for t, n in zip((b, h, q, k), (B, H, nq, nk))]
-        return fn(score, *idx)
-
-    def tensors(self):
-        return _captured_tensors(self.fn)
+        return vmap_scores(self.fn, score, b, h, q, k)
 
 
 # --- a mask read through a block grid -------------------------------------------------------
@@ -269,15 +249,37 @@ def _grid_from_torch(bm) -> BlockGrid:
 
 
 def _recognise(grid: BlockGrid, B: int, H: int) -> MaskMod | None:
-    """The structural kind (causal or a window) a torch ``BlockMask`` amounts to, or None.
+    """The native kind a torch ``BlockMask`` amounts to, or None.
 
-    A candidate is read off the first and last query rows of ``mask_mod``, then verified
-    exactly: its
-    interval arithmetic must call every empty tile of the grid empty and every full tile
-    full, and it must equal ``mask_mod`` on every partial tile, for every batch and head of
-    the call. Then the engine's lowering sees a kind it knows (plain causal reaches SDPA's
-    ``is_causal``; windows get chunked's tight plans) instead of an opaque function.
+    Its ``mask_mod`` is read (:mod:`attnkit.masks.traced`): when that is a native kind
+    (causal, a window, documents, a key prefix, chunks, and/or of them), it equals the
+    ``BlockMask`` exactly if its block summary calls every empty tile of the grid empty and
+    every full tile full (the partial tiles run ``mask_mod``, which the kind equals). A
+    ``mask_mod`` that cannot be read is probed instead: a causal or window candidate read
+    off its first and last query rows, verified on every partial tile, for every batch and
+    head of the call. Then the engine's lowering sees a kind it knows (plain causal reaches
+    SDPA's ``is_causal``; windows and documents get chunked's tight plans) instead of an
+    opaque function.
     """
+    T, S = grid.seq_lengths
+    mod = grid.mod.resolve(T, S)
+    if not isinstance(mod, MaskFn) and type(mod).__name__ != "TracedMask":
+        bq, bk = grid.block_q, grid.block_k
+        q_lo = torch.arange(0, T, bq).view(-1, 1)
+        k_lo = torch.arange(0, S, bk).view(1, -1)
+        some, every = mod.blocks(q_lo, (q_lo + bq).clamp(max=T) - 1, k_lo,
+                                 (k_lo + bk).clamp(max=S) - 1)
+        kind = grid.kind.cpu()
+        some, every = (torch.broadcast_to(x.cpu(), kind.shape[-2:]) for x in (some, every))
+        ok = not bool((some & (kind == EMPTY)).any()) and \
+            not bool((~every & (kind == FULL)).any())
+        return mod if ok else None
+    return _recognise_by_rows(grid, B, H)
+
+
+def _recognise_by_rows(grid: BlockGrid, B: int, H: int) -> MaskMod | None:
+    """Causal or a window, read off an opaque ``mask_mod``'s first and last query rows and
+    verified exactly on every partial tile (see :func:`_recognise`)."""
     from .masks.structural import Causal, Window
 
     kind = grid.kind
@@ -534,6 +536,13 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, bl
             raise ValueError("attnkit.flex_attention serves return_aux=AuxRequest(lse=True); "
                              "max_scores is not computed")
         want_lse = bool(getattr(return_aux, "lse", False))
+    if isinstance(block_mask, BlockMask) and \
+            tuple(block_mask.seq_lengths) != (query.shape[2], key.shape[2]):
+        # A recognised kind would otherwise stretch to any length (the grid checks itself).
+        raise ValueError(f"block_mask was made for (Q_LEN, KV_LEN) = "
+                         f"{tuple(block_mask.seq_lengths)}, but the call has T="
+                         f"{query.shape[2]} queries and S={key.shape[2]} keys; create it with "
+                         f"Q_LEN={query.shape[2]}, KV_LEN={key.shape[2]}")
     spec = MaskSpec(mask_mod=_as_mask(block_mask, query.shape[0], H),
                     score_mod=_as_score(score_mod))
     # The cheapest backend auto would run, never the compiled flex (no compile, no

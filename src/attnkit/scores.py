@@ -18,14 +18,14 @@ Shape letters: ``B`` batch, ``H`` heads, ``T`` queries, ``S`` keys; ``score`` is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .masks.base import (_index, call_user_fn, check_align, check_broadcasts,
-                         check_user_result, offset_of)
+from .masks.base import (_index, broadcast_shape, call_user_fn, check_align,
+                         check_broadcasts, check_user_result, offset_of, reads_scalars)
 
 __all__ = ["ScoreMod", "Softcap", "Alibi", "Bias", "ScoreFn", "ScoreShift", "Chain", "chain",
            "alibi_slopes", "as_score_mod", "at_positions"]
@@ -57,6 +57,13 @@ class ScoreMod:
     def tensors(self) -> tuple:
         return ()
 
+    @property
+    def reads_known(self) -> bool:
+        """Whether :meth:`tensors` is exactly what the score function reads (a function
+        that could not be traced reports every tensor it can reach instead)."""
+        return all(getattr(p, "reads_known", True) for p in
+                   (getattr(self, "parts", None) or (getattr(self, "mod", None),)) if p)
+
 
 def as_score_mod(mod) -> ScoreMod:
     """A description as is; a callable ``fn(score, b, h, q_idx, kv_idx)`` wrapped.
@@ -72,25 +79,87 @@ def as_score_mod(mod) -> ScoreMod:
                     f"fn(score, b, h, q_idx, kv_idx) -> score, got {type(mod).__name__}")
 
 
+def vmap_scores(fn, score, b, h, q, k) -> Tensor:
+    """``fn(score, b, h, q, k)`` per element under ``torch.vmap`` (FlexAttention's way) on
+    a score block ``(B, H, nq, nk)`` and broadcast index tensors."""
+    from torch.nn.attention.flex_attention import _vmap_for_bhqkv
+
+    B, H, nq, nk = score.shape
+    idx = [t.expand(n).contiguous() if t.numel() == 1 else t.reshape(-1)
+           for t, n in zip((b, h, q, k), (B, H, nq, nk))]
+    return _vmap_for_bhqkv(fn, prefix=(0,))(score, *idx)
+
+
 @dataclass(frozen=True, eq=False)
 class ScoreFn(ScoreMod):
-    """A user's ``fn(score, b, h, q_idx, kv_idx)`` written with broadcasting tensor ops."""
+    """A user's ``fn(score, b, h, q_idx, kv_idx)`` written with broadcasting tensor ops
+    (one written for scalars, such as ``bias[b][q_idx]``, runs under ``torch.vmap``).
+
+    The tensors it reads are found by running it once per call on 0-d arguments
+    (:func:`attnkit.masks.probe.probe`: closures, ``self.bias``, lists, dicts,
+    ``ParameterList``, nested functions, globals, by identity): :meth:`tensors` returns
+    them, so backends with their own autograd (chunked) give the learnable ones their
+    gradients. When the function cannot be run that way, or branches in Python on its
+    index arguments, every tensor it can reach stands in and :attr:`reads_known` is False.
+    """
 
     fn: Callable
+    _seen: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _probe(self):
+        from .masks.probe import Probe, index_args, probe
+
+        if torch.compiler.is_compiling():  # no recording mode inside a compiled graph
+            pr = Probe(None, (), error="under torch.compile")
+        else:
+            pr = probe(self.fn, [torch.zeros(()), *index_args(4)])
+        self._seen["probe"] = pr
+        return pr
 
     def apply(self, score, b, h, q, k):
+        if reads_scalars(self._seen):
+            return vmap_scores(self.fn, score, b, h, q, k)
         return self.fn(score, b, h, q, k)
 
     def validate(self, B, H, T, S):
-        """Evaluate the function once on a small score grid, before any backend runs.
+        """Read the function (its tensors, this call) and evaluate it once on a small
+        score grid, before any backend runs.
 
         Raises:
             TypeError: it does not return a float tensor broadcastable to the scores.
         """
+        self._probe()
         index = _index(min(B, 2), min(H, 2), 0, min(T, 3), 0, min(S, 3), None)
-        score = torch.zeros(torch.broadcast_shapes(*(t.shape for t in index)))
-        out = call_user_fn("score_mod", self.fn, (score, *index))
+        score = torch.zeros(broadcast_shape(*(t.shape for t in index)))
+        # Through apply(): a subclass may adapt the function (e.g. run it under vmap).
+        out = call_user_fn("score_mod", self.apply, (score, *index), self.fn)
         check_user_result("score_mod", self.fn, out, score.shape, want="float")
+
+    @property
+    def reads_known(self) -> bool:
+        """Whether every learnable tensor the function reads is in :meth:`tensors`: found by
+        running it, or, when it cannot be run that way, because no tensor it can reach
+        requires grad (unknown under ``torch.compile``, where nothing is run)."""
+        pr = self._seen.get("probe") or self._probe()
+        if pr.key is not None and not pr.data_dependent:
+            return True
+        if torch.compiler.is_compiling():
+            return False
+        from .masks.probe import reachable_tensors
+
+        return not any(t.requires_grad for t in reachable_tensors(self.fn))
+
+    def tensors(self):
+        pr = self._seen.get("probe") or self._probe()
+        if pr.key is None or pr.data_dependent:
+            if torch.compiler.is_compiling():
+                return ()
+            from .masks.probe import reachable_tensors
+
+            return tuple(t for t in reachable_tensors(self.fn) if t.requires_grad)
+        # 0-d CPU constants travel with any device (as torch allows); the rest is checked
+        return tuple(t for t in pr.captured if t.dim() > 0 or t.requires_grad
+                     or t.device.type != "cpu")
 
     def describe(self):
         return getattr(self.fn, "__name__", "score_fn")

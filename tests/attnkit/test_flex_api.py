@@ -246,10 +246,12 @@ def test_dilated_plan_skips_off_lattice_tiles():
 
 @pytest.mark.parametrize("name, expected", [
     ("causal", "causal"), ("window", "window(left=63, right=0)"),
-    ("two_sided", "window(left=20, right=5)"), ("documents", None), ("causal_b", None)])
+    ("two_sided", "window(left=20, right=5)"), ("documents", "causal & same_document(B=1)"),
+    ("causal_b", None)])
 def test_torch_block_masks_of_known_kinds_run_as_those_kinds(name, expected):
-    """Causal and windows are recognised (and verified on every partial tile), so plain
-    causal reaches SDPA's is_causal; anything else stays the exact opaque grid."""
+    """Causal, windows and documents are recognised (their mask_mod read, the block
+    structure checked against the kind's), so plain causal reaches SDPA's is_causal;
+    anything else stays the exact opaque grid."""
     from attnkit.flex_api import _from_torch
     doc = torch.arange(300) // 100
     mods = {

@@ -326,6 +326,12 @@ def chunked_check(q, k, v, call, *, dropout_p: float, return_lse: bool,
                 "use backend='sdpa' or 'math', or dropout_p=0")
     if return_weights:
         return "the chunked backend never builds the T x S weights it would have to return"
+    if call.grad and call.score is not None and not call.score.reads_known:
+        # Its autograd returns gradients only for the tensors the score function reads.
+        return (f"score_mod {call.score.describe()} could not be traced (Python control "
+                f"flow on its index arguments, a failure on 0-d ones, or torch.compile), so "
+                f"the chunked backend cannot tell which learnable tensors it reads; "
+                f"backend='math' differentiates it directly")
     return None
 
 

@@ -17,7 +17,9 @@ Named kinds compose with ``&`` and ``|`` (or :func:`and_masks` / :func:`or_masks
     documents(ids) & window(left=127)     ->  "same_document(B=1) & causal & window(left=127)"
 
 A plain callable ``fn(b, h, q_idx, kv_idx)`` written with tensor ops works too
-(:class:`MaskFn`): every backend evaluates it, chunked just cannot skip blocks for it.
+(:class:`MaskFn`), and is read rather than only evaluated (:mod:`attnkit.masks.traced`):
+``q >= kv`` runs as :class:`Causal`, ``doc[q] == doc[kv]`` as :class:`SameDocument`, and
+anything else gets block summaries from a sound interval evaluator of its traced program.
 
 Polarity everywhere: ``True`` means "may attend". (``torch.nn.MultiheadAttention`` uses the
 opposite for its bool masks.) :class:`MaskSpec`, the engine's whole description of a call

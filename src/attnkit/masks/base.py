@@ -17,7 +17,7 @@ Every kind answers four questions, each in the form one backend needs:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -26,6 +26,22 @@ from torch import Tensor
 from .. import _display
 
 ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def broadcast_shape(*shapes) -> torch.Size:
+    """``torch.broadcast_shapes`` without its first-call cost (it imports sympy, seconds on a
+    busy machine).
+
+    Raises:
+        RuntimeError: the shapes do not broadcast (torch's message).
+    """
+    out = []
+    for dims in zip(*(((1,) * (max(map(len, shapes)) - len(s)) + tuple(s)) for s in shapes)):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return torch.Size(out)
 
 
 def check_broadcasts(name: str, t: Tensor, B: int, H: int, T: int, S: int) -> None:
@@ -37,7 +53,7 @@ def check_broadcasts(name: str, t: Tensor, B: int, H: int, T: int, S: int) -> No
     ok = t.dim() <= 4
     if ok:
         try:
-            ok = torch.broadcast_shapes(t.shape, (B, H, T, S)) == torch.Size((B, H, T, S))
+            ok = broadcast_shape(t.shape, (B, H, T, S)) == torch.Size((B, H, T, S))
         except RuntimeError:
             ok = False
     if not ok:
@@ -139,14 +155,52 @@ def as_mask_mod(mod) -> MaskMod:
                     f"fn(b, h, q_idx, kv_idx) -> bool tensor, got {type(mod).__name__}")
 
 
+def vmap_grid(fn, b, h, q, k) -> Tensor:
+    """``fn`` called per element under ``torch.vmap``, as FlexAttention does, on broadcast
+    index tensors ``b (B,1,1,1)``, ``h (1,H,1,1)``, ``q (1,1,nq,1)``, ``k (1,1,1,nk)``: for
+    functions written for scalars (chained indexing such as ``doc[b][q]``)."""
+    from torch.nn.attention.flex_attention import _vmap_for_bhqkv
+
+    flat = [t.reshape(-1) for t in (b, h, q, k)]
+    out = _vmap_for_bhqkv(fn, prefix=())(*flat)
+    if not isinstance(out, Tensor) or out.dim() != 4:
+        return out
+    return out.view(b.shape[0], h.shape[1], q.shape[2], k.shape[3])
+
+
+def reads_scalars(seen: dict) -> bool:
+    """Whether the probe of a user function (kept in ``seen``) showed a function of
+    scalars that broadcasting would get wrong: a 0-d result through non-0-d intermediate
+    values (``bias[b][q]`` indexes a row, then an element)."""
+    pr = seen.get("probe")
+    return pr is not None and not pr.elementwise and isinstance(pr.out, tuple) \
+        and pr.out[1] == () and not pr.data_dependent
+
+
 @dataclass(frozen=True, eq=False)
 class MaskFn(MaskMod):
-    """A user's ``fn(b, h, q_idx, kv_idx) -> bool`` written with broadcasting tensor ops."""
+    """A user's ``fn(b, h, q_idx, kv_idx) -> bool`` written with broadcasting tensor ops
+    (one written for scalars, such as ``doc[b][q_idx]``, runs under ``torch.vmap``).
+
+    Resolved for a call (:meth:`resolve`), it is read rather than only evaluated
+    (:mod:`attnkit.masks.traced`): a native kind when the expression is one (``q >= kv`` is
+    causal), else the function with block summaries from its traced program, or, when it
+    cannot be read, the function alone (``why`` says why; every tile is evaluated).
+    """
 
     fn: Callable
+    why: str | None = field(default=None, repr=False)
+    _seen: dict = field(default_factory=dict, repr=False, compare=False)
 
     def grid(self, b, h, q, k):
+        if reads_scalars(self._seen):
+            return vmap_grid(self.fn, b, h, q, k)
         return self.fn(b, h, q, k)
+
+    def resolve(self, T, S):
+        from .traced import analyse
+
+        return analyse(self, T, S)
 
     def validate(self, B, H, T, S):
         """Evaluate the function once on a small index grid, before any backend runs.
@@ -158,11 +212,12 @@ class MaskFn(MaskMod):
         index = _index(min(B, 2), min(H, 2), 0, min(T, 3), 0, min(S, 3), None)
         # Through grid(): a subclass may adapt the function (e.g. run it under vmap).
         out = call_user_fn("mask_mod", self.grid, index, self.fn)
-        check_user_result("mask_mod", self.fn, out, torch.broadcast_shapes(
+        check_user_result("mask_mod", self.fn, out, broadcast_shape(
             *(t.shape for t in index)), want="bool")
 
     def describe(self):
-        return getattr(self.fn, "__name__", "mask_fn")
+        name = getattr(self.fn, "__name__", "mask_fn")
+        return name if self.why is None else f"{name} [opaque: {self.why}; every tile evaluated]"
 
 
 _HOW = ("write it with tensor operations on its index arguments: & | ~ for and/or/not, "
@@ -210,7 +265,7 @@ def check_user_result(name: str, fn, out, shape, *, want: str) -> None:
         raise TypeError(f"{name} {_fn_name(fn)} returned a {out.dtype} tensor; a score "
                         f"function returns the (float) score, e.g. score - (q_idx - kv_idx)")
     try:
-        ok = torch.broadcast_shapes(out.shape, shape) == torch.Size(shape)
+        ok = broadcast_shape(out.shape, shape) == torch.Size(shape)
     except RuntimeError:
         ok = False
     if not ok:
