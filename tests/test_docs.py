@@ -235,3 +235,52 @@ def test_the_name_check_finds_a_renamed_function(tmp_path):
     with pytest.raises(AttributeError):
         _resolve("attnkit.functional.no_such_function")
     assert _resolve("attnkit.functional.merge_partial_attention") is not None
+
+
+def _cli_lines(text):
+    """Command lines a page shows: `attnkit ...` lines of its shell/usage blocks and spans."""
+    lines = []
+    for match in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
+        if match.group(1) in ("python", "text"):
+            continue
+        for line in match.group(2).splitlines():
+            line = line.strip().removeprefix("$ ")
+            if line.startswith("attnkit "):
+                lines.append(line.split(" #")[0])
+    lines += re.findall(r"`(attnkit [^`\n]+)`", text)
+    return lines
+
+
+def _unknown_flags(line):
+    """The --flags of ``line`` that its (sub)command's parser does not define."""
+    import argparse
+
+    from attnkit.cli import build_parser
+
+    parser = build_parser()
+    for word in line.split()[1:]:
+        if word.startswith("-"):
+            break
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        parser = subs[0].choices[word]
+    known = {option for action in parser._actions for option in action.option_strings}
+    return [flag for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", line)
+            if flag not in known]
+
+
+def test_every_command_line_a_page_shows_uses_real_options():
+    """`attnkit translate train --steps 600`: each --flag exists on that subcommand."""
+    checked, unknown = 0, []
+    for page in doc_examples.pages():
+        for line in _cli_lines(page.read_text()):
+            checked += 1
+            unknown += [f"{page.name}: {line!r}: {flag}" for flag in _unknown_flags(line)]
+    assert checked > 20
+    assert not unknown, unknown
+
+
+def test_the_option_check_finds_a_renamed_flag():
+    assert _unknown_flags("attnkit translate train --steps 600 --stepz 3") == ["--stepz"]
+    assert _unknown_flags("attnkit gpt generate --prompt A --no-cache") == []
