@@ -7,6 +7,7 @@ The pages' blocks themselves run as their own test items (README.md::line:N, doc
 
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -95,9 +96,10 @@ def test_every_page_is_collected():
 def test_every_python_block_compiles_and_every_skip_has_a_reason(page):
     """Skipped blocks cannot drift into syntax errors either; a skip says why."""
     text = page.read_text()
-    for match in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+    languages = "|".join(doc_examples.PYTHON_LANGUAGES)
+    for match in re.finditer(rf"^[ \t]*```(?:{languages})\n(.*?)^[ \t]*```", text, re.S | re.M):
         line = text.count("\n", 0, match.start()) + 2
-        source = match.group(1)
+        source = textwrap.dedent(match.group(1))
         if source.startswith(">>>"):
             continue  # a doctest: its examples are compiled when they run
         compile("\n" * (line - 1) + source, str(page), "exec")

@@ -7,7 +7,7 @@ lexing, the skips and the doctests; this module adds printed samples.
 
 What a page can say (every directive is an HTML comment, invisible when the page is rendered):
 
-* A ````python`` block runs. If the next fenced block is a ````text`` block, with nothing but
+* A ````python`` block (or ````py``) runs. If the next fenced block is a ````text`` block, with nothing but
   blank lines or directives between them, it is that block's **printed sample**: what the
   block prints must equal it. Lines are compared with trailing spaces stripped; ``...`` in
   the sample matches anything (doctest's ELLIPSIS). A mismatch fails with a diff;
@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The pages whose Python blocks run: README.md and every docs/*.md (also pages added later).
 PATTERNS = ("README.md", "docs/*.md")
 REGEN_COMMAND = "make docs-samples"
+#: Fence languages that run (```python, ```py, ```python3); ```text after one is its sample.
+PYTHON_LANGUAGES = ("python", "py", "python3")
 
 _FENCE_INFO = re.compile(r"(?P<language>[^\n]*)$\n", re.MULTILINE)
 _BETWEEN = re.compile(r"(?:\s|<!--.*?-->)*", re.S)  # blank lines and directives
@@ -166,7 +168,7 @@ class PythonBlockParser:
     def __call__(self, document: Document) -> Iterable[Region]:
         fenced = sorted(self.fences(document), key=lambda region: region.start)
         for i, region in enumerate(fenced):
-            if region.lexemes["language"].strip() != "python":
+            if region.lexemes["language"].strip() not in PYTHON_LANGUAGES:
                 continue
             source = region.lexemes["source"]
             if source.startswith(">>>"):
