@@ -55,15 +55,16 @@ browser:
 	fi
 
 # The whole test suite except the benchmark smoke runs (see smoke), README.md's and docs/*.md's
-# Python blocks included, on every core (pytest-xdist: JOBS=auto, or JOBS=1 for one process;
-# --dist loadgroup keeps each page's blocks, which share a namespace, on one worker).
+# Python blocks included, on every core (pytest-xdist: JOBS=auto, or JOBS=0 for one process).
+# --dist loadfile sends each file to one worker: a page's blocks share one namespace and run in
+# order, and a module's fixtures (trained tiny models, a compiled graph) are built once.
 # `make test SKIP_BROWSER=1` neither installs chromium nor runs the browser tests;
 # PYTEST_ARGS passes more options.
 SKIP_BROWSER ?=
 PYTEST_ARGS ?=
 JOBS ?= auto
 test: $(STAMP) $(DECODE_KERNEL) browser
-	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup $(if $(SKIP_BROWSER),-k "not browser") $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile $(if $(SKIP_BROWSER),-k "not browser") $(PYTEST_ARGS)
 
 # Each benchmark's --quick mode, and the JSON it writes.
 smoke: $(STAMP) $(DECODE_KERNEL)

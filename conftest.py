@@ -4,18 +4,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
-
 _spec = importlib.util.spec_from_file_location(
     "doc_examples", Path(__file__).parent / "tools" / "doc_examples.py")
 doc_examples = sys.modules["doc_examples"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(doc_examples)
 
 pytest_collect_file = doc_examples.pytest_collect_file
-
-
-def pytest_collection_modifyitems(items):
-    """A page's blocks share one namespace: under xdist they run on one worker, in order."""
-    for item in items:
-        if item.path.suffix == ".md":
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

@@ -123,10 +123,10 @@ class BlockEvaluator:
     def __call__(self, example: Example) -> str | None:
         block: Block = example.parsed
         if block.sample is None and self.record is None:
-            return self.python(_as_plain(example, block.source))
+            return self.python(_Plain(example, block.source))
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            self.python(_as_plain(example, block.source))
+            self.python(_Plain(example, block.source))
         got, sample = printed.getvalue(), block.sample
         if sample is None or sample_matches(sample.text, got, sample.numbers_vary):
             return None
@@ -148,10 +148,6 @@ class _Plain:
     def __init__(self, example: Example, source: Any) -> None:
         self.parsed, self.line, self.path = source, example.line, example.path
         self.namespace = example.namespace
-
-
-def _as_plain(example: Example, source: Any) -> Any:
-    return _Plain(example, source)
 
 
 class PythonBlockParser:
