@@ -16,7 +16,7 @@ $(BIN)/python:
 # Reinstall only when the project metadata changes, so a second run starts in seconds.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,viz,hf,docs]" "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,viz,hf,notebook,docs]" "$(TORCH)"
 	touch $(STAMP)
 
 # The decode backend's C++ kernel (src/attnkit/backends/_decode_kernel.cpp), compiled for this

@@ -11,11 +11,17 @@ Layers, each using only the ones above it:
   :func:`attnkit.varlen_attention` - packed sequences, flash-attn's varlen convention.
 * :func:`attnkit.flex_attention` / :func:`attnkit.create_block_mask` - FlexAttention's
   front end, run eagerly (no compile, gradients on CPU).
+* :mod:`attnkit.flash_attn` - flash-attn 2's functions (``flash_attn_func``, varlen, KV cache
+  with block tables) and :mod:`attnkit.nn` - a drop-in ``torch.nn.MultiheadAttention``: the
+  peers' own dialects on the engine (imported on use).
 * :mod:`attnkit.tutorial` - the tutorial's ladder of attention classes, rung by rung.
 * :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache,
   cached cross-attention context).
 * :mod:`attnkit.viz` - attention heatmaps and head grids (optional extra ``viz``, lazy).
 * :mod:`attnkit.apps` - what a person runs: walkthrough, translate, why-attention, gpt.
+* :mod:`attnkit.widgets` - the explorer's views in a notebook (optional extra ``notebook``;
+  not imported here). attnkit's own objects (``explain()``'s answer, block summaries and
+  masks, mask descriptions) draw themselves in a notebook (:mod:`attnkit._display`).
 """
 
 from . import masks, scores, tutorial

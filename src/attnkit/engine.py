@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import _display
 from .backends import available_backends, chunked, get_backend
 from .spec import Call, MaskSpec
 from .summary import BlockSummary
@@ -133,6 +134,10 @@ class Explanation:
     description: str = ""
     estimates: dict[str, float] = field(default_factory=dict)
     summary: BlockSummary | None = None
+
+    # In a notebook: a picture (attnkit._display); str() stays the text everywhere else.
+    _repr_html_ = _display.explanation_html
+    _repr_png_ = _display.explanation_png
 
     def __str__(self) -> str:
         lines = [f"auto -> {self.chosen}: {self.reason}"]

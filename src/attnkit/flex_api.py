@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import _display
 from .masks.base import MaskFn, MaskMod, as_mask_mod
 from .scores import ScoreFn, ScoreMod
 from .spec import MaskSpec
@@ -388,6 +389,10 @@ class BlockMask:
     def to_torch(self, device=None):
         """torch's ``BlockMask`` with this sparsity, for ``torch``'s ``flex_attention``."""
         return self.summary.to_block_mask(self.mask_mod, device)
+
+    # In a notebook: a picture (attnkit._display); str() stays the text everywhere else.
+    _repr_html_ = _display.block_mask_html
+    _repr_png_ = _display.block_mask_png
 
     def __str__(self):
         return f"attnkit.BlockMask(shape={self.shape}, sparsity={self.sparsity():.1f}%)\n" \

@@ -23,6 +23,8 @@ Shape letters: ``B`` batch, ``T`` query length, ``S`` key/value length, ``E`` em
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,6 +41,20 @@ __all__ = ["MultiHeadAttention"]
 
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _warn_if_hides_a_row(name: str, mask, row_dims: str) -> None:
+    """Warn when a bool mask hides every key of some row: most likely torch's polarity
+    (True = padding / blocked) passed to attnkit's (True = may attend)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.numel() == 0 \
+            or torch.compiler.is_compiling() or bool(mask.any(dim=-1).all()):
+        return
+    warnings.warn(f"{name} hides every key of some {row_dims} (a row with no True): attnkit's "
+                  f"masks are True = may attend, the opposite of torch.nn.MultiheadAttention's "
+                  f"(True = padding / not allowed). If this mask was written for torch, pass "
+                  f"~{name}, or use attnkit.nn.MultiheadAttention (from_torch), which keeps "
+                  f"torch's polarity. Rows that see no key give zeros.", UserWarning,
+                  stacklevel=3)
 
 
 def _check_tensor(name: str, t, features: int, feature_name: str) -> None:
@@ -319,9 +335,14 @@ class MultiHeadAttention(nn.Module):
         Args:
             x: ``(B, T, E)``.
             context: ``(B, S, kv_dim)`` for cross-attention; ``None`` for self-attention.
-            key_padding_mask: ``(B, S)`` bool, True = real key. With a :class:`KVCache`,
-                ``S`` counts every cached position plus the new ones (``cache.pos + T``).
-            mask: bool mask broadcastable to ``(B, H, T, S)``, True = may attend.
+            key_padding_mask: ``(B, S)`` bool, True = real key (the opposite of torch's
+                ``nn.MultiheadAttention``; a row with no True warns, see below). With a
+                :class:`KVCache`, ``S`` counts every cached position plus the new ones
+                (``cache.pos + T``).
+            mask: bool mask broadcastable to ``(B, H, T, S)``, True = may attend. A bool
+                ``key_padding_mask`` or ``mask`` that hides every key of a row gives a
+                ``UserWarning``: a sequence with no real token is rare, torch's polarity
+                passed by mistake is not (``attnkit.nn.MultiheadAttention`` takes it).
             mask_mod: a mask description (:mod:`attnkit.masks`) or ``fn(b, h, q_idx,
                 kv_idx)``, ANDed with the module's own ``causal``/``window``. It is written for
                 the whole sequence: with a :class:`KVCache` it is evaluated at the step's
@@ -367,6 +388,8 @@ class MultiHeadAttention(nn.Module):
             RuntimeError: the cache has no room for ``T`` more positions.
         """
         self._check_inputs(x, context, cache, positions)
+        _warn_if_hides_a_row("key_padding_mask", key_padding_mask, "batch row")
+        _warn_if_hides_a_row("mask", mask, "query")
         B, T, _ = x.shape
         if isinstance(cache, ContextKV):  # cross-attention, keys/values projected before
             context_kv, cache, S = cache, None, cache.length
@@ -417,9 +440,12 @@ class MultiHeadAttention(nn.Module):
                    window: int | None = None, backend: str = "auto") -> "MultiHeadAttention":
         """Copy an ``nn.MultiheadAttention``'s weights into a new module (same dtype/device).
 
-        The result takes batch-first ``(B, T, E)`` input whatever the source's
-        ``batch_first``. Masks keep attnkit's polarity (True = may attend), the opposite of
-        torch's boolean masks.
+        The result is attnkit's module: batch-first ``(B, T, E)`` input whatever the
+        source's ``batch_first``, ``forward(x, context, ...)``, and masks in attnkit's
+        polarity (True = may attend), the **opposite** of torch's boolean masks: pass
+        ``~key_padding_mask``. To keep torch's call, shapes and polarity unchanged, use
+        ``attnkit.nn.MultiheadAttention.from_torch(module)`` instead (the drop-in). A bool
+        mask that hides every key of a row warns here (the likely sign of torch's polarity).
 
         Raises:
             TypeError: ``module`` is not an ``nn.MultiheadAttention``.

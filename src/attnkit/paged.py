@@ -27,9 +27,8 @@ from torch import Tensor
 
 from .engine import attention
 from .functional import merge_partial_attention
-from .masks import sliding_window
 
-__all__ = ["MemoryReport", "PagedKVCache", "page_runs", "paged_attention"]
+__all__ = ["MemoryReport", "PagedKVCache", "attend_pages", "page_runs", "paged_attention"]
 
 
 def _positive(name: str, value) -> int:
@@ -65,6 +64,59 @@ def _check_table(block_table, seq_len: int, page_size: int, num_pages: int) -> l
     return table
 
 
+def attend_pages(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: list[int], seq_len: int,
+                 page_size: int, *, start: int = 0, left: int | None = None,
+                 right: int | None = 0, alibi_slopes: Tensor | None = None,
+                 softcap: float | None = None, scale: float | None = None,
+                 backend: str = "auto") -> tuple[Tensor | None, Tensor | None]:
+    """The building block of paged attention: ``(out, lse)`` of ``q`` over the positions
+    ``start .. seq_len - 1`` of a block table, read in place run by run and merged by
+    log-sum-exp (no sinks).
+
+    Query ``i`` sits at position ``seq_len - Lq + i`` (bottom-right; negative when there are
+    more queries than positions) and sees key position ``j`` iff ``p - left <= j <= p +
+    right`` (``None`` = unbounded; ``right = 0`` is causal). ALiBi distances are between
+    those positions.
+
+    Args:
+        q: ``(1, H, Lq, D)``.
+        k_pool, v_pool: ``(Hkv, P * page_size, D)`` / ``(Hkv, P * page_size, Dv)``.
+        table: the sequence's pages, checked by the caller.
+        seq_len: positions held.
+        page_size: positions per page.
+        start: first visible position (flash-attn's ``cache_leftpad``).
+        left, right: the window's sides.
+        alibi_slopes: ``(H,)``.
+        softcap, scale, backend: as :func:`attnkit.attention`.
+
+    Returns:
+        ``(out (1, H, Lq, Dv), lse (1, H, Lq))``, or ``(None, None)`` when no run holds a
+        visible key.
+    """
+    Lq = q.shape[2]
+    first_q = seq_len - Lq  # position of query 0
+    out = lse = None
+    for slot, pos, n in page_runs(table, seq_len, page_size):
+        if pos + n <= start:
+            continue  # wholly before the first visible position
+        if pos < start:  # trim the run's head
+            slot, n, pos = slot + start - pos, n - (start - pos), start
+        if left is not None and pos + n - 1 < first_q - left:
+            continue  # older than every query's window
+        if right is not None and pos > first_q + Lq - 1 + right:
+            continue  # newer than every query may look
+        offset = first_q - pos  # run-local key j is at query i's distance i + offset - j
+        k = k_pool[:, slot:slot + n].unsqueeze(0)  # (1, Hkv, n, D): a view of the pool
+        v = v_pool[:, slot:slot + n].unsqueeze(0)  # (1, Hkv, n, Dv)
+        window = None if left is None and right is None else (
+            -1 if left is None else left, -1 if right is None else right)
+        o, l_ = attention(q, k, v, window=window, causal_align=offset,
+                          alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
+                          backend=backend, return_lse=True)
+        out, lse = (o, l_) if out is None else merge_partial_attention(out, lse, o, l_)
+    return out, lse
+
+
 def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table, seq_len: int, *,
                     page_size: int, window: int | None = None, softcap: float | None = None,
                     sinks: Tensor | None = None, scale: float | None = None,
@@ -75,7 +127,7 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table, seq_
         q: ``(1, H, Lq, D)``: the queries of positions ``seq_len - Lq .. seq_len - 1``
             (causal aligned bottom-right: a prefill chunk or one decode token).
         k_pool: ``(Hkv, P * page_size, D)`` one layer's key pool.
-        v_pool: ``(Hkv, P * page_size, D)`` its values.
+        v_pool: ``(Hkv, P * page_size, Dv)`` its values.
         block_table: the sequence's pages in order (list or 1-D tensor of pool page ids).
         seq_len: positions held, the new ones included.
         page_size: positions per page.
@@ -83,7 +135,7 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table, seq_
         softcap, sinks, scale, backend: as :func:`attnkit.attention`.
 
     Returns:
-        ``(1, H, Lq, D)`` in q's dtype.
+        ``(1, H, Lq, Dv)`` in q's dtype.
 
     Raises:
         ValueError: a page id outside the pool, ``seq_len`` beyond the table's pages, more
@@ -97,22 +149,13 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table, seq_
     if Lq > seq_len:
         raise ValueError(f"q has {Lq} queries but seq_len is {seq_len}: the queries must be "
                          f"the newest positions of the sequence, written before attending")
-    first_q = seq_len - Lq  # position of query 0
-    out = lse = None
-    for slot, pos, n in page_runs(table, seq_len, page_size):
-        if window is not None and pos + n - 1 < first_q - (window - 1):
-            continue  # the whole run is older than every query's window
-        offset = first_q - pos  # run-local key j is visible to query i iff j <= i + offset
-        left = None if window is None else window - 1
-        k = k_pool[:, slot:slot + n].unsqueeze(0)  # (1, Hkv, n, D): a view of the pool
-        v = v_pool[:, slot:slot + n].unsqueeze(0)  # (1, Hkv, n, D)
-        seen = window is None and pos + n - 1 <= first_q  # every query sees the whole run
-        mod = None if seen else sliding_window(left, 0, offset=offset)
-        o, l_ = attention(q, k, v, mask_mod=mod, softcap=softcap, scale=scale,
-                          backend=backend, return_lse=True)
-        out, lse = (o, l_) if out is None else merge_partial_attention(out, lse, o, l_)
+    if window is not None:
+        _positive("window", window)
+    out, lse = attend_pages(q, k_pool, v_pool, table, seq_len, page_size,
+                            left=None if window is None else window - 1, right=0,
+                            softcap=softcap, scale=scale, backend=backend)
     if out is None:
-        return torch.zeros_like(q)
+        return q.new_zeros(*q.shape[:3], v_pool.shape[-1])  # (1, H, Lq, Dv)
     if sinks is not None:  # one extra logit per head, counted once: out * e^lse / (e^lse + e^s)
         share = torch.sigmoid(lse - sinks.to(lse.dtype).view(1, -1, 1))  # (1, H, Lq)
         out = (out * share.unsqueeze(-1).to(out.dtype)).to(q.dtype)
@@ -193,6 +236,10 @@ class PagedKVCache:
 
     # --- pages -----------------------------------------------------------------------------
     def _take(self, n: int, after: int | None, seq_id) -> list[int]:
+        """``n`` free pages, marked used (all or nothing): the page after ``after`` when
+        ``n == 1`` and it is free, else the first contiguous run, else the lowest free."""
+        if n == 0:
+            return []  # an empty sequence holds no page, even in a full pool
         free = [p for p, used in enumerate(self._used) if not used]
         if n > len(free):
             raise RuntimeError(f"the page pool is full: sequence {seq_id!r} needs {n} more "
@@ -222,7 +269,7 @@ class PagedKVCache:
         """
         if seq_id in self.block_tables:
             raise ValueError(f"sequence {seq_id!r} is already in the cache; free() it first")
-        if not isinstance(capacity, int) or capacity < 0:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
             raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
         self.block_tables[seq_id] = self._take(math.ceil(capacity / self.page_size), None,
                                                seq_id)
@@ -239,9 +286,12 @@ class PagedKVCache:
 
         Raises:
             KeyError: an unknown sequence.
+            ValueError: ``n`` not an int >= 0.
             RuntimeError: the pool has too few free pages (nothing is taken).
         """
         table = self._seq(seq_id)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n must be an int >= 0 (new positions), got {n!r}")
         start = self.lengths[seq_id]
         missing = math.ceil((start + n) / self.page_size) - len(table)
         while missing > 0:  # one page at a time, so each can continue the run

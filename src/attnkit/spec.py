@@ -21,11 +21,13 @@ Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` qu
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from . import _display
 from .masks.base import And, MaskMod, Or, Shift, as_mask_mod, check_align
 from .masks.data import Dense, KeyPadding
 from .masks.simplify import merge_and
@@ -59,9 +61,22 @@ def window_mask(window, align="top_left") -> Window:
                      f"unbounded), got {window!r}")
 
 
-@dataclass(frozen=True)
+#: The keywords of MaskSpec's constructor before the one-description change (and the other
+#: arguments of :meth:`MaskSpec.from_args`): still accepted, with a DeprecationWarning.
+_LEGACY_KEYWORDS = ("causal", "causal_align", "window", "key_padding_mask", "mask", "softcap",
+                    "alibi_slopes", "bias")
+
+
+@dataclass(frozen=True, init=False)
 class MaskSpec:
     """Which keys each query may see and how scores are shaped, without a ``T x S`` tensor.
+
+    ``MaskSpec(mask_mod=..., score_mod=..., sinks=...)`` holds a description;
+    :meth:`from_args` builds one from :func:`attnkit.attention`'s familiar arguments. The
+    constructor's old keywords (``causal``, ``causal_align``, ``window``,
+    ``key_padding_mask``, ``mask``, and ``softcap``, ``alibi_slopes``, ``bias``) still
+    work, with a ``DeprecationWarning``: ``MaskSpec(causal=True, ...)`` is exactly
+    ``MaskSpec.from_args(causal=True, ...)``.
 
     Attributes:
         mask_mod: a mask description (True = may attend), a callable
@@ -69,11 +84,38 @@ class MaskSpec:
         score_mod: a score description or callable ``fn(score, b, h, q_idx, kv_idx)``.
         sinks: ``(H,)`` float, one extra logit per head in the softmax denominator
             (attention sinks); it takes probability mass but contributes no value.
+
+    Raises:
+        TypeError: an unknown keyword, a bool as the first positional argument (the old
+            ``causal``), or what :meth:`from_args` refuses.
     """
 
     mask_mod: object = None
     score_mod: object = None
     sinks: Tensor | None = None
+
+    def __init__(self, mask_mod=None, score_mod=None, sinks=None, **legacy):
+        if isinstance(mask_mod, bool):
+            raise TypeError(f"MaskSpec's first argument is mask_mod (a description), got the "
+                            f"bool {mask_mod!r}: the old positional causal; write "
+                            f"MaskSpec.from_args(causal={mask_mod!r}, ...)")
+        if legacy:
+            unknown = sorted(set(legacy) - set(_LEGACY_KEYWORDS))
+            if unknown:
+                raise TypeError(f"MaskSpec() got unexpected keyword argument(s) {unknown}; it "
+                                f"takes mask_mod, score_mod, sinks (or, deprecated, "
+                                f"{', '.join(_LEGACY_KEYWORDS)})")
+            warnings.warn(f"MaskSpec({', '.join(f'{n}=' for n in legacy)}...) is deprecated: "
+                          f"MaskSpec holds (mask_mod, score_mod, sinks); build it from these "
+                          f"arguments with MaskSpec.from_args({', '.join(legacy)}=...)",
+                          DeprecationWarning, stacklevel=2)
+            built = MaskSpec.from_args(mask_mod=mask_mod, score_mod=score_mod, sinks=sinks,
+                                       **legacy)
+            mask_mod, score_mod, sinks = built.mask_mod, built.score_mod, built.sinks
+        object.__setattr__(self, "mask_mod", mask_mod)
+        object.__setattr__(self, "score_mod", score_mod)
+        object.__setattr__(self, "sinks", sinks)
+        self.__post_init__()
 
     def __post_init__(self):
         if self.mask_mod is not None:
@@ -86,6 +128,10 @@ class MaskSpec:
             got = f"{s.dtype} {tuple(s.shape)}" if isinstance(s, Tensor) else type(s).__name__
             raise TypeError(f"sinks must be a 1-D float tensor (H,), one logit per query "
                             f"head, got {got}")
+
+    # In a notebook: a picture (attnkit._display); str() stays the text everywhere else.
+    _repr_html_ = _display.spec_html
+    _repr_png_ = _display.spec_png
 
     @classmethod
     def from_args(cls, *, causal: bool = False, causal_align="top_left", window=None,

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _display
+
 __all__ = ["BlockSummary", "EMPTY", "PARTIAL", "FULL"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -149,6 +151,10 @@ class BlockSummary:
         return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
                                         BLOCK_SIZE=(self.block_q, self.block_k),
                                         mask_mod=mask_mod, seq_lengths=(self.T, self.S))
+
+    # In a notebook: a picture (attnkit._display); str() stays the text everywhere else.
+    _repr_html_ = _display.summary_html
+    _repr_png_ = _display.summary_png
 
     def __str__(self) -> str:
         head = (f"BlockSummary(T={self.T}, S={self.S}, tiles {self.block_q}x{self.block_k}: "

@@ -30,6 +30,7 @@ from .functional import merge_partial_attention
 from .masks import sliding_window, varlen
 from .masks.varlen import Varlen, check_cu_seqlens
 from .scores import Alibi
+from .spec import MaskSpec
 
 __all__ = ["VarlenAlibi", "plan_groups", "varlen_attention"]
 
@@ -42,17 +43,34 @@ ALONE_FLOPS = 2e7
 @dataclass(frozen=True, eq=False)
 class VarlenAlibi(Alibi):
     """ALiBi per packed sequence: ``score - slopes[h] * |p(i) - j|`` with the query's
-    bottom-right position ``p(i)`` from a :class:`~attnkit.masks.Varlen` description (the
-    slopes' checks are :class:`~attnkit.scores.Alibi`'s)."""
+    bottom-right position ``p(i)`` from a :class:`~attnkit.masks.Varlen` description.
+
+    ``slopes`` is ``(H,)`` (every sequence alike) or ``(N, H)``, one row per sequence of
+    ``mask`` (flash-attn's ``(batch_size, nheads)`` form).
+    """
 
     mask: Varlen | None = None
+
+    def __post_init__(self):
+        s = self.slopes
+        if not isinstance(s, Tensor) or not s.is_floating_point() or s.dim() not in (1, 2):
+            got = f"{s.dtype} {tuple(s.shape)}" if isinstance(s, Tensor) else type(s).__name__
+            raise TypeError(f"alibi_slopes must be a float tensor (H,) or (N, H), one row per "
+                            f"sequence, got {got}")
 
     def resolve(self, T, S):
         return self  # positions come from the varlen description, not an alignment
 
     def apply(self, score, b, h, q, k):
         dist = (self.mask.pos[q] - k).abs()
-        return score - self.slopes[h].to(score.dtype) * dist.to(score.dtype)
+        slope = self.slopes[h] if self.slopes.dim() == 1 else self.slopes[self.mask.seq_q[q], h]
+        return score - slope.to(score.dtype) * dist.to(score.dtype)
+
+    def validate(self, B, H, T, S):
+        want = (H,) if self.slopes.dim() == 1 else (self.mask.num_sequences, H)
+        if tuple(self.slopes.shape) != want:
+            raise ValueError(f"alibi_slopes must have shape (H,) = ({H},) or (N, H) = "
+                             f"({self.mask.num_sequences}, {H}), got {tuple(self.slopes.shape)}")
 
     def describe(self):
         return "alibi(varlen)"
@@ -130,9 +148,43 @@ def _check(q, k, v, cu_q, cu_k, max_q, max_k):
     return cu_q.to(q.device), cu_k.to(q.device)
 
 
+class _Required:
+    """The default of an argument that must be given (its repr reads well in ``help()``)."""
+
+    def __repr__(self):
+        return "<required>"
+
+
+_REQUIRED = _Required()
+
+
+def _check_causal(causal) -> bool:
+    if causal is _REQUIRED:
+        raise TypeError("varlen_attention() needs causal=True or causal=False: it has no "
+                        "default (flash-attn's flash_attn_varlen_func defaults to False, "
+                        "attnkit's varlen_attention used to default to True); pass causal=True "
+                        "for decoder (autoregressive) models, causal=False for encoders")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    return causal
+
+
+def _no_keys(q, lq: int, Dv: int, sinks, lse_dtype) -> tuple[Tensor, Tensor]:
+    """Output and log-sum-exp of ``lq`` queries whose sequence has no keys: zeros
+    ``(lq, H, Dv)`` and ``-inf``, or the sink logit where there are sinks (the sink is then
+    the only term of the softmax, as :func:`attnkit.attention` gives for an empty row)."""
+    H = q.shape[1]
+    out = q.new_zeros(lq, H, Dv)  # (lq, H, Dv)
+    if sinks is None:
+        lse = torch.full((H, lq), float("-inf"), device=q.device, dtype=lse_dtype)
+    else:
+        lse = sinks.to(lse_dtype).view(H, 1).expand(H, lq)  # (H, lq), differentiable
+    return out, lse
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k=None,
                      max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *,
-                     causal: bool = True, window: tuple | None = None,
+                     causal: bool = _REQUIRED, window: tuple | None = None,
                      softcap: float | None = None, sinks: Tensor | None = None,
                      alibi_slopes: Tensor | None = None, scale: float | None = None,
                      dropout_p: float = 0.0, backend: str = "auto",
@@ -142,38 +194,48 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
     Args:
         q: ``(total_q, H, D)`` queries of all sequences back to back.
         k: ``(total_k, Hkv, D)`` keys; ``H`` a multiple of ``Hkv`` (GQA).
-        v: ``(total_k, Hkv, D)`` values.
+        v: ``(total_k, Hkv, Dv)`` values (``Dv`` may differ from ``D``).
         cu_seqlens_q: ``(N + 1,)`` integer ``[0, l1, l1+l2, ..., total_q]``.
         cu_seqlens_k: the same for keys; defaults to ``cu_seqlens_q``.
         max_seqlen_q, max_seqlen_k: accepted for flash-attn compatibility and checked
             (never below the longest sequence); not needed.
-        causal: per sequence, aligned bottom-right (query ``i`` of ``Lq`` sees key positions
-            up to ``i + Lk - Lq``).
+        causal: required, keyword-only (no default: flash-attn defaults to ``False``, this
+            function used to default to ``True``). Per sequence, aligned bottom-right (query
+            ``i`` of ``Lq`` sees key positions up to ``i + Lk - Lq``).
         window: ``(left, right)`` keys visible on each side, -1 = unbounded.
         softcap: ``c * tanh(score / c)`` before the softmax (Gemma-2).
         sinks: ``(H,)`` one extra softmax logit per head (gpt-oss attention sinks).
-        alibi_slopes: ``(H,)`` ALiBi slopes, distances within each sequence.
+        alibi_slopes: ``(H,)`` ALiBi slopes, or ``(N, H)`` one row per sequence;
+            distances within each sequence.
         scale: score multiplier, default ``1/sqrt(D)``.
         dropout_p: dropout on the attention weights.
         backend: ``"auto"`` or an attnkit backend name, used for every group.
         return_lse: also return the log-sum-exp ``(H, total_q)`` (float32, or float64 for
-            float64 inputs; ``-inf`` for queries that see no key).
+            float64 inputs): ``-inf`` for queries that see no key, or the sink logit with
+            ``sinks`` (the sink is then the softmax's only term), as :func:`attnkit.attention`.
 
     Returns:
-        ``out (total_q, H, D)`` in q's dtype, or ``(out, lse)``. Queries that see no key
+        ``out (total_q, H, Dv)`` in q's dtype, or ``(out, lse)``. Queries that see no key
         (a sequence with no keys) are zeros.
 
     Raises:
-        TypeError: non-tensor inputs or non-integer ``cu_seqlens``.
+        TypeError: no ``causal`` (or not a bool), non-tensor inputs or non-integer
+            ``cu_seqlens``.
         ValueError: non-3-D tensors, ``cu_seqlens`` not starting at 0, decreasing or not
             ending at the packed length, different sequence counts, a ``max_seqlen`` below
-            the longest sequence, a bad ``window``, and everything :func:`attnkit.attention`
-            refuses (heads, slopes, sinks, scale).
+            the longest sequence, a bad ``window``, ``alibi_slopes`` of another shape, and
+            everything :func:`attnkit.attention` refuses (heads, sinks, scale).
     """
+    causal = _check_causal(causal)
     cu_k_in = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
     cu_q, cu_k = _check(q, k, v, cu_seqlens_q, cu_k_in, max_seqlen_q, max_seqlen_k)
     mask = varlen(cu_q, cu_k, causal=causal, window=window)
-    H, D = q.shape[1], q.shape[2]
+    H, D, Dv = q.shape[1], q.shape[2], v.shape[-1]
+    if alibi_slopes is not None:
+        VarlenAlibi(alibi_slopes, mask=mask).validate(1, H, 0, 0)  # (H,) or (N, H)
+    if sinks is not None:  # checked here too: a keyless group never reaches attention()
+        MaskSpec(sinks=sinks).validate(1, H, 0, 0)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lq, lk = cu_q.diff().tolist(), cu_k.diff().tolist()
     bq, bk = cu_q.tolist(), cu_k.tolist()
     common = dict(softcap=softcap, sinks=sinks, scale=scale, dropout_p=dropout_p,
@@ -183,31 +245,35 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k
         q0, q1, k0, k1 = bq[a], bq[b], bk[a], bk[b]
         if q1 == q0:
             continue
-        qg = q[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, H, Tg, D)
         if k1 == k0:  # no keys: nothing to see
-            outs.append(torch.zeros_like(q[q0:q1]))
-            lses.append(torch.full((H, q1 - q0), float("-inf"), device=q.device,
-                                   dtype=torch.float64 if q.dtype == torch.float64
-                                   else torch.float32))
+            out, lse = _no_keys(q, q1 - q0, Dv, sinks, lse_dtype)
+            outs.append(out)
+            lses.append(lse)
             continue
+        qg = q[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, H, Tg, D)
         kg = k[k0:k1].transpose(0, 1).unsqueeze(0)  # (1, Hkv, Sg, D)
-        vg = v[k0:k1].transpose(0, 1).unsqueeze(0)  # (1, Hkv, Sg, D)
+        vg = v[k0:k1].transpose(0, 1).unsqueeze(0)  # (1, Hkv, Sg, Dv)
+        slopes = alibi_slopes
         if b - a == 1:
             win = None if window is None or mask.left is None and mask.right is None else \
                 sliding_window(mask.left, mask.right, align="bottom_right")
-            res = _one_sequence(qg, kg, vg, causal, win, alibi_slopes, common)
+            if slopes is not None and slopes.dim() == 2:
+                slopes = slopes[a]  # (H,): this sequence's row
+            res = _one_sequence(qg, kg, vg, causal, win, slopes, common)
         else:
             sub = Varlen(cu_q[a:b + 1] - q0, cu_k[a:b + 1] - k0, mask.left, mask.right)
-            score = None if alibi_slopes is None else VarlenAlibi(alibi_slopes, mask=sub)
+            if slopes is not None and slopes.dim() == 2:
+                slopes = slopes[a:b]  # (b - a, H): the group's rows
+            score = None if slopes is None else VarlenAlibi(slopes, mask=sub)
             res = attention(qg, kg, vg, mask_mod=sub, score_mod=score, **common)
         out, lse = (res[0], res[-1]) if return_lse else (res, None)
-        outs.append(out[0].transpose(0, 1))  # (Tg, H, D)
+        outs.append(out[0].transpose(0, 1))  # (Tg, H, Dv)
         if return_lse:
             lses.append(lse[0])  # (H, Tg)
     if not outs:
-        out = q.new_zeros(q.shape[0], H, v.shape[-1])
-        return (out, q.new_zeros(H, 0, dtype=torch.float32)) if return_lse else out
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)  # (total_q, H, D)
+        out = q.new_zeros(q.shape[0], H, Dv)  # (0, H, Dv): no queries at all
+        return (out, q.new_zeros(H, 0, dtype=lse_dtype)) if return_lse else out
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)  # (total_q, H, Dv)
     if return_lse:
         return out, (lses[0] if len(lses) == 1 else torch.cat(lses, 1))  # (H, total_q)
     return out

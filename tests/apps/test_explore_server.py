@@ -103,7 +103,7 @@ def test_make_server_checks_the_port():
 
 
 def test_100_concurrent_requests(server):
-    jobs = [("GET", "/app.js", None)] * 40 + [("GET", "/", None)] * 20 + \
+    jobs = [("GET", "/explorer.js", None)] * 40 + [("GET", "/", None)] * 20 + \
         [("POST", "/api/tutorial", b'{"sentence": "one two three"}')] * 20 + \
         [("POST", "/api/mask", b'{"T": 64, "window": 8}')] * 20
     started = time.perf_counter()

@@ -41,7 +41,8 @@ def test_catalogues_are_the_packaged_json_files():
 def _used_keys() -> set[str]:
     code = "".join(p.read_text(encoding="utf-8") for p in sorted(APPS.rglob("*.py")))
     page = "".join((ASSETS / name).read_text(encoding="utf-8")
-                   for name in ("index.html", "core.js", "views.js", "models.js", "app.js"))
+                   for name in ("index.html", "core.js", "views.js", "models.js", "app.js",
+                                "widget.js"))
     used = set(re.findall(r"""["']((?:walkthrough|explore|error)\.[\w.]+)["']""", code + page))
     used |= {f"walkthrough.section.{s}" for s in re.findall(r'section\("([\w.]+)"', code)}
     used |= {f"explore.block.{code}" for code in "sepf"}  # L("explore.block." + b)

@@ -148,13 +148,15 @@ def test_need_weights_rows_sum_to_one_or_zero_when_masked():
     mha = MultiHeadAttention(16, 4, num_kv_heads=2, bias=True).double()
     x = randn(2, 6, 16)
     kpm = torch.tensor([[True, True, False, True, False, False], [False] * 6])  # sample 1: all pad
-    out, weights = mha(x, key_padding_mask=kpm, need_weights=True)
+    with pytest.warns(UserWarning, match="key_padding_mask hides every key"):  # sample 1
+        out, weights = mha(x, key_padding_mask=kpm, need_weights=True)
     assert weights.shape == (2, 4, 6, 6)
     torch.testing.assert_close(weights[0].sum(-1), torch.ones(4, 6, dtype=F64))
     assert (weights[0][..., ~kpm[0]] == 0).all()
     assert (weights[1] == 0).all()
     torch.testing.assert_close(out[1], mha.out_proj.bias.expand(6, 16))  # no key: bias only
-    torch.testing.assert_close(out, mha(x, key_padding_mask=kpm))
+    with pytest.warns(UserWarning, match="key_padding_mask hides every key"):
+        torch.testing.assert_close(out, mha(x, key_padding_mask=kpm))
     out.sum().backward()
     assert torch.isfinite(mha.qkv_proj.weight.grad).all()
 

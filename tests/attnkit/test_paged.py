@@ -118,3 +118,73 @@ def test_errors_name_the_argument():
         paged_attention(q, pool, pool, [0], 0, page_size=4)
     with pytest.raises(ValueError, match=r"k_pool must be \(Hkv, num_pages \* page_size, D\)"):
         paged_attention(q, pool[:, :15], pool, [0], 1, page_size=4)
+
+
+# --- #23: allocate() with the default capacity=0 read past the free-page list ---------------
+
+def _state(cache):
+    return (list(cache._used), {s: list(t) for s, t in cache.block_tables.items()},
+            dict(cache.lengths))
+
+
+@pytest.mark.parametrize("case", ["full pool", "scattered free pages", "fresh one-page pool"])
+def test_allocate_empty_sequence_needs_no_page(case):
+    if case == "full pool":
+        cache = PagedKVCache(2, 4, 1, 2)
+        cache.allocate("x", capacity=8)
+    elif case == "scattered free pages":
+        cache = PagedKVCache(5, 4, 1, 2)
+        for s in "abcde":
+            cache.allocate(s, capacity=4)
+        cache.free("b")
+        cache.free("d")  # free pages 1 and 3: no two adjacent
+    else:
+        cache = PagedKVCache(1, 4, 1, 2)
+    before = _state(cache)
+    cache.allocate("new")  # was IndexError: list index out of range
+    assert cache.block_tables["new"] == [] and cache.lengths["new"] == 0
+    used, tables, lengths = before
+    assert cache._used == used  # nothing taken
+    assert {s: t for s, t in cache.block_tables.items() if s != "new"} == tables
+    if case == "full pool":  # growing it is the error, with the pool intact
+        with pytest.raises(RuntimeError, match=r"page pool is full: sequence 'new' needs 1 "
+                                               r"more page\(s\) of 4 tokens, 0 of 2 are free"):
+            cache.reserve("new", 1)
+        assert _state(cache)[0] == used and cache.lengths["new"] == 0
+    else:  # it grows into the free pages and attends like a contiguous sequence
+        g = torch.Generator().manual_seed(0)
+        k, v = (torch.randn(1, 4, 2, generator=g, dtype=torch.float64) for _ in range(2))
+        cache.k, cache.v = cache.k.double(), cache.v.double()
+        _fill(cache, "new", k, v, [3, 1])
+        q = torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(cache.attend(0, "new", q), _full(q, k, v))
+
+
+def test_reserve_and_window_checks():
+    cache = PagedKVCache(4, 4, 1, 2)
+    cache.allocate("a")
+    before = _state(cache)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"n must be an int >= 0 \(new positions\), got "
+                                             rf"{bad!r}"):
+            cache.reserve("a", bad)
+    assert _state(cache) == before
+    with pytest.raises(ValueError, match="capacity must be an int >= 0, got True"):
+        cache.allocate("b", capacity=True)
+    q, pool = torch.zeros(1, 1, 1, 2), torch.zeros(1, 16, 2)
+    with pytest.raises(ValueError, match="window must be a positive int, got 0"):
+        paged_attention(q, pool, pool, [0], 2, page_size=4, window=0)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_value_head_dim_differs(window):
+    g = torch.Generator().manual_seed(2)
+    cache_k = torch.randn(2, 24, 8, generator=g, dtype=torch.float64)  # (Hkv, 3 pages * 8, D)
+    cache_v = torch.randn(2, 24, 5, generator=g, dtype=torch.float64)  # Dv = 5
+    q = torch.randn(1, 4, 3, 8, generator=g, dtype=torch.float64)
+    table, L = [2, 0], 13
+    k = torch.cat([cache_k[:, 16:24], cache_k[:, 0:5]], 1)  # (Hkv, 13, D) in position order
+    v = torch.cat([cache_v[:, 16:24], cache_v[:, 0:5]], 1)
+    out = paged_attention(q, cache_k, cache_v, table, L, page_size=8, window=window)
+    assert out.shape == (1, 4, 3, 5)
+    torch.testing.assert_close(out, _full(q, k, v, window=window))

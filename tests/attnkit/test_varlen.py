@@ -2,6 +2,7 @@
 summaries that never lie, every option against a per-sequence float64 reference, gradients,
 and every error message."""
 
+import inspect
 import math
 
 import pytest
@@ -25,6 +26,9 @@ def _ref(q, k, v, cu_q, cu_k, *, causal=True, window=None, softcap=None, slopes=
         ks = k[cu_k[s]:cu_k[s + 1]].transpose(0, 1).repeat_interleave(H // Hkv, 0)
         vs = v[cu_k[s]:cu_k[s + 1]].transpose(0, 1).repeat_interleave(H // Hkv, 0)
         Lq, Lk = qs.shape[1], ks.shape[1]
+        if Lk == 0:  # no keys: zeros (Dv columns)
+            outs.append(q.new_zeros(Lq, H, v.shape[-1]))
+            continue
         p = torch.arange(Lq).view(-1, 1) + Lk - Lq  # (Lq, 1) bottom-right positions
         j = torch.arange(Lk).view(1, -1)
         mask = torch.ones(Lq, Lk, dtype=torch.bool)
@@ -110,7 +114,7 @@ def test_softcap_alibi_sinks_scale_and_gqa():
     slopes = attnkit.scores.alibi_slopes(4).double()
     sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
     kw = dict(softcap=2.0, alibi_slopes=slopes, sinks=sinks, scale=0.3)
-    out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, **kw)
+    out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, **kw)
     ref = _ref(q, k, v, cu_q, cu_k, softcap=2.0, slopes=slopes, sinks=sinks, scale=0.3)
     torch.testing.assert_close(out, ref)
 
@@ -121,7 +125,8 @@ def test_one_sequence_chunk_over_a_cache_split_and_merged():
     slopes = attnkit.scores.alibi_slopes(4).double()
     sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64, requires_grad=True)
     kw = dict(softcap=2.0, alibi_slopes=slopes, sinks=sinks, scale=0.3)
-    out, lse = attnkit.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True, **kw)
+    out, lse = attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True,
+                                        **kw)
     ref = _ref(q, k, v, cu_q, cu_k, softcap=2.0, slopes=slopes, sinks=sinks, scale=0.3)
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
@@ -141,7 +146,7 @@ def test_one_sequence_chunk_over_a_cache_split_and_merged():
 @pytest.mark.parametrize("backend", ["auto", "math", "chunked", "sdpa"])
 def test_exact_gradients(backend):
     q, k, v, cu_q, cu_k = _packed([3, 1, 60], [3, 80, 70], grad=True)
-    out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, backend=backend)
+    out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, backend=backend, causal=True)
     ref_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     ref = _ref(*ref_in, cu_q, cu_k)
     g = torch.randn_like(out)
@@ -154,7 +159,8 @@ def test_exact_gradients(backend):
 
 def test_lse_and_float32_long_packed_rows_use_one_call():
     q, k, v, cu_q, cu_k = _packed([200, 150, 300], [200, 150, 300], dtype=torch.float32)
-    out, lse = attnkit.varlen_attention(q, k, v, cu_q, return_lse=True, backend="chunked")
+    out, lse = attnkit.varlen_attention(q, k, v, cu_q, causal=True, return_lse=True,
+                                        backend="chunked")
     ref = _ref(q.double(), k.double(), v.double(), cu_q, cu_k)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
     assert lse.shape == (4, 650) and lse.dtype == torch.float32
@@ -179,23 +185,23 @@ def test_plan_groups_merges_small_and_splits_wasteful():
 def test_bad_cu_seqlens_name_the_argument(cu, match):
     q, k, v, _, _ = _packed([3], [3])
     with pytest.raises(ValueError, match=match):
-        attnkit.varlen_attention(q, k, v, cu, [0, 3])
+        attnkit.varlen_attention(q, k, v, cu, [0, 3], causal=True)
 
 
 def test_other_errors():
     q, k, v, cu_q, cu_k = _packed([3], [3])
     with pytest.raises(ValueError, match="cu_seqlens_k must end at the packed length 3"):
-        attnkit.varlen_attention(q, k, v, cu_q, [0, 4])
+        attnkit.varlen_attention(q, k, v, cu_q, [0, 4], causal=True)
     with pytest.raises(ValueError, match="same number of sequences, got 1 and 2"):
-        attnkit.varlen_attention(q, k, v, cu_q, [0, 1, 3])
+        attnkit.varlen_attention(q, k, v, cu_q, [0, 1, 3], causal=True)
     with pytest.raises(TypeError, match="cu_seqlens_q must hold integers"):
-        attnkit.varlen_attention(q, k, v, torch.tensor([0.0, 3.0]), cu_k)
+        attnkit.varlen_attention(q, k, v, torch.tensor([0.0, 3.0]), cu_k, causal=True)
     with pytest.raises(ValueError, match=r"max_seqlen_q = 2 is below the longest"):
-        attnkit.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=2)
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=2, causal=True)
     with pytest.raises(ValueError, match=r"q must be packed 3-D \(total_tokens"):
-        attnkit.varlen_attention(q[None], k, v, cu_q, cu_k)
+        attnkit.varlen_attention(q[None], k, v, cu_q, cu_k, causal=True)
     with pytest.raises(ValueError, match=r"window must be \(left, right\)"):
-        attnkit.varlen_attention(q, k, v, cu_q, cu_k, window=5)
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, window=5, causal=True)
     with pytest.raises(ValueError, match="cu_seqlens_q must end at the packed query length"):
         M.varlen([0, 2]).validate(1, 1, 3, 2)
     with pytest.raises(ValueError, match="cu_seqlens_k must end at the packed key length S = 3"):
@@ -205,4 +211,97 @@ def test_other_errors():
     with pytest.raises(ValueError, match="window left must be a non-negative int or None"):
         M.Varlen(torch.tensor([0, 2]), torch.tensor([0, 2]), left=-2)
     with pytest.raises(TypeError, match="k must be a torch.Tensor, got list"):
-        attnkit.varlen_attention(q, [1], v, cu_q, cu_k)
+        attnkit.varlen_attention(q, [1], v, cu_q, cu_k, causal=True)
+
+
+# --- #23: Dv != D, sinks' log-sum-exp, causal without a default, per-sequence ALiBi ---------
+
+def _packed_dv(lq, lk, Dv, H=4, Hkv=2, D=8, seed=3):
+    q, k, _, cu_q, cu_k = _packed(lq, lk, H=H, Hkv=Hkv, D=D, seed=seed)
+    v = torch.randn(cu_k[-1], Hkv, Dv, generator=torch.Generator().manual_seed(seed + 1),
+                    dtype=torch.float64)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("lq,lk", [
+    ([3], [0]),  # alone: came back (3, H, D) instead of (3, H, Dv)
+    ([3, 300], [0, 2000]),  # next to a sequence large enough to run alone: torch.cat failed
+    ([3, 2, 1], [0, 4, 6]),  # grouped with small neighbours
+])
+def test_value_head_dim_with_keyless_sequences(lq, lk):
+    q, k, v, cu_q, cu_k = _packed_dv(lq, lk, Dv=5)
+    out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True)
+    assert out.shape == (sum(lq), 4, 5)
+    torch.testing.assert_close(out, _ref(q, k, v, cu_q, cu_k))
+    torch.testing.assert_close(out[:3], torch.zeros(3, 4, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("lq,lk", [
+    ([2, 1], [0, 2]),  # one group: the empty rows come from attention()
+    ([2, 600], [0, 2000]),  # the neighbour runs alone: the empty sequence is its own group
+    ([2], [0]),  # alone
+    ([1, 2, 1], [3, 0, 3]),  # between two small neighbours
+])
+def test_keyless_queries_lse_is_the_sink_logit_whatever_the_neighbours(lq, lk):
+    q, k, v, cu_q, cu_k = _packed(lq, lk, H=2, Hkv=2, dtype=torch.float32)
+    sinks = torch.tensor([0.5, -1.0], requires_grad=True)
+    out, lse = attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, sinks=sinks,
+                                        return_lse=True)
+    s = lk.index(0)
+    rows = slice(cu_q[s], cu_q[s + 1])
+    torch.testing.assert_close(lse[:, rows], sinks.detach().view(2, 1).expand(2, lq[s]))
+    torch.testing.assert_close(out[rows], torch.zeros(lq[s], 2, 8))
+    # and the same as attention() gives a query that sees no key: d lse / d sink = 1
+    grad, = torch.autograd.grad(lse[:, rows].sum(), sinks)
+    torch.testing.assert_close(grad, torch.full((2,), float(lq[s])))
+    ref = attnkit.attention(q[rows].transpose(0, 1)[None], k[:1].transpose(0, 1)[None],
+                            v[:1].transpose(0, 1)[None], mask=torch.zeros(1, 1, dtype=torch.bool),
+                            sinks=sinks, return_lse=True)[1]
+    torch.testing.assert_close(lse[:, rows], ref[0].detach())
+
+
+def test_sinks_are_checked_even_when_no_sequence_has_keys():
+    q, k, v, cu_q, cu_k = _packed([2], [0], H=2, Hkv=2)
+    with pytest.raises(ValueError, match=r"sinks must have shape \(H,\) = \(2,\), one per query "
+                                         r"head, got \(3,\)"):
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, sinks=torch.zeros(3))
+    with pytest.raises(TypeError, match="sinks must be a 1-D float tensor"):
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, sinks=torch.zeros(2, 1))
+
+
+def test_keyless_queries_without_sinks_keep_minus_inf():
+    q, k, v, cu_q, cu_k = _packed([2, 600], [0, 2000], dtype=torch.float64)
+    _, lse = attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+    assert torch.isneginf(lse[:, :2]).all() and lse.dtype == torch.float64
+    assert torch.isfinite(lse[:, 2:]).all()
+
+
+def test_causal_has_no_default_and_names_the_fix():
+    q, k, v, cu_q, cu_k = _packed([3], [3])
+    with pytest.raises(TypeError, match=r"needs causal=True or causal=False: it has no "
+                                        r"default \(flash-attn's flash_attn_varlen_func "
+                                        r"defaults to False"):
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k)
+    with pytest.raises(TypeError, match="causal must be a bool, got int 1"):
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=1)
+    with pytest.raises(TypeError, match="positional"):
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, 3, 3, True)  # keyword-only
+    param = inspect.signature(attnkit.varlen_attention).parameters["causal"]
+    assert param.kind is inspect.Parameter.KEYWORD_ONLY and repr(param.default) == "<required>"
+
+
+@pytest.mark.parametrize("lq,lk", [([2, 3, 1, 1], [5, 3, 40, 1]), ([6], [40]), ([1, 300], [2, 500])])
+def test_per_sequence_alibi_slopes(lq, lk):
+    q, k, v, cu_q, cu_k = _packed(lq, lk, H=4, Hkv=2)
+    slopes = torch.rand(len(lq), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, alibi_slopes=slopes)
+    ref = torch.cat([_ref(q[cu_q[s]:cu_q[s + 1]], k[cu_k[s]:cu_k[s + 1]], v[cu_k[s]:cu_k[s + 1]],
+                          [0, lq[s]], [0, lk[s]], slopes=slopes[s]) for s in range(len(lq))])
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(H,\) = \(4,\) or "
+                                         r"\(N, H\) = \(\d+, 4\), got \(2, 2\)"):
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True,
+                                 alibi_slopes=torch.ones(2, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"alibi_slopes must be a float tensor \(H,\) or \(N, H\)"):
+        attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True,
+                                 alibi_slopes=torch.ones(1, 1, 4))

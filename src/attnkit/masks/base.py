@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .. import _display
+
 ALIGNMENTS = ("top_left", "bottom_right")
 
 
@@ -111,6 +113,10 @@ class MaskMod:
     def tensors(self) -> tuple:
         """Tensors the description holds (device checks, cache keys)."""
         return ()
+
+    # In a notebook: a picture (attnkit._display); str() stays the text everywhere else.
+    _repr_html_ = _display.mask_html
+    _repr_png_ = _display.mask_png
 
     def __and__(self, other):
         return And((self, as_mask_mod(other)))

@@ -126,3 +126,70 @@ def test_validate_shapes():
     with pytest.raises(ValueError, match="does not broadcast to"):
         MaskSpec.from_args(mask=torch.ones(1, 1, 1, 3, 6, dtype=torch.bool)).validate(2, 4, 3, 6)
     MaskSpec.from_args(mask=torch.ones(4, 1, 6, dtype=torch.bool)).validate(2, 4, 3, 6)  # broadcasts
+
+
+# --- #23: MaskSpec's old keywords (before the one-description change) still work --------------
+
+def _same(a, b, T=6, S=9, B=2, H=3):
+    """Two specs describe the same call: same description, same dense mask, same scores."""
+    assert type(a.mask_mod) is type(b.mask_mod) and type(a.score_mod) is type(b.score_mod)
+    if a.mask_mod is not None:
+        assert a.mask_mod.describe() == b.mask_mod.describe()
+    assert a.sinks is b.sinks
+    da, db = a.dense(T, S, B=B, H=H), b.dense(T, S, B=B, H=H)
+    assert (da is None) == (db is None)
+    if da is not None:
+        assert torch.equal(da, db)
+    assert (a.score_mod is None) == (b.score_mod is None)
+    if a.score_mod is not None:
+        s = torch.randn(B, H, T, S, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(a.score_mod.resolve(T, S).tile(s, 0, T, 0, S),
+                                   b.score_mod.resolve(T, S).tile(s, 0, T, 0, S))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(causal=True, causal_align="bottom_right"),
+    dict(causal=True),
+    dict(window=3, causal_align=2),
+    dict(window=(2, 1)),
+    dict(key_padding_mask=torch.tensor([[True] * 7 + [False] * 2, [True] * 9])),
+    dict(mask=torch.rand(6, 9, generator=torch.Generator().manual_seed(1)) > 0.3, causal=True),
+    dict(softcap=5.0, alibi_slopes=torch.tensor([0.5, 0.25, 0.125]), causal=True),
+    dict(bias=torch.randn(1, 3, 6, 9, generator=torch.Generator().manual_seed(2))),
+])
+def test_old_constructor_keywords_warn_and_equal_from_args(kwargs):
+    sinks = torch.tensor([0.1, 0.2, 0.3])
+    with pytest.warns(DeprecationWarning, match=r"is deprecated: MaskSpec holds \(mask_mod, "
+                                                r"score_mod, sinks\); build it from these "
+                                                r"arguments with MaskSpec.from_args\("):
+        old = MaskSpec(sinks=sinks, **kwargs)
+    _same(old, MaskSpec.from_args(sinks=sinks, **kwargs))
+    with pytest.warns(DeprecationWarning):  # and together with the new ones
+        both = MaskSpec(mask_mod=M.prefix_lm(2), **kwargs)
+    _same(both, MaskSpec.from_args(mask_mod=M.prefix_lm(2), **kwargs))
+
+
+def test_old_constructor_errors_and_no_warning_for_the_new_form():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MaskSpec(mask_mod=M.causal(), score_mod=None, sinks=None)
+        MaskSpec(M.causal())
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['casual'\]; it "
+                                        r"takes mask_mod, score_mod, sinks \(or, deprecated, "
+                                        r"causal, causal_align"):
+        MaskSpec(casual=True)
+    with pytest.raises(TypeError, match=r"first argument is mask_mod .* got the bool True: the "
+                                        r"old positional causal; write "
+                                        r"MaskSpec.from_args\(causal=True, ...\)"):
+        MaskSpec(True)
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="causal must be a bool"):
+        MaskSpec(causal=1)
+    # the result is an ordinary spec: attention takes it
+    q = torch.randn(1, 2, 5, 4, dtype=torch.float64)
+    k = v = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning):
+        spec = MaskSpec(causal=True, causal_align="bottom_right")
+    torch.testing.assert_close(attnkit.attention(q, k, v, spec=spec),
+                               attnkit.attention(q, k, v, causal=True,
+                                                 causal_align="bottom_right"))

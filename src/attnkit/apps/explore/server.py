@@ -1,11 +1,12 @@
 """The explorer's local web server and its self-contained HTML export.
 
-One page (``index.html``, ``style.css`` and :data:`SCRIPTS`; package data under ``assets/``)
-and a small JSON API that computes every view with torch on the server:
+One page (``index.html``, ``style.css`` and ``explorer.js``, the scripts of ``assets/`` as one
+function: :mod:`.scripts`) and a small JSON API that computes every view with torch on the
+server:
 
 ====================  =================================================================
 ``GET /``             the page, with the catalogues of :mod:`attnkit.apps._i18n` inlined
-``GET /core.js`` ...  the allow-listed assets (:data:`ASSETS`); nothing else is served
+``GET /explorer.js``  the allow-listed assets (:data:`ASSETS`); nothing else is served
 ``POST /api/tutorial``  ``{"sentence"}`` -> :func:`~.tutorial_view.tutorial_view`
 ``POST /api/mask``      mask choices -> :func:`~.mask_view.mask_view`
 ``POST /api/translate`` ``{"text"}`` -> :func:`~.model_view.translate_view`
@@ -30,19 +31,19 @@ import sys
 import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
 
 from ..checkpoint import atomic_write
 from .._i18n import LANGUAGES, catalogue, localized
 from .guard import cost_refusal, host_refusal, origin_refusal
 from .mask_view import mask_view
 from .model_view import ModelMissing, Models, gpt_view, translate_view
+from .scripts import asset, script_safe
 from .tutorial_view import tutorial_view
 
-__all__ = ["HOST", "SCRIPTS", "ASSETS", "MAX_BODY", "ExploreServer", "make_server",
-           "serve_in_thread", "export_html", "asset", "page"]
+__all__ = ["HOST", "SCRIPTS", "ASSETS", "MAX_BODY", "DEFAULTS", "ExploreServer",
+           "make_server", "serve_in_thread", "export_html", "asset", "page"]
 
-SCRIPTS = ("core.js", "views.js", "models.js", "app.js")  # the page's scripts, in load order
+SCRIPTS = ("explorer.js",)  # the page's script (scripts.page_script)
 HOST = "127.0.0.1"  # never any other address: the explorer is for the person at this machine
 ASSETS = {"/": ("index.html", "text/html; charset=utf-8"),
           "/index.html": ("index.html", "text/html; charset=utf-8"),
@@ -55,15 +56,10 @@ DEFAULTS = {"tutorial": {}, "mask": {"T": 16, "S": 16, "causal": True, "block_q"
             "gpt": {"prompt": "def attention(query, key, value):\n    return "}}
 
 
-def asset(name: str) -> bytes:
-    """The bytes of one packaged asset: ``index.html``, ``style.css`` or one of :data:`SCRIPTS`."""
-    return resources.files(__package__).joinpath("assets", name).read_bytes()
-
-
 def page() -> str:
     """``index.html`` with every language's catalogue inlined (``window.ATTNKIT_I18N``), so
     the page's words come from the same files as the walkthrough's."""
-    words = _script_safe({language: catalogue(language) for language in LANGUAGES})
+    words = script_safe({language: catalogue(language) for language in LANGUAGES})
     first = f'<script src="{SCRIPTS[0]}"></script>'
     return asset("index.html").decode("utf-8").replace(
         first, f"<script>window.ATTNKIT_I18N = {words};</script>\n{first}")
@@ -227,12 +223,6 @@ def serve_in_thread(server: ExploreServer) -> threading.Thread:
     return thread
 
 
-def _script_safe(payload: dict) -> str:
-    """JSON that cannot close the ``<script>`` element it is embedded in."""
-    text = json.dumps(payload, allow_nan=False)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
 def export_html(path, models: Models | None = None) -> dict:
     """Write the page as one self-contained HTML file with the default inputs' views.
 
@@ -264,10 +254,8 @@ def export_html(path, models: Models | None = None) -> dict:
     html = page()
     css = asset("style.css").decode("utf-8")
     html = html.replace('<link rel="stylesheet" href="style.css">', f"<style>\n{css}</style>")
-    for number, name in enumerate(SCRIPTS):
-        js = asset(name).decode("utf-8").replace("</script", "<\\/script")
-        data = f"<script>window.ATTNKIT_OFFLINE = {_script_safe(embedded)};</script>\n" \
-            if number == 0 else ""
-        html = html.replace(f'<script src="{name}"></script>', f"{data}<script>\n{js}</script>")
+    js = asset(SCRIPTS[0]).decode("utf-8").replace("</script", "<\\/script")
+    data = f"<script>window.ATTNKIT_OFFLINE = {script_safe(embedded)};</script>\n"
+    html = html.replace(f'<script src="{SCRIPTS[0]}"></script>', f"{data}<script>\n{js}</script>")
     atomic_write(path, lambda handle: handle.write(html.encode("utf-8")))
     return problems

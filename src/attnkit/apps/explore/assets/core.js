@@ -1,18 +1,23 @@
 // attnkit explore, part 1 of 4: shared state, words and drawing helpers (heatmaps, tooltips).
-// The page loads core.js, views.js, models.js, app.js in that order; no dependencies.
-// Views are computed by the server (POST /api/<view>); an exported page carries the
-// default inputs' views in window.ATTNKIT_OFFLINE instead. Every learner-facing text comes
-// from window.ATTNKIT_I18N (the catalogues of attnkit/apps/locale/, inlined by the server).
-"use strict";
+// core.js, views.js, models.js and app.js are the body of one function,
+// attnkitExplorer(root, options) (server.script() joins them), which draws the explorer inside
+// `root` (the page's document, or a notebook widget's shadow root) and returns its state.
+// options: page (the served or exported page: URL hash, ?lang=, window.attnkit), i18n (the
+// catalogues of attnkit/apps/locale/), offline ({view: data}: an exported page's views),
+// request (async (view, params, lang) -> data: the notebook widget's kernel), lang, views
+// (the tabs to show), view (the first one), initial and params ({view: data or choices}).
+// Without offline or request, views come from the server (POST /api/<view>).
 
-const OFFLINE = window.ATTNKIT_OFFLINE || null;
+const OFFLINE = options.offline || null;
 const DEFAULT_PROMPT = "def attention(query, key, value):\n    return ";
-const I18N = window.ATTNKIT_I18N || { en: {} };
+const I18N = options.i18n || { en: {} };
 const LANGUAGES = Object.keys(I18N);
 
-// The page's language: ?lang=, then the last choice (localStorage), then the browser's.
+// The page's language: the widget's, or ?lang=, then the last choice (localStorage), then
+// the browser's.
 function pickLanguage() {
-  const asked = new URLSearchParams(location.search).get("lang");
+  if (options.lang && I18N[options.lang]) return options.lang;
+  const asked = options.page ? new URLSearchParams(location.search).get("lang") : null;
   if (asked && I18N[asked]) return asked;
   let saved = null;
   try { saved = localStorage.getItem("attnkit.lang"); } catch (err) { /* file: pages */ }
@@ -21,7 +26,7 @@ function pickLanguage() {
   return zh && I18N.zh ? "zh" : "en";
 }
 const state = { data: {}, query: 1, training: true, view: "tutorial", pending: 0, lang: pickLanguage() };
-window.attnkit = state;
+if (options.page) window.attnkit = state;
 
 // One text of the catalogue, with its {name} fields filled in (numbers and names as given).
 function L(key, values) {
@@ -32,13 +37,13 @@ function L(key, values) {
 
 // The page's fixed texts: data-i18n (text) and data-i18n-title (tooltip) attributes.
 function applyLanguage() {
-  document.documentElement.lang = state.lang === "zh" ? "zh-CN" : "en";
-  for (const node of document.querySelectorAll("[data-i18n]")) node.textContent = L(node.dataset.i18n);
-  for (const node of document.querySelectorAll("[data-i18n-title]")) node.title = L(node.dataset.i18nTitle);
+  if (options.page) document.documentElement.lang = state.lang === "zh" ? "zh-CN" : "en";
+  for (const node of root.querySelectorAll("[data-i18n]")) node.textContent = L(node.dataset.i18n);
+  for (const node of root.querySelectorAll("[data-i18n-title]")) node.title = L(node.dataset.i18nTitle);
 }
 
 // ---------------------------------------------------------------- helpers
-const $ = (id) => document.getElementById(id);
+const $ = (id) => root.getElementById(id);  // a Document or a ShadowRoot
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -57,6 +62,8 @@ async function api(view, params) {
     if (data.error) throw new Error((data.errors || {})[state.lang] || data.error);
     return data;
   }
+  if (options.request) return options.request(view, params, state.lang);
+  if (!options.page) throw new Error(L("explore.static_error"));
   const response = await fetch("api/" + view, {
     method: "POST", headers: { "Content-Type": "application/json", "X-Attnkit-Language": state.lang },
     body: JSON.stringify(params || {}) });

@@ -1,5 +1,4 @@
 // attnkit explore, part 3 of 4: the translator and GPT views (uses core.js).
-"use strict";
 
 // ---------------------------------------------------------------- translator view
 function renderTranslate(d) {
@@ -19,6 +18,12 @@ function renderTranslate(d) {
 }
 
 // ---------------------------------------------------------------- GPT view
+// Also the head and model views of any weights a notebook passes (attnkit.widgets.heads):
+// then d has no prompt (the form is hidden), may name its layers and heads (layer_labels,
+// head_labels) and may be non-causal (causal: false, every key drawn).
+const layerName = (d, l) => (d.layer_labels ? d.layer_labels[l] : String(l));
+const headName = (d, h) => (d.head_labels ? d.head_labels[h] : String(h));
+
 function gptWeights(d) {
   const bytes = Uint8Array.from(atob(d.weights_u8), (ch) => ch.charCodeAt(0));
   const T = d.tokens.length;
@@ -32,13 +37,17 @@ function renderGPT(d) {
   const layerSel = $("gpt-layer"), headSel = $("gpt-head");
   if (layerSel.options.length !== d.layers || headSel.options.length !== d.heads + 1) {
     layerSel.textContent = ""; headSel.textContent = "";
-    for (let l = 0; l < d.layers; l++) layerSel.append(el("option", { value: l }, String(l)));
-    for (let h = 0; h < d.heads; h++) headSel.append(el("option", { value: h }, String(h)));
+    for (let l = 0; l < d.layers; l++) layerSel.append(el("option", { value: l }, layerName(d, l)));
+    for (let h = 0; h < d.heads; h++) headSel.append(el("option", { value: h }, headName(d, h)));
     headSel.append(el("option", { value: "all" }, L("explore.gpt.all_heads")));
   }
   const rh = Math.max(3, Math.min(18, 760 / T)), top = 46, width = 760;
   const canvas = el("canvas", { width, height: top + T * rh + 10, id: "head-view" });
-  canvas.dataset.title = L("explore.gpt.head_view", { l: layerSel.value, h: headSel.value, T });
+  // Weights from a notebook (no prompt): no prompt to type, the PNG button stays.
+  for (const n of $("gpt-form").querySelectorAll("label, button[type=submit]")) n.hidden = d.prompt === undefined;
+  const hv = headSel.value;
+  canvas.dataset.title = L("explore.gpt.head_view", { l: layerName(d, Number(layerSel.value)),
+                                                      h: hv === "all" ? hv : headName(d, Number(hv)), T });
   const draw = (focus) => drawHeadView(canvas, d, w, rh, top, focus);
   draw(-1);
   canvas.addEventListener("mousemove", (e) => {
@@ -47,8 +56,9 @@ function renderGPT(d) {
     draw(i >= 0 && i < T ? i : -1);
   });
   canvas.addEventListener("mouseleave", () => draw(-1));
-  body.append(el("p", { class: "hint" }, L("explore.gpt.tokens", { T, context: d.context }) + " ",
-                 el("code", {}, d.next), L("explore.gpt.lines")),
+  const about = d.next === undefined ? [L("explore.gpt.weights", { T, layers: d.layers, heads: d.heads })]
+    : [L("explore.gpt.tokens", { T, context: d.context }) + " ", el("code", {}, d.next)];
+  body.append(el("p", { class: "hint" }, ...about, L("explore.gpt.lines")),
               el("div", { class: "row" }, el("div", { class: "figure" }, el("h4", {}, canvas.dataset.title), canvas),
                  modelView(d, w)));
 }
@@ -70,7 +80,8 @@ function drawHeadView(canvas, d, w, rh, top, focus) {
       // A hovered token always shows its top-k keys, even in a diffuse head; the rest are
       // thinned by the threshold as well, so 200+ tokens stay readable.
       const row = [];
-      for (let j = 0; j <= i; j++) { const v = w(l, h, i, j); if (focus >= 0 || v >= threshold) row.push([v, j]); }
+      const last = d.causal === false ? T - 1 : i;  // a causal head never looks ahead
+      for (let j = 0; j <= last; j++) { const v = w(l, h, i, j); if (focus >= 0 || v >= threshold) row.push([v, j]); }
       row.sort((a, b) => b[0] - a[0]);
       const top1 = row.length ? row[0][0] : 1;
       for (const [v, j] of row.slice(0, topk)) {
@@ -122,9 +133,9 @@ function modelView(d, w) {
       img.data[o] = 255 - a * 224; img.data[o + 1] = 255 - a * 177; img.data[o + 2] = 255 - a * 99; img.data[o + 3] = 255;
     }
     ctx.putImageData(img, x0, y0);
-    if (l === 0) ctx.fillText(L("explore.gpt.head_n", { h }), x0, 12);
+    if (l === 0) ctx.fillText(L("explore.gpt.head_n", { h: headName(d, h) }), x0, 12);
   }
-  ctx.save(); for (let l = 0; l < d.layers; l++) { ctx.translate(0, 0); ctx.fillText(String(l), 4, pad + l * (size + 6) + size / 2); } ctx.restore();
+  for (let l = 0; l < d.layers; l++) ctx.fillText(layerName(d, l), 2, pad + l * (size + 6) + size / 2);
   const pick = (e) => {
     const r = canvas.getBoundingClientRect();
     const h = Math.floor(((e.clientX - r.left) * canvas.width / r.width - pad) / (size + 6));

@@ -1,5 +1,4 @@
 // attnkit explore, part 2 of 4: the tutorial and mask views (uses core.js).
-"use strict";
 
 // ---------------------------------------------------------------- tutorial view
 const DIMS = ["d0", "d1", "d2"], OUT = ["out0", "out1"];
