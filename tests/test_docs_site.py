@@ -71,6 +71,8 @@ def test_grouped_docstring_entries_are_split_and_roles_become_code():
             one per key set.
         lse_a, lse_b (Tensor): their log-sum-exp.
         scale: a number, not grouped.
+        dropout_p, softmax_scale,
+        causal: as in flash-attn.
 
     Returns:
         a, b: not an argument section, left alone.
@@ -83,6 +85,11 @@ def test_grouped_docstring_entries_are_split_and_roles_become_code():
         "            one per key set.",
         "        lse_a (Tensor): their log-sum-exp.",
         "        lse_b (Tensor): their log-sum-exp.",
+    ]
+    assert split.splitlines()[10:13] == [
+        "        dropout_p: as in flash-attn.",
+        "        softmax_scale: as in flash-attn.",
+        "        causal: as in flash-attn.",
     ]
     assert "        a, b: not an argument section, left alone." in split.splitlines()
     assert griffe_attnkit._ROLE.sub(r"`\1`", "see :func:`attnkit.attention` and "

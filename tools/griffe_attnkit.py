@@ -5,7 +5,8 @@
   indented example becomes ``text:`` (the indented block is code in Markdown too).
 * Grouped entries in ``Args:`` / ``Attributes:`` sections (``q_offset, kv_offset: where the
   queries and keys start``), one description for several names, become one entry per name
-  with that description, the form griffe's Google parser understands (it would otherwise
+  with that description (also when the names go on over two lines), the form griffe's Google
+  parser understands (it would otherwise
   warn that a parameter ``"q_offset, kv_offset"`` is not in the signature).
 """
 
@@ -20,6 +21,7 @@ _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|data|attr|exc|obj|const|ter
 _RST_LITERAL = re.compile(r"(\S)::$", re.M)  # "as follows::" before an indented example
 _SECTION = re.compile(r"^(\s*)(Args|Arguments|Parameters|Params|Attributes|Keyword Args|"
                       r"Keyword Arguments|Other Parameters):\s*$")
+_NAMES_GO_ON = re.compile(r"^\s+\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)*\s*,\s*$")
 _GROUPED = re.compile(r"^(\s+)(\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)+)(\s*\([^)]*\))?:(.*)$")
 
 
@@ -41,6 +43,10 @@ def split_grouped_entries(text: str) -> str:
         indent = len(line) - len(line.lstrip())
         if line.strip() and section_indent is not None and indent <= section_indent:
             section_indent = None  # the section ended
+        while (section_indent is not None and _NAMES_GO_ON.match(line) and i + 1 < len(lines)
+               and lines[i + 1].strip()):
+            i += 1  # "a, b, c," and the names go on on the next line: one header line
+            line = f"{line.rstrip()} {lines[i].strip()}"
         grouped = _GROUPED.match(line) if section_indent is not None else None
         if not grouped:
             out.append(line)
