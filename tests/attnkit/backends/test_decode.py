@@ -369,6 +369,7 @@ def test_lse_through_the_engine():
 @pytest.mark.slow
 @pytest.mark.skipif(not dec.kernel_built(), reason=CPP_REASON)
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
+@pytest.mark.timeout(900)  # a C++ build: minutes on a fresh clone beside another xdist worker
 def test_kernel_built_for_avx2_and_sse2_is_right_too(march, tmp_path):
     """The kernel as an AVX2-only (haswell) or SSE2-only CPU would build it, compiled here
     (reused when present) and run on the kernel's cases in a subprocess."""
