@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test smoke bench clean browser
+.PHONY: demo test smoke bench clean browser docs docs-samples
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/python:
 # Reinstall only when the project metadata changes, so a second run starts in seconds.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,viz,hf,notebook]" "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,viz,hf,notebook,docs]" "$(TORCH)"
 	touch $(STAMP)
 
 # The decode backend's C++ kernel (src/attnkit/backends/_decode_kernel.cpp), compiled for this
@@ -54,19 +54,34 @@ browser:
 		|| echo "make browser: apt-get could not install chromium; the browser tests will skip"; \
 	fi
 
-# The whole test suite except the benchmark smoke runs (see smoke). `make test SKIP_BROWSER=1`
-# neither installs chromium nor runs the browser tests; PYTEST_ARGS passes more options.
+# The whole test suite except the benchmark smoke runs (see smoke), README.md's and docs/*.md's
+# Python blocks included, on every core (pytest-xdist: JOBS=auto, or JOBS=0 for one process).
+# --dist loadfile sends each file to one worker: a page's blocks share one namespace and run in
+# order, and a module's fixtures (trained tiny models, a compiled graph) are built once.
+# `make test SKIP_BROWSER=1` neither installs chromium nor runs the browser tests;
+# PYTEST_ARGS passes more options.
 SKIP_BROWSER ?=
 PYTEST_ARGS ?=
+JOBS ?= auto
 test: $(STAMP) $(DECODE_KERNEL) browser
-	$(BIN)/python -m pytest -q $(if $(SKIP_BROWSER),-k "not browser") $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile $(if $(SKIP_BROWSER),-k "not browser") $(PYTEST_ARGS)
 
 # Each benchmark's --quick mode, and the JSON it writes.
 smoke: $(STAMP) $(DECODE_KERNEL)
 	$(BIN)/python -m pytest -q -m bench
 
+# The documentation site with its API reference from the docstrings, into site/ (mkdocs.yml);
+# warnings are errors, as in the suite (tests/test_docs_site.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
+# Rewrite the printed samples (```text after a ```python block) of README.md and docs/*.md with
+# what the blocks print now (tools/regen_docs.py; the suite compares them).
+docs-samples: $(STAMP)
+	$(BIN)/python tools/regen_docs.py
+
 bench: $(STAMP) $(DECODE_KERNEL)
 	$(BIN)/python benchmarks/bench_attention.py --quick
 
 clean:
-	rm -rf $(VENV) out build *.egg-info src/*.egg-info src/attnkit/backends/_build
+	rm -rf $(VENV) out build site *.egg-info src/*.egg-info src/attnkit/backends/_build

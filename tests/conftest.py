@@ -1,4 +1,5 @@
-"""Shared pytest set-up, kept generic: a hypothesis profile and the `gpu` marker's skip."""
+"""Shared pytest set-up, kept generic: a hypothesis profile, torch threads per xdist worker and
+the `gpu` marker's skip."""
 
 import os
 
@@ -10,6 +11,14 @@ from hypothesis import settings
 # torch's warm-up), so no deadline by default. Example counts stay whatever each test asks.
 settings.register_profile("attnkit", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "attnkit"))
+
+# Under pytest-xdist (make test runs -n auto) the workers share the cores: each gets its share
+# of torch's threads, never more threads than cores in all (on a shared 2-core machine an
+# OpenMP barrier waiting for a descheduled thread made small ops up to 10x slower). Tests
+# that compare thread counts set theirs explicitly.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -303,7 +303,9 @@ def explain(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Explanation:
         An :class:`Explanation`; ``print`` it for a readable summary.
 
     Raises:
-        The same errors as :func:`attention` for bad input.
+        TypeError: an argument :func:`attention` does not take (a misspelt name), or a
+            wrong type, as :func:`attention` raises it.
+        ValueError: bad shapes or values, as :func:`attention` raises them.
     """
     bound = _SIGNATURE.bind(q, k, v, **kwargs)
     bound.apply_defaults()

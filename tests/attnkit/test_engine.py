@@ -250,7 +250,11 @@ def test_explain_reasons():
     assert "auto -> chunked" in str(attnkit.explain(q, k, v, window=64))
 
 
-def test_registry_custom_backend():
+def test_registry_custom_backend(monkeypatch):
+    # The registry is process-wide: register into a copy, so that no later test (nor a docs
+    # page's explain() sample) sees "test_doubled".
+    monkeypatch.setattr(attnkit.backends.registry, "_REGISTRY",
+                        dict(attnkit.backends.registry._REGISTRY))
     calls = []
 
     def doubled(q, k, v, call, *, dropout_p, scale, return_lse):
