@@ -471,10 +471,11 @@ def run_mask(block_mask, B: int, H: int) -> MaskMod | None:
     exactly one); None for torch's no-op mask."""
     if tuple(block_mask.BLOCK_SIZE) == (NOOP_BLOCK, NOOP_BLOCK):
         return None
-    if isinstance(block_mask, BlockMask):
-        plan = block_mask._current_plan()
-        if plan is not None:
-            return plan[1]
     from .flex_api import _from_torch  # recognition of known kinds lives with the tracer
 
+    if isinstance(block_mask, BlockMask):
+        plan = block_mask._current_plan()
+        if plan is not None:  # the description; an opaque one may still be causal/a window
+            run = plan[1]
+            return _from_torch(block_mask, B, H, run) if isinstance(run, BlockGrid) else run
     return _from_torch(block_mask, B, H)

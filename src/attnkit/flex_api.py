@@ -234,17 +234,18 @@ def _listing_key(bm) -> tuple:
             tuple(bm.seq_lengths), tuple(bm.BLOCK_SIZE))
 
 
-def _from_torch(bm, B: int, H: int) -> MaskMod:
-    """A ``BlockMask``'s listing as the engine runs it: the :class:`BlockGrid`, or the kind
-    it amounts to (:func:`_recognise`), cached while the listing and ``mask_mod`` are the
-    same objects, unmodified."""
+def _from_torch(bm, B: int, H: int, grid: BlockGrid | None = None) -> MaskMod:
+    """A ``BlockMask`` as the engine runs it: ``grid`` (default: its listing read as torch's
+    kernels read it, :func:`~attnkit.block_mask.grid_of`), or the kind that amounts to
+    (:func:`_recognise`), cached while the listing and ``mask_mod`` are the same objects,
+    unmodified."""
     if torch.compiler.is_compiling():  # recognition reads values: not inside a graph
-        return grid_of(bm)
+        return grid_of(bm) if grid is None else grid
     key, listed = (id(bm), B, H), _listing_key(bm)
     hit = _recognised.get(key)
     if hit is not None and hit[0] is bm and hit[1] == listed:
         return hit[2]
-    grid = grid_of(bm)
+    grid = grid_of(bm) if grid is None else grid
     try:
         mod = _recognise(grid, B, H) or grid
     except Exception:  # noqa: BLE001 - a mask_mod the probe cannot run: keep it opaque
