@@ -585,6 +585,28 @@ def _max_scores(query, key, mask, score, scale: float) -> Tensor:
     return torch.cat(rows, -1)  # (B, H, T)
 
 
+def _in_query_layout(out: Tensor, query: Tensor) -> Tensor:
+    """``out`` laid out in memory as ``query`` is (torch's rule, ``_permute_strides``: dims
+    filled in the order of the query's strides, ties innermost by index, the head dim
+    innermost); a copy only when the strides differ."""
+    fill: list[int] = []  # innermost first; an insertion sort (no sort key: symbolic strides)
+    for d in range(4):
+        i = 0
+        while i < len(fill) and not query.stride(d) < query.stride(fill[i]):
+            i += 1
+        fill.insert(i, d)
+    if fill[0] != 3:  # the head dim is always innermost
+        fill.remove(3)
+        fill.insert(0, 3)
+    strides, step = [0, 0, 0, 0], 1
+    for d in fill:
+        strides[d] = step
+        step *= out.size(d)
+    if all(out.stride(d) == strides[d] for d in range(4) if out.size(d) > 1):
+        return out  # the same layout (a size-1 dim's stride places nothing)
+    return out.new_empty_strided(out.shape, strides).copy_(out)  # (B, H, T, Dv)
+
+
 def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, block_mask=None,
                    scale: float | None = None, enable_gqa: bool = False,
                    return_lse: bool = False, kernel_options=None, *, return_aux=None):
@@ -605,7 +627,8 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, bl
         return_aux: ``AuxRequest(lse=..., max_scores=...)``.
 
     Returns:
-        ``out (B, H, T, Dv)`` in the query's dtype; ``(out, lse)`` with ``return_lse``;
+        ``out (B, H, T, Dv)`` in the query's dtype and memory layout; ``(out, lse)`` with
+        ``return_lse``;
         ``(out, AuxOutput(lse, max_scores))`` with ``return_aux`` (float32, float64 for
         float64 queries; natural log; ``-inf`` where a row sees no key). Rows that see no
         key are zeros. Differentiable (``out`` and ``lse``) on every device.
@@ -642,6 +665,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, bl
     result = engine.attention(query, key, value, score_mod=score, scale=scale,
                               return_lse=want_lse, **mask)
     out, lse = result if want_lse else (result, None)
+    out = _in_query_layout(out, query)
     if return_aux is None:
         return (out, lse) if return_lse else out
     max_scores = None
