@@ -40,16 +40,17 @@ tiles.
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.nn.attention import flex_attention as _torch_flex
 
-from .block_mask import (BlockGrid, BlockMask, _merged, _opaque, check_block_mask, grid_of,
-                         is_block_mask, partial_mod_of, run_mask)
-from .masks.base import And, MaskFn, MaskMod, Or, _index, as_mask_mod
+from .block_mask import (BlockGrid, BlockMask, _merged, _opaque, grid_of, is_block_mask,
+                         partial_mod_of, run_mask)
+from .flex_checks import (aux_wanted, check_batch, check_inputs, check_kernel_options,
+                          in_query_layout, max_scores)
+from .masks.base import And, MaskFn, MaskMod, Or, _index
 from .scores import ScoreFn, ScoreMod
 from .summary import EMPTY, FULL, PARTIAL, BlockSummary
 
@@ -460,101 +461,6 @@ def create_block_mask(mask_mod, B: int | None, H: int | None, Q_LEN: int, KV_LEN
 
 # --- flex_attention ----------------------------------------------------------------------------
 
-_warned: set = set()
-
-
-def _check_inputs(query, key, value, enable_gqa: bool) -> None:
-    """torch's input checks, in torch's order, with torch's texts."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if query.is_nested or key.is_nested or value.is_nested:
-        raise NotImplementedError(
-            "flex_attention does not support NestedTensor inputs, including "
-            "torch.compile(flex_attention) with jagged NestedTensor inputs. "
-            "Convert inputs to dense tensors before calling flex_attention.")
-    if query.device != key.device or query.device != value.device:
-        raise ValueError(
-            f"Expected query, key, and value to have the same device type, "
-            f"but got query.device: {query.device}, key.device: {key.device}, "
-            f"and value.device: {value.device} instead.")
-    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
-        raise ValueError(
-            f"Expected query, key, and value to all be  at least 2 dimensional, but got "
-            f"query.dim: {query.dim()}, key.dim: {key.dim()} and value.dim: {value.dim()} "
-            f"instead.")
-    if query.size(-1) != key.size(-1):
-        raise ValueError(
-            f"Expect query and key/value to have the same embedding dimension "
-            f"but got E={query.size(-1)} and E={key.size(-1)}.")
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise NotImplementedError("NYI: query, key, and value must be 4D tensors")
-    if not enable_gqa and query.size(-3) != key.size(-3):
-        raise ValueError(
-            f"Expect query and key/value to have the same number of heads "
-            f"but got Hq={query.size(-3)} and Hkv={key.size(-3)}. "
-            f"Try setting enable_gqa=True for GQA.")
-    if enable_gqa and query.size(1) % key.size(1) != 0:
-        raise ValueError(
-            f"Expect number of query heads to be a multiple of kv heads for GQA "
-            f"but got Hq={query.size(1)} and Hkv={key.size(1)}.")
-
-
-def _check_batch(query, key, value, block_mask) -> None:
-    """torch's rule for a key/value batch that differs from the query's: only with a block
-    mask of the query's batch, and only a batch of 1 (broadcast)."""
-    Bq, Bkv = query.size(0), key.size(0)
-    if value.size(0) != Bkv:
-        raise ValueError(f"key and value must have the same batch size, got key {Bkv} and "
-                         f"value {value.size(0)}")
-    if Bq == Bkv:
-        return
-    if block_mask is None:
-        raise ValueError(
-            f"Expect query and key/value to have the same batch size, "
-            f"or non-none block_mask, "
-            f"but got block_mask=None, Bq={Bq}, and Bkv={Bkv}.")
-    if is_block_mask(block_mask) and block_mask.kv_num_blocks.size(0) != Bq:
-        raise ValueError(
-            f"Expect query and key/value to have the same batch size, "
-            f"or block_mask and query to have the same batch size, "
-            f"but got Bq={Bq}, Bkv={Bkv}, B_block_mask={block_mask.kv_num_blocks.size(0)}.")
-    if Bkv != 1:
-        raise RuntimeError(f"Bq and Bkv must broadcast. Got Bq={Bq} and Bkv={Bkv}")
-
-
-def _check_kernel_options(kernel_options) -> None:
-    """The options torch itself refuses before any kernel runs (the rest are ignored)."""
-    if not kernel_options:
-        return
-    if "BACKEND" in kernel_options and kernel_options.get("FORCE_USE_FLEX_ATTENTION", False):
-        raise RuntimeError(
-            "BACKEND cannot be combined with legacy FORCE_USE_FLEX_ATTENTION. "
-            "BACKEND supersedes the legacy knob; please drop FORCE_USE_FLEX_ATTENTION "
-            "and only specify the desired BACKEND.")
-    valid = ("AUTO", "TRITON", "FLASH", "TRITON_DECODE")
-    if "BACKEND" in kernel_options and kernel_options["BACKEND"] not in valid:
-        raise ValueError(f"Invalid BACKEND value '{kernel_options['BACKEND']}'. "
-                         f"Must be one of {valid}")
-
-
-def _aux_wanted(return_lse: bool, return_aux) -> tuple[bool, bool]:
-    """``(lse, max_scores)`` to compute, with torch's rules for the two spellings."""
-    if return_lse and return_aux is not None:
-        raise ValueError(
-            "Cannot specify both return_lse and return_aux. "
-            "return_lse is deprecated, please use return_aux=AuxRequest(lse=True) instead.")
-    if return_lse and "return_lse" not in _warned:
-        _warned.add("return_lse")
-        if not torch.compiler.is_compiling():
-            warnings.warn("return_lse is deprecated and will be removed in v2.10. "
-                          "Please use return_aux=AuxRequest(lse=True) instead.",
-                          FutureWarning, stacklevel=3)
-    if return_aux is None:
-        return bool(return_lse), False
-    return bool(return_aux.lse), bool(return_aux.max_scores)
-
-
 def _as_score(score_mod):
     if score_mod is None or score_mod is _identity or isinstance(score_mod, ScoreMod):
         return None if score_mod is _identity else score_mod
@@ -562,49 +468,6 @@ def _as_score(score_mod):
         return TorchScoreFn(score_mod)
     raise TypeError(f"score_mod must be a callable score_mod(score, b, h, q_idx, kv_idx) or "
                     f"an attnkit score description, got {type(score_mod).__name__}")
-
-
-def _max_scores(query, key, mask, score, scale: float) -> Tensor:
-    """``(B, H, T)``: the largest score (after ``score_mod``, natural units) each query row
-    sees, ``-inf`` where it sees none (torch's ``AuxOutput.max_scores``); 256 rows at a
-    time, float32 (float64 for float64 queries), no gradient, as in torch."""
-    B, H, T, _ = query.shape
-    S, G = key.shape[2], query.shape[1] // key.shape[1]
-    work = torch.float64 if query.dtype == torch.float64 else torch.float32
-    with torch.no_grad():
-        k = key.repeat_interleave(G, dim=1).to(work)  # (B, H, S, D)
-        rows = []
-        for q0 in range(0, T, 256):
-            q1 = min(q0 + 256, T)
-            s = query[:, :, q0:q1].to(work) @ k.transpose(-1, -2) * scale  # (B, H, nq, S)
-            if score is not None:
-                s = score.resolve(T, S).tile(s, q0, q1, 0, S)
-            if mask is not None:
-                s = s.masked_fill(~mask.tile(B, H, q0, q1, 0, S, query.device), float("-inf"))
-            rows.append(s.amax(-1))
-    return torch.cat(rows, -1)  # (B, H, T)
-
-
-def _in_query_layout(out: Tensor, query: Tensor) -> Tensor:
-    """``out`` laid out in memory as ``query`` is (torch's rule, ``_permute_strides``: dims
-    filled in the order of the query's strides, ties innermost by index, the head dim
-    innermost); a copy only when the strides differ."""
-    fill: list[int] = []  # innermost first; an insertion sort (no sort key: symbolic strides)
-    for d in range(4):
-        i = 0
-        while i < len(fill) and not query.stride(d) < query.stride(fill[i]):
-            i += 1
-        fill.insert(i, d)
-    if fill[0] != 3:  # the head dim is always innermost
-        fill.remove(3)
-        fill.insert(0, 3)
-    strides, step = [0, 0, 0, 0], 1
-    for d in fill:
-        strides[d] = step
-        step *= out.size(d)
-    if all(out.stride(d) == strides[d] for d in range(4) if out.size(d) > 1):
-        return out  # the same layout (a size-1 dim's stride places nothing)
-    return out.new_empty_strided(out.shape, strides).copy_(out)  # (B, H, T, Dv)
 
 
 def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, block_mask=None,
@@ -644,15 +507,15 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, bl
     """
     from . import engine
 
-    _check_inputs(query, key, value, enable_gqa)
+    check_inputs(query, key, value, enable_gqa)
     described = isinstance(block_mask, MaskMod)
     if block_mask is not None and not described and not is_block_mask(block_mask):
         raise TypeError(f"block_mask must be a BlockMask (torch's or attnkit's "
                         f"create_block_mask), an attnkit mask description, or None; got "
                         f"{type(block_mask).__name__}")
-    _check_batch(query, key, value, block_mask)
-    want_lse, want_max = _aux_wanted(return_lse, return_aux)
-    _check_kernel_options(kernel_options)
+    check_batch(query, key, value, block_mask)
+    want_lse, want_max = aux_wanted(return_lse, return_aux)
+    check_kernel_options(kernel_options)
     if key.dtype != query.dtype and key.is_floating_point():
         key = key.to(query.dtype)
     if value.dtype != query.dtype and value.is_floating_point():
@@ -665,15 +528,15 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, bl
     result = engine.attention(query, key, value, score_mod=score, scale=scale,
                               return_lse=want_lse, **mask)
     out, lse = result if want_lse else (result, None)
-    out = _in_query_layout(out, query)
+    out = in_query_layout(out, query)
     if return_aux is None:
         return (out, lse) if return_lse else out
-    max_scores = None
+    maxes = None
     if want_max:
         if described:
             run = block_mask.resolve(query.size(-2), key.size(-2))
         else:
             run = None if block_mask is None else run_mask(block_mask, *query.shape[:2])
         s = query.size(-1) ** -0.5 if scale is None else scale
-        max_scores = _max_scores(query, key, run, score, s)
-    return out, AuxOutput(lse=lse, max_scores=max_scores)
+        maxes = max_scores(query, key, run, score, s)
+    return out, AuxOutput(lse=lse, max_scores=maxes)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import attnkit
+import attnkit.flex_checks
 from attnkit import flex_api as F
 from attnkit import masks as M
 from attnkit.block_mask import BlockGrid, kinds_of
@@ -393,7 +394,7 @@ def test_aux_outputs_lse_and_max_scores():
     _, only = attnkit.flex_attention(q, k, v, block_mask=bm,
                                      return_aux=F.AuxRequest(max_scores=True))
     assert only.lse is None and only.max_scores.shape == (2, 2, 70)
-    F._warned.discard("return_lse")
+    attnkit.flex_checks._warned.discard("return_lse")
     with pytest.warns(FutureWarning, match="return_lse is deprecated"):
         _, lse = attnkit.flex_attention(q, k, v, score_mod=rel, block_mask=bm, return_lse=True)
     torch.testing.assert_close(lse, aux.lse)
