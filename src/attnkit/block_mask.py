@@ -49,9 +49,15 @@ _sliced_error = getattr(_torch_flex, "_sliced_mask_mod_error", None)
 def listing(sel: Tensor) -> tuple[Tensor, Tensor]:
     """torch's ordered listing of the tiles ``sel (..., nQ, nK)`` marks: ``counts (..., nQ)``
     and ``indices (..., nQ, nK)``, int32, the listed columns first in ascending order, then
-    the rest (what torch's ``_dense_to_ordered`` gives)."""
-    order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
-    return sel.sum(-1, dtype=torch.int32).contiguous(), order.to(torch.int32).contiguous()
+    the rest (what torch's ``_dense_to_ordered``, a stable argsort, gives), in ``O(nQ x nK)``:
+    each column's slot is the number of columns of its kind before it."""
+    taken = sel.to(torch.int64)
+    counts = taken.sum(-1, keepdim=True)  # (..., nQ, 1)
+    slot = torch.where(sel, taken.cumsum(-1) - 1, counts + (1 - taken).cumsum(-1) - 1)
+    columns = torch.arange(sel.shape[-1], dtype=torch.int32, device=sel.device)
+    indices = torch.empty(sel.shape, dtype=torch.int32, device=sel.device)
+    indices.scatter_(-1, slot, columns.expand(sel.shape))  # (..., nQ, nK)
+    return counts.squeeze(-1).to(torch.int32), indices
 
 
 def kinds_of(bm, device=None) -> Tensor:
@@ -226,8 +232,47 @@ def _merged(kind: Tensor, seq_lengths, block_size) -> BlockSummary:
 
 # --- the mask format ------------------------------------------------------------------------
 
-def _tensor_key(t):
-    return None if t is None else (id(t), t._version)
+_LISTING = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+            "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+def _listed(name: str) -> property:
+    """A listing attribute of :class:`BlockMask`: computed from the tiles on first read (the
+    engine never needs it: ``create_block_mask`` stays ``O(nQ x nK)`` interval arithmetic),
+    and every assignment counted, so that a mask whose listing was replaced is noticed."""
+
+    def get(self):
+        values = self.__dict__
+        if name not in values:
+            lazy = values.get("_lazy")
+            if lazy is None:
+                raise AttributeError(name)
+            tensors = {n: t for n, t in _listings(*lazy).items() if n not in values}
+            if torch.compiler.is_compiling():  # no side effect inside a traced graph
+                return tensors[name]
+            values.update(tensors)
+            values["_born"] = {n: t._version for n, t in tensors.items() if t is not None}
+            del values["_lazy"]
+        return values[name]
+
+    def set(self, value):
+        self.__dict__[name] = value
+        self.__dict__["_edits"] = self.__dict__.get("_edits", 0) + 1
+
+    return property(get, set, doc=f"torch's ``{name}`` (computed on first read)")
+
+
+def _listings(listed: Tensor, separate_full_blocks: bool) -> dict:
+    """torch's eight listing tensors for ``listed (B, H, nQ, nK)`` kinds (what
+    ``from_kv_blocks`` computes, the ``q_*`` being the transposed listings)."""
+    out = dict.fromkeys(_LISTING)
+    for prefix, code in (("", PARTIAL), ("full_", FULL)):
+        if code == FULL and not separate_full_blocks:
+            continue
+        sel = listed == code
+        out[f"{prefix}kv_num_blocks"], out[f"{prefix}kv_indices"] = listing(sel)
+        out[f"{prefix}q_num_blocks"], out[f"{prefix}q_indices"] = listing(sel.transpose(-1, -2))
+    return out
 
 
 class BlockMask(_TorchBlockMask):
@@ -238,7 +283,8 @@ class BlockMask(_TorchBlockMask):
     :meth:`as_mask` is what attnkit's engine runs for it, :attr:`summary` its tiles, and
     :meth:`to_torch` a plain torch ``BlockMask`` with the same listing and ``mask_mod``.
     Replacing its tensors or ``mask_mod`` (as torch's own code does after indexing) is
-    noticed: the listing and the new ``mask_mod`` are then read as torch reads them.
+    noticed: the listing and the new ``mask_mod`` are then read as torch reads them. The
+    listing tensors of a mask made from a description are computed when first read.
     """
 
     # (id(mask_mod), MaskMod, lengths): what partial tiles run, for as long as mask_mod is
@@ -248,8 +294,12 @@ class BlockMask(_TorchBlockMask):
     _plan = None
 
     def _key(self):
-        ts = (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)
-        return (tuple(_tensor_key(t) for t in ts), id(self.mask_mod), tuple(self.seq_lengths),
+        values = self.__dict__
+        # a listing still to be computed counts as unmodified, as it will be when read
+        born = values.get("_born", {})
+        versions = tuple(values[n]._version - born.get(n, 0) if values.get(n) is not None
+                         else (0 if n not in values else None) for n in _LISTING[:4])
+        return (values.get("_edits", 0), versions, id(self.mask_mod), tuple(self.seq_lengths),
                 tuple(self.BLOCK_SIZE))
 
     @classmethod
@@ -269,10 +319,14 @@ class BlockMask(_TorchBlockMask):
         if not separate_full_blocks:
             listed[listed == FULL] = PARTIAL
         listed = listed.expand(B, H, *listed.shape[-2:]).to(device)  # (B, H, nQ, nK)
-        kv_num, kv_idx = listing(listed == PARTIAL)
-        full_num, full_idx = listing(listed == FULL) if separate_full_blocks else (None, None)
-        bm = cls.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bq, bk),
-                                mask_mod=mask_mod, seq_lengths=(T, S))
+        bm = cls.__new__(cls)
+        for name in getattr(_TorchBlockMask, "_TENSOR_ATTRS", ()):  # torch's other metadata
+            if name not in _LISTING:
+                bm.__dict__[name] = None
+        bm.__dict__.update(seq_lengths=(T, S), BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
+                           dq_kv_order_spt=None, _lazy=(listed, separate_full_blocks))
+        if not separate_full_blocks:  # known now: no full tiles listed
+            bm.__dict__.update(dict.fromkeys(n for n in _LISTING if n.startswith("full_")))
         inner = _Everything() if description is None else description
         bm._inner = (id(bm.mask_mod), inner, (T, S))
         run = description
@@ -319,14 +373,15 @@ class BlockMask(_TorchBlockMask):
     def to_torch(self) -> _TorchBlockMask:
         """A plain torch ``BlockMask`` with the same tensors and ``mask_mod``."""
         out = _TorchBlockMask.__new__(_TorchBlockMask)
-        out.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_inner", "_plan")})
+        out.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
+        out.__dict__.update({n: getattr(self, n) for n in _LISTING})
         return out
 
     # -- torch's methods that build new masks, kept in this class ---------------------------
 
     def _rewrap(self, bm) -> "BlockMask":
         out = type(self).__new__(type(self))
-        out.__dict__.update(bm.__dict__)
+        out.__dict__.update(bm.__dict__)  # torch's attributes, the listing among them
         out._inner = self._inner if self._inner is not None else (
             id(self.mask_mod), *self._partial_mod())
         out._plan = None  # a new listing: read as torch reads it
@@ -479,3 +534,7 @@ def run_mask(block_mask, B: int, H: int) -> MaskMod | None:
             run = plan[1]
             return _from_torch(block_mask, B, H, run) if isinstance(run, BlockGrid) else run
     return _from_torch(block_mask, B, H)
+
+
+for _name in _LISTING:
+    setattr(BlockMask, _name, _listed(_name))

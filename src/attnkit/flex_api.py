@@ -59,6 +59,7 @@ __all__ = [
     "AuxRequest",
     "BlockGrid",
     "BlockMask",
+    "FlexKernelOptions",
     "TorchMaskFn",
     "TorchScoreFn",
     "and_masks",
@@ -70,6 +71,7 @@ __all__ = [
 ]
 
 noop_mask = _torch_flex.noop_mask  # torch's own function: identity checks keep working
+FlexKernelOptions = getattr(_torch_flex, "FlexKernelOptions", dict)  # accepted, checked
 _identity = getattr(_torch_flex, "_identity", None)
 _NOOP_BLOCK = getattr(_torch_flex, "_LARGE_SPARSE_BLOCK_SIZE", 1 << 30)
 
