@@ -10,7 +10,8 @@ Layers, each using only the ones above it:
 * :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point;
   :func:`attnkit.varlen_attention` - packed sequences, flash-attn's varlen convention.
 * :func:`attnkit.flex_attention` / :func:`attnkit.create_block_mask` - FlexAttention's
-  front end, run eagerly (no compile, gradients on CPU).
+  front end (all of torch's names in :mod:`attnkit.flex_api`), run eagerly (no compile,
+  gradients on CPU).
 * :mod:`attnkit.tutorial` - the tutorial's ladder of attention classes, rung by rung.
 * :class:`attnkit.MultiHeadAttention` - the production module (GQA, RoPE, KV cache,
   cached cross-attention context).
