@@ -236,6 +236,31 @@ _LISTING = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indice
             "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 
 
+class _Same:
+    """An object compared by identity inside a key (a ``mask_mod`` may define ``==``, and
+    an id alone may be reused once its object is gone: this keeps it alive)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+def listing_key(bm) -> tuple:
+    """What a cache of anything derived from a ``BlockMask``'s listing must compare: its
+    listing tensors and ``mask_mod`` (the objects, kept alive, and their in-place versions),
+    lengths and block size."""
+    ts = (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)
+    return (tuple(None if t is None else (_Same(t), t._version) for t in ts),
+            _Same(bm.mask_mod), tuple(bm.seq_lengths), tuple(bm.BLOCK_SIZE))
+
+
 def _listed(name: str) -> property:
     """A listing attribute of :class:`BlockMask`: computed from the tiles on first read (the
     engine never needs it: ``create_block_mask`` stays ``O(nQ x nK)`` interval arithmetic),
@@ -287,7 +312,7 @@ class BlockMask(_TorchBlockMask):
     listing tensors of a mask made from a description are computed when first read.
     """
 
-    # (id(mask_mod), MaskMod, lengths): what partial tiles run, for as long as mask_mod is
+    # (mask_mod, MaskMod, lengths): what partial tiles run, for as long as ``mask_mod`` is
     # the object it was made for; and (listing key, MaskMod or None, BlockSummary): what the
     # engine runs, for as long as the listing is the one it was made for.
     _inner = None
@@ -299,8 +324,8 @@ class BlockMask(_TorchBlockMask):
         born = values.get("_born", {})
         versions = tuple(values[n]._version - born.get(n, 0) if values.get(n) is not None
                          else (0 if n not in values else None) for n in _LISTING[:4])
-        return (values.get("_edits", 0), versions, id(self.mask_mod), tuple(self.seq_lengths),
-                tuple(self.BLOCK_SIZE))
+        return (values.get("_edits", 0), versions, tuple(self.seq_lengths),
+                tuple(self.BLOCK_SIZE), _Same(self.mask_mod))
 
     @classmethod
     def _described(cls, description, kind: Tensor, summary: BlockSummary, *, mask_mod, B: int,
@@ -328,7 +353,7 @@ class BlockMask(_TorchBlockMask):
         if not separate_full_blocks:  # known now: no full tiles listed
             bm.__dict__.update(dict.fromkeys(n for n in _LISTING if n.startswith("full_")))
         inner = _Everything() if description is None else description
-        bm._inner = (id(bm.mask_mod), inner, (T, S))
+        bm._inner = (bm.mask_mod, inner, (T, S))
         run = description
         if description is not None and _opaque(description):
             run = BlockGrid(description, kind, bq, bk, (T, S), authoritative=False)
@@ -340,7 +365,7 @@ class BlockMask(_TorchBlockMask):
     def _partial_mod(self) -> tuple:
         """``(MaskMod, lengths)`` that decides inside partial tiles."""
         inner = self._inner
-        if inner is not None and inner[0] == id(self.mask_mod):
+        if inner is not None and inner[0] is self.mask_mod:
             return inner[1], inner[2]
         return partial_mod_of(self.mask_mod), tuple(self.seq_lengths)
 
@@ -383,7 +408,7 @@ class BlockMask(_TorchBlockMask):
         out = type(self).__new__(type(self))
         out.__dict__.update(bm.__dict__)  # torch's attributes, the listing among them
         out._inner = self._inner if self._inner is not None else (
-            id(self.mask_mod), *self._partial_mod())
+            self.mask_mod, *self._partial_mod())
         out._plan = None  # a new listing: read as torch reads it
         return out
 
@@ -431,7 +456,7 @@ class BlockMask(_TorchBlockMask):
                                         BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
                                         seq_lengths=(new_q_len, new_kv_len),
                                         compute_q_blocks=self.q_indices is not None)
-        out._inner = (id(self.mask_mod), *self._partial_mod())
+        out._inner = (self.mask_mod, *self._partial_mod())
         return out
 
 

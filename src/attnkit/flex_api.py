@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.nn.attention import flex_attention as _torch_flex
 
 from .block_mask import (BlockGrid, BlockMask, _merged, _opaque, grid_of, is_block_mask,
-                         partial_mod_of, run_mask)
+                         listing_key, partial_mod_of, run_mask)
 from .flex_checks import (aux_wanted, check_batch, check_inputs, check_kernel_options,
                           in_query_layout, max_scores)
 from .masks.base import And, MaskFn, MaskMod, Or, _index
@@ -231,12 +231,6 @@ def _recognise(grid: BlockGrid, B: int, H: int) -> MaskMod | None:
 _recognised: dict = {}  # (id(BlockMask), B, H) -> (BlockMask, listing key, MaskMod), a few
 
 
-def _listing_key(bm) -> tuple:
-    ts = (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)
-    return (tuple(None if t is None else (id(t), t._version) for t in ts), id(bm.mask_mod),
-            tuple(bm.seq_lengths), tuple(bm.BLOCK_SIZE))
-
-
 def _from_torch(bm, B: int, H: int, grid: BlockGrid | None = None) -> MaskMod:
     """A ``BlockMask`` as the engine runs it: ``grid`` (default: its listing read as torch's
     kernels read it, :func:`~attnkit.block_mask.grid_of`), or the kind that amounts to
@@ -244,7 +238,7 @@ def _from_torch(bm, B: int, H: int, grid: BlockGrid | None = None) -> MaskMod:
     unmodified."""
     if torch.compiler.is_compiling():  # recognition reads values: not inside a graph
         return grid_of(bm) if grid is None else grid
-    key, listed = (id(bm), B, H), _listing_key(bm)
+    key, listed = (id(bm), B, H), listing_key(bm)
     hit = _recognised.get(key)
     if hit is not None and hit[0] is bm and hit[1] == listed:
         return hit[2]
