@@ -10,7 +10,8 @@ Layers, each using only the ones above it:
 * :func:`attnkit.attention` / :func:`attnkit.explain` - the engine entry point;
   :func:`attnkit.varlen_attention` - packed sequences, flash-attn's varlen convention.
 * :func:`attnkit.flex_attention` / :func:`attnkit.create_block_mask` - FlexAttention's
-  front end, run eagerly (no compile, gradients on CPU).
+  front end (all of torch's names in :mod:`attnkit.flex_api`), run eagerly (no compile,
+  gradients on CPU).
 * :mod:`attnkit.flash_attn` - flash-attn 2's functions (``flash_attn_func``, varlen, KV cache
   with block tables) and :mod:`attnkit.nn` - a drop-in ``torch.nn.MultiheadAttention``: the
   peers' own dialects on the engine (imported on use).

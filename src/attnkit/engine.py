@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import _display
 from .backends import available_backends, chunked, get_backend
+from .masks.base import And, as_mask_mod
 from .spec import Call, MaskSpec
 from .summary import BlockSummary
 
@@ -69,13 +70,25 @@ def check_qkv(q, k, v, *, expected: str = "4-D (B, heads, length, head_dim)",
 
 # The arguments of attention() that describe the mask and scores (MaskSpec.from_args).
 _DESCRIPTION_ARGS = ("mask", "causal", "causal_align", "window", "key_padding_mask", "mask_mod",
-                     "score_mod", "softcap", "alibi_slopes", "bias", "sinks")
+                     "score_mod", "softcap", "alibi_slopes", "bias", "sinks", "block_mask")
+
+
+def _with_block_mask(q, k, args: dict) -> dict:
+    """``args`` with ``block_mask`` (torch's or attnkit's ``BlockMask``) checked as torch's
+    ``flex_attention`` checks it and joined to ``mask_mod`` as the description it runs."""
+    from .block_mask import check_block_mask, run_mask
+
+    check_block_mask(args["block_mask"], q, k)
+    mod = run_mask(args["block_mask"], q.shape[0], q.shape[1])
+    if mod is not None and args["mask_mod"] is not None:
+        mod = And((as_mask_mod(args["mask_mod"]), mod))
+    return dict(args, mask_mod=args["mask_mod"] if mod is None else mod)
 
 
 def _build_spec(spec, args: dict) -> MaskSpec:
     """One :class:`MaskSpec` from ``spec=`` or from the separate arguments (not both)."""
     if spec is None:
-        return MaskSpec.from_args(**{n: args[n] for n in _DESCRIPTION_ARGS})
+        return MaskSpec.from_args(**{n: args[n] for n in _DESCRIPTION_ARGS if n != "block_mask"})
     if not isinstance(spec, MaskSpec):
         raise TypeError(f"spec must be an attnkit.masks.MaskSpec, got {type(spec).__name__}")
     defaults = _SIGNATURE.parameters
@@ -102,6 +115,8 @@ def _prepare(q, k, v, args: dict) -> Call:
     """Validate a call and lower it (the one place a call's description is resolved)."""
     check_qkv(q, k, v)
     _check_scalars(args["dropout_p"], args["scale"])
+    if args["block_mask"] is not None and args["spec"] is None:
+        args = _with_block_mask(q, k, args)
     spec = _build_spec(args["spec"], args)
     B, H, T, D = q.shape
     spec.validate(B, H, T, k.shape[2])
@@ -213,6 +228,7 @@ def attention(
     alibi_slopes: Tensor | None = None,
     bias: Tensor | None = None,
     sinks: Tensor | None = None,
+    block_mask=None,
 ):
     """Scaled dot-product attention with described masks and scores and a choice of engine.
 
@@ -253,6 +269,11 @@ def attention(
             position bias, float masks with ``-inf``); it gets a gradient on chunked/math.
         sinks: ``(H,)`` float, one learnable logit per head added to the softmax
             denominator (gpt-oss attention sinks); exact gradient on every backend.
+        block_mask: a FlexAttention ``BlockMask`` (torch's ``create_block_mask`` or
+            :func:`attnkit.create_block_mask`) made for exactly these ``(T, S)`` (torch's
+            ``block_mask was created for ...`` error otherwise; ``_adjust`` crops one), ANDed
+            with the other mask arguments: attnkit's runs its description, torch's its
+            listing (unlisted tiles hidden, ``mask_mod`` inside partial tiles only).
 
     Returns:
         ``out (B, H, T, D)`` in the input dtype; with ``return_weights`` and/or
@@ -265,14 +286,16 @@ def attention(
         ValueError: rank != 4, mismatched batch/head_dim/length, ``H % Hkv != 0``, a mask,
             bias, slopes or sinks that do not fit, ``window < 1``, unknown ``causal_align``
             or backend, dropout outside [0, 1), a zero or non-finite scale, ``spec=`` with
-            other mask arguments, or a named backend that cannot serve the call (with the
-            reason).
+            other mask arguments, a ``block_mask`` made for other lengths, or a named
+            backend that cannot serve the call (with the reason).
+        RuntimeError: a ``block_mask`` on another device than ``q``, or sliced without its
+            ``mask_mod`` set again (torch's texts).
     """
     args = dict(mask=mask, causal=causal, causal_align=causal_align, window=window,
                 key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale,
                 backend=backend, return_lse=return_lse, return_weights=return_weights,
                 spec=spec, mask_mod=mask_mod, score_mod=score_mod, softcap=softcap,
-                alibi_slopes=alibi_slopes, bias=bias, sinks=sinks)
+                alibi_slopes=alibi_slopes, bias=bias, sinks=sinks, block_mask=block_mask)
     call = _prepare(q, k, v, args)
     if backend == "auto":
         name = _rank(q, k, v, call, args)[0][0]  # asked every backend: no second check

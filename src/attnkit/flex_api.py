@@ -1,66 +1,99 @@
-"""FlexAttention's front end, run eagerly by attnkit: no compile, no recompiles, gradients
-on CPU.
+"""torch's FlexAttention API (``torch.nn.attention.flex_attention``), run by attnkit's engine:
+no compile, no recompiles, gradients on CPU, and the same names, arguments, defaults and
+errors as torch, so code written for FlexAttention runs unchanged::
 
-:func:`flex_attention` has ``torch.nn.attention.flex_attention``'s signature and semantics,
-so code written for FlexAttention runs unchanged on attnkit's backends (``chunked`` for long
-or sparse calls, ``sdpa``/``math`` for small ones; never the compiled ``flex`` backend)::
-
-    from torch.nn.attention.flex_attention import create_block_mask   # or attnkit's
-    block_mask = create_block_mask(causal, None, None, T, T, device="cpu")
-    out = attnkit.flex_attention(q, k, v, score_mod=softcap, block_mask=block_mask)
+    from attnkit.flex_api import create_block_mask, flex_attention   # or torch's create_block_mask
+    block_mask = create_block_mask(causal, None, None, T, T)
+    out = flex_attention(q, k, v, score_mod=softcap, block_mask=block_mask)
     out.sum().backward()                                      # exact, on CPU
 
-What each argument becomes:
-
-* a torch ``BlockMask`` is read as the plan: its ``kv_num_blocks``/``kv_indices`` (partial
-  tiles) and ``full_kv_*`` (full tiles) become a per-tile grid (:class:`BlockGrid`) at its
-  ``BLOCK_SIZE``; tiles it does not list are skipped, its full tiles get no mask, and its
-  ``mask_mod`` is evaluated only on the partial tiles, exactly torch's semantics. One whose
-  ``mask_mod`` is a native kind (causal, windows, documents, ...; checked against its block
-  structure, :func:`_recognise`) runs as that kind, so plain causal reaches SDPA's
-  ``is_causal``. The
-  ``mask_mod`` is called on broadcast index tensors (``b (B,1,1,1)``, ``h (1,H,1,1)``,
-  ``q_idx (1,1,nq,1)``, ``kv_idx (1,1,1,nk)``); one that only works on scalars is run under
-  ``torch.vmap`` as torch does (:class:`TorchMaskFn`), and it is read
-  (:mod:`attnkit.masks.traced`): a ``mask_mod`` that is a native kind runs as that kind;
-* an attnkit :class:`BlockMask` (from :func:`create_block_mask`) keeps the description, so
-  the backend also sees its interval arithmetic at its own tile sizes;
-* ``score_mod(score, b, h, q_idx, kv_idx)`` is a score function (:class:`TorchScoreFn`);
-  the tensors it reads (found by running it: ``self.bias``, lists, dicts, nested closures)
-  get gradients.
-
-:func:`create_block_mask` builds the block summary from the description's interval
-arithmetic where the kind has one (causal, windows, documents, prefix-LM, dilated, ...:
-``O(nQ x nK)`` work, no ``T x S`` tensor); a ``mask_mod`` callable is read first (a native
-kind, or interval summaries of its traced program with only undecided tiles evaluated), and
-only one that cannot be read has its tiles evaluated, one row of tiles at a time.
+* :func:`flex_attention` checks its arguments as torch does (torch's error texts), then is
+  ``attnkit.attention(q, k, v, block_mask=..., score_mod=..., scale=...)``: the cheapest
+  backend ``auto`` picks runs it, and :func:`attnkit.explain` with the same ``block_mask=``
+  and ``score_mod=`` says which. A key/value batch of 1 serves a larger query batch (with a
+  block mask of the query batch, as torch requires); keys and values of another dtype are
+  read in the query's (torch's eager rule); ``return_aux=AuxRequest(lse=..., max_scores=...)``
+  and the deprecated ``return_lse`` work, on every device. Inside ``torch.compile`` (even
+  ``fullgraph=True``) it traces into one graph with no break.
+* :func:`create_block_mask` returns a :class:`~attnkit.block_mask.BlockMask`: torch's
+  ``BlockMask`` (a subclass; torch's ``flex_attention`` takes it) that keeps the description,
+  so attnkit's backends keep its interval arithmetic. A description from
+  :mod:`attnkit.masks` is summarised by interval arithmetic (``O(nQ x nK)``, no ``T x S``
+  tensor); a flex ``mask_mod`` has its undecided tiles evaluated, one row of tiles at a time.
+* A block mask is used only at the lengths it was created for (torch's errors); ``_adjust``
+  crops it explicitly. torch's own ``BlockMask`` is read as its kernels read it: the listing
+  decides, ``mask_mod`` only inside partial tiles; one that amounts to causal or a sliding
+  window (verified exactly, :func:`_recognise`) runs as that kind.
+* :func:`create_mask`, :func:`and_masks`, :func:`or_masks`, :func:`noop_mask`,
+  :class:`AuxRequest`, :class:`AuxOutput` as in torch (``and_masks``/``or_masks`` of attnkit
+  descriptions stay descriptions).
+* ``mask_mod`` and ``score_mod`` are called on broadcast index tensors (``b (B,1,1,1)``,
+  ``h (1,H,1,1)``, ``q_idx (1,1,nq,1)``, ``kv_idx (1,1,1,nk)``); one that only works on
+  scalars runs under ``torch.vmap`` as in torch (:class:`TorchMaskFn`,
+  :class:`TorchScoreFn`); tensors a ``score_mod`` captures (a learnable bias) get gradients.
 
 Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` queries
-(torch's ``L``), ``S`` keys, ``D`` head dim, ``nQ``/``nK`` query/key tiles.
+(torch's ``L``), ``S`` keys, ``D`` head dim, ``Dv`` value head dim, ``nQ``/``nK`` query/key
+tiles.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.nn.attention import flex_attention as _torch_flex
 
-from . import _display
-from .masks.base import (MaskFn, MaskMod, as_mask_mod, broadcast_shape, reads_scalars,
+from .block_mask import (BlockGrid, BlockMask, _merged, _opaque, grid_of, is_block_mask,
+                         listing_key, partial_mod_of, run_mask)
+from .flex_checks import (aux_wanted, check_batch, check_inputs, check_kernel_options,
+                          in_query_layout, max_scores)
+from .masks.base import (And, MaskFn, MaskMod, Or, _index, broadcast_shape, reads_scalars,
                          vmap_grid)
 from .scores import ScoreFn, ScoreMod, vmap_scores
-from .spec import MaskSpec
 from .summary import EMPTY, FULL, PARTIAL, BlockSummary
 
 __all__ = [
+    "AuxOutput",
+    "AuxRequest",
     "BlockGrid",
     "BlockMask",
+    "FlexKernelOptions",
     "TorchMaskFn",
     "TorchScoreFn",
+    "and_masks",
     "create_block_mask",
+    "create_mask",
     "flex_attention",
+    "noop_mask",
+    "or_masks",
 ]
+
+noop_mask = _torch_flex.noop_mask  # torch's own function: identity checks keep working
+FlexKernelOptions = getattr(_torch_flex, "FlexKernelOptions", dict)  # accepted, checked
+_identity = getattr(_torch_flex, "_identity", None)
+_NOOP_BLOCK = getattr(_torch_flex, "_LARGE_SPARSE_BLOCK_SIZE", 1 << 30)
+
+
+if hasattr(_torch_flex, "AuxRequest"):
+    AuxRequest = _torch_flex.AuxRequest
+    AuxOutput = _torch_flex.AuxOutput
+else:  # torch < 2.9: the same named tuples
+    from typing import NamedTuple
+
+    class AuxRequest(NamedTuple):
+        """Which auxiliary outputs :func:`flex_attention` returns (torch's ``AuxRequest``)."""
+
+        lse: bool = False
+        max_scores: bool = False
+
+    class AuxOutput(NamedTuple):
+        """The auxiliary outputs asked for, None for the others (torch's ``AuxOutput``)."""
+
+        lse: Tensor | None = None
+        max_scores: Tensor | None = None
 
 
 # --- torch-style functions ------------------------------------------------------------------
@@ -115,137 +148,6 @@ class TorchScoreFn(ScoreFn):
                 pass
             self._vmap[0] = True
         return vmap_scores(self.fn, score, b, h, q, k)
-
-
-# --- a mask read through a block grid -------------------------------------------------------
-
-def _prefix(x: Tensor) -> Tensor:
-    """2-D inclusive prefix sums with a zero row and column in front: ``(nQ+1, nK+1)``."""
-    out = torch.zeros(x.shape[0] + 1, x.shape[1] + 1, dtype=torch.int64, device=x.device)
-    out[1:, 1:] = x.to(torch.int64).cumsum(0).cumsum(1)
-    return out
-
-
-@dataclass(frozen=True, eq=False)
-class BlockGrid(MaskMod):
-    """``mod`` read through a per-tile grid ``kind (Bg, Hg, nQ, nK)`` of EMPTY / PARTIAL /
-    FULL at ``block_q x block_k`` (``Bg``, ``Hg`` are 1 or the call's B, H).
-
-    With ``authoritative`` (a torch ``BlockMask``) the grid decides, as in FlexAttention:
-    unlisted tiles are hidden, full tiles visible, ``mod`` is evaluated only in partial
-    tiles. Without it the grid is a summary of ``mod`` itself (:func:`create_block_mask`),
-    so it only narrows the block plan and ``mod`` is evaluated as is. :meth:`blocks` answers
-    for any tile size from prefix sums over the grid, ANDed with ``mod``'s own interval
-    arithmetic when that is valid.
-    """
-
-    mod: MaskMod
-    kind: Tensor
-    block_q: int
-    block_k: int
-    seq_lengths: tuple
-    authoritative: bool = True
-    _sums: dict = field(default_factory=dict, repr=False)
-
-    def _counts(self):
-        if not self._sums:
-            k = self.kind
-            self._sums["some"] = _prefix((k != EMPTY).flatten(0, -3).any(0))
-            self._sums["full"] = _prefix((k == FULL).flatten(0, -3).all(0))
-            self._sums["partial"] = _prefix((k == PARTIAL).flatten(0, -3).all(0))
-        return self._sums
-
-    def _range(self, name, q_lo, q_hi, k_lo, k_hi):
-        """How many tiles of the grid touched by each block are of ``name``, and how many
-        tiles the block touches."""
-        nq, nk = self.kind.shape[-2:]
-        r0, r1 = (q_lo // self.block_q).clamp(max=nq - 1), (q_hi // self.block_q).clamp(max=nq - 1)
-        c0, c1 = (k_lo // self.block_k).clamp(max=nk - 1), (k_hi // self.block_k).clamp(max=nk - 1)
-        P = self._counts()[name]
-        got = P[r1 + 1, c1 + 1] - P[r0, c1 + 1] - P[r1 + 1, c0] + P[r0, c0]
-        return got, (r1 - r0 + 1) * (c1 - c0 + 1)
-
-    def blocks(self, q_lo, q_hi, k_lo, k_hi):
-        dev = self.kind.device
-        q_lo, q_hi, k_lo, k_hi = (t.to(dev) for t in (q_lo, q_hi, k_lo, k_hi))
-        some, _ = self._range("some", q_lo, q_hi, k_lo, k_hi)
-        full, area = self._range("full", q_lo, q_hi, k_lo, k_hi)
-        some, every = some > 0, full == area
-        if not self.authoritative:
-            s, e = self.mod.blocks(q_lo, q_hi, k_lo, k_hi)
-            some, every = some & s, every | e
-        return some, every
-
-    def _lookup(self, b, h, q, k) -> Tensor:
-        """The grid's kind at each (b, h, q, k), broadcast."""
-        Bg, Hg = self.kind.shape[:2]
-        b = b if Bg > 1 else torch.zeros_like(b)
-        h = h if Hg > 1 else torch.zeros_like(h)
-        return self.kind[b, h, q // self.block_q, k // self.block_k]
-
-    def grid(self, b, h, q, k):
-        if not self.authoritative:
-            return self.mod.grid(b, h, q, k)
-        kd = self._lookup(b, h, q, k)
-        return (kd == FULL) | ((kd == PARTIAL) & self.mod.grid(b, h, q, k))
-
-    def tile(self, B, H, q0, q1, k0, k1, device):
-        inner = self.mod.tile(B, H, q0, q1, k0, k1, device)
-        if not self.authoritative:
-            return inner
-        bounds = [torch.tensor([[x]], device=self.kind.device) for x in (q0, q1 - 1, k0, k1 - 1)]
-        partial, area = self._range("partial", *bounds)
-        if int(partial) == int(area):  # inside partial tiles only: the mask_mod decides
-            return inner
-        bq, bk = self.block_q, self.block_k
-        r0, c0 = q0 // bq, k0 // bk
-        kd = self.kind[..., r0:(q1 - 1) // bq + 1, c0:(k1 - 1) // bk + 1]  # a few tiles
-        kd = kd.repeat_interleave(bq, -2)[..., q0 - r0 * bq:q1 - r0 * bq, :]
-        kd = kd.repeat_interleave(bk, -1)[..., k0 - c0 * bk:k1 - c0 * bk].to(device)
-        return (kd == FULL) | ((kd == PARTIAL) & inner)  # (Bg, Hg, nq, nk)
-
-    def validate(self, B, H, T, S):
-        Bg, Hg = self.kind.shape[:2]
-        if tuple(self.seq_lengths) != (T, S):
-            raise ValueError(f"block_mask was made for (Q_LEN, KV_LEN) = "
-                             f"{tuple(self.seq_lengths)}, but the call has T={T} queries and "
-                             f"S={S} keys; create it with Q_LEN={T}, KV_LEN={S}")
-        if Bg not in (1, B) or Hg not in (1, H):
-            raise ValueError(f"block_mask has B={Bg}, H={Hg}; the call has B={B}, H={H} "
-                             f"(create it with B and H equal to those, or None to broadcast)")
-        self.mod.validate(B, H, T, S)
-
-    def describe(self):
-        c = {n: int((self.kind == v).sum()) for n, v in (("partial", PARTIAL), ("full", FULL))}
-        return (f"block_mask({self.mod.describe()}, {self.block_q}x{self.block_k}, "
-                f"{c['partial']} partial + {c['full']} full tiles)")
-
-    def tensors(self):
-        return (self.kind, *self.mod.tensors())
-
-
-def _grid_from_torch(bm) -> BlockGrid:
-    """A torch ``BlockMask`` as a :class:`BlockGrid` (nothing evaluated)."""
-    bq, bk = bm.BLOCK_SIZE
-    T, S = bm.seq_lengths
-    nq, nk = -(-T // bq), -(-S // bk)
-    num = bm.kv_num_blocks
-    Bg, Hg = num.shape[:2]
-    kind = torch.zeros(Bg, Hg, num.shape[2], nk + 1, dtype=torch.int8, device=num.device)
-
-    def mark(counts, indices, code):
-        if counts is None:
-            return
-        slots = torch.arange(indices.shape[-1], device=indices.device)
-        idx = torch.where(slots < counts[..., None], indices.long(), nk)  # unused -> dump column
-        kind.scatter_(-1, idx.clamp(max=nk), code)
-
-    mark(bm.kv_num_blocks, bm.kv_indices, PARTIAL)
-    mark(bm.full_kv_num_blocks, bm.full_kv_indices, FULL)
-    kind = kind[..., :nk][..., :nq, :].contiguous()  # (Bg, Hg, nQ, nK)
-    mod = bm.mask_mod
-    mod = mod if isinstance(mod, MaskMod) else TorchMaskFn(mod)
-    return BlockGrid(mod, kind, bq, bk, (T, S), authoritative=True)
 
 
 def _recognise(grid: BlockGrid, B: int, H: int) -> MaskMod | None:
@@ -325,169 +227,239 @@ def _recognise_by_rows(grid: BlockGrid, B: int, H: int) -> MaskMod | None:
     return cand
 
 
-_recognised: dict = {}  # id(torch BlockMask) -> (BlockMask, kind or None), a few recent
+
+_recognised: dict = {}  # (id(BlockMask), B, H) -> (BlockMask, listing key, MaskMod), a few
 
 
-def _from_torch(bm, B: int, H: int) -> MaskMod:
-    key = (id(bm), B, H)
+def _from_torch(bm, B: int, H: int, grid: BlockGrid | None = None) -> MaskMod:
+    """A ``BlockMask`` as the engine runs it: ``grid`` (default: its listing read as torch's
+    kernels read it, :func:`~attnkit.block_mask.grid_of`), or the kind that amounts to
+    (:func:`_recognise`), cached while the listing and ``mask_mod`` are the same objects,
+    unmodified."""
+    if torch.compiler.is_compiling():  # recognition reads values: not inside a graph
+        return grid_of(bm) if grid is None else grid
+    key, listed = (id(bm), B, H), listing_key(bm)
     hit = _recognised.get(key)
-    if hit is not None and hit[0] is bm:
-        return hit[1]
-    grid = _grid_from_torch(bm)
+    if hit is not None and hit[0] is bm and hit[1] == listed:
+        return hit[2]
+    grid = grid_of(bm) if grid is None else grid
     try:
         mod = _recognise(grid, B, H) or grid
     except Exception:  # noqa: BLE001 - a mask_mod the probe cannot run: keep it opaque
         mod = grid
-    _recognised[key] = (bm, mod)
+    _recognised[key] = (bm, listed, mod)
     while len(_recognised) > 8:
         _recognised.pop(next(iter(_recognised)))
     return mod
 
 
-# --- attnkit's BlockMask and create_block_mask ---------------------------------------------
+# --- mask functions ---------------------------------------------------------------------------
 
-@dataclass(frozen=True, eq=False)
-class BlockMask:
-    """What :func:`create_block_mask` returns: the mask description and its block summary
-    (no ``T x S`` tensor). Pass it to :func:`flex_attention`, or :meth:`to_torch` for
-    torch's ``flex_attention``.
+def _positional(fn) -> int | None:
+    """How many positional parameters without a default ``fn`` takes (a bound method's
+    ``self`` not counted), or None when Python cannot say."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
 
-    Attributes:
-        mask_mod: the description, resolved for ``seq_lengths``.
-        summary: the :class:`~attnkit.summary.BlockSummary` at ``BLOCK_SIZE``.
-        B, H: the batch and heads it was built for (1 = broadcast).
+
+def _flex_mask(mask_mod) -> MaskMod | None:
+    """A flex ``mask_mod`` as a description: attnkit's as is, torch's ``noop_mask`` as None
+    (every key visible), any other callable in flex's calling convention."""
+    if isinstance(mask_mod, MaskMod):
+        return mask_mod
+    if mask_mod is noop_mask:
+        return None
+    if not callable(mask_mod):
+        raise TypeError(f"mask_mod must be a callable mask_mod(b, h, q_idx, kv_idx) -> bool "
+                        f"tensor or an attnkit mask description, got "
+                        f"{type(mask_mod).__name__}")
+    n = _positional(mask_mod)
+    if n == 5:
+        raise AssertionError(f"create-block_mask requires a mask_mod function! Got {mask_mod}")
+    if n is not None and n != 4:
+        raise AssertionError(f"Expected 4 or 5 positional args, got {n}")
+    return TorchMaskFn(mask_mod)
+
+
+def _part(mask_mod) -> MaskMod:
+    mod = _flex_mask(mask_mod)
+    return partial_mod_of(noop_mask) if mod is None else mod
+
+
+def _no_key(b, h, q_idx, kv_idx):
+    return b.new_zeros((), dtype=torch.bool)
+
+
+def and_masks(*mask_mods):
+    """torch's ``and_masks``: a ``mask_mod`` that is the intersection of ``mask_mods`` (none:
+    every key visible). The result is an attnkit description (``And``; callables keep
+    flex's calling convention), so attnkit's ``create_block_mask`` still uses the interval
+    arithmetic of the attnkit kinds among them; torch's functions take it as a
+    ``mask_mod`` too.
+
+    Raises:
+        RuntimeError: an argument that is not callable (torch's text).
     """
-
-    mask_mod: MaskMod
-    summary: BlockSummary
-    B: int = 1
-    H: int = 1
-
-    @property
-    def BLOCK_SIZE(self) -> tuple:
-        return (self.summary.block_q, self.summary.block_k)
-
-    @property
-    def seq_lengths(self) -> tuple:
-        return (self.summary.T, self.summary.S)
-
-    @property
-    def shape(self) -> tuple:
-        return (self.B, self.H, *self.seq_lengths)
-
-    def sparsity(self) -> float:
-        """Percent of tiles that are skipped (torch's ``BlockMask.sparsity``)."""
-        return 100.0 * float((self.summary.kind == EMPTY).float().mean())
-
-    def as_mask(self) -> MaskMod:
-        """What :func:`flex_attention` runs: the description itself when it has interval
-        arithmetic of its own (the engine's lowering and block plans see it, so causal
-        reaches SDPA's ``is_causal``), else the description read through this summary."""
-        if not _opaque(self.mask_mod):
-            return self.mask_mod
-        return BlockGrid(self.mask_mod, self.summary.kind[None, None], self.summary.block_q,
-                         self.summary.block_k, self.seq_lengths, authoritative=False)
-
-    def to_torch(self, device=None):
-        """torch's ``BlockMask`` with this sparsity, for ``torch``'s ``flex_attention``."""
-        return self.summary.to_block_mask(self.mask_mod, device)
-
-    # In a notebook: a picture (attnkit._display); str() stays the text everywhere else.
-    _repr_html_ = _display.block_mask_html
-    _repr_png_ = _display.block_mask_png
-
-    def __str__(self):
-        return f"attnkit.BlockMask(shape={self.shape}, sparsity={self.sparsity():.1f}%)\n" \
-            f"{self.summary}"
+    if not all(callable(m) for m in mask_mods):
+        raise RuntimeError(f"All inputs should be callable mask_mods: {mask_mods}")
+    if not mask_mods:
+        return noop_mask
+    return And(tuple(_part(m) for m in mask_mods))
 
 
-def _opaque(mod) -> bool:
-    """Whether some leaf of ``mod`` has no interval arithmetic of its own."""
-    parts = getattr(mod, "parts", None)
-    if parts:
-        return any(_opaque(p) for p in parts)
-    inner = getattr(mod, "mod", None)
-    if isinstance(inner, MaskMod):
-        return _opaque(inner)
-    return type(mod).blocks is MaskMod.blocks
+def or_masks(*mask_mods):
+    """torch's ``or_masks``: the union of ``mask_mods`` (none: no key visible), as an
+    attnkit description (``Or``) torch's functions take too.
 
+    Raises:
+        RuntimeError: an argument that is not callable (torch's text).
+    """
+    if not all(callable(m) for m in mask_mods):
+        raise RuntimeError(f"All inputs should be callable mask_mods: {mask_mods}")
+    if not mask_mods:
+        return TorchMaskFn(_no_key)
+    return Or(tuple(_part(m) for m in mask_mods))
+
+
+def _default_device(device, mod):
+    """torch's default (the current accelerator, else the CPU), unless the description
+    holds tensors: then theirs."""
+    if device is not None:
+        return torch.device(device)
+    tensors = mod.tensors() if mod is not None else ()
+    if tensors:
+        return tensors[0].device
+    accelerator = getattr(torch, "accelerator", None)
+    current = accelerator.current_accelerator() if accelerator is not None else None
+    return current or torch.device("cpu")
+
+
+def create_mask(mod_fn, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,
+                device=None) -> Tensor:
+    """torch's ``create_mask``: the dense mask ``(B, H, Q_LEN, KV_LEN)`` bool (True = may
+    attend) of a ``mask_mod``, an attnkit description, or a ``score_mod`` (a score it sends
+    to ``-inf`` is masked). Costs ``B x H x Q_LEN x KV_LEN``: for inspection and tests.
+
+    Raises:
+        AssertionError: a callable that takes neither 4 nor 5 positional arguments (torch's).
+        TypeError: something else than a callable or a description.
+    """
+    B, H = B or 1, H or 1
+    if callable(mod_fn) and not isinstance(mod_fn, MaskMod) and _positional(mod_fn) == 5:
+        device = _default_device(device, None)
+        score = TorchScoreFn(mod_fn)
+        zeros = torch.zeros(B, H, Q_LEN, KV_LEN, device=device)
+        out = score.apply(zeros, *_index(B, H, 0, Q_LEN, 0, KV_LEN, device))
+        return ~torch.isneginf(torch.broadcast_to(out, zeros.shape))
+    mod = _flex_mask(mod_fn)
+    device = _default_device(device, mod)
+    if mod is None:
+        return torch.ones(B, H, Q_LEN, KV_LEN, dtype=torch.bool, device=device)
+    out = mod.resolve(Q_LEN, KV_LEN).tile(B, H, 0, Q_LEN, 0, KV_LEN, device)
+    out = out.reshape((1,) * (4 - out.dim()) + tuple(out.shape))
+    return out.expand(B, H, Q_LEN, KV_LEN).contiguous()  # (B, H, Q_LEN, KV_LEN)
+
+
+# --- create_block_mask -------------------------------------------------------------------------
 
 def _evaluate_partial(mod: MaskMod, summary: BlockSummary, B: int, H: int, device) -> Tensor:
-    """The summary's partial tiles decided by evaluating ``mod`` one row of tiles at a time
-    (``B x H x block_q x span`` bools at most)."""
-    kind = summary.kind.clone()
+    """``(Bg, Hg, nQ, nK)``: the summary's partial tiles decided by evaluating ``mod`` one
+    row of tiles at a time (``B x H x block_q x span`` bools at most), per batch and head
+    where ``mod`` depends on them (``Bg``, ``Hg`` are 1 where it does not)."""
+    kind = summary.kind[None, None].clone()  # (1, 1, nQ, nK), widened below if needed
     bq, bk, T, S = summary.block_q, summary.block_k, summary.T, summary.S
-    for i in range(kind.shape[0]):
-        cols = (kind[i] == PARTIAL).nonzero().flatten()
+    for i in range(kind.shape[-2]):
+        cols = (summary.kind[i] == PARTIAL).nonzero().flatten()
         if cols.numel() == 0:
             continue
         c0, c1 = int(cols[0]), int(cols[-1]) + 1
         q0, q1, k0, k1 = i * bq, min((i + 1) * bq, T), c0 * bk, min(c1 * bk, S)
         m = mod.tile(B, H, q0, q1, k0, k1, device)
-        m = torch.broadcast_to(m, (*m.shape[:-2], q1 - q0, k1 - k0)).reshape(-1, q1 - q0, k1 - k0)
+        m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+        m = torch.broadcast_to(m, (*m.shape[:2], q1 - q0, k1 - k0))  # (Bm, Hm, nq, nk)
         pad = (c1 - c0) * bk - (k1 - k0)  # the last key block may be short
-        shape = (m.shape[0], q1 - q0, c1 - c0, bk)  # (BH, nq, blocks, bk)
+        shape = (*m.shape[:2], q1 - q0, c1 - c0, bk)  # (Bm, Hm, nq, blocks, bk)
         pad_with = torch.nn.functional.pad
-        some = pad_with(m, (0, pad), value=False).view(shape).any(-1).any(1).any(0)
-        every = pad_with(m, (0, pad), value=True).view(shape).all(-1).all(1).all(0)
-        new = torch.where(every, FULL, torch.where(some, PARTIAL, EMPTY)).to(torch.int8)
-        row = kind[i, c0:c1]
-        kind[i, c0:c1] = torch.where(row == PARTIAL, new.cpu(), row)
+        some = pad_with(m, (0, pad), value=False).view(shape).any(-1).any(-2)
+        every = pad_with(m, (0, pad), value=True).view(shape).all(-1).all(-2)
+        new = torch.where(every, FULL, torch.where(some, PARTIAL, EMPTY)).to(torch.int8).cpu()
+        Bn, Hn = max(kind.shape[0], new.shape[0]), max(kind.shape[1], new.shape[1])
+        if (Bn, Hn) != tuple(kind.shape[:2]):
+            kind = kind.expand(Bn, Hn, *kind.shape[2:]).clone()
+        row = kind[:, :, i, c0:c1]
+        kind[:, :, i, c0:c1] = torch.where(row == PARTIAL, new, row)
+    if kind.shape[0] * kind.shape[1] > 1 and bool((kind == kind[:1, :1]).all()):
+        kind = kind[:1, :1].contiguous()  # the same for every batch and head
     return kind
 
 
 def create_block_mask(mask_mod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,
                       device=None, BLOCK_SIZE: int | tuple = 128, _compile: bool = False,
-                      **_ignored) -> BlockMask:
-    """torch's ``create_block_mask`` from attnkit's block summaries.
+                      separate_full_blocks: bool = True, compute_dq_write_order: bool = False,
+                      dq_kv_order: bool = True) -> BlockMask:
+    """torch's ``create_block_mask``, from attnkit's block summaries.
 
     Args:
         mask_mod: an attnkit description (:mod:`attnkit.masks`: interval arithmetic, no mask
-            evaluated) or a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (its partial
-            tiles are evaluated, one row of tiles at a time; never a ``T x S`` tensor).
-        B, H: batch and heads the mask depends on; None = 1 (broadcast), as in torch.
-        Q_LEN, KV_LEN: queries and keys.
-        device: where an evaluated ``mask_mod`` runs (default: its tensors' device or CPU).
+            evaluated), a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (its undecided
+            tiles are evaluated, one row of tiles at a time; never a ``T x S`` tensor), or
+            ``noop_mask``.
+        B, H: batch and query heads; None = 1 (broadcast), as in torch.
+        Q_LEN, KV_LEN: queries and keys; the mask serves calls of exactly these lengths.
+        device: where the listing lives and an evaluated ``mask_mod`` runs (default: the
+            description's tensors' device, else torch's default: the current accelerator,
+            else the CPU).
         BLOCK_SIZE: tile size, an int or ``(block_q, block_k)``.
         _compile: accepted for torch compatibility, ignored (nothing is compiled).
+        separate_full_blocks: list full tiles apart (torch's default); False lists every
+            visited tile as partial.
+        compute_dq_write_order, dq_kv_order: torch's deterministic-backward metadata for
+            CUDA kernels, computed by torch when asked for.
+
+    Returns:
+        A :class:`~attnkit.block_mask.BlockMask` (torch's ``BlockMask`` with the description).
 
     Raises:
-        ValueError: a length or block size below 1.
+        ValueError: a length or block size below 1, or a ``dq_kv_order`` that is not a bool.
+        AssertionError: a ``score_mod`` (5 arguments) or another arity (torch's texts).
         TypeError: a ``mask_mod`` that is neither a description nor a callable.
     """
     bq, bk = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
-    for name, val in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
-        if not isinstance(val, int) or val < 1:
+    for name, val in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN), ("BLOCK_SIZE", bq),
+                      ("BLOCK_SIZE", bk)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
-    mod = mask_mod if isinstance(mask_mod, MaskMod) else (
-        TorchMaskFn(mask_mod) if callable(mask_mod) else as_mask_mod(mask_mod))
-    mod = mod.resolve(Q_LEN, KV_LEN)
+    if not isinstance(dq_kv_order, bool):
+        raise ValueError("dq_kv_order must be a bool when using create_block_mask")
+    mod = _flex_mask(mask_mod)
+    if mod is not None:
+        mod = mod.resolve(Q_LEN, KV_LEN)
     B, H = B or 1, H or 1
+    device = _default_device(device, mod)
     summary = BlockSummary.build(mod, Q_LEN, KV_LEN, bq, bk)
-    if _opaque(mod) and bool((summary.kind == PARTIAL).any()):
-        summary = BlockSummary(Q_LEN, KV_LEN, bq, bk,
-                               _evaluate_partial(mod, summary, B, H, device))
-    return BlockMask(mod, summary, B, H)
+    kind = summary.kind[None, None]  # (1, 1, nQ, nK)
+    if mod is not None and _opaque(mod) and bool((summary.kind == PARTIAL).any()):
+        kind = _evaluate_partial(mod, summary, B, H, device)
+        summary = _merged(kind, (Q_LEN, KV_LEN), (bq, bk))
+    attr = mask_mod if mod is None or not isinstance(mask_mod, MaskMod) else mod
+    bm = BlockMask._described(mod, kind, summary, mask_mod=attr, B=B, H=H, device=device,
+                              separate_full_blocks=separate_full_blocks)
+    if compute_dq_write_order:
+        order = _torch_flex._compute_dq_write_order_from_block_mask(bm, dq_kv_order=dq_kv_order)
+        bm.dq_write_order, bm.dq_write_order_full = order
+        bm.dq_kv_order, bm.dq_kv_order_spt = None, dq_kv_order
+    return bm
 
 
-# --- flex_attention -------------------------------------------------------------------------
-
-def _as_mask(block_mask, B: int, H: int):
-    if block_mask is None:
-        return None
-    if isinstance(block_mask, BlockMask):
-        return block_mask.as_mask()
-    if isinstance(block_mask, MaskMod):
-        return block_mask
-    if hasattr(block_mask, "kv_num_blocks") and hasattr(block_mask, "BLOCK_SIZE"):
-        return _from_torch(block_mask, B, H)
-    raise TypeError(f"block_mask must be a BlockMask (torch's or attnkit's create_block_mask), "
-                    f"an attnkit mask description, or None; got {type(block_mask).__name__}")
-
+# --- flex_attention ----------------------------------------------------------------------------
 
 def _as_score(score_mod):
-    if score_mod is None or isinstance(score_mod, ScoreMod):
-        return score_mod
+    if score_mod is None or score_mod is _identity or isinstance(score_mod, ScoreMod):
+        return None if score_mod is _identity else score_mod
     if callable(score_mod):
         return TorchScoreFn(score_mod)
     raise TypeError(f"score_mod must be a callable score_mod(score, b, h, q_idx, kv_idx) or "
@@ -497,66 +469,70 @@ def _as_score(score_mod):
 def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, block_mask=None,
                    scale: float | None = None, enable_gqa: bool = False,
                    return_lse: bool = False, kernel_options=None, *, return_aux=None):
-    """``torch.nn.attention.flex_attention.flex_attention``, run eagerly by attnkit.
+    """``torch.nn.attention.flex_attention.flex_attention``, run by attnkit's engine.
 
     Args:
-        query: ``(B, H, T, D)``; key ``(B, Hkv, S, D)``; value ``(B, Hkv, S, Dv)``.
+        query: ``(B, H, T, D)``; key ``(B | 1, Hkv, S, D)``; value ``(B | 1, Hkv, S, Dv)``.
+            Keys and values of another float dtype are read in the query's (torch's eager
+            rule); a key/value batch of 1 serves every query (with a block mask of batch B).
         score_mod: ``fn(score, b, h, q_idx, kv_idx) -> score`` or an attnkit score kind.
-        block_mask: torch's ``BlockMask``, attnkit's (:func:`create_block_mask`), an attnkit
-            mask description, or None (every key visible).
+        block_mask: torch's ``BlockMask`` or attnkit's (:func:`create_block_mask`), made for
+            exactly ``(T, S)``; an attnkit mask description; or None (every key visible).
         scale: score multiplier, default ``1/sqrt(D)``.
         enable_gqa: allow ``H != Hkv`` (query head ``h`` reads kv head ``h // (H // Hkv)``).
-        return_lse: also return the log-sum-exp ``(B, H, T)`` (natural log, float32;
-            float64 for float64 inputs; ``-inf`` where a row sees no key).
-        kernel_options: accepted and ignored (no kernel is compiled).
-        return_aux: torch's ``AuxRequest``; only ``lse`` is served.
+        return_lse: deprecated (a FutureWarning, once), as in torch: also return the
+            log-sum-exp ``(B, H, T)``.
+        kernel_options: torch's kernel options; checked as torch checks them, else ignored.
+        return_aux: ``AuxRequest(lse=..., max_scores=...)``.
 
     Returns:
-        ``out (B, H, T, Dv)``, or ``(out, lse)``, or ``(out, AuxOutput)`` with ``return_aux``.
-        Rows that see no key are zeros. Differentiable on every device.
+        ``out (B, H, T, Dv)`` in the query's dtype and memory layout; ``(out, lse)`` with
+        ``return_lse``;
+        ``(out, AuxOutput(lse, max_scores))`` with ``return_aux`` (float32, float64 for
+        float64 queries; natural log; ``-inf`` where a row sees no key). Rows that see no
+        key are zeros. Differentiable (``out`` and ``lse``) on every device.
 
     Raises:
-        ValueError: ``H != Hkv`` without ``enable_gqa``, ``H % Hkv != 0``, a block mask made
-            for other lengths, ``return_aux`` asking for ``max_scores``, or both
-            ``return_lse`` and ``return_aux``.
+        ValueError: mismatched devices, head dims or heads (``enable_gqa``), a batch that
+            does not broadcast, a block mask made for other lengths, both ``return_lse``
+            and ``return_aux``, an invalid ``BACKEND`` kernel option (torch's texts).
+        NotImplementedError: tensors that are not 4-D, or nested (torch's texts).
+        RuntimeError: a block mask on another device, or sliced without its ``mask_mod``
+            set again (torch's texts).
         TypeError: a ``block_mask`` or ``score_mod`` of another type.
     """
     from . import engine
 
-    engine.check_qkv(query, key, value)
-    H, Hkv = query.shape[1], key.shape[1]
-    if H != Hkv and not enable_gqa:
-        raise ValueError(f"query has {H} heads and key/value {Hkv}: pass enable_gqa=True for "
-                         f"grouped-query attention (as torch's flex_attention requires)")
-    want_lse = return_lse
-    if return_aux is not None:
-        if return_lse:
-            raise ValueError("pass return_lse or return_aux, not both")
-        if getattr(return_aux, "max_scores", False):
-            raise ValueError("attnkit.flex_attention serves return_aux=AuxRequest(lse=True); "
-                             "max_scores is not computed")
-        want_lse = bool(getattr(return_aux, "lse", False))
-    if isinstance(block_mask, BlockMask) and \
-            tuple(block_mask.seq_lengths) != (query.shape[2], key.shape[2]):
-        # A recognised kind would otherwise stretch to any length (the grid checks itself).
-        raise ValueError(f"block_mask was made for (Q_LEN, KV_LEN) = "
-                         f"{tuple(block_mask.seq_lengths)}, but the call has T="
-                         f"{query.shape[2]} queries and S={key.shape[2]} keys; create it with "
-                         f"Q_LEN={query.shape[2]}, KV_LEN={key.shape[2]}")
-    spec = MaskSpec(mask_mod=_as_mask(block_mask, query.shape[0], H),
-                    score_mod=_as_score(score_mod))
-    # The cheapest backend auto would run, never the compiled flex (no compile, no
-    # recompiles): explain() prices every backend that can serve the call.
-    estimates = engine.explain(query, key, value, spec=spec, scale=scale,
-                               return_lse=want_lse).estimates
-    name = min((n for n in estimates if n != "flex"), key=estimates.__getitem__)
-    result = engine.attention(query, key, value, spec=spec, scale=scale, backend=name,
-                              return_lse=want_lse)
-    if return_aux is not None:
-        from torch.nn.attention.flex_attention import AuxOutput
-
-        out, lse = result if want_lse else (result, None)
-        return out, AuxOutput(lse=lse)
-    return result
-
-
+    check_inputs(query, key, value, enable_gqa)
+    described = isinstance(block_mask, MaskMod)
+    if block_mask is not None and not described and not is_block_mask(block_mask):
+        raise TypeError(f"block_mask must be a BlockMask (torch's or attnkit's "
+                        f"create_block_mask), an attnkit mask description, or None; got "
+                        f"{type(block_mask).__name__}")
+    check_batch(query, key, value, block_mask)
+    want_lse, want_max = aux_wanted(return_lse, return_aux)
+    check_kernel_options(kernel_options)
+    if key.dtype != query.dtype and key.is_floating_point():
+        key = key.to(query.dtype)
+    if value.dtype != query.dtype and value.is_floating_point():
+        value = value.to(query.dtype)
+    if key.size(0) != query.size(0):  # a key/value batch of 1 for every query
+        key = key.expand(query.size(0), *key.shape[1:])  # (B, Hkv, S, D)
+        value = value.expand(query.size(0), *value.shape[1:])  # (B, Hkv, S, Dv)
+    score = _as_score(score_mod)
+    mask = {"mask_mod": block_mask} if described else {"block_mask": block_mask}
+    result = engine.attention(query, key, value, score_mod=score, scale=scale,
+                              return_lse=want_lse, **mask)
+    out, lse = result if want_lse else (result, None)
+    out = in_query_layout(out, query)
+    if return_aux is None:
+        return (out, lse) if return_lse else out
+    maxes = None
+    if want_max:
+        if described:
+            run = block_mask.resolve(query.size(-2), key.size(-2))
+        else:
+            run = None if block_mask is None else run_mask(block_mask, *query.shape[:2])
+        s = query.size(-1) ** -0.5 if scale is None else scale
+        maxes = max_scores(query, key, run, score, s)
+    return out, AuxOutput(lse=lse, max_scores=maxes)

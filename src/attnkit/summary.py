@@ -4,10 +4,10 @@ Built once per call and block size from the mask description's interval arithmet
 (:meth:`attnkit.masks.MaskMod.blocks`: never a ``T x S`` tensor), it is the one object every
 reader of block sparsity uses: the ``chunked`` backend plans its key blocks from it, the cost
 rules count the pairs it visits, ``flex`` gets a ``BlockMask`` from it
-(:meth:`BlockSummary.to_block_mask`), :func:`attnkit.create_block_mask` returns it, and the
-explorer draws it. For kinds without interval arithmetic (a mask function that cannot be
-read, :mod:`attnkit.masks.traced`) every tile is partial, unless ``refine=True`` evaluates
-the tiles, one row of tiles at a time.
+(:meth:`BlockSummary.to_block_mask`), :func:`attnkit.create_block_mask` keeps it
+(``BlockMask.summary``), and the explorer draws it. For kinds without interval arithmetic (a
+mask function that cannot be read, :mod:`attnkit.masks.traced`) every tile is partial, unless
+``refine=True`` evaluates the tiles, one row of tiles at a time.
 
 Shape letters: ``T`` queries, ``S`` keys, ``nQ`` query tiles, ``nK`` key blocks.
 """

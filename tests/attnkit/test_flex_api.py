@@ -143,8 +143,8 @@ def test_scalar_only_functions_run_under_vmap():
 
 def _torch_kind(bm):
     """torch BlockMask -> (B, H, nQ, nK) kind grid, for comparison."""
-    from attnkit.flex_api import _grid_from_torch
-    return _grid_from_torch(bm).kind
+    from attnkit.block_mask import kinds_of
+    return kinds_of(bm)
 
 
 @pytest.mark.parametrize("name", ["causal", "window", "documents", "prefix", "dilated", "fn"])
@@ -214,7 +214,8 @@ def test_errors():
     with pytest.raises(TypeError, match="block_mask must be"):
         attnkit.flex_attention(q, k, v, block_mask=torch.ones(10, 10), enable_gqa=True)
     bm = attnkit.create_block_mask(causal, None, None, 12, 12)
-    with pytest.raises(ValueError, match=r"Q_LEN=10, KV_LEN=10"):
+    with pytest.raises(ValueError, match=r"block_mask was created for block_mask.shape=\(1, 1, "
+                                         r"12, 12\) but got q_len=10 and kv_len=10"):
         attnkit.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
     with pytest.raises(ValueError, match="Q_LEN must be a positive int"):
         attnkit.create_block_mask(causal, None, None, 0, 12)
@@ -279,6 +280,8 @@ def test_torch_block_masks_of_known_kinds_run_as_those_kinds(name, expected):
 def test_a_mask_mod_returning_floats_is_a_type_error():
     q, k, v = qkv(B=1, H=2, Hkv=2, T=40)
     bm = attnkit.create_block_mask(M.causal(), None, None, 40, 40)
+    bm.mask_mod = lambda b, h, qi, ki: (qi >= ki).float()  # a new mask_mod: read as torch does
     with pytest.raises(TypeError, match="bool"):
-        attnkit.flex_attention(q, k, v, block_mask=attnkit.flex_api.BlockMask(
-            TorchMaskFn(lambda b, h, qi, ki: (qi >= ki).float()), bm.summary))
+        attnkit.flex_attention(q, k, v, block_mask=bm)
+    with pytest.raises(TypeError, match="bool"):
+        attnkit.flex_attention(q, k, v, block_mask=M.MaskFn(lambda b, h, qi, ki: (qi >= ki).float()))

@@ -137,17 +137,18 @@ def test_gallery_gradients_match_float64_math(name):
         torch.testing.assert_close(a, b)
 
 
-def test_gallery_plans_skip_what_torch_skips():
-    """attnkit's create_block_mask lists no tile torch's leaves out (same sparsity or finer)."""
-    from attnkit.flex_api import _grid_from_torch
-    from attnkit.summary import EMPTY
+def test_gallery_block_masks_list_what_torch_lists():
+    """attnkit's create_block_mask gives torch's listing, tensor for tensor (its tiles are
+    exact for every gallery entry), and torch's flex_attention takes it."""
     for name, (mask_mod, _) in GALLERY.items():
         if mask_mod is None:
             continue
-        ref = _grid_from_torch(torch_cbm(mask_mod, None, None, T, T, device="cpu",
-                                         BLOCK_SIZE=32)).kind[0, 0]
-        got = attnkit.create_block_mask(mask_mod, None, None, T, T, BLOCK_SIZE=32).summary.kind
-        assert torch.equal(got == EMPTY, ref == EMPTY), name
+        ref = torch_cbm(mask_mod, None, None, T, T, device="cpu", BLOCK_SIZE=32)
+        got = attnkit.create_block_mask(mask_mod, None, None, T, T, BLOCK_SIZE=32)
+        for attr in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+            assert torch.equal(getattr(got, attr), getattr(ref, attr)), (name, attr)
+        assert got.mask_mod is mask_mod and got.shape == ref.shape
 
 
 def _flex_unavailable():

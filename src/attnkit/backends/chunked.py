@@ -326,6 +326,10 @@ def chunked_check(q, k, v, call, *, dropout_p: float, return_lse: bool,
                 "use backend='sdpa' or 'math', or dropout_p=0")
     if return_weights:
         return "the chunked backend never builds the T x S weights it would have to return"
+    if torch.compiler.is_compiling():
+        return ("chunked plans its key blocks on the host from the mask's tiles, which "
+                "torch.compile cannot trace without a graph break; inside a compiled region "
+                "sdpa and math serve")
     if call.grad and call.score is not None and not call.score.reads_known:
         # Its autograd returns gradients only for the tensors the score function reads.
         return (f"score_mod {call.score.describe()} could not be traced (Python control "
