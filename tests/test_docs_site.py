@@ -39,7 +39,7 @@ def test_site_builds_strict_with_an_api_page_per_public_module(tmp_path):
     functional = (site / "api" / "attnkit.functional" / "index.html").read_text()
     assert 'id="attnkit.functional.merge_partial_attention"' in functional
     home = (site / "index.html").read_text()
-    assert 'href="engine/#flexattention-users"' in home  # README links point into the site
+    assert 'href="engine/#mask-functions-are-read-not-only-evaluated"' in home  # README links point into the site
 
 
 def test_public_modules_leave_out_private_modules_apps_and_cli():
@@ -57,7 +57,7 @@ def test_readme_links_into_docs_become_site_links():
 
     index = mkdocs_hooks.readme_as_index()
     assert "](docs/" not in index
-    assert "](engine.md#flexattention-users)" in index
+    assert "](engine.md#mask-functions-are-read-not-only-evaluated)" in index
 
 
 @pytest.mark.skipif(importlib.util.find_spec("griffe") is None, reason="needs griffe (docs extra)")

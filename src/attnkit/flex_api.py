@@ -52,6 +52,7 @@ from .flex_checks import (aux_wanted, check_batch, check_inputs, check_kernel_op
                           in_query_layout, max_scores)
 from .masks.base import (And, MaskFn, MaskMod, Or, _index, broadcast_shape, reads_scalars,
                          vmap_grid)
+from .masks.traced import TracedMask
 from .scores import ScoreFn, ScoreMod, vmap_scores
 from .summary import EMPTY, FULL, PARTIAL, BlockSummary
 
@@ -164,8 +165,10 @@ def _recognise(grid: BlockGrid, B: int, H: int) -> MaskMod | None:
     opaque function.
     """
     T, S = grid.seq_lengths
+    if grid.mod_lengths not in (None, (T, S)):
+        return None  # a cropped mask (``_adjust``): its description is of other lengths
     mod = grid.mod.resolve(T, S)
-    if not isinstance(mod, MaskFn) and type(mod).__name__ != "TracedMask":
+    if not isinstance(mod, (MaskFn, TracedMask)):
         bq, bk = grid.block_q, grid.block_k
         q_lo = torch.arange(0, T, bq).view(-1, 1)
         k_lo = torch.arange(0, S, bk).view(1, -1)
@@ -440,9 +443,18 @@ def create_block_mask(mask_mod, B: int | None, H: int | None, Q_LEN: int, KV_LEN
         mod = mod.resolve(Q_LEN, KV_LEN)
     B, H = B or 1, H or 1
     device = _default_device(device, mod)
-    summary = BlockSummary.build(mod, Q_LEN, KV_LEN, bq, bk)
-    kind = summary.kind[None, None]  # (1, 1, nQ, nK)
-    if mod is not None and _opaque(mod) and bool((summary.kind == PARTIAL).any()):
+    if isinstance(mod, TracedMask):
+        # per batch index and head, as torch lists them (a summary is their union)
+        kind = mod.classify(B, H, bq, bk)  # (B | 1, H | 1, nQ, nK)
+        summary = _merged(kind, (Q_LEN, KV_LEN), (bq, bk))
+    else:
+        summary = BlockSummary.build(mod, Q_LEN, KV_LEN, bq, bk)
+        kind = summary.kind[None, None]  # (1, 1, nQ, nK)
+    # an opaque leaf, or kinds combined (whose summaries combine tile by tile, so two
+    # intervals that never meet in a row still leave the tile partial): decide by evaluating
+    if mod is not None and not isinstance(mod, TracedMask) \
+            and (_opaque(mod) or isinstance(mod, (And, Or))) \
+            and bool((summary.kind == PARTIAL).any()):
         kind = _evaluate_partial(mod, summary, B, H, device)
         summary = _merged(kind, (Q_LEN, KV_LEN), (bq, bk))
     attr = mask_mod if mod is None or not isinstance(mask_mod, MaskMod) else mod

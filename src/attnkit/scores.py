@@ -85,7 +85,7 @@ def vmap_scores(fn, score, b, h, q, k) -> Tensor:
     from torch.nn.attention.flex_attention import _vmap_for_bhqkv
 
     B, H, nq, nk = score.shape
-    idx = [t.expand(n).contiguous() if t.numel() == 1 else t.reshape(-1)
+    idx = [t.reshape(1).expand(n).contiguous() if t.numel() == 1 else t.reshape(-1)
            for t, n in zip((b, h, q, k), (B, H, nq, nk))]
     return _vmap_for_bhqkv(fn, prefix=(0,))(score, *idx)
 

@@ -426,12 +426,7 @@ def _score_mod_cases():
         captured_scale, njt_causal, trig, trig2)}
 
 
-_CHAINED = pytest.mark.xfail(strict=True, reason="chained indexing in a score_mod (bias[b][q_idx]): "
-                  "the validation probe raises IndexError, issue #23's trace item")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_CHAINED) if n.startswith("index_")
-                                  else n for n in _score_mod_cases()])
+@pytest.mark.parametrize("name", list(_score_mod_cases()))
 def test_score_mod_cases(name):
     """test_doc_mask_sparse, test_index_multiple, test_index_weird1/2, test_skip_odd_keys,
     test_function_composition, test_captured_buffers_all_dims, test_seq_masking,
@@ -595,8 +590,9 @@ def _apply_mask_score_mod(score, b, h, q, kv):
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="dynamo cannot trace TorchScoreFn.tensors()' inspect.getclosurevars "
-                        "over a closure that holds a class (docs/flex.md)"))])
+    strict=True, reason="torch 2.13's dynamo fails on an autograd.Function applied inside "
+                        "attnkit's graph ('Expected fwd_out to be a BaseListVariable'; "
+                        "docs/flex.md)"))])
 def test_autograd_function_in_score_mod(compile, fresh_dynamo):
     """(torch's test stops at "it runs": its vmap + autograd.Function does not compose.)"""
     q, k, v = (torch.randn(1, 2, 64, 16, dtype=torch.float64, requires_grad=True)
@@ -897,8 +893,7 @@ def _learnable_bias_cases():
     }
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_CHAINED) if "index_multiple" in n
-                                  else n for n in _learnable_bias_cases()])
+@pytest.mark.parametrize("name", list(_learnable_bias_cases()))
 def test_comparison_vs_sdpa_with_learnable_bias(name):
     shape, make_score_mod, implicit = _learnable_bias_cases()[name]
     g = torch.Generator().manual_seed(0)

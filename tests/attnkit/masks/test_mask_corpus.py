@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.flex_api import _grid_from_torch
+from attnkit.block_mask import grid_of
 from attnkit.masks.traced import TracedMask
 from attnkit.summary import EMPTY, FULL, PARTIAL
 
@@ -96,7 +96,7 @@ NAMES = sorted(corpus(96))
 
 def torch_kind(fn, T, block, B=2):
     bm = flex_mod.create_block_mask(fn, B, None, T, T, device="cpu", BLOCK_SIZE=block)
-    return _grid_from_torch(bm).kind
+    return grid_of(bm).kind
 
 
 def union(kind):
@@ -127,13 +127,13 @@ def test_block_structure_matches_torch_exactly(name, T, block):
         assert not ((ours_kind == EMPTY) & (theirs != EMPTY)).any()
         return
     assert torch.equal(as_torch_counts(ours.summary.kind, T, block), theirs), \
-        ours.mask_mod.describe()
+        ours.as_mask().describe()
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_recognised_as_expected(name):
     fn, expected = corpus(225)[name]
-    mod = attnkit.create_block_mask(fn, None, None, 225, 225).mask_mod
+    mod = attnkit.create_block_mask(fn, None, None, 225, 225).as_mask()
     if expected is None:
         assert "[traced;" in mod.describe()
     else:
