@@ -462,5 +462,9 @@ def chunked_cost(call) -> float:
     return (read if read > compute else compute) + blocks * per_block / 8 + per_call
 
 
+def _describe(q, k, v, call) -> str:
+    return implementation(q, k, v, call)[1]
+
+
 BACKEND = Backend("chunked", chunked_attention, chunked_check,
-                  frozenset({"lse", "grad", "score_mod", "sinks"}), chunked_cost)
+                  frozenset({"lse", "grad", "score_mod", "sinks"}), chunked_cost, _describe)

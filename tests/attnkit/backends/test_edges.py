@@ -15,7 +15,7 @@ import torch
 
 import attnkit
 from attnkit import masks as M
-from attnkit.backends import _edges
+from attnkit.backends import _edges, chunked
 
 SIZES = [(1, 1), (1, 7), (3, 3), (3, 5), (6, 6), (17, 17), (40, 40), (97, 97), (4, 300)]
 MASKS = {
@@ -32,7 +32,8 @@ FLEX_MASKS = ("none", "causal")
 
 
 def _backends():
-    return [b for b in attnkit.available_backends()] + ["auto"]
+    # "chunked" runs its C++ kernel; "chunked-torch" its PyTorch block loop.
+    return [b for b in attnkit.available_backends()] + ["chunked-torch", "auto"]
 
 
 def _call(name, T, S):
@@ -54,8 +55,9 @@ def _visible(call, B, H, T, S):
 def _run(backend, q, k, v, call):
     if backend == "flex" and attnkit.backends.flex._unavailable("cpu"):
         pytest.skip(attnkit.backends.flex._unavailable("cpu"))
-    with torch.no_grad():
-        return attnkit.attention(q, k, v, backend=backend, **call)
+    impl = chunked.use_implementation("torch" if backend == "chunked-torch" else "kernel")
+    with torch.no_grad(), impl:
+        return attnkit.attention(q, k, v, backend=backend.split("-")[0], **call)
 
 
 CASES = [(b, m, w, n) for b in _backends() for m in MASKS for w in ("q", "k", "v", "all_k")
@@ -102,7 +104,7 @@ def test_nan_reaches_every_row_that_sees_it(backend, mask, where, threads):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "chunked"])
-def test_nan_rows_match_math_exactly_where_finite(backend):
+def test_nan_rows_match_math_exactly_where_finite(backend, chunked_impl):
     """The fix-up changes nothing else: every finite row equals math's, the rows that see the
     NaN are NaN. (A hidden NaN key inside a computed block may also reach rows that do not
     see it: the kernels add the mask to the NaN score. It is never hidden from a row that
