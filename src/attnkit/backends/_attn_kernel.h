@@ -25,7 +25,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__F16C__)
+#if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -88,6 +88,20 @@ template <typename T> inline vmask<T> bit_lanes(uint64_t bits) {
   one = one + I(bits & ((uint64_t(1) << VT<T>::W) - 1));
   return (one & sel) != 0;
 }
+
+// max(a, b) lane by lane; where b is NaN, b (the x86 max instruction's rule).
+inline vec<float> vmax(vec<float> a, vec<float> b) {
+#if defined(__AVX512F__)
+  return _mm512_max_ps(a, b);
+#elif defined(__AVX__)
+  return _mm256_max_ps(a, b);
+#elif defined(__SSE2__)
+  return _mm_max_ps(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+inline vec<double> vmax(vec<double> a, vec<double> b) { return a > b ? a : b; }
 
 // exp(x), float: Cephes' polynomial on x = n ln2 + r, times 2^n built in the exponent bits.
 // ~2 ulp on [-87.3, 88]; 0 below (and for -inf); clamped above 88 (never reached by a
@@ -215,17 +229,6 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64
     for (int64_t i = 0; i < M; i += MR)
       ukernel_rows<T, MR>(int(std::min<int64_t>(MR, M - i)), K, A + i * sam, sam, sak,
                           B + j * K, C + i * ldc + j, ldc, init, rs ? rs + i : nullptr);
-}
-
-// Ask for rows [0, rows) of a tile (row stride ld, cols elements each) to be brought into
-// L2 while the current tile computes: the next key tile's K and V rows.
-template <typename S>
-inline void prefetch_rows(const S* p, int64_t ld, int64_t rows, int64_t cols) {
-  const int64_t bytes = cols * int64_t(sizeof(S));
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* row = reinterpret_cast<const char*>(p + r * ld);
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o, 0, 2);
-  }
 }
 
 // ---- conversions: inputs to acc rows once per packed tile; acc to the output dtype ---------

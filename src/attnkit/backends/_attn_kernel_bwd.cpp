@@ -102,7 +102,7 @@ void backward_impl(const Args& a) {
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t hkv = 0; hkv < a.Hkv; ++hkv) {
       std::fill(per_key.begin(), per_key.end(), 0);
-      for (int64_t i = 0; i < a.nQ; ++i) {
+      for (int64_t i = a.nQ - 1; i >= 0; --i) {
         int64_t j0, j1, n = 0;
         key_range(a, b, hkv, i, j0, j1);
         for (int64_t j = j0; j < j1; ++j)

@@ -24,12 +24,10 @@ static void softmax_columns(T* St, int64_t nk, const Tile& tile, const HeadScore
                             int64_t k0, const Args& a, T* m, T* l, T* alpha) {
   constexpr int W = VT<T>::W;
   constexpr int NV = BQ / W;
+  // No NaN bookkeeping: a NaN score stays in St, so exp(NaN - m) makes the row's sum, lse
+  // and output NaN in the second pass, whatever the max made of it.
   vec<T> mx[NV];
-  vmask<T> nan[NV];
-  for (int c = 0; c < NV; ++c) {
-    mx[c] = neg_inf<T>();
-    nan[c] = vmask<T>{};
-  }
+  for (int c = 0; c < NV; ++c) mx[c] = neg_inf<T>();
   const bool plain = hs.nops == 0 && tile.kind == FULL;
   for (int64_t kk = 0; kk < nk; ++kk) {
     T* row = St + kk * BQ;
@@ -41,16 +39,14 @@ static void softmax_columns(T* St, int64_t nk, const Tile& tile, const HeadScore
           s = visible<T, true>(rw, ni, c * W, kk, k0, word) ? s : neg_inf<T>();
         vstore(row + c * W, s);
       }
-      nan[c] |= s != s;
-      mx[c] = s > mx[c] ? s : mx[c];
+      mx[c] = vmax(mx[c], s);
     }
   }
   vec<T> ms[NV], sum[NV];
-  const vec<T> ninf = neg_inf<T>(), qnan = splat(std::numeric_limits<T>::quiet_NaN());
+  const vec<T> ninf = neg_inf<T>();
   for (int c = 0; c < NV; ++c) {
     const vec<T> mo = vload(m + c * W);
-    vec<T> mn = mx[c] > mo ? mx[c] : mo;  // a NaN max stays NaN (the comparison is false)
-    mn = nan[c] ? qnan : mn;
+    const vec<T> mn = vmax(mx[c], mo);
     ms[c] = mn == ninf ? vec<T>{} : mn;  // nothing visible yet: shift by 0, exp(-inf) = 0
     const vec<T> al = vexp(mo - ms[c]);
     vstore(alpha + c * W, mo == ninf ? vec<T>{} : al);
@@ -85,7 +81,7 @@ void forward_impl(const Args& a) {
   std::vector<Item> items;
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t hkv = 0; hkv < a.Hkv; ++hkv)
-      for (int64_t i = 0; i < a.nQ; ++i) {
+      for (int64_t i = a.nQ - 1; i >= 0; --i) {  // neighbours share K/V tiles; causal: largest first
         int64_t j0, j1, n = 0;
         key_range(a, b, hkv, i, j0, j1);
         for (int64_t j = j0; j < j1; ++j) n += classify(a, b, hkv, i, j).kind != SKIP;
@@ -136,21 +132,12 @@ void forward_impl(const Args& a) {
     bool first = true;
     int64_t j0, j1;
     key_range(a, b, hkv, i, j0, j1);
-    Tile next = {SKIP, -1};
-    int64_t jn = j0;
-    for (; jn < j1 && (next = classify(a, b, hkv, i, jn)).kind == SKIP; ++jn) {}
-    while (jn < j1) {
-      const int64_t j = jn;
-      const Tile tile = next;
-      for (++jn; jn < j1 && (next = classify(a, b, hkv, i, jn)).kind == SKIP; ++jn) {}
+    for (int64_t j = j0; j < j1; ++j) {
+      const Tile tile = classify(a, b, hkv, i, j);
+      if (tile.kind == SKIP) continue;
       const int64_t k0 = j * BK, nk = std::min(BK, a.S - k0);
       const S* kp = k + b * a.ks[0] + hkv * a.ks[1] + k0 * a.ks[2];
       const S* vp = v + b * a.vs[0] + hkv * a.vs[1] + k0 * a.vs[2];
-      if (jn < j1) {  // the next visible tile's K and V stream in while this one computes
-        const int64_t kn = jn * BK, nn = std::min(BK, a.S - kn);
-        prefetch_rows(k + b * a.ks[0] + hkv * a.ks[1] + kn * a.ks[2], a.ks[2], nn, D);
-        prefetch_rows(v + b * a.vs[0] + hkv * a.vs[1] + kn * a.vs[2], a.vs[2], nn, Dv);
-      }
       const T* Ka;
       int64_t ldk;
       if constexpr (same) {

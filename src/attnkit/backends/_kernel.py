@@ -76,6 +76,23 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, call) -> str | None:
     return None
 
 
+def serves(call) -> str | None:
+    """None when the kernel (built, or to be built on first use) would serve ``call``,
+    else why not; cheap (no tensor is prepared): the cost rule asks it."""
+    st = status()
+    if st.impl != "cpp":
+        return st.describe()
+    if call.device.type != "cpu" or call.dtype not in _DTYPES or torch.compiler.is_compiling():
+        return "not a CPU call in float32/float64/bfloat16/float16 outside torch.compile"
+    if call.score is not None:
+        for part, _, _ in _flat(call.score):
+            if not isinstance(part, (Softcap, Alibi, Bias)):
+                return f"score function {part.describe()} runs in chunked's PyTorch loop"
+            if isinstance(part, Alibi) and part.slopes.requires_grad and call.grad:
+                return "ALiBi slopes that need a gradient run in chunked's PyTorch loop"
+    return None
+
+
 def _bits64(m: Tensor) -> Tensor:
     """``(..., 64)`` bool -> ``(...)`` int64, bit c = m[..., c] (little-endian bytes)."""
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)

@@ -281,6 +281,10 @@ def chunked_block_backward(grad_out, q, k, v, lse, delta, spec, *, scale: float,
     call = Call.of(q, k, spec, grad=True)
     prep = _kernel_plan(q, k, v, call)
     if not isinstance(prep, str) and all(g.dtype == lse.dtype for g in grads):
+        # Ring attention hands K/V over in the accumulation dtype (a lossless cast) beside
+        # half-precision queries: the kernel takes one dtype, the widest.
+        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        q, k, v, grad_out = (t.to(dt) for t in (q, k, v, grad_out))
         _kernel.block_backward(grad_out, q, k, v, lse, delta, prep, scale, grads)
         return
     lay = _Layout(q, k, call, block_q, block_k)
@@ -439,15 +443,35 @@ CHUNKED_READ_RATE = 8e9  # bytes/s of K and V one tile streams (bench_decode.py,
 CHUNKED_HALF_READ_RATE = 0.8e9  # the same for bfloat16/float16, upcast block by block
 
 
+# The C++ kernel (benchmarks/bench_kernel.py, one thread of the AVX2 EPYC, visible work):
+# FLOP/s by element size (float32; bfloat16/float16 tiles converted to float32 once; float64),
+# Python's preparation and the call, bytes/s of K and V per 64-row query tile.
+KERNEL_RATE = {4: 42e9, 2: 36e9, 8: 12e9}
+KERNEL_CALL_S = 6e-5
+KERNEL_READ_RATE = {4: 10e9, 2: 5e9, 8: 10e9}
+
+
+def _kernel_cost(call, passes: float, itemsize: int) -> float:
+    frac, _ = call.visited(_kernel.TILE, _kernel.TILE)
+    tiles = -(-call.T // _kernel.TILE)
+    read = frac * tiles * 2.0 * call.B * call.Hkv * call.S * call.D * itemsize / \
+        KERNEL_READ_RATE[itemsize]
+    compute = frac * call.flops() * passes / KERNEL_RATE[itemsize]
+    return (read if read > compute else compute) + KERNEL_CALL_S * (2.0 if call.grad else 1.0)
+
+
 def chunked_cost(call) -> float:
-    """Estimated seconds: the visited pairs at the fused tiles' or the block loop's rate, but
-    never less than reading the visited K and V once per query tile (what bounds a short
-    query block; half-precision blocks are upcast on CPU, which is slower still)."""
+    """Estimated seconds: the visited pairs at the C++ kernel's, the fused tiles' or the
+    block loop's rate, but never less than reading the visited K and V once per query tile
+    (what bounds a short query block; the PyTorch loop upcasts half-precision blocks on CPU,
+    which is slower still)."""
     passes = BACKWARD_FACTOR if call.grad else 1.0
+    itemsize = torch.empty((), dtype=call.dtype).element_size()
+    if not (_FORCED and _FORCED[-1] == "torch") and _kernel.serves(call) is None:
+        return _kernel_cost(call, passes, itemsize)
     frac, blocks = call.visited(BLOCK_Q, FINE)  # the plan's own granularity
     tiles = -(-call.T // BLOCK_Q)
     per_call = 5e-5
-    itemsize = torch.empty((), dtype=call.dtype).element_size()
     rate = CHUNKED_READ_RATE if itemsize >= 4 or call.device.type != "cpu" else \
         CHUNKED_HALF_READ_RATE
     read = frac * tiles * 2.0 * call.B * call.Hkv * call.S * call.D * itemsize / rate

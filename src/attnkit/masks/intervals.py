@@ -80,6 +80,11 @@ def intersect(a: Tensor | None, b: Tensor | None) -> Tensor | None:
         return None
     a, b = _broadcast_rows(a, b)
     (alo, ahi), (blo, bhi) = _pairs(a), _pairs(b)
+    if min(alo.shape[-1], blo.shape[-1]) == 1:
+        # One range cut from disjoint sorted ranges leaves them disjoint and sorted (some
+        # maybe empty): no sorting needed, the common case (causal AND documents).
+        lo, hi = torch.maximum(alo, blo), torch.minimum(ahi, bhi)
+        return torch.stack([lo, hi], dim=-1).flatten(-2)
     lo = torch.maximum(alo[..., :, None], blo[..., None, :]).flatten(-2)  # every pair of ranges
     hi = torch.minimum(ahi[..., :, None], bhi[..., None, :]).flatten(-2)
     return normalize(lo, hi)
