@@ -11,7 +11,8 @@ Groups (B=1, H=4, D=64, as bench_flex.py; ``--quick``: T=256, window 64, 4 docum
   forward+backward rows stay empty;
 
 each forward and forward+backward, float32 and bfloat16, at every ``--threads`` count. Every
-group also times a same-run ``torch.mm`` roof (2048^3, float32 and the group's dtype),
+group also times a same-run ``torch.mm`` roof (float32 2048^3, and for bfloat16 groups a
+bfloat16 256^3: without native bf16 it runs at well under 1 GFLOP/s),
 interleaved with the attention calls so load from other processes falls on all alike, and
 each row shows its visible-work GFLOP/s as a share of the float32 roof (FLOPs: 4·D per
 visible query-key pair and head forward, 3.5x that forward+backward).
@@ -43,7 +44,9 @@ from attnkit.backends import chunked  # noqa: E402
 
 B, H, D = 1, 4, 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ROOF_N = 2048
+# The roofs' matmul sizes: float32 2048^3 (256^3 with --quick); bfloat16 256^3, since a CPU
+# without native bf16 runs torch.mm in bf16 at well under 1 GFLOP/s (an AVX2 EPYC: 0.3).
+ROOF_N = {"mm fp32": 2048, "mm bf16": 256}
 
 
 def _cuts(T: int, n: int, seed: int = 0) -> list[int]:
@@ -52,22 +55,27 @@ def _cuts(T: int, n: int, seed: int = 0) -> list[int]:
     return [0, *cuts, T]
 
 
-def patterns(quick: bool) -> list[tuple]:
-    """``(name, T, attnkit kwargs, flex mask_mod, visible pairs)``."""
+def patterns(quick: bool, causal_lengths=(4096, 16384)) -> list[tuple]:
+    """``(kind, label, T, attnkit kwargs, flex mask_mod, visible pairs)``."""
     out = []
-    for T in ((256,) if quick else (4096, 16384)):
-        out.append(("causal", T, {"causal": True}, lambda b, h, q, k: q >= k,
+    for T in ((256,) if quick else causal_lengths):
+        out.append(("causal", "causal", T, {"causal": True}, lambda b, h, q, k: q >= k,
                     T * (T + 1) // 2))
     T = 256 if quick else 16384
     w = 64 if quick else 512
-    out.append((f"window {w}", T, {"window": w},
+    out.append(("window", f"window {w}", T, {"window": w},
                 lambda b, h, q, k: (q >= k) & (q - k < w), w * (w + 1) // 2 + (T - w) * w))
     cu = _cuts(T, 4 if quick else 16)
     ids = torch.searchsorted(torch.tensor(cu[1:]), torch.arange(T), right=True)
     pairs = sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu[:-1], cu[1:]))
-    out.append((f"{len(cu) - 1} documents", T, {"mask_mod": M.documents(cu_seqlens=cu)},
+    out.append(("documents", f"{len(cu) - 1} documents", T,
+                {"mask_mod": M.documents(cu_seqlens=cu)},
                 lambda b, h, q, k: (ids[q] == ids[k]) & (q >= k), pairs))
     return out
+
+
+def _roof_n(impl: str, T: int) -> int:
+    return 256 if T <= 256 else ROOF_N[impl]
 
 
 def _inputs(T, dtype, grad):
@@ -95,7 +103,8 @@ def make(impl, T, kwargs, mod, dtype, mode, threads, info):
         torch.set_num_threads(threads)
         if impl.startswith("mm"):
             dt = torch.float32 if impl == "mm fp32" else dtype
-            a, b = (torch.randn(ROOF_N, ROOF_N).to(dt) for _ in range(2))
+            n = _roof_n(impl, T)
+            a, b = (torch.randn(n, n).to(dt) for _ in range(2))
             return _step(lambda: a @ b, False, T, dtype, threads)
         q, k, v = _inputs(T, dtype, grad)
         if impl == "sdpa":
@@ -132,7 +141,9 @@ def cases(args) -> list[_common.Case]:
     out = []
     for dname in args.dtypes:
         dtype = DTYPES[dname]
-        for name, T, kwargs, mod, pairs in patterns(args.quick):
+        for kind, name, T, kwargs, mod, pairs in patterns(args.quick, args.causal_lengths):
+            if args.patterns and kind not in args.patterns:
+                continue
             for mode in args.modes:
                 for threads in args.threads:
                     impls = ["attnkit"] + (["attnkit torch"] if args.fallback else [])
@@ -144,7 +155,7 @@ def cases(args) -> list[_common.Case]:
                         info = {"pattern": name, "T": T, "mode": mode, "dtype": dname,
                                 "threads": threads}
                         roof = impl.startswith("mm")
-                        flops = 2.0 * ROOF_N ** 3 if roof else \
+                        flops = 2.0 * _roof_n(impl, T) ** 3 if roof else \
                             4.0 * D * H * B * pairs * (3.5 if mode == "fwd+bwd" else 1.0)
                         out.append(_common.Case(group, impl, make(impl, T, kwargs, mod, dtype,
                                                                   mode, threads, info),
@@ -155,7 +166,9 @@ def cases(args) -> list[_common.Case]:
 def busy_cases(args) -> list[_common.Case]:
     """1 and 2 threads interleaved in one group (run while a spinner holds a core)."""
     out = []
-    for name, T, kwargs, mod, pairs in patterns(args.quick)[:3:2]:  # causal 4k, window
+    busy = [p for p in patterns(args.quick, args.causal_lengths[:1])
+            if p[0] in ("causal", "documents")]
+    for kind, name, T, kwargs, mod, pairs in busy:
         for mode in args.modes:
             group = f"busy: {name} T={T} {mode} fp32"
             for threads in (1, 2):
@@ -196,6 +209,10 @@ def main(argv=None) -> None:
                         default=["fwd", "fwd+bwd"])
     parser.add_argument("--busy", action="store_true",
                         help="also time 1 vs 2 threads while another process spins on a core")
+    parser.add_argument("--patterns", nargs="+", choices=["causal", "window", "documents"],
+                        help="only these patterns (default: all)")
+    parser.add_argument("--causal-lengths", type=int, nargs="+", default=[4096, 16384],
+                        help="T of the causal groups")
     parser.add_argument("--no-flex", action="store_true", help="leave compiled flex out")
     parser.add_argument("--fallback", action="store_true",
                         help="also time chunked's PyTorch implementation")

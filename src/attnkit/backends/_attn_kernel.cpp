@@ -174,6 +174,7 @@ std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, d
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
   a.single = want_single ? reinterpret_cast<uint8_t*>(single.data_ptr<bool>()) : nullptr;
+  pybind11::gil_scoped_release no_gil;  // pure C++ from here: other Python threads may run
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attn_forward",
                                   [&] { forward_impl<scalar_t>(a); });
   return {out, lse, single};
@@ -226,6 +227,7 @@ void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor
     a.Bb = db.size(0);
     a.Hb = db.size(1);
   }
+  pybind11::gil_scoped_release no_gil;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attn_backward",
                                   [&] { backward_impl<scalar_t>(a); });
 }

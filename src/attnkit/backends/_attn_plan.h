@@ -17,6 +17,9 @@
 #include "_attn_kernel.h"
 
 #include <atomic>
+#include <functional>
+#include <memory>
+#include <thread>
 
 namespace attnkit_kernel {
 
@@ -273,15 +276,26 @@ inline const int64_t* tile_bits(const Args& a, int32_t slot, int64_t b, int64_t 
   return a.bits + slot * a.bitss[0] + b * a.bitss[1] + h * a.bitss[2];
 }
 
-// ---- the work queue: items taken in the caller's order by whichever thread is free (a thread
-// that shares its core with another process simply takes fewer). The order keeps the items
-// that read the same K/V tiles next to each other (they stay in cache), largest first within
-// a head. One parallel region per call: no barrier per tile.
+// ---- the work queue -----------------------------------------------------------------------
+//
+// Items are taken in the caller's order (it keeps the items that read the same K/V tiles next
+// to each other, largest first within a head) by whichever thread is free. The calling thread
+// works through the queue itself; helpers (torch's inter-op pool, at most num_threads - 1) join
+// when they get a core. The caller never waits for a helper that has not started: once the
+// queue is empty it closes it and waits only for helpers in the middle of an item. On a shared
+// machine, a helper that is descheduled simply does nothing, so more threads are never slower
+// than one (an OpenMP region would wait at its barrier for every thread of the team).
 
 struct Item {
   int64_t b, hkv, g0, g1, tile;
   int pass;
   int64_t cost;
+};
+
+struct Queue {
+  std::atomic<int64_t> next{0};
+  std::atomic<int> active{0};
+  std::atomic<bool> closed{false};
 };
 
 template <typename Worker, typename MakeScratch>
@@ -290,12 +304,24 @@ inline void run_items(std::vector<Item>& items, MakeScratch make_scratch, Worker
               items.end());
   const int64_t n = int64_t(items.size());
   if (n == 0) return;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  auto queue = std::make_shared<Queue>();
+  auto drain = [&]() {
     auto scratch = make_scratch();
-    for (int64_t w = next.fetch_add(1); w < n; w = next.fetch_add(1)) work(items[w], scratch);
-  });
+    for (int64_t w = queue->next.fetch_add(1); w < n; w = queue->next.fetch_add(1))
+      work(items[w], scratch);
+  };
+  const int64_t helpers = std::min<int64_t>(at::get_num_threads(), n) - 1;
+  for (int64_t t = 0; t < helpers && !at::in_parallel_region(); ++t) {
+    std::function<void()> help = drain;  // captures the caller's frame: run only while open
+    at::launch([queue, help]() {
+      queue->active.fetch_add(1);
+      if (!queue->closed.load()) help();
+      queue->active.fetch_sub(1);
+    });
+  }
+  drain();
+  queue->closed.store(true);
+  while (queue->active.load() != 0) std::this_thread::yield();
 }
 
 // Per-thread scratch: one allocation, carved into 64-byte aligned pieces.

@@ -446,7 +446,7 @@ CHUNKED_HALF_READ_RATE = 0.8e9  # the same for bfloat16/float16, upcast block by
 # The C++ kernel (benchmarks/bench_kernel.py, one thread of the AVX2 EPYC, visible work):
 # FLOP/s by element size (float32; bfloat16/float16 tiles converted to float32 once; float64),
 # Python's preparation and the call, bytes/s of K and V per 64-row query tile.
-KERNEL_RATE = {4: 42e9, 2: 36e9, 8: 12e9}
+KERNEL_RATE = {4: 40e9, 2: 36e9, 8: 12e9}
 KERNEL_CALL_S = 6e-5
 KERNEL_READ_RATE = {4: 10e9, 2: 5e9, 8: 10e9}
 

@@ -341,3 +341,26 @@ def test_avx512_builds_compile(tmp_path):
         for proc in procs:
             out, _ = proc.communicate(timeout=900)
             assert proc.returncode == 0, f"{name}: {out[-2000:]}"
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_kernel_sources(tmp_path):
+    """pip users build the kernel from the sources inside the package (package data)."""
+    import shutil
+    import zipfile
+
+    root = Path(__file__).resolve().parents[3]
+    proj = tmp_path / "proj"
+    shutil.copytree(root / "src", proj / "src",
+                    ignore=shutil.ignore_patterns("_build", "__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, proj / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                           "--no-build-isolation", "--no-index", "-q", "-w",
+                           str(tmp_path / "dist"), str(proj)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("attnkit-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in _ext.ATTN.sources + _ext.ATTN.headers:
+        assert f"attnkit/backends/{f}" in names, f
