@@ -69,8 +69,15 @@ void forward_impl(const Args& a) {
   using T = acc_of<S>;
   const int64_t D = a.D, Dv = a.Dv, Dp = padded(D), Dvp = padded(Dv);
   constexpr bool same = std::is_same<S, T>::value;
-  const int64_t per_head = BQ * (D + Dvp) * int64_t(sizeof(T));
-  const int64_t gc = std::max<int64_t>(1, std::min<int64_t>(a.G, (256 << 10) / per_head));
+  // A row block is (one query head of the group, one query tile). An item holds up to nb of
+  // them, ~256 KB of Q^T and O: a chunk of the group's heads times up to 4 consecutive query
+  // tiles, all reading each K/V tile once (at long T that is most of the memory traffic).
+  // The grouping never changes a result: every row is computed the same way in any item.
+  const int64_t nb = std::clamp<int64_t>((256 << 10) / (BQ * (D + Dvp) * int64_t(sizeof(T))), 1, 64);
+  const int64_t gc = std::min(a.G, nb);
+  int64_t R = std::max<int64_t>(1, std::min<int64_t>(4, nb / gc));
+  const int64_t chunks = (a.G + gc - 1) / gc;
+  while (R > 1 && a.B * a.Hkv * chunks * ((a.nQ + R - 1) / R) < 4 * at::get_num_threads()) R /= 2;
   const S* q = static_cast<const S*>(a.q);
   const S* k = static_cast<const S*>(a.k);
   const S* v = static_cast<const S*>(a.v);
@@ -81,38 +88,40 @@ void forward_impl(const Args& a) {
   std::vector<Item> items;
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t hkv = 0; hkv < a.Hkv; ++hkv)
-      for (int64_t i = a.nQ - 1; i >= 0; --i) {  // neighbours share K/V tiles; causal: largest first
-        int64_t j0, j1, n = 0;
-        key_range(a, b, hkv, i, j0, j1);
-        for (int64_t j = j0; j < j1; ++j) n += classify(a, b, hkv, i, j).kind != SKIP;
+      for (int64_t i0 = (a.nQ - 1) / R * R; i0 >= 0; i0 -= R) {  // causal: largest first
+        int64_t n = 0;
+        for (int64_t i = i0; i < std::min(a.nQ, i0 + R); ++i) {
+          int64_t j0, j1;
+          key_range(a, b, hkv, i, j0, j1);
+          for (int64_t j = j0; j < j1; ++j) n += classify(a, b, hkv, i, j).kind != SKIP;
+        }
         for (int64_t g0 = 0; g0 < a.G; g0 += gc) {
           const int64_t g1 = std::min(a.G, g0 + gc);
           // Items with nothing visible still write their zero rows.
-          items.push_back({b, hkv, g0, g1, i, 0, 1 + n * (g1 - g0)});
+          items.push_back({b, hkv, g0, g1, i0, 0, 1 + n * (g1 - g0)});
         }
       }
 
-  const size_t need = size_t(gc * (D * BQ + BQ * Dvp + 3 * BQ) + BK * BQ + BK * Dp + BK * Dvp +
-                             std::max(Dp, Dvp) + Dvp + 64 * 16);
+  const int64_t blocks = gc * R;
+  const size_t need = size_t(blocks * (D * BQ + BQ * Dvp + 2 * BQ) + BQ + BK * BQ + BK * Dp +
+                             BK * Dvp + std::max(Dp, Dvp) + Dvp + 64 * 16);
   struct Scratch {
     Arena<T> ar;
     std::vector<Rows<T>> rows;
     std::vector<HeadScores<T>> hs;
   };
   auto make_scratch = [&]() {
-    return Scratch{Arena<T>(need), std::vector<Rows<T>>(gc), std::vector<HeadScores<T>>(gc)};
+    return Scratch{Arena<T>(need), std::vector<Rows<T>>(blocks), std::vector<HeadScores<T>>(gc)};
   };
   auto work = [&](const Item& it, Scratch& sc) {
     Arena<T>& ar = sc.ar;
-    std::vector<Rows<T>>& rows = sc.rows;
-    std::vector<HeadScores<T>>& hs = sc.hs;
     ar.used = 0;
-    const int64_t b = it.b, hkv = it.hkv, i = it.tile, ng = it.g1 - it.g0;
-    const int64_t q0 = i * BQ, nq = std::min(BQ, a.T - q0);
-    T* Qt = ar.take(gc * D * BQ);
-    T* O = ar.take(gc * BQ * Dvp);
-    T* m = ar.take(gc * BQ);
-    T* l = ar.take(gc * BQ);
+    const int64_t b = it.b, hkv = it.hkv, ng = it.g1 - it.g0, i0 = it.tile;
+    const int64_t nr = std::min(R, a.nQ - i0);
+    T* Qt = ar.take(blocks * D * BQ);
+    T* O = ar.take(blocks * BQ * Dvp);
+    T* m = ar.take(blocks * BQ);
+    T* l = ar.take(blocks * BQ);
     T* alpha = ar.take(BQ);
     T* St = ar.take(BK * BQ);
     T* Kb = ar.take(BK * Dp);
@@ -120,21 +129,37 @@ void forward_impl(const Args& a) {
     T* row_buf = ar.take(std::max(Dp, Dvp));
     T* orow = ar.take(Dvp);
     uint64_t word[64];
+    bool first[64];
+    Tile tiles[8];
+    int64_t jlo = a.nK, jhi = 0;
+    for (int64_t r = 0; r < nr; ++r) {
+      int64_t j0, j1;
+      key_range(a, b, hkv, i0 + r, j0, j1);
+      if (j0 < j1) {
+        jlo = std::min(jlo, j0);
+        jhi = std::max(jhi, j1);
+      }
+    }
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t h = hkv * a.G + it.g0 + g;
-      pack_b_cols(q + b * a.qs[0] + h * a.qs[1] + q0 * a.qs[2], a.qs[2], nq, D,
-                  Qt + g * D * BQ, BQ, row_buf, T(a.scale));
-      std::fill(m + g * BQ, m + (g + 1) * BQ, -std::numeric_limits<T>::infinity());
-      std::fill(l + g * BQ, l + (g + 1) * BQ, T(0));
-      fill_rows(a, rows[g], b, h, q0, nq);
-      hs[g] = head_scores<T>(a, b, h);
+      sc.hs[g] = head_scores<T>(a, b, h);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t x = g * nr + r, q0 = (i0 + r) * BQ, nq = std::min(BQ, a.T - q0);
+        pack_b_cols(q + b * a.qs[0] + h * a.qs[1] + q0 * a.qs[2], a.qs[2], nq, D,
+                    Qt + x * D * BQ, BQ, row_buf, T(a.scale));
+        std::fill(m + x * BQ, m + (x + 1) * BQ, -std::numeric_limits<T>::infinity());
+        std::fill(l + x * BQ, l + (x + 1) * BQ, T(0));
+        fill_rows(a, sc.rows[x], b, h, q0, nq);
+        first[x] = true;
+      }
     }
-    bool first = true;
-    int64_t j0, j1;
-    key_range(a, b, hkv, i, j0, j1);
-    for (int64_t j = j0; j < j1; ++j) {
-      const Tile tile = classify(a, b, hkv, i, j);
-      if (tile.kind == SKIP) continue;
+    for (int64_t j = jlo; j < jhi; ++j) {
+      bool any = false;
+      for (int64_t r = 0; r < nr; ++r) {
+        tiles[r] = classify(a, b, hkv, i0 + r, j);
+        any = any || tiles[r].kind != SKIP;
+      }
+      if (!any) continue;
       const int64_t k0 = j * BK, nk = std::min(BK, a.S - k0);
       const S* kp = k + b * a.ks[0] + hkv * a.ks[1] + k0 * a.ks[2];
       const S* vp = v + b * a.vs[0] + hkv * a.vs[1] + k0 * a.vs[2];
@@ -151,43 +176,51 @@ void forward_impl(const Args& a) {
       pack_b_rows(vp, a.vs[2], nk, Dv, Vb, row_buf);
       for (int64_t g = 0; g < ng; ++g) {
         const int64_t h = hkv * a.G + it.g0 + g;
-        const uint64_t* wp = nullptr;
-        if (tile.slot >= 0) {
-          transpose_bits(tile_bits(a, tile.slot, a.bitss[1] ? b : 0, a.bitss[2] ? h : 0), word);
-          wp = word;
+        for (int64_t r = 0; r < nr; ++r) {
+          const Tile tile = tiles[r];
+          if (tile.kind == SKIP) continue;
+          const int64_t x = g * nr + r, q0 = (i0 + r) * BQ, nq = std::min(BQ, a.T - q0);
+          const uint64_t* wp = nullptr;
+          if (tile.slot >= 0) {
+            transpose_bits(tile_bits(a, tile.slot, a.bitss[1] ? b : 0, a.bitss[2] ? h : 0), word);
+            wp = word;
+          }
+          gemm<T>(nk, BQ, D, Ka, ldk, 1, Qt + x * D * BQ, St, BQ, 0);
+          softmax_columns<T>(St, nk, tile, sc.hs[g], sc.rows[x], a.ni, wp, q0, k0, a,
+                             m + x * BQ, l + x * BQ, alpha);
+          gemm<T>(nq, Dvp, nk, St, 1, BQ, Vb, O + x * BQ * Dvp, Dvp, first[x] ? 0 : 2, alpha);
+          first[x] = false;
         }
-        gemm<T>(nk, BQ, D, Ka, ldk, 1, Qt + g * D * BQ, St, BQ, 0);
-        softmax_columns<T>(St, nk, tile, hs[g], rows[g], a.ni, wp, q0, k0, a, m + g * BQ,
-                           l + g * BQ, alpha);
-        gemm<T>(nq, Dvp, nk, St, 1, BQ, Vb, O + g * BQ * Dvp, Dvp, first ? 0 : 2, alpha);
       }
-      first = false;
     }
     const T ninf = -std::numeric_limits<T>::infinity();
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t h = hkv * a.G + it.g0 + g;
-      for (int64_t r = 0; r < nq; ++r) {
-        const int64_t row = (b * a.H + h) * a.T + q0 + r;
-        S* o = out + row * Dv;
-        const T lr = l[g * BQ + r], mr = m[g * BQ + r];
-        if (lr == T(0)) {  // sees no key: zeros, lse -inf (or the sink's logit)
-          std::fill(o, o + Dv, S(0));
-          lse[row] = sinks ? sinks[h] : ninf;
-          if (a.single) a.single[row] = 0;
-          continue;
+      for (int64_t rb = 0; rb < nr; ++rb) {
+        const int64_t x = g * nr + rb, q0 = (i0 + rb) * BQ, nq = std::min(BQ, a.T - q0);
+        for (int64_t r = 0; r < nq; ++r) {
+          const int64_t row = (b * a.H + h) * a.T + q0 + r;
+          S* o = out + row * Dv;
+          const T lr = l[x * BQ + r], mr = m[x * BQ + r];
+          if (lr == T(0)) {  // sees no key: zeros, lse -inf (or the sink's logit)
+            std::fill(o, o + Dv, S(0));
+            lse[row] = sinks ? sinks[h] : ninf;
+            if (a.single) a.single[row] = 0;
+            continue;
+          }
+          T total = mr + std::log(lr), factor = T(1) / lr;
+          if (sinks) {  // the sink is one more logit in the denominator
+            const T sk = sinks[h], hi = std::max(total, sk);
+            const T all = hi + std::log1p(std::exp(-std::fabs(total - sk)));
+            factor = std::exp(total - all) / lr;
+            total = (total != total || sk != sk) ? total + sk : all;
+          }
+          const T* acc = O + (x * BQ + r) * Dvp;
+          for (int64_t d = 0; d < Dv; ++d) orow[d] = acc[d] * factor;
+          from_acc(orow, o, Dv);
+          lse[row] = total;
+          if (a.single) a.single[row] = (!sinks && lr == T(1)) ? 1 : 0;
         }
-        T total = mr + std::log(lr), factor = T(1) / lr;
-        if (sinks) {  // the sink is one more logit in the denominator
-          const T sk = sinks[h], hi = std::max(total, sk);
-          const T all = hi + std::log1p(std::exp(-std::fabs(total - sk)));
-          factor = std::exp(total - all) / lr;
-          total = (total != total || sk != sk) ? total + sk : all;
-        }
-        const T* acc = O + (g * BQ + r) * Dvp;
-        for (int64_t d = 0; d < Dv; ++d) orow[d] = acc[d] * factor;
-        from_acc(orow, o, Dv);
-        lse[row] = total;
-        if (a.single) a.single[row] = (!sinks && lr == T(1)) ? 1 : 0;
       }
     }
   };
