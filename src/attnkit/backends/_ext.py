@@ -121,14 +121,16 @@ def cache_dir() -> Path:
 
 
 def _cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags as /proc/cpuinfo spells them; elsewhere, what torch's
+    own dispatch found (its AVX2 level implies FMA and F16C, its AVX-512 level the rest)."""
     try:
         with open("/proc/cpuinfo") as f:
             line = next((ln for ln in f if ln.startswith("flags")), "")
         return set(line.split(":", 1)[-1].split())
     except OSError:
-        cap = torch.backends.cpu.get_cpu_capability().lower()  # macOS and others: torch's view
-        return {"avx2", "fma", "f16c"} | (set(_AVX512_NEEDS) if "avx512" in cap else set()) \
-            if cap in ("avx2", "avx512") else set()
+        cap = torch.backends.cpu.get_cpu_capability().lower()
+        flags = {"avx2", "fma", "f16c"} if cap in ("avx2", "avx512") else set()
+        return flags | (set(_AVX512_NEEDS) if cap == "avx512" else set())
 
 
 def choose_target() -> tuple[Target | None, str]:
