@@ -27,10 +27,23 @@ $(DECODE_KERNEL): $(STAMP) src/attnkit/backends/_decode_kernel.cpp src/attnkit/b
 	-$(BIN)/python -c "from attnkit.backends._decode_ext import main; main()"
 	touch $(DECODE_KERNEL)
 
+# attnkit's attention kernel (src/attnkit/backends/_attn_kernel*.cpp, behind the chunked
+# backend), compiled by backends/_ext.py for this CPU's instruction set (the avx512, avx2 or
+# SSE2 target: explicit flags, never -march=native) into src/attnkit/backends/_build/. Never
+# fails the build: without a compiler it says why and chunked runs its PyTorch loop. (pip
+# users get the same build on first use, into ~/.cache/attnkit.)
+ATTN_KERNEL := $(VENV)/.attn-kernel
+ATTN_SOURCES := $(wildcard src/attnkit/backends/_attn_kernel*.cpp src/attnkit/backends/_attn_*.h)
+$(ATTN_KERNEL): $(STAMP) $(ATTN_SOURCES) src/attnkit/backends/_ext.py
+	-$(BIN)/python -c "from attnkit.backends._ext import main; main()"
+	touch $(ATTN_KERNEL)
+
+KERNELS := $(DECODE_KERNEL) $(ATTN_KERNEL)
+
 # The main job: the tutorial step by step, then the date translator (trained on first run,
 # a few minutes on 2 cores; later runs reuse out/translate/), then a few translations.
 # Every answer is checked before it is printed: the last line shows a refusal (exit 2).
-demo: $(STAMP) $(DECODE_KERNEL)
+demo: $(STAMP) $(KERNELS)
 	$(BIN)/attnkit walkthrough --out out/walkthrough
 	$(BIN)/attnkit translate train --if-missing --threads 1
 	$(BIN)/attnkit translate "thursday june 25 2009"
@@ -63,11 +76,11 @@ browser:
 SKIP_BROWSER ?=
 PYTEST_ARGS ?=
 JOBS ?= auto
-test: $(STAMP) $(DECODE_KERNEL) browser
+test: $(STAMP) $(KERNELS) browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile $(if $(SKIP_BROWSER),-k "not browser") $(PYTEST_ARGS)
 
 # Each benchmark's --quick mode, and the JSON it writes.
-smoke: $(STAMP) $(DECODE_KERNEL)
+smoke: $(STAMP) $(KERNELS)
 	$(BIN)/python -m pytest -q -m bench
 
 # The documentation site with its API reference from the docstrings, into site/ (mkdocs.yml);
@@ -80,7 +93,7 @@ docs: $(STAMP)
 docs-samples: $(STAMP)
 	$(BIN)/python tools/regen_docs.py
 
-bench: $(STAMP) $(DECODE_KERNEL)
+bench: $(STAMP) $(KERNELS)
 	$(BIN)/python benchmarks/bench_attention.py --quick
 
 clean:

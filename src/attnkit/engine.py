@@ -141,6 +141,8 @@ class Explanation:
         summary: the lowered mask's :class:`~attnkit.summary.BlockSummary` at the chunked
             backend's plan granularity (None without a mask): what a block-sparse backend
             skips, computes in full, or masks.
+        implementation: how the chosen backend runs the call (its compiled kernel, or a
+            fallback and why), when the backend says.
     """
 
     chosen: str
@@ -149,6 +151,7 @@ class Explanation:
     description: str = ""
     estimates: dict[str, float] = field(default_factory=dict)
     summary: BlockSummary | None = None
+    implementation: str = ""
 
     # In a notebook: a picture (attnkit._display); str() stays the text everywhere else.
     _repr_html_ = _display.explanation_html
@@ -156,6 +159,8 @@ class Explanation:
 
     def __str__(self) -> str:
         lines = [f"auto -> {self.chosen}: {self.reason}"]
+        if self.implementation:
+            lines.append(f"  {self.chosen} runs: {self.implementation}")
         if self.summary is not None:
             lines.insert(0, f"blocks: {self.summary.counts()} of {self.summary.block_q}x"
                             f"{self.summary.block_k}, {self.summary.visited_fraction():.1%} "
@@ -202,8 +207,10 @@ def _resolve(q, k, v, call, args) -> Explanation:
                 for name in ranked[1:]}
     rejected.update(refused)
     summary = None if call.mask is None else call.summary(chunked.BLOCK_Q, chunked.FINE)
+    how = get_backend(chosen).implementation
     return Explanation(chosen, reason, rejected, call.describe(),
-                       {name: float(c) for name, c in costs.items()}, summary)
+                       {name: float(c) for name, c in costs.items()}, summary,
+                       how(q, k, v, call) if how is not None else "")
 
 
 def attention(

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnkit
@@ -135,7 +135,7 @@ def test_merge_with_an_empty_part():
     assert torch.equal(both, torch.zeros_like(both)) and torch.isneginf(both_lse).all()
 
 
-def test_gradcheck_chunked_float64():
+def test_gradcheck_chunked_float64(chunked_impl):
     q, k, v = qkv(B=1, H=2, Hkv=1, T=5, S=7, D=3, grad=True)
     spec = MaskSpec.from_args(window=3, causal_align="bottom_right")
 
@@ -145,7 +145,8 @@ def test_gradcheck_chunked_float64():
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     T=st.integers(1, 70), S=st.integers(1, 70), D=st.sampled_from([1, 3, 8]),
     groups=st.sampled_from([(1, 1), (4, 2), (3, 3), (4, 1)]),
@@ -155,7 +156,7 @@ def test_gradcheck_chunked_float64():
     block_q=st.integers(1, 33), block_k=st.integers(1, 33), seed=st.integers(0, 2**16),
 )
 def test_chunked_property(T, S, D, groups, causal, align, window, padding, dense, block_q,
-                          block_k, seed):
+                          block_k, seed, chunked_impl):
     """chunked == math (forward, lse and gradients) for any shape, mask and block size."""
     H, Hkv = groups
     q, k, v = qkv(B=2, H=H, Hkv=Hkv, T=T, S=S, D=D, grad=True, seed=seed)

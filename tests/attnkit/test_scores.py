@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnkit
@@ -52,7 +52,7 @@ def _tensors(kwargs):
 
 
 @pytest.mark.parametrize("case", sorted(SCORES))
-def test_chunked_matches_math_with_grads(case):
+def test_chunked_matches_math_with_grads(case, chunked_impl):
     kwargs = SCORES[case]()
     T = 9
     S = 9 if "mask_mod" in kwargs else 13
@@ -72,7 +72,7 @@ def test_chunked_matches_math_with_grads(case):
 
 
 @pytest.mark.parametrize("case", ["softcap", "alibi", "bias", "sinks"])
-def test_gradcheck_chunked_float64(case):
+def test_gradcheck_chunked_float64(case, chunked_impl):
     kwargs = SCORES[case]()
     q, k, v = qkv(B=1, T=5, S=7, D=3)
     extra = _tensors(kwargs)
@@ -90,7 +90,7 @@ def test_gradcheck_chunked_float64(case):
     assert torch.autograd.gradcheck(fn, (q, k, v, *extra))
 
 
-def test_sinks_match_the_lse_formula_and_its_gradient():
+def test_sinks_match_the_lse_formula_and_its_gradient(chunked_impl):
     """Attention with a sink == attention rescaled by sigmoid(lse - sink), whose gradient
     is exact now that chunked's lse is differentiable (it was 49% off before)."""
     q, k, v = qkv(dtype=torch.float32)
@@ -112,7 +112,7 @@ def test_softcap_bounds_scores():
     assert (lse <= 1.0 + math.log(13) + 1e-9).all()
 
 
-def test_one_key_rows_get_exactly_zero_gradients():
+def test_one_key_rows_get_exactly_zero_gradients(chunked_impl):
     q, k, v = qkv(T=40, S=40, dtype=torch.float32)
     out = attnkit.attention(q, k, v, window=1, backend="chunked")
     dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
@@ -120,11 +120,13 @@ def test_one_key_rows_get_exactly_zero_gradients():
     assert dv.abs().sum() > 0
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(T=st.integers(1, 40), S=st.integers(1, 40), cap=st.floats(0.3, 5.0),
        sink=st.booleans(), bias=st.booleans(), causal=st.booleans(),
        block_q=st.integers(1, 17), block_k=st.integers(1, 17), seed=st.integers(0, 999))
-def test_chunked_property_scores(T, S, cap, sink, bias, causal, block_q, block_k, seed):
+def test_chunked_property_scores(T, S, cap, sink, bias, causal, block_q, block_k, seed,
+                                 chunked_impl):
     q, k, v = qkv(T=T, S=S, seed=seed)
     g = torch.Generator().manual_seed(seed)
     score = Sc.chain(Sc.Softcap(cap),
@@ -149,7 +151,7 @@ def test_chunked_property_scores(T, S, cap, sink, bias, causal, block_q, block_k
                                     {"mask_mod": M.documents(cu_seqlens=[0, 50, 130, 200])},
                                     {"sinks": torch.zeros(4), "window": 40}],
                          ids=["softcap", "documents", "sinks"])
-def test_low_precision_error_within_2x_of_math(dtype, kwargs):
+def test_low_precision_error_within_2x_of_math(dtype, kwargs, chunked_impl):
     q64, k64, v64 = (t.detach() for t in qkv(B=1, H=4, Hkv=4, T=200, S=200, D=32, grad=False,
                                              seed=3))
     ref = attnkit.attention(q64, k64, v64, backend="math", **kwargs)

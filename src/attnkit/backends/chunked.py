@@ -12,9 +12,20 @@ What this buys over ``sdpa``:
 * masks are applied per block from their description, so causal blocks above the diagonal
   and blocks outside a sliding window are never computed (window ``w`` costs O(T·w));
 * it returns the log-sum-exp, which split-KV decoding and ring attention need;
-* the softmax statistics and accumulators are float32 for bfloat16/float16 inputs. The
-  matmuls run in the input dtype on GPUs; on CPUs without native half-precision matmul
-  (where a bf16 matmul is several times slower than float32) the inputs are upcast once.
+* the softmax statistics and accumulators are float32 for bfloat16/float16 inputs.
+
+Two implementations, the same results and the same tests:
+
+* ``"kernel"``: attnkit's fused C++ kernel (:mod:`._kernel`, built by :mod:`._ext`): one call
+  per ``attention()`` for the forward and one for the backward, the mask as per-row key
+  intervals (or bits on partial tiles), softcap/ALiBi/bias/sinks applied inside. It serves
+  CPU calls in float32/float64/bfloat16/float16 whose score functions it knows.
+* ``"torch"``: the same algorithm in PyTorch ops, block by block (on CPU, float32/float64
+  tiles without a score gradient run torch's fused flash kernel per tile,
+  :mod:`._fused_tiles`). It serves everything else: other devices, ``torch.compile``, any
+  score function with exact gradients for its tensors.
+
+:func:`implementation` says which one runs for a call and why.
 
 Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``G = H // Hkv``
 queries per key/value head, ``N = B * Hkv``, ``T`` queries, ``S`` keys, ``D`` head dim.
@@ -22,13 +33,14 @@ queries per key/value head, ``N = B * Hkv``, ``T`` queries, ``S`` keys, ``D`` he
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from dataclasses import dataclass
-
 from ..spec import Call
-from . import _fused_tiles
+from . import _fused_tiles, _kernel
 from .registry import BACKWARD_FACTOR, Backend, as_call
 
 # chunked owns its block sizes: query rows per tile, the key granularity of its block
@@ -266,7 +278,16 @@ def chunked_block_backward(grad_out, q, k, v, lse, delta, spec, *, scale: float,
             place; slices of bigger buffers are fine as long as ``.view`` can merge ``B``
             with the head dim.
     """
-    lay = _Layout(q, k, Call.of(q, k, spec, grad=True), block_q, block_k)
+    call = Call.of(q, k, spec, grad=True)
+    prep = _kernel_plan(q, k, v, call)
+    if not isinstance(prep, str) and all(g.dtype == lse.dtype for g in grads):
+        # Ring attention hands K/V over in the accumulation dtype (a lossless cast) beside
+        # half-precision queries: the kernel takes one dtype, the widest.
+        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        q, k, v, grad_out = (t.to(dt) for t in (q, k, v, grad_out))
+        _kernel.block_backward(grad_out, q, k, v, lse, delta, prep, scale, grads)
+        return
+    lay = _Layout(q, k, call, block_q, block_k)
     _accumulate_backward(grad_out, q, k, v, _Rows(lse, delta), lay, scale, grads)
 
 
@@ -319,6 +340,55 @@ class _ChunkedAttentionFn(torch.autograd.Function):
         return (dq, dk, dv, None, None, dsinks, *dparams)
 
 
+_FORCED: list[str] = []  # use_implementation()'s stack
+
+
+@contextlib.contextmanager
+def use_implementation(name: str):
+    """Run chunked with one implementation inside the block: ``"kernel"`` (the C++ kernel,
+    for the calls it can serve) or ``"torch"`` (the PyTorch block loop). Tests run both.
+
+    Raises:
+        ValueError: another name.
+    """
+    if name not in ("kernel", "torch"):
+        raise ValueError(f"implementation must be 'kernel' or 'torch', got {name!r}")
+    _FORCED.append(name)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def _kernel_plan(q, k, v, call) -> "_kernel.Prepared | str":
+    """The call prepared for the C++ kernel, or why the PyTorch block loop runs instead."""
+    if _FORCED and _FORCED[-1] == "torch":
+        return "pure-PyTorch block loop (chosen with use_implementation)"
+    why = _kernel.why_not(q, k, v, call)
+    if why is not None:
+        return f"pure-PyTorch block loop ({why})"
+    if _kernel.module() is None:  # builds it on first use, or says why it cannot
+        return _kernel.status().describe()
+    prep = _kernel.prepare(q, k, v, call)
+    return prep if not isinstance(prep, str) else f"pure-PyTorch block loop ({prep})"
+
+
+def implementation(q, k, v, call) -> tuple[str, str]:
+    """``("kernel" | "torch", a sentence)``: which implementation chunked runs for this call
+    and why; never builds the kernel (``explain()`` shows it)."""
+    call = as_call(q, k, v, call)
+    if _FORCED and _FORCED[-1] == "torch":
+        return "torch", "pure-PyTorch block loop (chosen with use_implementation)"
+    st = _kernel.status()
+    why = _kernel.why_not(q, k, v, call) if st.impl == "cpp" else None
+    if st.impl != "cpp" or why is not None:
+        return "torch", st.describe() if why is None else f"pure-PyTorch block loop ({why})"
+    prep = _kernel.prepare(q, k, v, call)
+    if isinstance(prep, str):
+        return "torch", f"pure-PyTorch block loop ({prep})"
+    return "kernel", st.describe()
+
+
 def chunked_check(q, k, v, call, *, dropout_p: float, return_lse: bool,
                   return_weights: bool = False):
     if dropout_p > 0.0:
@@ -349,8 +419,9 @@ def chunked_attention(q, k, v, call, *, dropout_p: float = 0.0, scale: float,
 
     Args:
         call: an :class:`attnkit.spec.Call` (or a :class:`attnkit.masks.MaskSpec`).
-        block_q: query rows per tile (not part of the contract; memory ~ block_q·block_k·H).
-        block_k: keys per block.
+        block_q: query rows per tile of the PyTorch implementation (not part of the
+            contract; memory ~ block_q·block_k·H); the C++ kernel's tiles are 64 x 64.
+        block_k: keys per block (the PyTorch implementation).
 
     Raises:
         ValueError: ``dropout_p > 0``, ``return_weights``, or a block size below 1.
@@ -362,7 +433,11 @@ def chunked_attention(q, k, v, call, *, dropout_p: float = 0.0, scale: float,
         raise ValueError(reason)
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be >= 1, got {block_q} and {block_k}")
-    # The fused kernel needs one head size for q, k and v.
+    prep = _kernel_plan(q, k, v, call)
+    if not isinstance(prep, str):
+        out, lse = _kernel.attention(q, k, v, prep, scale, call.sinks)
+        return (out, lse) if return_lse else out
+    # The fused tiles need one head size for q, k and v.
     fused = _fused_tiles.usable(q, call.score) and v.shape[-1] == q.shape[-1]
     lay = _Layout(q, k, call, block_q, block_k, fused=fused)
     out, lse, _ = _ChunkedAttentionFn.apply(q, k, v, lay, scale, call.sinks, *lay.params)
@@ -378,15 +453,35 @@ CHUNKED_READ_RATE = 8e9  # bytes/s of K and V one tile streams (bench_decode.py,
 CHUNKED_HALF_READ_RATE = 0.8e9  # the same for bfloat16/float16, upcast block by block
 
 
+# The C++ kernel (benchmarks/bench_kernel.py, one thread of the AVX2 EPYC, visible work):
+# FLOP/s by element size (float32; bfloat16/float16 tiles converted to float32 once; float64),
+# Python's preparation and the call, bytes/s of K and V per 64-row query tile.
+KERNEL_RATE = {4: 40e9, 2: 36e9, 8: 12e9}
+KERNEL_CALL_S = 6e-5
+KERNEL_READ_RATE = {4: 10e9, 2: 5e9, 8: 10e9}
+
+
+def _kernel_cost(call, passes: float, itemsize: int) -> float:
+    frac, _ = call.visited(_kernel.TILE, _kernel.TILE)
+    tiles = -(-call.T // _kernel.TILE)
+    read = frac * tiles * 2.0 * call.B * call.Hkv * call.S * call.D * itemsize / \
+        KERNEL_READ_RATE[itemsize]
+    compute = frac * call.flops() * passes / KERNEL_RATE[itemsize]
+    return (read if read > compute else compute) + KERNEL_CALL_S * (2.0 if call.grad else 1.0)
+
+
 def chunked_cost(call) -> float:
-    """Estimated seconds: the visited pairs at the fused tiles' or the block loop's rate, but
-    never less than reading the visited K and V once per query tile (what bounds a short
-    query block; half-precision blocks are upcast on CPU, which is slower still)."""
+    """Estimated seconds: the visited pairs at the C++ kernel's, the fused tiles' or the
+    block loop's rate, but never less than reading the visited K and V once per query tile
+    (what bounds a short query block; the PyTorch loop upcasts half-precision blocks on CPU,
+    which is slower still)."""
     passes = BACKWARD_FACTOR if call.grad else 1.0
+    itemsize = torch.empty((), dtype=call.dtype).element_size()
+    if not (_FORCED and _FORCED[-1] == "torch") and _kernel.serves(call) is None:
+        return _kernel_cost(call, passes, itemsize)
     frac, blocks = call.visited(BLOCK_Q, FINE)  # the plan's own granularity
     tiles = -(-call.T // BLOCK_Q)
     per_call = 5e-5
-    itemsize = torch.empty((), dtype=call.dtype).element_size()
     rate = CHUNKED_READ_RATE if itemsize >= 4 or call.device.type != "cpu" else \
         CHUNKED_HALF_READ_RATE
     read = frac * tiles * 2.0 * call.B * call.Hkv * call.S * call.D * itemsize / rate
@@ -401,5 +496,9 @@ def chunked_cost(call) -> float:
     return (read if read > compute else compute) + blocks * per_block / 8 + per_call
 
 
+def _describe(q, k, v, call) -> str:
+    return implementation(q, k, v, call)[1]
+
+
 BACKEND = Backend("chunked", chunked_attention, chunked_check,
-                  frozenset({"lse", "grad", "score_mod", "sinks"}), chunked_cost)
+                  frozenset({"lse", "grad", "score_mod", "sinks"}), chunked_cost, _describe)

@@ -21,7 +21,10 @@ A backend declares:
 * ``check``: optional, same arguments as ``fn`` without ``scale``; ``None`` when it can
   serve the call, else a sentence saying why it cannot;
 * ``cost``: optional ``cost(call) -> float``, the estimated seconds of the call; ``auto``
-  runs the cheapest backend that can serve it (one second without a rule).
+  runs the cheapest backend that can serve it (one second without a rule);
+* ``implementation``: optional ``implementation(q, k, v, call) -> str``, a sentence saying
+  how the backend would run the call (a compiled kernel, or a fallback and why), for
+  ``explain()``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Backend:
     check: Optional[Callable] = None
     capabilities: frozenset = _DEFAULT_CAPABILITIES
     cost: Optional[Callable] = None
+    implementation: Optional[Callable] = None
 
     def why_not(self, q, k, v, call, *, dropout_p: float, return_lse: bool,
                 return_weights: bool = False) -> Optional[str]:

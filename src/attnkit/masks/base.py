@@ -9,6 +9,9 @@ Every kind answers four questions, each in the form one backend needs:
 * ``blocks(q_lo, q_hi, k_lo, k_hi)``: ``(some, every)`` for whole blocks at once, from interval
   arithmetic: ``some`` False means no pair in the block is visible (skip it), ``every`` True
   means all are (no mask needed). Both may err only on the safe side (some=True, every=False);
+* ``intervals(B, H, q0, q1)``: per query row, the one or two key ranges ``[lo, hi)`` it sees
+  (:mod:`.intervals`), or None when the kind cannot say (the fused kernel then evaluates
+  ``tile`` on the partial blocks only);
 * ``describe()``: a short readable name for ``explain()``.
 
 ``resolve(T, S)`` fixes what depends on the call's lengths (the bottom-right offset);
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _display
+from .row_ranges import intersect, unite
 
 ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -121,6 +125,12 @@ class MaskMod:
         return self
 
     def validate(self, B: int, H: int, T: int, S: int) -> None:
+        return None
+
+    def intervals(self, B: int, H: int, q0: int, q1: int) -> Tensor | None:
+        """Rows ``q0 .. q1 - 1``: int64 ``(B|1, H|1, nq|1, 2k)``, ``k <= 2`` key ranges
+        ``[lo, hi)`` per row whose union is what the row sees (:mod:`attnkit.masks.row_ranges`),
+        or None when this kind cannot describe its rows so (the default)."""
         return None
 
     def describe(self) -> str:
@@ -307,6 +317,14 @@ class _Combination(MaskMod):
             some, every = self._join(some, s), self._join_summary(every, e)
         return some, every
 
+    def intervals(self, B, H, q0, q1):
+        out = self.parts[0].intervals(B, H, q0, q1)
+        for p in self.parts[1:]:
+            if out is None:
+                return None
+            out = self._join_ranges(out, p.intervals(B, H, q0, q1))
+        return out
+
     def resolve(self, T, S):
         return type(self)(tuple(p.resolve(T, S) for p in self.parts))
 
@@ -336,6 +354,7 @@ class And(_Combination):
         return a & b
 
     _join_summary = _join
+    _join_ranges = staticmethod(intersect)
 
 
 @dataclass(frozen=True, eq=False)
@@ -351,6 +370,7 @@ class Or(_Combination):
         return a | b
 
     _join_summary = _join
+    _join_ranges = staticmethod(unite)
 
 
 @dataclass(frozen=True, eq=False)
@@ -372,6 +392,10 @@ class Shift(MaskMod):
     def blocks(self, q_lo, q_hi, k_lo, k_hi):
         qo, ko = self.q_offset, self.kv_offset
         return self.mod.blocks(q_lo + qo, q_hi + qo, k_lo + ko, k_hi + ko)
+
+    def intervals(self, B, H, q0, q1):
+        inner = self.mod.intervals(B, H, q0 + self.q_offset, q1 + self.q_offset)
+        return None if inner is None else inner - self.kv_offset
 
     def resolve(self, T, S):
         # Alignment-dependent parts are resolved against the global lengths they describe.

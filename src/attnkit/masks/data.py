@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .base import MaskMod, check_broadcasts
+from .row_ranges import UNBOUNDED, span
 
 
 def _check_bool(name: str, m, dims: int) -> None:
@@ -55,6 +56,19 @@ class KeyPadding(MaskMod):
             raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, "
                              f"got {tuple(self.mask.shape)}")
 
+    def intervals(self, B, H, q0, q1):
+        """One range per sample when its real keys are contiguous (right or left padding);
+        None when some sample has holes."""
+        m = self.mask
+        S = m.shape[1]
+        count = m.sum(1)  # (B,)
+        first = m.int().argmax(1)
+        last = S - 1 - m.flip(1).int().argmax(1)
+        if bool(((count > 0) & (last - first + 1 != count)).any()):
+            return None
+        first = torch.where(count > 0, first, torch.zeros_like(first))
+        return span((first).view(-1, 1, 1), (first + count).view(-1, 1, 1))
+
     def describe(self):
         return "key_padding"
 
@@ -87,6 +101,10 @@ class QueryPadding(MaskMod):
         if tuple(self.mask.shape) != (B, T):
             raise ValueError(f"query_padding_mask must have shape (B, T) = {(B, T)}, "
                              f"got {tuple(self.mask.shape)}")
+
+    def intervals(self, B, H, q0, q1):
+        real = self.mask[:, q0:q1].view(self.mask.shape[0], 1, -1)  # (B, 1, nq)
+        return span(torch.where(real, -UNBOUNDED, 0), torch.where(real, UNBOUNDED, 0))
 
     def describe(self):
         return "query_padding"
@@ -150,6 +168,18 @@ class SameDocument(MaskMod):
             raise ValueError(f"document ids must be (B, T) = {(B, T)} for queries and (B, S) = "
                              f"{(B, S)} for keys, got {tuple(self.ids.shape)} and "
                              f"{tuple(kv.shape)}; pass kv_document_ids when S != T")
+
+    def intervals(self, B, H, q0, q1):
+        """The keys of the row's own document: one range when the key ids are sorted."""
+        if not self.sorted:
+            return None
+        ids, kv = self.ids[:, q0:q1], self.keys()
+        n = max(ids.shape[0], kv.shape[0])
+        ids = ids.expand(n, -1).contiguous()
+        kv = kv.expand(n, -1).contiguous()
+        lo = torch.searchsorted(kv, ids, right=False)  # (n, nq)
+        hi = torch.searchsorted(kv, ids, right=True)
+        return span(lo.view(n, 1, -1), hi.view(n, 1, -1))
 
     def describe(self):
         return f"same_document(B={self.ids.shape[0]})"

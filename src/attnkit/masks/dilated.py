@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .base import MaskMod, check_align, offset_of
+from .row_ranges import UNBOUNDED, span
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +59,10 @@ class Dilated(MaskMod):
         some = torch.div(hi, s, rounding_mode="floor") * s >= lo
         every = (lo == hi) & (lo % s == 0) if s > 1 else torch.ones_like(some)
         return some, every
+
+    def intervals(self, B, H, q0, q1):
+        """Every key when the stride is 1; otherwise no ranges (a comb, not an interval)."""
+        return span(-UNBOUNDED, UNBOUNDED) if self.stride == 1 else None
 
     def describe(self):
         at = f", offset={self.offset}" if self.offset else ""

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import MaskMod, Shift
+from .row_ranges import span
 from .structural import ChunkedLocal
 
 __all__ = ["PerSampleChunks"]
@@ -65,6 +66,13 @@ class PerSampleChunks(MaskMod):
             some = s if some is None else some | s
             every = e if every is None else every & e
         return some, every
+
+    def intervals(self, B, H, q0, q1):
+        st = self.start.long().view(-1, 1, 1)  # (B, 1, 1)
+        q = torch.arange(q0, q1).view(1, 1, -1)
+        c = torch.div(q + self.q_offset - st, self.size, rounding_mode="floor")  # (B, 1, nq)
+        lo = c * self.size + st - self.kv_offset
+        return span(lo, lo + self.size)
 
     def validate(self, B, H, T, S):
         if tuple(self.start.shape) != (B,):

@@ -13,6 +13,12 @@ import torch
 from torch import Tensor
 
 from .base import MaskMod, check_align, offset_of
+from .row_ranges import UNBOUNDED, span
+
+
+def _rows(q0: int, q1: int) -> Tensor:
+    """``(1, 1, nq)`` query indices ``q0 .. q1 - 1``."""
+    return torch.arange(q0, q1).view(1, 1, -1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +68,12 @@ class Window(MaskMod):
             every = every & (k_hi <= q_lo + o + self.right)
         return some, every
 
+    def intervals(self, B, H, q0, q1):
+        p = _rows(q0, q1) + self._o()
+        lo = p - self.left if self.left is not None else -UNBOUNDED
+        hi = p + self.right + 1 if self.right is not None else UNBOUNDED
+        return span(lo, hi)
+
     def describe(self):
         at = f", offset={self.offset}" if self.offset else ""
         return f"window(left={self.left}, right={self.right}{at})"
@@ -100,6 +112,10 @@ class KeyPrefix(MaskMod):
             lo = hi = int(self.n)
         return (k_lo < hi) & (q_lo >= 0), (k_hi < lo) & (q_lo >= 0)
 
+    def intervals(self, B, H, q0, q1):
+        n = self.n.long().cpu().view(-1, 1, 1) if isinstance(self.n, Tensor) else int(self.n)
+        return span(0, n)
+
     def describe(self):
         return f"prefix({self.n if not isinstance(self.n, Tensor) else 'per-sample'})"
 
@@ -130,6 +146,10 @@ class ChunkedLocal(MaskMod):
         o, c = self.offset or 0, self.size
         qa, qb, ka, kb = (q_lo + o) // c, (q_hi + o) // c, k_lo // c, k_hi // c
         return (qa <= kb) & (ka <= qb), (qa == qb) & (ka == kb) & (qa == ka)
+
+    def intervals(self, B, H, q0, q1):
+        c = torch.div(_rows(q0, q1) + (self.offset or 0), self.size, rounding_mode="floor")
+        return span(c * self.size, (c + 1) * self.size)
 
     def describe(self):
         return f"chunked_local({self.size})"

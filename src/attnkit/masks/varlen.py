@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .base import MaskMod
+from .row_ranges import span
 
 
 def check_cu_seqlens(name: str, cu, total: int | None = None) -> Tensor:
@@ -158,6 +159,16 @@ class Varlen(MaskMod):
         if self.right is not None:
             every = every & (k_hi <= pos[q_lo] + self.right)
         return some, every
+
+    def intervals(self, B, H, q0, q1):
+        """The row's own sequence's keys, narrowed by the window around its position."""
+        s, p = self.seq_q[q0:q1], self.pos[q0:q1]  # (nq,)
+        lo, hi = self.cu_k[s], self.cu_k[s + 1]
+        if self.left is not None:
+            lo = torch.maximum(lo, p - self.left)
+        if self.right is not None:
+            hi = torch.minimum(hi, p + self.right + 1)
+        return span(lo.view(1, 1, -1), hi.view(1, 1, -1))
 
     def validate(self, B, H, T, S):
         if int(self.cu_q[-1]) != T:

@@ -15,7 +15,7 @@ import torch
 
 import attnkit
 from attnkit import masks as M
-from attnkit.backends import _edges
+from attnkit.backends import _edges, chunked
 
 SIZES = [(1, 1), (1, 7), (3, 3), (3, 5), (6, 6), (17, 17), (40, 40), (97, 97), (4, 300)]
 MASKS = {
@@ -29,6 +29,11 @@ MASKS = {
 # process): it gets the sizes where the kernel path differs, on two masks, one thread.
 FLEX_SIZES = [(3, 3), (40, 40)]
 FLEX_MASKS = ("none", "causal")
+
+
+def _backends():
+    # "chunked" runs its C++ kernel; "chunked-torch" its PyTorch block loop.
+    return [b for b in attnkit.available_backends()] + ["chunked-torch"]
 
 
 def _call(name, T, S):
@@ -50,13 +55,14 @@ def _visible(call, B, H, T, S):
 def _run(backend, q, k, v, call):
     if backend == "flex" and attnkit.backends.flex._unavailable("cpu"):
         pytest.skip(attnkit.backends.flex._unavailable("cpu"))
-    with torch.no_grad():
-        return attnkit.attention(q, k, v, backend=backend, **call)
+    impl = chunked.use_implementation("torch" if backend == "chunked-torch" else "kernel")
+    with torch.no_grad(), impl:
+        return attnkit.attention(q, k, v, backend=backend.split("-")[0], **call)
 
 
 # `auto` runs one of the registered backends, which hold the NaN rules themselves, on the same
 # inputs: the full grid for it would repeat theirs. One row per mask checks its choices.
-CASES = [(b, m, w, n) for b in attnkit.available_backends() for m in MASKS
+CASES = [(b, m, w, n) for b in _backends() for m in MASKS
          for w in ("q", "k", "v", "all_k") for n in (1, 2)
          if b != "flex" or (m in FLEX_MASKS and n == 1)] + [("auto", m, "q", 1) for m in MASKS]
 
@@ -101,7 +107,7 @@ def test_nan_reaches_every_row_that_sees_it(backend, mask, where, threads):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "chunked"])
-def test_nan_rows_match_math_exactly_where_finite(backend):
+def test_nan_rows_match_math_exactly_where_finite(backend, chunked_impl):
     """The fix-up changes nothing else: every finite row equals math's, the rows that see the
     NaN are NaN. (A hidden NaN key inside a computed block may also reach rows that do not
     see it: the kernels add the mask to the NaN score. It is never hidden from a row that
@@ -133,11 +139,14 @@ def test_all_nan_rows_rules():
     assert _edges.all_nan_rows(q, k, None)[0, 1].tolist() == [False, False, False, True]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") == "default",
                     reason="already running with ATEN_CPU_CAPABILITY=default")
-def test_fused_paths_under_default_cpu_capability():
-    """The same NaN tests on torch's scalar/AVX2 dispatch, as another CPU would run them."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+def test_fused_paths_under_default_cpu_capability(target_builds):
+    """The same NaN tests on torch's scalar dispatch, as another CPU would run them, with
+    chunked's C++ kernel built for that CPU (the SSE2 target, built once per session)."""
+    env, first = target_builds("default")
+    assert first.returncode == 0, first.stderr[-2000:]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
            "-k", "(sees_it or finite) and (sdpa or chunked or auto)", "-x"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

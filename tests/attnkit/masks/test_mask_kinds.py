@@ -3,7 +3,7 @@ kind through every backend against the float64 math path."""
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnkit
@@ -125,10 +125,11 @@ def _qkv(T, S, H=4, Hkv=2, D=5, seed=0, dtype=torch.float64):
             for h, n in ((H, T), (Hkv, S), (Hkv, S))]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(sorted(MODS)), block_q=st.integers(1, 20),
        block_k=st.integers(1, 40), seed=st.integers(0, 1000))
-def test_chunked_matches_math_for_every_kind(kind, block_q, block_k, seed):
+def test_chunked_matches_math_for_every_kind(kind, block_q, block_k, seed, chunked_impl):
     """Outputs, lse and gradients in float64, any block size, 31 x 31."""
     q, k, v = _qkv(31, 31, seed=seed)
     spec = M.MaskSpec.from_args(mask_mod=MODS[kind](torch.Generator().manual_seed(seed)))
