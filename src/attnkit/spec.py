@@ -27,13 +27,16 @@ import torch
 from torch import Tensor
 
 from .masks.base import And, MaskMod, Or, Shift, as_mask_mod, check_align
-from .masks.data import Dense, KeyPadding
+from .masks.data import Dense, KeyPadding, QueryPadding, SameDocument
+from .masks.dilated import Dilated
+from .masks.per_sample_chunks import PerSampleChunks
 from .masks.simplify import merge_and
-from .masks.structural import Causal, Window
-from .scores import Alibi, Bias, ScoreMod, Softcap, as_score_mod, chain
+from .masks.structural import Causal, ChunkedLocal, KeyPrefix, Window
+from .masks.varlen import Varlen
+from .scores import Alibi, Bias, Chain, ScoreMod, ScoreShift, Softcap, as_score_mod, chain
 from .summary import BlockSummary
 
-__all__ = ["MaskSpec", "Call", "lower", "window_mask"]
+__all__ = ["MaskSpec", "Call", "lower", "window_mask", "description_key", "Uncacheable"]
 
 _SMALL = 1 << 20  # below this many T x S pairs, a block summary is not worth building
 
@@ -169,6 +172,59 @@ class MaskSpec:
             device = next((t.device for t in self.tensors()), None)
         out = mod.tile(B or 1, H or 1, 0, T, 0, S, device)
         return out.reshape((1,) * (4 - out.dim()) + tuple(out.shape)) if out.dim() < 4 else out
+
+
+# --- cache keys ----------------------------------------------------------------------------
+
+class Uncacheable(Exception):
+    """A description (or argument) whose behaviour its key cannot capture."""
+
+
+# Kinds whose behaviour is a function of their fields alone (ints, strings, tuples, tensors):
+# two with equal keys lower, validate and evaluate alike. Exact types: a subclass (or a user's
+# function, MaskFn / ScoreFn, which may read any global state) is never cached.
+_PURE_KINDS = frozenset({Window, Causal, KeyPrefix, ChunkedLocal, KeyPadding, QueryPadding,
+                         SameDocument, Dense, Dilated, PerSampleChunks, Varlen, And, Or, Shift,
+                         Softcap, Alibi, Bias, ScoreShift, Chain})
+_SCALARS = frozenset({type(None), bool, int, float, str})
+MAX_KEY_TENSOR_BYTES = 1 << 20  # a cache entry keeps its tensors alive: small ones only
+
+
+def tensor_key(t: Tensor) -> tuple:
+    """Identity and state of a tensor: equal while it is the same tensor with the same
+    contents (an in-place write bumps ``_version``). Only sound while the key's owner keeps
+    ``t`` alive (no other tensor can then take its ``id``).
+
+    Raises:
+        Uncacheable: a large tensor, or one without a version counter (inference tensors).
+    """
+    if t.numel() * t.element_size() > MAX_KEY_TENSOR_BYTES:
+        raise Uncacheable("large tensor")
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        raise Uncacheable("no version counter") from None
+    return (id(t), version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device,
+            t.requires_grad)
+
+
+def description_key(obj) -> tuple:
+    """A hashable key of a description, an argument or a tuple of them: equal keys mean
+    equal behaviour (same kinds, same fields, the same tensors unchanged).
+
+    Raises:
+        Uncacheable: a user function, an unknown kind, or a tensor :func:`tensor_key` refuses.
+    """
+    t = type(obj)
+    if t in _SCALARS:
+        return (t, obj)
+    if isinstance(obj, Tensor):
+        return tensor_key(obj)
+    if t is tuple:
+        return (tuple, tuple(description_key(x) for x in obj))
+    if t is MaskSpec or t in _PURE_KINDS:
+        return (t, tuple((name, description_key(value)) for name, value in vars(obj).items()))
+    raise Uncacheable(t.__name__)
 
 
 # --- lowering -------------------------------------------------------------------------------

@@ -21,16 +21,20 @@ A backend declares:
 * ``check``: optional, same arguments as ``fn`` without ``scale``; ``None`` when it can
   serve the call, else a sentence saying why it cannot;
 * ``cost``: optional ``cost(call) -> float``, the estimated seconds of the call; ``auto``
-  runs the cheapest backend that can serve it (one second without a rule).
+  runs the cheapest backend that can serve it (one second without a rule);
+* ``describe``: optional ``describe(call) -> str``, one line saying which implementation of
+  the backend would run the call and why (``explain()`` shows it for the chosen backend).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 __all__ = ["Backend", "CAPABILITIES", "as_call", "register", "register_backend", "get_backend",
-           "available_backends", "BACKWARD_FACTOR"]
+           "available_backends", "BACKWARD_FACTOR", "costs_changed", "state_key",
+           "watch_environment"]
 
 CAPABILITIES = {
     "lse": "return the log-sum-exp",
@@ -44,8 +48,17 @@ _DEFAULT_CAPABILITIES = frozenset({"lse", "dropout", "grad"})
 BACKWARD_FACTOR = 3.5  # forward + backward over forward, for every backend's cost rule
 
 
+_CALL_TYPE: list = []  # attnkit.spec.Call, imported on first use (spec imports the backends)
+
+
 def as_call(q, k, v, call):
     """A :class:`~attnkit.spec.Call` from a call or a bare :class:`~attnkit.masks.MaskSpec`."""
+    if not _CALL_TYPE:
+        from ..spec import Call
+
+        _CALL_TYPE.append(Call)
+    if type(call) is _CALL_TYPE[0]:  # the engine's case: first, and cheap
+        return call
     from ..spec import Call, MaskSpec
 
     if isinstance(call, MaskSpec):
@@ -66,6 +79,7 @@ class Backend:
     check: Optional[Callable] = None
     capabilities: frozenset = _DEFAULT_CAPABILITIES
     cost: Optional[Callable] = None
+    describe: Optional[Callable] = None
 
     def why_not(self, q, k, v, call, *, dropout_p: float, return_lse: bool,
                 return_weights: bool = False) -> Optional[str]:
@@ -104,6 +118,33 @@ class Backend:
 
 _REGISTRY: dict[str, Backend] = {}
 
+# What the engine's cache of choices (engine.py) depends on beyond a call itself: the
+# registry's contents and any process state a check or cost rule reads.
+_GENERATION = [0]
+_WATCHED_ENV: list[str] = []
+
+
+def costs_changed() -> None:
+    """Say that a backend's check or cost may now answer differently for a call it answered
+    before (flex after compiling a new shape class): ``auto``'s cached choices are dropped."""
+    _GENERATION[0] += 1
+
+
+def watch_environment(name: str) -> None:
+    """Say that a check or cost rule reads the environment variable ``name``: the engine's
+    cached choices are keyed by its value."""
+    if name not in _WATCHED_ENV:
+        _WATCHED_ENV.append(name)
+        costs_changed()
+
+
+def state_key() -> tuple:
+    """The state the cached choices are valid for (registry generation, watched variables)."""
+    if not _WATCHED_ENV:
+        return (_GENERATION[0],)
+    get = os.environ.get
+    return (_GENERATION[0], *(get(name) for name in _WATCHED_ENV))
+
 
 def register(backend: Backend, *, replace: bool = False) -> Backend:
     """Add a ready :class:`Backend` under its name (see :func:`register_backend`)."""
@@ -113,12 +154,15 @@ def register(backend: Backend, *, replace: bool = False) -> Backend:
     if name in _REGISTRY and not replace:
         raise ValueError(f"backend {name!r} is already registered; pass replace=True to override")
     if not callable(backend.fn) or any(c is not None and not callable(c)
-                                       for c in (backend.check, backend.cost)):
-        raise TypeError("a backend needs a callable fn (and check and cost, if given)")
+                                       for c in (backend.check, backend.cost,
+                                                 backend.describe)):
+        raise TypeError("a backend needs a callable fn (and check, cost and describe, if "
+                        "given)")
     unknown = sorted(set(backend.capabilities) - set(CAPABILITIES))
     if unknown:
         raise ValueError(f"unknown capabilities {unknown}; choose from {sorted(CAPABILITIES)}")
     _REGISTRY[name] = backend
+    costs_changed()
     return backend
 
 
