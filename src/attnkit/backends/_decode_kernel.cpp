@@ -97,25 +97,23 @@ inline void prefetch_row(const E* row, int64_t n) {
 
 // --- lane reductions ----------------------------------------------------------------------
 
-// out[i] = sum of the lanes of a[i], i < 8.
-template <typename acc_t>
-inline void sum8(const Vectorized<acc_t>* a, acc_t* out) {
+// out[i] = sum of the lanes of a[i], i < N (a multiple of 4).
+template <int N, typename acc_t>
+inline void sum_lanes(const Vectorized<acc_t>* a, acc_t* out) {
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
-    // hadd pairs neighbours: after two rounds lane i of each 128-bit half holds a partial
-    // sum of a[i] (low half) or a[i + 4]; one cross-half add finishes all eight at once.
-    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    const __m256 lo = _mm256_permute2f128_ps(u0, u1, 0x20);
-    const __m256 hi = _mm256_permute2f128_ps(u0, u1, 0x31);
-    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+    // hadd pairs neighbours: after two rounds each 128-bit half holds, in lane i, a partial
+    // sum of a[i] (one half of its lanes each); adding the halves finishes four at once.
+    for (int g = 0; g < N; g += 4) {
+      const __m256 t0 = _mm256_hadd_ps(a[g], a[g + 1]), t1 = _mm256_hadd_ps(a[g + 2], a[g + 3]);
+      const __m256 u = _mm256_hadd_ps(t0, t1);
+      _mm_storeu_ps(out + g, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+    }
     return;
   }
 #endif
-  for (int i = 0; i < 8; ++i)
-    out[i] = at::vec::vec_reduce_all<acc_t>(
-        [](auto x, auto y) { return x + y; }, a[i]);
+  for (int i = 0; i < N; ++i)
+    out[i] = at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return x + y; }, a[i]);
 }
 
 // NaN-propagating max (a NaN score must reach its row).
@@ -133,16 +131,18 @@ inline Vectorized<double> fast_exp(Vectorized<double> x) { return x.exp(); }
 template <typename E>
 constexpr int64_t line() { return 64 / static_cast<int64_t>(sizeof(E)); }
 
-// 8 dot products: R query rows x NK key rows (R * NK == 8) over Dp (a multiple of the lanes).
-// pf != 0: while reading a line of each key row, ask for the line pf elements further (the
-// same line of a row some keys ahead): the reads of interleaved rows are not a pattern the
+// R * NK dot products (8 or 12 independent accumulator chains: enough to keep both FMA
+// pipes busy through their latency): R query rows x NK key rows over Dp (a multiple of the
+// lanes). pf != 0: while reading a line of each key row, ask for the line pf elements further
+// (the same line of a row some keys ahead): reads of interleaved rows are not a pattern the
 // hardware prefetchers follow well.
 template <int R, int NK, typename acc_t, typename E>
-inline void dot8(const acc_t* const* qr, const E* const* kr, int64_t Dp, acc_t* out,
-                 int64_t pf) {
+inline void dot_tile(const acc_t* const* qr, const E* const* kr, int64_t Dp, acc_t* out,
+                     int64_t pf) {
   constexpr int64_t L = lanes<acc_t>();
-  Vectorized<acc_t> acc[8];
-  for (int i = 0; i < 8; ++i) acc[i] = Vectorized<acc_t>(acc_t(0));
+  constexpr int N = R * NK;
+  Vectorized<acc_t> acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = Vectorized<acc_t>(acc_t(0));
   for (int64_t d = 0; d < Dp; d += L) {
     if (pf && d % line<E>() == 0)
       for (int n = 0; n < NK; ++n) __builtin_prefetch(kr[n] + pf + d, 0, PF_LOCALITY);
@@ -153,49 +153,43 @@ inline void dot8(const acc_t* const* qr, const E* const* kr, int64_t Dp, acc_t* 
       for (int n = 0; n < NK; ++n) acc[i * NK + n] = at::vec::fmadd(qv, kv[n], acc[i * NK + n]);
     }
   }
-  sum8(acc, out);
+  sum_lanes<N>(acc, out);
+}
+
+// Scores of R rows (mt of them real, the rest stand-ins not stored) against all nb keys of a
+// tile, NK keys at a time.
+template <int R, int NK, typename acc_t, typename E>
+inline void score_rows(const acc_t* q, int64_t Dp, int64_t m0, int64_t mt, const E* const* kr,
+                       int64_t nb, acc_t scale, acc_t* s, int64_t pf) {
+  acc_t out[R * NK];
+  const acc_t* qr[R];
+  for (int i = 0; i < R; ++i) qr[i] = q + (m0 + std::min<int64_t>(i, mt - 1)) * Dp;
+  for (int64_t j0 = 0; j0 < nb; j0 += NK) {
+    const E* kk[NK];
+    for (int n = 0; n < NK; ++n) kk[n] = kr[std::min<int64_t>(j0 + n, nb - 1)];
+    dot_tile<R, NK>(qr, kk, Dp, out, pf);
+    for (int64_t i = 0; i < mt; ++i)
+      for (int n = 0; n < NK && j0 + n < nb; ++n)
+        s[(m0 + i) * NB + j0 + n] = out[i * NK + n] * scale;
+  }
 }
 
 // s[m * NB + j] = scale * <q_m, k_j> for the M rows and the nb keys of a tile. kr[j] points at
-// key j's row (the cache itself, or a widened copy); missing rows/keys of the last register
-// tile are computed on stand-ins and not stored.
+// key j's row (the cache itself, or a widened copy). Rows in register tiles of 6 (12
+// accumulators) or 4 (8); one row takes 8 keys at a time, two rows 4.
 template <typename acc_t, typename E>
 void score_tile(const acc_t* q, int64_t M, int64_t Dp, const E* const* kr, int64_t nb,
                 acc_t scale, acc_t* s, int64_t pf = 0) {
-  acc_t out[8];
-  if (M == 1) {
-    for (int64_t j0 = 0; j0 < nb; j0 += 8) {
-      const E* k8[8];
-      for (int n = 0; n < 8; ++n) k8[n] = kr[std::min<int64_t>(j0 + n, nb - 1)];
-      const acc_t* q1[1] = {q};
-      dot8<1, 8>(q1, k8, Dp, out, pf);
-      for (int n = 0; n < 8 && j0 + n < nb; ++n) s[j0 + n] = out[n] * scale;
-    }
-    return;
-  }
-  if (M == 2) {
-    const acc_t* q2[2] = {q, q + Dp};
-    for (int64_t j0 = 0; j0 < nb; j0 += 4) {
-      const E* k4[4];
-      for (int n = 0; n < 4; ++n) k4[n] = kr[std::min<int64_t>(j0 + n, nb - 1)];
-      dot8<2, 4>(q2, k4, Dp, out, pf);
-      for (int i = 0; i < 2; ++i)
-        for (int n = 0; n < 4 && j0 + n < nb; ++n) s[i * NB + j0 + n] = out[i * 4 + n] * scale;
-    }
-    return;
-  }
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const int64_t mt = std::min<int64_t>(4, M - m0);
-    const int64_t pf_rows = m0 == 0 ? pf : 0;  // later row groups find the rows in cache
-    const acc_t* q4[4];
-    for (int i = 0; i < 4; ++i) q4[i] = q + (m0 + std::min<int64_t>(i, mt - 1)) * Dp;
-    for (int64_t j0 = 0; j0 < nb; j0 += 2) {
-      const E* k2[2] = {kr[j0], kr[std::min<int64_t>(j0 + 1, nb - 1)]};
-      dot8<4, 2>(q4, k2, Dp, out, pf_rows);
-      for (int64_t i = 0; i < mt; ++i) {
-        s[(m0 + i) * NB + j0] = out[i * 2] * scale;
-        if (j0 + 1 < nb) s[(m0 + i) * NB + j0 + 1] = out[i * 2 + 1] * scale;
-      }
+  if (M == 1) return score_rows<1, 8>(q, Dp, 0, 1, kr, nb, scale, s, pf);
+  if (M == 2) return score_rows<2, 4>(q, Dp, 0, 2, kr, nb, scale, s, pf);
+  for (int64_t m0 = 0; m0 < M;) {
+    const int64_t rem = M - m0, pf_rows = m0 == 0 ? pf : 0;  // later groups hit the cache
+    if (rem >= 6 && rem != 8) {
+      score_rows<6, 2>(q, Dp, m0, 6, kr, nb, scale, s, pf_rows);
+      m0 += 6;
+    } else {
+      score_rows<4, 2>(q, Dp, m0, std::min<int64_t>(4, rem), kr, nb, scale, s, pf_rows);
+      m0 += 4;
     }
   }
 }
@@ -213,7 +207,7 @@ inline void pv_block(const acc_t* const* p, const acc_t* alpha, const E* const* 
     for (int c = 0; c < C; ++c) acc[i][c] = Vectorized<acc_t>::loadu(o[i] + d0 + c * L) * a;
   }
   for (int64_t j = 0; j < nb; ++j) {
-    if (pf)  // as in dot8: the same columns of a row some keys ahead
+    if (pf)  // as in dot_tile: the same columns of a row some keys ahead
       for (int64_t c = 0; c < C * L; c += line<E>()) __builtin_prefetch(vr[j] + pf + d0 + c, 0, PF_LOCALITY);
     Vectorized<acc_t> x[C];
     for (int c = 0; c < C; ++c) x[c] = load<acc_t>(vr[j] + d0 + c * L);
@@ -431,9 +425,17 @@ void run_item(const Problem<scalar_t>& P, int64_t bh, int64_t j0, int64_t j1,
         pv_rows<Rn, acc_t, acc_t>(p, sc.alpha.data() + m0, vrow + j_lo, n, o, Dvp);
       }
     };
-    if (full) {
+    if (full) {  // register tiles of 6 rows (12 accumulators) or 4, as for the scores
       int64_t m0 = 0;
-      for (; m0 + 4 <= M; m0 += 4) rows(std::integral_constant<int, 4>{}, m0, 0, nb);
+      while (M - m0 >= 4) {
+        if (M - m0 >= 6 && M - m0 != 8) {
+          rows(std::integral_constant<int, 6>{}, m0, 0, nb);
+          m0 += 6;
+        } else {
+          rows(std::integral_constant<int, 4>{}, m0, 0, nb);
+          m0 += 4;
+        }
+      }
       switch (M - m0) {
         case 3: rows(std::integral_constant<int, 3>{}, m0, 0, nb); break;
         case 2: rows(std::integral_constant<int, 2>{}, m0, 0, nb); break;

@@ -3,11 +3,12 @@
 A cost rule turns a call into estimated seconds from rates: bytes per second a kernel reads a
 cache at, FLOP/s of its arithmetic. Constants measured on one CPU mislead ``auto`` on another
 (a bfloat16 decode step priced at 17 ms took 104 ms on an AVX2 CPU without native bfloat16),
-so the rates are measured here, once, by a short calibration (about a second on one thread):
+so the rates are measured here, once, by a short calibration (about a second of one thread's
+CPU time; the best of a few calls each):
 
 * ``read``: bytes/s of a plain ``sum`` over a buffer larger than the last-level cache (the
   machine's read roof);
-* ``mm_fp32``, ``mm_bf16``: FLOP/s of a 512 x 512 ``torch.mm``;
+* ``mm_fp32``, ``mm_bf16``: FLOP/s of a 512 x 512 (bfloat16: 128 x 128) ``torch.mm``;
 * ``decode_{cpp,torch}_read_{fp32,half}``: K/V bytes/s of one decode step (GQA 32/8, head dim
   128) over a cache larger than the last-level cache, through the decode kernel and through
   its PyTorch implementation; ``decode_{cpp,torch}_flops``: FLOP/s of a 64-row verify block
@@ -109,14 +110,17 @@ def _load() -> dict:
 
 
 def _best(fn, reps: int = 3) -> float:
-    """The fastest of ``reps`` calls after one warm-up (the least disturbed by other
-    processes on a shared machine), in seconds."""
+    """The fastest of up to ``reps`` calls after one warm-up, in seconds of this thread's CPU
+    time (one thread: time spent descheduled by other processes on a shared machine does
+    not count; memory contention still does). Slow calls are repeated less."""
+    start = time.thread_time()
     fn()
+    first = time.thread_time() - start
     best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
+    for _ in range(max(1, min(reps, int(0.1 / max(first, 1e-9))))):
+        start = time.thread_time()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.thread_time() - start)
     return max(best, 1e-9)
 
 
@@ -134,9 +138,10 @@ def calibrate(save: bool = True) -> dict:
             buf = torch.full((16 * 2**20,), 0.5)  # 64 MiB: past the last-level cache
             out["read"] = buf.numel() * 4 / _best(buf.sum)
             del buf
-            for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-                a = torch.full((512, 512), 0.01, dtype=dtype)
-                out[f"mm_{name}"] = 2 * 512**3 / _best(lambda a=a: torch.mm(a, a))
+            # (bfloat16 matmuls are ~100x slower than float32 on CPUs without native bfloat16)
+            for dtype, name, n in ((torch.float32, "fp32", 512), (torch.bfloat16, "bf16", 128)):
+                a = torch.full((n, n), 0.01, dtype=dtype)
+                out[f"mm_{name}"] = 2 * n**3 / _best(lambda a=a: torch.mm(a, a))
             out.update(_decode_rates(dec))
     finally:
         torch.set_num_threads(threads)

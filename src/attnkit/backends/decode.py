@@ -52,7 +52,7 @@ from ..masks import Window
 from ..scores import Alibi, Chain, Softcap
 from . import _decode_ext
 from ._rates import rate
-from .registry import Backend, as_call
+from .registry import Backend, as_call, watch_environment
 
 __all__ = ["decode_attention", "decode_rows", "decode_spans", "decode_check", "decode_cost",
            "implementation", "fused_plan", "MAX_QUERIES", "CAPABILITIES"]
@@ -73,6 +73,7 @@ FLOP_RATE = {"cpp": 60e9, "torch": 40e9}
 CALL_S = 3e-5
 ROW_ELEMENT_S = 2e-9  # per (B, H, T, S) score element: masks, score functions, softmax
 _DTYPE_NAMES = {2: "half", 4: "fp32", 8: "fp64"}
+watch_environment("ATTNKIT_DECODE_IMPL")  # implementation() reads it: auto's cached choices too
 
 
 def kernel_built() -> bool:
@@ -345,9 +346,11 @@ def _sink_rows(sinks: Tensor | None, Hkv: int, T: int, acc) -> Tensor | None:
 
 
 def _scores_torch(qg: Tensor, k: Tensor, scale: float) -> Tensor:
-    """``scale * q kᵀ``: ``(B, Hkv, M, n)`` in q's (accumulation) dtype."""
-    s = qg.to(k.dtype) @ k.transpose(-1, -2)  # (B, Hkv, M, n)
-    return s.to(qg.dtype).mul_(scale) if s.dtype != qg.dtype else s.mul_(scale)
+    """``scale * q kᵀ``: ``(B, Hkv, M, n)`` contiguous, in q's (accumulation) dtype."""
+    # k @ qᵀ reads k in its own layout (q @ kᵀ measured ~2x slower in float32)
+    s = k @ qg.to(k.dtype).transpose(-1, -2)  # (B, Hkv, n, M)
+    rows = s.transpose(-1, -2)  # (B, Hkv, M, n), a view
+    return torch.empty(rows.shape, dtype=qg.dtype, device=qg.device).copy_(rows).mul_(scale)
 
 
 def _apply_rows(s: Tensor, row_mask, score, k0: int, k1: int, B, H, T) -> None:
@@ -389,7 +392,11 @@ def _softmax_pv_torch(s: Tensor, v: Tensor, sink: Tensor | None):
     if sink is not None:
         total = total + torch.exp(sink.view(1, Hkv, M, 1) - ref)
     lse = (ref + torch.log(total)).view(B, Hkv, M)
-    out = e.to(v.dtype) @ v  # (B, Hkv, M, Dv), unnormalised
+    if v.dtype != e.dtype:  # half weights key-major: a row-major left operand measured 14x
+        # slower in bfloat16 matmuls on an AVX2 CPU
+        keys = torch.empty((B, Hkv, e.shape[-1], M), dtype=v.dtype, device=v.device)
+        e = keys.copy_(e.transpose(-1, -2)).transpose(-1, -2)  # (B, Hkv, M, n), a view
+    out = e @ v  # (B, Hkv, M, Dv), unnormalised
     total = torch.where(total > 0, total, torch.ones_like(total))
     out = (out.to(total.dtype) / total).masked_fill(sees_none, 0.0)
     return out, lse

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 
 from ..scores import Bias
 from ._edges import may_hold_nan, restore_nan
+from ._rates import rate
 from .registry import BACKWARD_FACTOR, Backend, as_call
 
 SDPA_RATE = 40e9  # FLOP/s of one CPU thread, float32
 SDPA_MASKED_SLOWDOWN = 1.3  # the masked kernel path, plus reading the mask
 MASK_BUILD_S_PER_ELEMENT = 2e-9  # building a bool T x S mask and SDPA's float copy of it
-SDPA_READ_RATE = 12e9  # bytes/s its kernel reads K and V at (float32, one thread)
-SDPA_HALF_READ_RATE = 2.6e9  # the same for bfloat16/float16 (bench_decode.py)
+SDPA_READ_RATE = 12e9  # bytes/s its kernel reads K and V at (float32, one thread); the
+SDPA_HALF_READ_RATE = 2.6e9  # same for bfloat16/float16; defaults for _rates.py's measured
 
 
 def _as_sdpa_mask(call, device):
@@ -91,11 +92,13 @@ def sdpa_cost(call) -> float:
     """Estimated seconds: the FLOPs at the fused kernel's rate (half for ``is_causal``, more
     plus the mask for a dense mask), but never less than reading K and V once per *query*
     head, which is what bounds a short query block (SDPA's CPU kernel re-reads a GQA head's
-    cache for every query head of its group, at ~12 GB/s float32, ~2.6 GB/s bfloat16)."""
+    cache for every query head of its group, at this machine's measured rate:
+    :mod:`._rates`' ``sdpa_read_fp32`` / ``sdpa_read_half``)."""
     passes = BACKWARD_FACTOR if call.grad else 1.0
     itemsize = torch.empty((), dtype=call.dtype).element_size()
     read = 2.0 * call.B * call.H * call.S * call.D * itemsize / (
-        SDPA_READ_RATE if itemsize >= 4 else SDPA_HALF_READ_RATE)
+        rate("sdpa_read_fp32", SDPA_READ_RATE) if itemsize >= 4 else
+        rate("sdpa_read_half", SDPA_HALF_READ_RATE))
     if call.plain_causal and call.score is None:
         compute = 0.5 * call.flops() * passes / SDPA_RATE
     elif call.mask is None and call.score is None:
