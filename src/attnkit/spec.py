@@ -280,6 +280,17 @@ def lower(mask_mod, T: int, S: int) -> tuple[MaskMod | None, int | None]:
 
 # --- the call as the backends see it --------------------------------------------------------
 
+def _causal_fraction(T: int, S: int, offset: int) -> float:
+    """The exact fraction of the ``T x S`` pairs causal at ``offset`` leaves visible (query
+    ``t`` sees ``clamp(t + offset + 1, 0, S)`` keys), in O(1): about 1/2 for prefill, about
+    1 for a decode block at the end of a long cache."""
+    first, last = offset + 1, offset + T  # keys seen by the first and last query, unclamped
+    lo, hi = max(first, 1), min(last, S - 1)
+    partial = (lo + hi) * (hi - lo + 1) // 2 if lo <= hi else 0
+    full = max(0, last - max(first, S) + 1) * S
+    return (partial + full) / (T * S)
+
+
 @dataclass
 class Call:
     """One ``attention()`` call, lowered: sizes, the simplified mask, the resolved score
@@ -335,7 +346,8 @@ class Call:
         if self.mask is None or self.T * self.S == 0:
             return 1.0, n_blocks
         if torch.compiler.is_compiling() or self.T * self.S < _SMALL:
-            frac = 0.5 if self.causal_offset is not None else 1.0
+            frac = 1.0 if self.causal_offset is None else \
+                _causal_fraction(self.T, self.S, self.causal_offset)
             return frac, max(1, int(n_blocks * frac))
         summary = self.summary(block_q, block_k)
         return summary.visited_fraction(), int((summary.kind != 0).sum())

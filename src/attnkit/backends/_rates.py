@@ -14,7 +14,8 @@ CPU time; the best of a few calls each):
   its PyTorch implementation; ``decode_{cpp,torch}_flops``: FLOP/s of a 64-row verify block
   over a cache in cache (compute-bound);
 * ``sdpa_read_{fp32,half}``: the K/V bytes per query head per second SDPA reads a decode step
-  at (its CPU kernel reads a GQA head once per query head).
+  at (its CPU kernel reads a GQA head once per query head); ``chunked_read_{fp32,half}``:
+  the K/V bytes per second chunked reads one at.
 
 ``make`` runs the calibration after building the kernels (``python -m
 attnkit.backends._rates``); without it the first :func:`rate` call runs it (a one-line notice
@@ -163,8 +164,12 @@ def _decode_rates(dec) -> dict:
     a verify block of 64 rows per kv head (T = 16) over one in cache."""
     import torch.nn.functional as F
 
+    from ..spec import MaskSpec
+    from . import chunked
+
     out = {}
     H, Hkv, D = 32, 8, 128
+    spec = MaskSpec.from_args(causal=True, causal_align="bottom_right")
     impls = ["cpp", "torch"] if dec.kernel_built() else ["torch"]
     for dtype, name, S in ((torch.float32, "fp32", 8192), (torch.bfloat16, "half", 16384)):
         q = torch.full((1, H, 1, D), 0.01, dtype=dtype)
@@ -173,6 +178,8 @@ def _decode_rates(dec) -> dict:
         kv_bytes = 2 * k.numel() * k.element_size()
         for impl in impls:
             out[f"decode_{impl}_read_{name}"] = kv_bytes / _best(lambda: _step(dec, q, k, v, impl))
+        out[f"chunked_read_{name}"] = kv_bytes / _best(lambda: chunked.chunked_attention(
+            q, k, v, spec, scale=0.1))
         s = 4096 if dtype == torch.float32 else 2048  # SDPA reads K/V once per query head
         ks, vs = k[:, :, :s], v[:, :, :s]
         out[f"sdpa_read_{name}"] = 2 * H * s * D * k.element_size() / _best(

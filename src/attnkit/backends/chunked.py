@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from ..spec import Call
 from . import _fused_tiles
+from ._rates import rate as measured_rate
 from .registry import BACKWARD_FACTOR, Backend, as_call
 
 # chunked owns its block sizes: query rows per tile, the key granularity of its block
@@ -377,8 +378,10 @@ def chunked_cost(call) -> float:
     tiles = -(-call.T // BLOCK_Q)
     per_call = 5e-5
     itemsize = torch.empty((), dtype=call.dtype).element_size()
-    rate = CHUNKED_READ_RATE if itemsize >= 4 or call.device.type != "cpu" else \
-        CHUNKED_HALF_READ_RATE
+    # (this machine's measured rates, _rates.py; the constants are their defaults)
+    rate = measured_rate("chunked_read_fp32", CHUNKED_READ_RATE) \
+        if itemsize >= 4 or call.device.type != "cpu" else \
+        measured_rate("chunked_read_half", CHUNKED_HALF_READ_RATE)
     read = frac * tiles * 2.0 * call.B * call.Hkv * call.S * call.D * itemsize / rate
     if _fused_tiles.usable_for(call.device, call.dtype, call.score):
         # One fused kernel call per tile over its visible span (backward: two per tile).

@@ -122,6 +122,7 @@ _REGISTRY: dict[str, Backend] = {}
 # registry's contents and any process state a check or cost rule reads.
 _GENERATION = [0]
 _WATCHED_ENV: list[str] = []
+_WATCHED_ENV_BYTES: list[bytes] = []
 
 
 def costs_changed() -> None:
@@ -135,15 +136,22 @@ def watch_environment(name: str) -> None:
     cached choices are keyed by its value."""
     if name not in _WATCHED_ENV:
         _WATCHED_ENV.append(name)
+        _WATCHED_ENV_BYTES.append(os.fsencode(name))
         costs_changed()
+
+
+# os.environ's own mapping of encoded names (POSIX): a lookup there costs a tenth of
+# os.environ.get, which encodes the name on every call; it is what os.environ writes to.
+_ENV_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
 
 
 def state_key() -> tuple:
     """The state the cached choices are valid for (registry generation, watched variables)."""
     if not _WATCHED_ENV:
         return (_GENERATION[0],)
-    get = os.environ.get
-    return (_GENERATION[0], *(get(name) for name in _WATCHED_ENV))
+    if _ENV_BYTES is not None:
+        return (_GENERATION[0], *(_ENV_BYTES.get(name) for name in _WATCHED_ENV_BYTES))
+    return (_GENERATION[0], *(os.environ.get(name) for name in _WATCHED_ENV))
 
 
 def register(backend: Backend, *, replace: bool = False) -> Backend:
