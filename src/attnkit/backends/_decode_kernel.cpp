@@ -11,13 +11,15 @@
 // are widened by a shift and half rows by F16C as they are loaded, never computed in 16 bits.
 //
 // The work: every kv head's M query rows read each K and V row once, in tiles of NB keys:
-//   1. scores s[m, j] = scale * <q_m, k_j> for the tile: an 8-accumulator register tile
-//      (4 rows x 2 keys, 2 x 4 or 1 x 8), reduced across lanes with one shuffle tree;
+//   1. scores s[m, j] = scale * <q_m, k_j> for the tile: register tiles of 6 or 4 rows x 2
+//      keys (12 or 8 accumulator chains; 2 x 4 or 1 x 8 for fewer rows), reduced across
+//      lanes four at a time by a tree of horizontal adds;
 //   2. score functions the kernel knows (softcap, ALiBi), then each row's key interval
 //      [lo_t, hi_t) (causal at any offset, sliding windows) as -inf outside it;
 //   3. online softmax: each row's running max and sum, weights p = exp(s - max);
-//   4. o[m, :] = o[m, :] * exp(old max - new max) + sum_j p[m, j] v_j: a register tile of
-//      R rows x C vectors (8 accumulators), the rescale folded into its load.
+//   4. o[m, :] = o[m, :] * exp(old max - new max) + sum_j p[m, j] v_j: register tiles of
+//      6 or 4 rows x 2 vectors (12 or 8 accumulators), the rescale folded into their load.
+// Rows of a tile 16 keys ahead are prefetched as the tile is read.
 // Threads take (b, kv head, key split) work items from a shared counter (a descheduled
 // thread delays one item, not a fixed share), and key splits merge by log-sum-exp.
 //
@@ -25,11 +27,11 @@
 //   decode_fused       every step above in one pass over K and V;
 //   decode_scores      step 1 only, s (B, Hkv, M, S) for masks and score functions that the
 //                      Python side applies between the two passes;
-//   decode_softmax_pv  steps 3-4 over such an s.
+//   decode_softmax_pv  steps 3-4 over such an s (decode_softmax_pv(s, v, T, sinks)).
 //
 // NaN and empty rows (the rule of backends/_edges.py): a NaN score (NaN query, or a NaN key a
-// row sees) makes that row NaN, also when all of its scores are NaN (the running max and the
-// exponentials propagate NaN); a NaN value reaches the rows whose weight on it is computed:
+// row sees) makes that row NaN, also when all of its scores are NaN (a NaN-propagating max
+// marks the row before any exponential); a NaN value reaches the rows whose weight on it is computed:
 // in decode_fused only rows whose interval covers it (a partially visible tile is multiplied
 // row by row over each row's own span); a row that sees no key is zeros with lse -inf (or the
 // sink's logit).
@@ -458,13 +460,13 @@ void run_item(const Problem<scalar_t>& P, int64_t bh, int64_t j0, int64_t j1,
 
 // --- the driver: split-KV over threads, merge, normalise -----------------------------------
 
-// Key splits per (b, kv head): enough work items for every thread to take several (dynamic
-// balance), at least 512 keys each.
+// Key splits per (b, kv head): ~16 work items per thread (dynamic balance: a thread that
+// another process deschedules holds back one small item), at least 256 keys each.
 int64_t num_splits(int64_t BH, int64_t span) {
   const int64_t threads = at::get_num_threads();
   if (threads <= 1) return 1;
-  const int64_t want = (8 * threads + BH - 1) / BH;
-  return std::max<int64_t>(1, std::min(want, span / 512));
+  const int64_t want = (16 * threads + BH - 1) / BH;
+  return std::max<int64_t>(1, std::min(want, span / 256));
 }
 
 // sinks: (H,) logits or null. Writes out (B, Hkv, M, Dv) and lse (B, Hkv, M).
@@ -699,7 +701,6 @@ std::string capability() {
 #endif
 }
 
-#ifndef ATTNKIT_DECODE_NO_MODULE
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_fused", &decode_fused, "one pass over K and V with per-row key intervals");
   m.def("decode_scores", &decode_scores, "scale * q k^T per kv head, (B, Hkv, M, S)");
@@ -707,4 +708,3 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("capability", &capability, "the CPU target this build was compiled for");
   m.def("lanes", [] { return lanes<float>(); }, "float lanes of one vector register");
 }
-#endif
