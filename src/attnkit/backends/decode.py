@@ -105,7 +105,10 @@ def describe(call) -> str:
     if impl == "torch":
         if call.device.type != "cpu":
             return f"decode runs in PyTorch (no kernel for {call.device.type} tensors)"
-        why = "float64 runs in PyTorch" if kernel_built() else _decode_ext.implementation()
+        if os.environ.get("ATTNKIT_DECODE_IMPL", "") == "torch":
+            why = "ATTNKIT_DECODE_IMPL=torch"
+        else:
+            why = "float64 runs in PyTorch" if kernel_built() else _decode_ext.implementation()
         return f"decode runs in PyTorch: {why}"
     passes = ("one pass over K and V (key intervals and score functions in the kernel)"
               if fused_plan(call) is not None else

@@ -24,8 +24,10 @@ from .registry import BACKWARD_FACTOR, Backend, as_call
 SDPA_RATE = 40e9  # FLOP/s of one CPU thread, float32
 SDPA_MASKED_SLOWDOWN = 1.3  # the masked kernel path, plus reading the mask
 MASK_BUILD_S_PER_ELEMENT = 2e-9  # building a bool T x S mask and SDPA's float copy of it
-SDPA_READ_RATE = 12e9  # bytes/s its kernel reads K and V at (float32, one thread); the
-SDPA_HALF_READ_RATE = 2.6e9  # same for bfloat16/float16; defaults for _rates.py's measured
+# Bytes/s its kernel reads K and V at on one thread, float32 and bfloat16/float16: the
+# defaults of this machine's measured sdpa_read_fp32 / sdpa_read_half (_rates.py).
+SDPA_READ_RATE = 12e9
+SDPA_HALF_READ_RATE = 2.6e9
 
 
 def _as_sdpa_mask(call, device):

@@ -426,6 +426,18 @@ def test_registered_with_its_capabilities():
     assert set(backend.capabilities) == {"lse", "score_mod", "sinks"}
 
 
+def test_explain_names_the_pytorch_path_and_why(monkeypatch):
+    q, k, v = make(B=1, H=8, Hkv=2, T=1, S=64, D=16)  # float64: PyTorch
+    call = attnkit.engine.Call.of(q, k, MaskSpec.from_args(), False)
+    line = get_backend("decode").describe(call)
+    assert line.startswith("decode runs in PyTorch: ")
+    assert ("float64" in line) if dec.kernel_built() else ("no " in line)
+    monkeypatch.setenv("ATTNKIT_DECODE_IMPL", "torch")
+    call = attnkit.engine.Call.of(q.float(), k.float(), MaskSpec.from_args(), False)
+    assert get_backend("decode").describe(call) == \
+        "decode runs in PyTorch: ATTNKIT_DECODE_IMPL=torch"
+
+
 def test_auto_picks_decode_for_a_step_over_a_long_cache_not_for_prefill():
     # GQA 32/8: bfloat16 through the kernel (its measured read rate against sdpa's, which
     # reads each kv head once per query head); float32 through either implementation
