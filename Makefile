@@ -20,11 +20,15 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 # The decode backend's C++ kernel (src/attnkit/backends/_decode_kernel.cpp), compiled for this
-# machine into src/attnkit/backends/_build/. Never fails the build: without a compiler (or
-# ninja) it says why and the backend runs its pure-PyTorch implementation.
+# CPU's target (avx512, avx2 or default: never -march=native) into src/attnkit/backends/_build/,
+# then this machine's rates for the cost rules measured (~1 s; src/attnkit/backends/_rates.py).
+# Never fails the build: without a compiler (or ninja) it says why and the backend runs its
+# pure-PyTorch implementation.
 DECODE_KERNEL := $(VENV)/.decode-kernel
-$(DECODE_KERNEL): $(STAMP) src/attnkit/backends/_decode_kernel.cpp src/attnkit/backends/_decode_ext.py
+$(DECODE_KERNEL): $(STAMP) src/attnkit/backends/_decode_kernel.cpp src/attnkit/backends/_decode_ext.py \
+		src/attnkit/backends/_rates.py
 	-$(BIN)/python -c "from attnkit.backends._decode_ext import main; main()"
+	-$(BIN)/python -c "from attnkit.backends._rates import main; main()"
 	touch $(DECODE_KERNEL)
 
 # attnkit's attention kernel (src/attnkit/backends/_attn_kernel*.cpp, behind the chunked

@@ -23,8 +23,9 @@ from torch import Tensor
 
 from . import _display
 from .backends import available_backends, chunked, get_backend
+from .backends.registry import state_key
 from .masks.base import And, as_mask_mod
-from .spec import Call, MaskSpec
+from .spec import Call, MaskSpec, Uncacheable, description_key
 from .summary import BlockSummary
 
 __all__ = ["attention", "check_qkv", "explain", "Explanation", "Call"]
@@ -213,6 +214,59 @@ def _resolve(q, k, v, call, args) -> Explanation:
                        how(q, k, v, call) if how is not None else "")
 
 
+# --- the choice cache: what _prepare and _rank compute, per call signature ------------------
+#
+# A model calls attention() with the same shapes and description many times; validating,
+# lowering and ranking them again costs more than a small call's arithmetic. So the
+# lowered Call and the backend chosen for it are kept, keyed by everything they depend on:
+# the tensors' types, shapes, dtypes, devices and requires_grad, grad mode, the description
+# (by value, its tensors by identity and version: an in-place write is a new key; user
+# functions and large tensors are never keyed, they take the full path every time), the
+# scalar arguments with their types, the thread count, and the registry's state (a backend
+# registered, flex compiling a new shape, an environment variable a cost rule reads). A
+# key is only ever built for a call that passed validation, so a hit has been validated.
+# Never under torch.compile (the full path is what gets traced).
+
+_CHOICES: dict = {}
+_MAX_CHOICES = 128
+
+
+def _call_key(q, k, v, desc: tuple, dropout_p, scale, backend, return_lse, return_weights):
+    """The choice cache's key for a call, or None when it cannot have one."""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return None
+    # None, bools and strings as themselves (a bool never equals its int twin here:
+    # description_key types every other value); most calls have nothing else
+    parts = desc
+    for x in desc:
+        if not (x is None or x is True or x is False or type(x) is str):
+            try:
+                parts = tuple(y if y is None or y is True or y is False or type(y) is str
+                              else description_key(y) for y in desc)
+            except Uncacheable:
+                return None
+            break
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
+            v.device, q.requires_grad, k.requires_grad, v.requires_grad,
+            torch.is_grad_enabled(), parts, type(dropout_p), dropout_p, type(scale), scale,
+            backend, return_lse, return_weights, torch.get_num_threads(), state_key())
+
+
+def _remember(key, call, backend) -> None:
+    if len(_CHOICES) >= _MAX_CHOICES:
+        del _CHOICES[next(iter(_CHOICES))]  # the oldest
+    _CHOICES[key] = (call, backend)
+
+
+def _run(backend, q, k, v, call, dropout_p, scale, return_lse, return_weights):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if return_weights:
+        return backend.fn(q, k, v, call, dropout_p=float(dropout_p), scale=scale,
+                          return_lse=return_lse, return_weights=True)
+    return backend.fn(q, k, v, call, dropout_p=float(dropout_p), scale=scale,
+                      return_lse=return_lse)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -298,6 +352,17 @@ def attention(
         RuntimeError: a ``block_mask`` on another device than ``q``, or sliced without its
             ``mask_mod`` set again (torch's texts).
     """
+    key = None
+    if not torch.compiler.is_compiling():
+        key = _call_key(q, k, v, (mask, causal, causal_align, window, key_padding_mask,
+                                  mask_mod, score_mod, softcap, alibi_slopes, bias, sinks,
+                                  spec), dropout_p, scale, backend, return_lse, return_weights)
+        try:
+            hit = None if key is None else _CHOICES.get(key)
+        except TypeError:  # an unhashable argument: the full path says what is wrong
+            key = hit = None
+        if hit is not None:
+            return _run(hit[1], q, k, v, hit[0], dropout_p, scale, return_lse, return_weights)
     args = dict(mask=mask, causal=causal, causal_align=causal_align, window=window,
                 key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale,
                 backend=backend, return_lse=return_lse, return_weights=return_weights,
@@ -313,10 +378,10 @@ def attention(
                                            return_weights=return_weights)
         if why is not None:
             raise ValueError(f"backend {backend!r} cannot serve this call: {why}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    extra = {"return_weights": True} if return_weights else {}
-    return get_backend(name).fn(q, k, v, call, dropout_p=float(dropout_p), scale=scale,
-                                return_lse=return_lse, **extra)
+    chosen = get_backend(name)
+    if key is not None:
+        _remember(key, call, chosen)
+    return _run(chosen, q, k, v, call, dropout_p, scale, return_lse, return_weights)
 
 
 _SIGNATURE = inspect.signature(attention)

@@ -29,13 +29,16 @@ from torch import Tensor
 
 from . import _display
 from .masks.base import And, MaskMod, Or, Shift, as_mask_mod, check_align
-from .masks.data import Dense, KeyPadding
+from .masks.data import Dense, KeyPadding, QueryPadding, SameDocument
+from .masks.dilated import Dilated
+from .masks.per_sample_chunks import PerSampleChunks
 from .masks.simplify import merge_and
-from .masks.structural import Causal, Window
-from .scores import Alibi, Bias, ScoreMod, Softcap, as_score_mod, chain
+from .masks.structural import Causal, ChunkedLocal, KeyPrefix, Window
+from .masks.varlen import Varlen
+from .scores import Alibi, Bias, Chain, ScoreMod, ScoreShift, Softcap, as_score_mod, chain
 from .summary import BlockSummary
 
-__all__ = ["MaskSpec", "Call", "lower", "window_mask"]
+__all__ = ["MaskSpec", "Call", "lower", "window_mask", "description_key", "Uncacheable"]
 
 _SMALL = 1 << 20  # below this many T x S pairs, a block summary is not worth building
 
@@ -217,6 +220,59 @@ class MaskSpec:
         return out.reshape((1,) * (4 - out.dim()) + tuple(out.shape)) if out.dim() < 4 else out
 
 
+# --- cache keys ----------------------------------------------------------------------------
+
+class Uncacheable(Exception):
+    """A description (or argument) whose behaviour its key cannot capture."""
+
+
+# Kinds whose behaviour is a function of their fields alone (ints, strings, tuples, tensors):
+# two with equal keys lower, validate and evaluate alike. Exact types: a subclass (or a user's
+# function, MaskFn / ScoreFn, which may read any global state) is never cached.
+_PURE_KINDS = frozenset({Window, Causal, KeyPrefix, ChunkedLocal, KeyPadding, QueryPadding,
+                         SameDocument, Dense, Dilated, PerSampleChunks, Varlen, And, Or, Shift,
+                         Softcap, Alibi, Bias, ScoreShift, Chain})
+_SCALARS = frozenset({type(None), bool, int, float, str})
+MAX_KEY_TENSOR_BYTES = 1 << 20  # a cache entry keeps its tensors alive: small ones only
+
+
+def tensor_key(t: Tensor) -> tuple:
+    """Identity and state of a tensor: equal while it is the same tensor with the same
+    contents (an in-place write bumps ``_version``). Only sound while the key's owner keeps
+    ``t`` alive (no other tensor can then take its ``id``).
+
+    Raises:
+        Uncacheable: a large tensor, or one without a version counter (inference tensors).
+    """
+    if t.numel() * t.element_size() > MAX_KEY_TENSOR_BYTES:
+        raise Uncacheable("large tensor")
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        raise Uncacheable("no version counter") from None
+    return (id(t), version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device,
+            t.requires_grad)
+
+
+def description_key(obj) -> tuple:
+    """A hashable key of a description, an argument or a tuple of them: equal keys mean
+    equal behaviour (same kinds, same fields, the same tensors unchanged).
+
+    Raises:
+        Uncacheable: a user function, an unknown kind, or a tensor :func:`tensor_key` refuses.
+    """
+    t = type(obj)
+    if t in _SCALARS:
+        return (t, obj)
+    if isinstance(obj, Tensor):
+        return tensor_key(obj)
+    if t is tuple:
+        return (tuple, tuple(description_key(x) for x in obj))
+    if t is MaskSpec or t in _PURE_KINDS:
+        return (t, tuple((name, description_key(value)) for name, value in vars(obj).items()))
+    raise Uncacheable(t.__name__)
+
+
 # --- lowering -------------------------------------------------------------------------------
 
 def _window(mod: Window, T: int, S: int) -> MaskMod | None:
@@ -269,6 +325,17 @@ def lower(mask_mod, T: int, S: int) -> tuple[MaskMod | None, int | None]:
 
 
 # --- the call as the backends see it --------------------------------------------------------
+
+def _causal_fraction(T: int, S: int, offset: int) -> float:
+    """The exact fraction of the ``T x S`` pairs causal at ``offset`` leaves visible (query
+    ``t`` sees ``clamp(t + offset + 1, 0, S)`` keys), in O(1): about 1/2 for prefill, about
+    1 for a decode block at the end of a long cache."""
+    first, last = offset + 1, offset + T  # keys seen by the first and last query, unclamped
+    lo, hi = max(first, 1), min(last, S - 1)
+    partial = (lo + hi) * (hi - lo + 1) // 2 if lo <= hi else 0
+    full = max(0, last - max(first, S) + 1) * S
+    return (partial + full) / (T * S)
+
 
 @dataclass
 class Call:
@@ -325,7 +392,8 @@ class Call:
         if self.mask is None or self.T * self.S == 0:
             return 1.0, n_blocks
         if torch.compiler.is_compiling() or self.T * self.S < _SMALL:
-            frac = 0.5 if self.causal_offset is not None else 1.0
+            frac = 1.0 if self.causal_offset is None else \
+                _causal_fraction(self.T, self.S, self.causal_offset)
             return frac, max(1, int(n_blocks * frac))
         summary = self.summary(block_q, block_k)
         return summary.visited_fraction(), int((summary.kind != 0).sum())

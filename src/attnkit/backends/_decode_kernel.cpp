@@ -1,382 +1,529 @@
-// attnkit decode kernel: short query blocks over long key/value caches, at memory bandwidth.
+// attnkit decode kernel: short query blocks (decode steps, verify blocks) over long KV caches.
 //
-// Two passes, each reading its cache tensor once:
-//   decode_scores(q, k, scale)          s = scale * q k^T for every kv head's M = G*T rows
-//   decode_softmax_pv(s, v, sinks)      softmax over s (in place) and out = p v
-// Between them the caller applies the mask and score functions to s (M x S per kv head is
-// small when T is small). Shape letters: B batch, Hkv kv heads, M = G*T query rows per kv
-// head (G query heads per kv head, T queries), S keys, D head dim.
+// Shape letters: B batch, Hkv kv heads, G = H / Hkv query heads per kv head, T queries,
+// M = G*T query rows per kv head (row m = g*T + t, query head h = hkv*G + m / T), S keys,
+// D head dim of q and k, Dv head dim of v.
 //
-// Portable C++: the inner loops are fixed-width (W accumulators) and written for the
-// compiler's auto-vectoriser (#pragma omp simd, compiled with -fopenmp-simd); no intrinsics,
-// so it builds and runs on AVX2-only or scalar CPUs too. Threads: at::parallel_for over
-// (b, kv head, key split); the softmax's global row max and sum are known before the value
-// pass, so the splits' partial outputs share one reference and merge by a plain sum (the
-// log-sum-exp merge with equal reference points).
+// Built once per CPU target by backends/_decode_ext.py (AVX-512, AVX2+FMA+F16C, and a default
+// build with no ISA flags), each with CPU_CAPABILITY set so that at::vec::Vectorized<float> is
+// that target's SIMD register; the loader picks the build the CPU runs. All arithmetic is in
+// Vectorized<acc_t> (float for float/bfloat16/half caches, double for double): bfloat16 rows
+// are widened by a shift and half rows by F16C as they are loaded, never computed in 16 bits.
 //
-// Numerics: fp32 accumulation for float/bfloat16/half caches (read as such), fp64 for double.
-// NaN rule: a NaN score (NaN query, or a NaN key the caller left visible) makes its row NaN,
-// also when every score of the row is NaN; a row whose scores are all -inf (sees no key) is
-// zeros with lse -inf (or the sink's logit when there are sinks).
+// The work: every kv head's M query rows read each K and V row once, in tiles of NB keys:
+//   1. scores s[m, j] = scale * <q_m, k_j> for the tile: register tiles of 6 or 4 rows x 2
+//      keys (12 or 8 accumulator chains; 2 x 4 or 1 x 8 for fewer rows), reduced across
+//      lanes four at a time by a tree of horizontal adds;
+//   2. score functions the kernel knows (softcap, ALiBi), then each row's key interval
+//      [lo_t, hi_t) (causal at any offset, sliding windows) as -inf outside it;
+//   3. online softmax: each row's running max and sum, weights p = exp(s - max);
+//   4. o[m, :] = o[m, :] * exp(old max - new max) + sum_j p[m, j] v_j: register tiles of
+//      6 or 4 rows x 2 vectors (12 or 8 accumulators), the rescale folded into their load.
+// Rows of a tile 16 keys ahead are prefetched as the tile is read.
+// Threads take (b, kv head, key split) work items from a shared counter (a descheduled
+// thread delays one item, not a fixed share), and key splits merge by log-sum-exp.
+//
+// Entry points (see the bottom of the file):
+//   decode_fused       every step above in one pass over K and V;
+//   decode_scores      step 1 only, s (B, Hkv, M, S) for masks and score functions that the
+//                      Python side applies between the two passes;
+//   decode_softmax_pv  steps 3-4 over such an s (decode_softmax_pv(s, v, T, sinks)).
+//
+// NaN and empty rows (the rule of backends/_edges.py): a NaN score (NaN query, or a NaN key a
+// row sees) makes that row NaN, also when all of its scores are NaN (a NaN-propagating max
+// marks the row before any exponential); a NaN value reaches the rows whose weight on it is computed:
+// in decode_fused only rows whose interval covers it (a partially visible tile is multiplied
+// row by row over each row's own span); a row that sees no key is zeros with lse -inf (or the
+// sink's logit).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <bit>
-#include <cstdint>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-namespace {
+namespace {  // internal linkage: builds for different targets never mix (see _decode_ext.py)
 
-constexpr int64_t W = 16;      // accumulator width along D (one 512-bit or two 256-bit regs)
-constexpr int MT = 4;          // query rows per register tile
-constexpr int64_t KB = 8;      // keys per value block (copied/converted to acc_t in a buffer)
+using at::vec::Vectorized;
+
+constexpr int64_t NB = 32;  // keys per tile: the K and V rows of a tile stay in L1
+constexpr int64_t PF = 16;  // prefetch distance, in keys
+constexpr int PF_LOCALITY = 2;  // prefetch into L2 (prefetcht1): more lines in flight than L1
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-template <typename scalar_t, typename acc_t>
-inline void load_row(const scalar_t* src, acc_t* dst, int64_t D) {
-  if constexpr (std::is_same<scalar_t, acc_t>::value) {
-    // a vector copy (not memcpy: its narrow stores would stall the wide loads that follow)
-    typedef acc_t vc __attribute__((vector_size(64), aligned(4), may_alias));
-    int64_t d = 0;
-    for (; d + int64_t(64 / sizeof(acc_t)) <= D; d += 64 / sizeof(acc_t))
-      *reinterpret_cast<vc*>(dst + d) = *reinterpret_cast<const vc*>(src + d);
-    for (; d < D; ++d) dst[d] = src[d];
-  } else if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
-    // bfloat16 is the top half of a float: a shift the vectoriser turns into wide ops
-    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) dst[d] = std::bit_cast<float>(uint32_t(bits[d]) << 16);
-  } else {
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
-  }
-}
-
-// exp(x) for x <= 0 (a score minus its row max), vectorisable: Cephes' expf polynomial on
-// x = n ln2 + r, |r| <= ln2 / 2, times 2^n built in the exponent bits; 0 below -87 (and for
-// -inf); NaN stays NaN. Max error ~2 ulp. Doubles use std::exp.
-inline float exp_nonpositive(float x) {
-  const float t = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float fx = std::max(t, -127.0f);
-  float r = x - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  const float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-  const int32_t n = static_cast<int32_t>(fx) + 127;
-  const float scale = std::bit_cast<float>(static_cast<uint32_t>(n < 1 ? 1 : n) << 23);
-  const float e = y * scale;
-  return x < -87.0f ? 0.0f : e;
-}
-inline double exp_nonpositive(double x) { return std::exp(x); }
-
-// Sum of the W lanes of a (a fixed tree, so the compiler keeps it in registers).
 template <typename acc_t>
-inline acc_t lane_sum(const acc_t* a) {
-  acc_t h[W / 2];
-#pragma omp simd
-  for (int64_t w = 0; w < W / 2; ++w) h[w] = a[w] + a[w + W / 2];
-  acc_t g[W / 4];
-#pragma omp simd
-  for (int64_t w = 0; w < W / 4; ++w) g[w] = h[w] + h[w + W / 4];
-  acc_t total = 0;
-  for (int64_t w = 0; w < W / 4; ++w) total += g[w];
-  return total;
+constexpr int64_t lanes() { return Vectorized<acc_t>::size(); }
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// --- loads that widen ---------------------------------------------------------------------
+
+// lanes<acc_t>() elements of a row starting at p, as acc_t.
+template <typename acc_t, typename E>
+inline Vectorized<acc_t> load(const E* p) {
+  if constexpr (std::is_same_v<acc_t, E>) {
+    return Vectorized<acc_t>::loadu(p);
+  } else {
+    static_assert(std::is_same_v<acc_t, float>, "half caches accumulate in float");
+    Vectorized<float> out;
+    at::vec::load_to_float<E>(p, out);  // bfloat16: shift; half: F16C (vcvtph2ps)
+    return out;
+  }
 }
 
-// s[m, j..j+NK) = scale * <q[m], k[j..j+NK)> for rows m0..m0+R of one (b, kv head):
-// R x NK independent accumulator chains over the head dim.
-template <int R, int NK, typename acc_t>
-inline void scores_tile(const acc_t* q, int64_t D, const acc_t* const* kr, acc_t* s, int64_t S,
-                        int64_t KSt, int64_t j, acc_t scale) {
-  const int64_t Dw = D - D % W;
-  acc_t acc[R][NK][W] = {};
-  for (int64_t d0 = 0; d0 < Dw; d0 += W) {
-#pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) {
-      const acc_t* qr = q + i * D + d0;
-#pragma GCC unroll 2
-      for (int n = 0; n < NK; ++n) {
-#pragma omp simd
-        for (int64_t w = 0; w < W; ++w) acc[i][n][w] += qr[w] * kr[n][d0 + w];
-      }
+// A row of D elements into dst as acc_t, zero-padded to Dp (a multiple of the lanes).
+template <typename acc_t, typename scalar_t>
+inline void widen_row(const scalar_t* src, int64_t D, acc_t* dst, int64_t Dp) {
+  constexpr int64_t L = lanes<acc_t>();
+  int64_t d = 0;
+  for (; d + L <= D; d += L) load<acc_t>(src + d).store(dst + d);
+  for (; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
+  for (; d < Dp; ++d) dst[d] = acc_t(0);
+}
+
+template <typename E>
+inline void prefetch_row(const E* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(E)); off += 64)
+    __builtin_prefetch(p + off, 0, PF_LOCALITY);
+}
+
+// --- lane reductions ----------------------------------------------------------------------
+
+// out[i] = sum of the lanes of a[i], i < N (a multiple of 4).
+template <int N, typename acc_t>
+inline void sum_lanes(const Vectorized<acc_t>* a, acc_t* out) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // hadd pairs neighbours: after two rounds each 128-bit half holds, in lane i, a partial
+    // sum of a[i] (one half of its lanes each); adding the halves finishes four at once.
+    for (int g = 0; g < N; g += 4) {
+      const __m256 t0 = _mm256_hadd_ps(a[g], a[g + 1]), t1 = _mm256_hadd_ps(a[g + 2], a[g + 3]);
+      const __m256 u = _mm256_hadd_ps(t0, t1);
+      _mm_storeu_ps(out + g, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
     }
+    return;
   }
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i) {
-    const acc_t* qr = q + i * D;
-#pragma GCC unroll 2
-    for (int n = 0; n < NK; ++n) {
-      acc_t total = lane_sum(acc[i][n]);
-      for (int64_t d = Dw; d < D; ++d) total += qr[d] * kr[n][d];
-      s[i * S + (j + n) * KSt] = total * scale;
-    }
-  }
-}
-
-template <int NK, typename acc_t>
-inline void scores_keys(const acc_t* q, int64_t M, int64_t D, const acc_t* const* kr, acc_t* s,
-                        int64_t S, int64_t KSt, int64_t j, acc_t scale) {
-  int64_t m0 = 0;
-  for (; m0 + MT <= M; m0 += MT) scores_tile<MT, NK>(q + m0 * D, D, kr, s + m0 * S, S, KSt, j, scale);
-  switch (M - m0) {
-    case 3: scores_tile<3, NK>(q + m0 * D, D, kr, s + m0 * S, S, KSt, j, scale); break;
-    case 2: scores_tile<2, NK>(q + m0 * D, D, kr, s + m0 * S, S, KSt, j, scale); break;
-    case 1: scores_tile<1, NK>(q + m0 * D, D, kr, s + m0 * S, S, KSt, j, scale); break;
-    default: break;
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void scores_block(const acc_t* q, int64_t M, int64_t D, const scalar_t* k, int64_t ks,
-                  int64_t j0, int64_t j1, acc_t* s, int64_t S, int64_t KSt, acc_t scale,
-                  acc_t* kbuf) {
-  int64_t j = j0;
-  for (; j + 2 <= j1; j += 2) {
-    const acc_t* kr[2];
-    if constexpr (std::is_same<scalar_t, acc_t>::value) {
-      kr[0] = k + j * ks;
-      kr[1] = k + (j + 1) * ks;
-    } else {
-      load_row(k + j * ks, kbuf, D);
-      load_row(k + (j + 1) * ks, kbuf + D, D);
-      kr[0] = kbuf;
-      kr[1] = kbuf + D;
-    }
-    scores_keys<2>(q, M, D, kr, s, S, KSt, j, scale);
-  }
-  if (j < j1) {
-    const acc_t* kr[1];
-    if constexpr (std::is_same<scalar_t, acc_t>::value) {
-      kr[0] = k + j * ks;
-    } else {
-      load_row(k + j * ks, kbuf, D);
-      kr[0] = kbuf;
-    }
-    scores_keys<1>(q, M, D, kr, s, S, KSt, j, scale);
-  }
-}
-
-// out[m, d0:d0+2W] += sum_j p[m, j] v[j, d0:d0+2W] for rows m0..m0+R, nb keys.
-template <int R, typename acc_t>
-inline void pv_tile(const acc_t* p, int64_t S, int64_t KSt, const acc_t* vb, int64_t vstride, int64_t nb,
-                    acc_t* out, int64_t D, int64_t d0) {
-  constexpr int64_t C = 2 * W;
-  acc_t acc[R][C];
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i)
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[i][c] = out[i * D + d0 + c];
-  for (int64_t j = 0; j < nb; ++j) {
-    const acc_t* vr = vb + j * vstride + d0;
-#pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) {
-      const acc_t pj = p[i * S + j * KSt];
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) acc[i][c] += pj * vr[c];
-    }
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i)
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) out[i * D + d0 + c] = acc[i][c];
-}
-
-template <int R, typename acc_t>
-inline void pv_rows(const acc_t* p, int64_t S, int64_t KSt, const acc_t* vb, int64_t vstride, int64_t nb,
-                    acc_t* out, int64_t D) {
-  const int64_t Dc = D - D % (2 * W);
-  for (int64_t d0 = 0; d0 < Dc; d0 += 2 * W) pv_tile<R>(p, S, KSt, vb, vstride, nb, out, D, d0);
-  if (Dc < D) {
-    for (int i = 0; i < R; ++i) {
-      acc_t* o = out + i * D;
-      for (int64_t j = 0; j < nb; ++j) {
-        const acc_t pj = p[i * S + j * KSt];
-        const acc_t* vr = vb + j * vstride;
-        for (int64_t d = Dc; d < D; ++d) o[d] += pj * vr[d];
-      }
-    }
-  }
-}
-
-// out[m, :] += sum_j p[m, j] v[j, :] for keys j0..j1 (p already exponentiated).
-template <typename scalar_t, typename acc_t>
-void pv_block(const acc_t* p, int64_t M, int64_t S, int64_t KSt, const scalar_t* v, int64_t vs, int64_t D,
-              int64_t j0, int64_t j1, acc_t* out, acc_t* vbuf) {
-  for (int64_t b0 = j0; b0 < j1; b0 += KB) {
-    const int64_t nb = std::min(KB, j1 - b0);
-    const acc_t* vb;
-    int64_t vstride;
-    if constexpr (std::is_same<scalar_t, acc_t>::value) {
-      vb = v + b0 * vs;
-      vstride = vs;
-    } else {
-      for (int64_t j = 0; j < nb; ++j) load_row(v + (b0 + j) * vs, vbuf + j * D, D);
-      vb = vbuf;
-      vstride = D;
-    }
-    int64_t m0 = 0;
-    for (; m0 + MT <= M; m0 += MT) pv_rows<MT>(p + m0 * S + b0 * KSt, S, KSt, vb, vstride, nb, out + m0 * D, D);
-    switch (M - m0) {
-      case 3: pv_rows<3>(p + m0 * S + b0 * KSt, S, KSt, vb, vstride, nb, out + m0 * D, D); break;
-      case 2: pv_rows<2>(p + m0 * S + b0 * KSt, S, KSt, vb, vstride, nb, out + m0 * D, D); break;
-      case 1: pv_rows<1>(p + m0 * S + b0 * KSt, S, KSt, vb, vstride, nb, out + m0 * D, D); break;
-      default: break;
-    }
-  }
-}
-
-// --- float fast path: GCC/Clang vector extensions (16 floats: one AVX-512 register, two AVX2
-// registers, or scalar code elsewhere), for head dims that are a multiple of 16 ---------------
-
-typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
-
-inline v16 ld(const float* p) { return *reinterpret_cast<const v16*>(p); }
-inline void st(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
-
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-#define ATTNKIT_SHUF __builtin_shufflevector
-// Lane sums of 8 vectors at once (a tree of shuffles): out[i] = sum(a[i]) for i < 8.
-inline void sum8(const v16* a, float* out) {
-  v16 x[4], y[2];
-  for (int i = 0; i < 4; ++i)
-    x[i] = ATTNKIT_SHUF(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
-                        22, 23) +
-           ATTNKIT_SHUF(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
-                        29, 30, 31);
-  for (int i = 0; i < 2; ++i)
-    y[i] = ATTNKIT_SHUF(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25,
-                        26, 27) +
-           ATTNKIT_SHUF(x[2 * i], x[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28,
-                        29, 30, 31);
-  const v16 z = ATTNKIT_SHUF(y[0], y[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-                ATTNKIT_SHUF(y[0], y[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  const v16 w = ATTNKIT_SHUF(z, z, 0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14) +
-                ATTNKIT_SHUF(z, z, 1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15);
-  for (int i = 0; i < 8; ++i) out[i] = w[i];
-}
-#else
-inline void sum8(const v16* a, float* out) {
-  for (int i = 0; i < 8; ++i) {
-    float t = 0;
-    for (int w = 0; w < 16; ++w) t += a[i][w];
-    out[i] = t;
-  }
-}
 #endif
-
-// Scores of 4 query rows against 2 keys (8 accumulator chains), D % 16 == 0. Rows >= mt are
-// computed on a stand-in row and not stored.
-inline void scores_f32_tile(const float* const* qr, int mt, const float* k0, const float* k1,
-                            int64_t D, float* s, int64_t S, int64_t KSt, int64_t j, int nk,
-                            float scale) {
-  v16 a[8] = {};
-  for (int64_t d = 0; d < D; d += 16) {
-    const v16 x0 = ld(k0 + d), x1 = ld(k1 + d);
-    for (int i = 0; i < 4; ++i) {
-      const v16 qv = ld(qr[i] + d);
-      a[2 * i] += qv * x0;
-      a[2 * i + 1] += qv * x1;
-    }
-  }
-  float out[8];
-  sum8(a, out);
-  for (int i = 0; i < mt; ++i)
-    for (int n = 0; n < nk; ++n) s[i * S + (j + n) * KSt] = out[2 * i + n] * scale;
+  for (int i = 0; i < N; ++i)
+    out[i] = at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return x + y; }, a[i]);
 }
 
-// Keys two at a time, each pair copied (converted for half types) into a small float buffer
-// first, then scored from L1: short copy/compute steps keep the out-of-order core's loads for
-// the next pair in flight during the arithmetic (longer blocks measured 2-4x slower).
-template <typename scalar_t>
-void scores_block_f32(const float* q, int64_t M, int64_t D, const scalar_t* k, int64_t ks,
-                      int64_t j0, int64_t j1, float* s, int64_t S, int64_t KSt, float scale,
-                      float* kbuf) {
-  for (int64_t j = j0; j < j1; j += 2) {
-    const int nk = j + 1 < j1 ? 2 : 1;
-    load_row(k + j * ks, kbuf, D);
-    if (nk == 2) load_row(k + (j + 1) * ks, kbuf + D, D);
-    const float* k0 = kbuf;
-    const float* k1 = nk == 2 ? kbuf + D : kbuf;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int mt = static_cast<int>(std::min<int64_t>(4, M - m0));
-      const float* qr[4];
-      for (int i = 0; i < 4; ++i) qr[i] = q + (m0 + (i < mt ? i : 0)) * D;
-      scores_f32_tile(qr, mt, k0, k1, D, s + m0 * S, S, KSt, j, nk, scale);
-    }
-  }
-}
+// NaN-propagating max (a NaN score must reach its row).
+template <typename acc_t>
+inline acc_t nan_max(acc_t a, acc_t b) { return (a != a || a > b) ? a : b; }
 
-// out[R rows, NV*16 columns] += p[R rows, nb keys] v[nb keys, NV*16]: R*NV accumulators.
-template <int R, int NV>
-inline void pv_f32_tile(const float* const* pr, int64_t KSt, int mt, const float* vb, int64_t vstride,
-                        int64_t nb, float* out, int64_t D, int64_t d0) {
-  v16 acc[R][NV];
-  for (int i = 0; i < R; ++i)
-    for (int c = 0; c < NV; ++c) acc[i][c] = i < mt ? ld(out + i * D + d0 + 16 * c) : v16{};
-  for (int64_t j = 0; j < nb; ++j) {
-    const float* vr = vb + j * vstride + d0;
-    v16 x[NV];
-    for (int c = 0; c < NV; ++c) x[c] = ld(vr + 16 * c);
+// exp of x <= 0 (or -inf): torch's exp_u20 polynomial for float (the one its flash kernel
+// uses; it maps NaN to a finite value, so callers handle NaN before), Sleef for double.
+inline Vectorized<float> fast_exp(Vectorized<float> x) { return x.exp_u20(); }
+inline Vectorized<double> fast_exp(Vectorized<double> x) { return x.exp(); }
+
+// --- step 1: scores -----------------------------------------------------------------------
+
+// Elements of E in one 64-byte cache line.
+template <typename E>
+constexpr int64_t line() { return 64 / static_cast<int64_t>(sizeof(E)); }
+
+// R * NK dot products (8 or 12 independent accumulator chains: enough to keep both FMA
+// pipes busy through their latency): R query rows x NK key rows over Dp (a multiple of the
+// lanes). pf != 0: while reading a line of each key row, ask for the line pf elements further
+// (the same line of a row some keys ahead): reads of interleaved rows are not a pattern the
+// hardware prefetchers follow well.
+template <int R, int NK, typename acc_t, typename E>
+inline void dot_tile(const acc_t* const* qr, const E* const* kr, int64_t Dp, acc_t* out,
+                     int64_t pf) {
+  constexpr int64_t L = lanes<acc_t>();
+  constexpr int N = R * NK;
+  Vectorized<acc_t> acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = Vectorized<acc_t>(acc_t(0));
+  for (int64_t d = 0; d < Dp; d += L) {
+    if (pf && d % line<E>() == 0)
+      for (int n = 0; n < NK; ++n) __builtin_prefetch(kr[n] + pf + d, 0, PF_LOCALITY);
+    Vectorized<acc_t> kv[NK];
+    for (int n = 0; n < NK; ++n) kv[n] = load<acc_t>(kr[n] + d);
     for (int i = 0; i < R; ++i) {
-      const float pj = pr[i][j * KSt];
-      for (int c = 0; c < NV; ++c) acc[i][c] += pj * x[c];
+      const Vectorized<acc_t> qv = Vectorized<acc_t>::loadu(qr[i] + d);
+      for (int n = 0; n < NK; ++n) acc[i * NK + n] = at::vec::fmadd(qv, kv[n], acc[i * NK + n]);
     }
   }
-  for (int i = 0; i < mt; ++i)
-    for (int c = 0; c < NV; ++c) st(out + i * D + d0 + 16 * c, acc[i][c]);
+  sum_lanes<N>(acc, out);
 }
 
-template <int R, int NV>
-void pv_f32_rows(const float* p, int64_t M, int64_t S, int64_t KSt, const float* vb, int64_t vstride,
-                 int64_t nb, float* out, int64_t D) {
-  for (int64_t m0 = 0; m0 < M; m0 += R) {
-    const int mt = static_cast<int>(std::min<int64_t>(R, M - m0));
-    const float* pr[R];
-    for (int i = 0; i < R; ++i) pr[i] = p + (m0 + (i < mt ? i : 0)) * S;
-    for (int64_t d0 = 0; d0 < D; d0 += 16 * NV)
-      pv_f32_tile<R, NV>(pr, KSt, mt, vb, vstride, nb, out + m0 * D, D, d0);
+// Scores of R rows (mt of them real, the rest stand-ins not stored) against all nb keys of a
+// tile, NK keys at a time.
+template <int R, int NK, typename acc_t, typename E>
+inline void score_rows(const acc_t* q, int64_t Dp, int64_t m0, int64_t mt, const E* const* kr,
+                       int64_t nb, acc_t scale, acc_t* s, int64_t pf) {
+  acc_t out[R * NK];
+  const acc_t* qr[R];
+  for (int i = 0; i < R; ++i) qr[i] = q + (m0 + std::min<int64_t>(i, mt - 1)) * Dp;
+  for (int64_t j0 = 0; j0 < nb; j0 += NK) {
+    const E* kk[NK];
+    for (int n = 0; n < NK; ++n) kk[n] = kr[std::min<int64_t>(j0 + n, nb - 1)];
+    dot_tile<R, NK>(qr, kk, Dp, out, pf);
+    for (int64_t i = 0; i < mt; ++i)
+      for (int n = 0; n < NK && j0 + n < nb; ++n)
+        s[(m0 + i) * NB + j0 + n] = out[i * NK + n] * scale;
   }
 }
 
-// The value pass for float accumulation and D % 16 == 0: blocks of KB keys, each read from
-// memory once (converted to float in a buffer for half types), rows in register tiles.
+// s[m * NB + j] = scale * <q_m, k_j> for the M rows and the nb keys of a tile. kr[j] points at
+// key j's row (the cache itself, or a widened copy). Rows in register tiles of 6 (12
+// accumulators) or 4 (8); one row takes 8 keys at a time, two rows 4.
+template <typename acc_t, typename E>
+void score_tile(const acc_t* q, int64_t M, int64_t Dp, const E* const* kr, int64_t nb,
+                acc_t scale, acc_t* s, int64_t pf = 0) {
+  if (M == 1) return score_rows<1, 8>(q, Dp, 0, 1, kr, nb, scale, s, pf);
+  if (M == 2) return score_rows<2, 4>(q, Dp, 0, 2, kr, nb, scale, s, pf);
+  for (int64_t m0 = 0; m0 < M;) {
+    const int64_t rem = M - m0, pf_rows = m0 == 0 ? pf : 0;  // later groups hit the cache
+    if (rem >= 6 && rem != 8) {
+      score_rows<6, 2>(q, Dp, m0, 6, kr, nb, scale, s, pf_rows);
+      m0 += 6;
+    } else {
+      score_rows<4, 2>(q, Dp, m0, std::min<int64_t>(4, rem), kr, nb, scale, s, pf_rows);
+      m0 += 4;
+    }
+  }
+}
+
+// --- step 4: weights times values ---------------------------------------------------------
+
+// o[i, d0 : d0 + C*L] = o[i, ...] * alpha[i] + sum_{j < nb} p_i[j] v_j[d0 : ...], i < R.
+template <int R, int C, typename acc_t, typename E>
+inline void pv_block(const acc_t* const* p, const acc_t* alpha, const E* const* vr, int64_t nb,
+                     acc_t* const* o, int64_t d0, int64_t pf) {
+  constexpr int64_t L = lanes<acc_t>();
+  Vectorized<acc_t> acc[R][C];
+  for (int i = 0; i < R; ++i) {
+    const Vectorized<acc_t> a(alpha[i]);
+    for (int c = 0; c < C; ++c) acc[i][c] = Vectorized<acc_t>::loadu(o[i] + d0 + c * L) * a;
+  }
+  for (int64_t j = 0; j < nb; ++j) {
+    if (pf)  // as in dot_tile: the same columns of a row some keys ahead
+      for (int64_t c = 0; c < C * L; c += line<E>()) __builtin_prefetch(vr[j] + pf + d0 + c, 0, PF_LOCALITY);
+    Vectorized<acc_t> x[C];
+    for (int c = 0; c < C; ++c) x[c] = load<acc_t>(vr[j] + d0 + c * L);
+    for (int i = 0; i < R; ++i) {
+      const Vectorized<acc_t> pj(p[i][j]);
+      for (int c = 0; c < C; ++c) acc[i][c] = at::vec::fmadd(pj, x[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) acc[i][c].store(o[i] + d0 + c * L);
+}
+
+constexpr int64_t KB = 8;  // value rows per register pass: few rows, read front to back
+
+// R rows over the whole (padded) value width Dvp: C = 8 / R vectors at a time (8 independent
+// accumulator chains), the rest one vector at a time. Value rows in blocks of KB, each block
+// swept across the width before the next (short interleaved streams the prefetchers follow);
+// the rescale by alpha happens on the first block only.
+template <int R, typename acc_t, typename E>
+inline void pv_rows(const acc_t* const* p, const acc_t* alpha, const E* const* vr, int64_t nb,
+                    acc_t* const* o, int64_t Dvp, int64_t pf = 0) {
+  constexpr int C = R >= 3 ? 2 : 8 / R;
+  constexpr int64_t L = lanes<acc_t>();
+  acc_t ones[R];
+  for (int i = 0; i < R; ++i) ones[i] = acc_t(1);
+  const acc_t* pb[R];
+  for (int64_t j0 = 0; j0 < nb; j0 += KB) {
+    const int64_t n = std::min(KB, nb - j0);
+    const acc_t* a = j0 == 0 ? alpha : ones;
+    for (int i = 0; i < R; ++i) pb[i] = p[i] + j0;
+    int64_t d0 = 0;
+    for (; d0 + C * L <= Dvp; d0 += C * L) pv_block<R, C>(pb, a, vr + j0, n, o, d0, pf);
+    for (; d0 < Dvp; d0 += L) pv_block<R, 1>(pb, a, vr + j0, n, o, d0, pf);
+  }
+}
+
+// --- one work item: (b, kv head, key range) ------------------------------------------------
+
+// What the fused pass knows beyond the tensors: per query row t its key interval, and the
+// score functions it applies itself.
+template <typename acc_t>
+struct Rules {
+  const int64_t* lo = nullptr;     // (T,) first visible key of query t
+  const int64_t* hi = nullptr;     // (T,) one past the last
+  acc_t softcap = 0;               // > 0: s = softcap * tanh(s / softcap)
+  const acc_t* slopes = nullptr;   // (H,) ALiBi: s -= slope[h] * |t + alibi_offset - j|
+  acc_t alibi_offset = 0;
+};
+
 template <typename scalar_t>
-void pv_block_f32(const float* p, int64_t M, int64_t S, int64_t KSt, const scalar_t* v, int64_t vs, int64_t D,
-                  int64_t j0, int64_t j1, float* out, float* vbuf) {
-  for (int64_t b0 = j0; b0 < j1; b0 += KB) {
-    const int64_t nb = std::min(KB, j1 - b0);
-    const float* vb;
-    int64_t vstride;
-    for (int64_t j = 0; j < nb; ++j) load_row(v + (b0 + j) * vs, vbuf + j * D, D);
-    vb = vbuf;
-    vstride = D;
-    const float* pb = p + b0 * KSt;
-    if (D % 128 == 0) pv_f32_rows<2, 8>(pb, M, S, KSt, vb, vstride, nb, out, D);
-    else if (D % 64 == 0) pv_f32_rows<4, 4>(pb, M, S, KSt, vb, vstride, nb, out, D);
-    else if (D % 32 == 0) pv_f32_rows<4, 2>(pb, M, S, KSt, vb, vstride, nb, out, D);
-    else pv_f32_rows<4, 1>(pb, M, S, KSt, vb, vstride, nb, out, D);
+struct Problem {
+  using acc_t = typename Acc<scalar_t>::type;
+  int64_t B, Hkv, S, M, T, G, D, Dv, Dp, Dvp;
+  const acc_t* q;                  // (B, Hkv, M, D) contiguous
+  const scalar_t* k;               // rows of D, strides kb, kh, ks (elements)
+  int64_t kb, kh, ks;
+  const scalar_t* v;               // rows of Dv, strides vb, vh, vs
+  int64_t vb, vh, vs;
+  const acc_t* s_in = nullptr;     // decode_softmax_pv: the scores (B, Hkv, M, S)
+  acc_t scale = 1;
+  Rules<acc_t> rules;
+  bool fused = false;
+};
+
+// Per-thread scratch, allocated once per call and thread.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> q, k, v, s, o, m, l, alpha;
+  std::vector<int64_t> a, b;
+  Scratch(int64_t M, int64_t Dp, int64_t Dvp)
+      : q(M * Dp), k(NB * Dp), v(NB * Dvp), s(M * NB), o(M * Dvp), m(M), l(M), alpha(M),
+        a(M), b(M) {}
+};
+
+// The running (max, sum, unnormalised output) of every row of one (b, kv head) over keys
+// [j0, j1), left in sc.m, sc.l, sc.o.
+template <typename scalar_t>
+void run_item(const Problem<scalar_t>& P, int64_t bh, int64_t j0, int64_t j1,
+              Scratch<typename Acc<scalar_t>::type>& sc) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = lanes<acc_t>();
+  const acc_t inf = std::numeric_limits<acc_t>::infinity(), ninf = -inf;
+  const int64_t M = P.M, Dp = P.Dp, Dvp = P.Dvp, b = bh / P.Hkv, h = bh % P.Hkv;
+  std::fill(sc.o.begin(), sc.o.end(), acc_t(0));
+  std::fill(sc.m.begin(), sc.m.end(), ninf);
+  std::fill(sc.l.begin(), sc.l.end(), acc_t(0));
+  if (j0 >= j1) return;
+
+  const scalar_t* kbase = P.k + b * P.kb + h * P.kh;
+  const scalar_t* vbase = P.v + b * P.vb + h * P.vh;
+  // K rows are read in place when no widening is needed, or when one register tile of rows
+  // uses each row once (M <= 4: the widening happens in registers); otherwise a tile is
+  // widened into L1 once for all row groups. The same for V.
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const bool k_direct = P.fused && P.D == Dp && (same || M <= 4);
+  const bool v_direct = P.Dv == Dvp && (same || M <= 4);
+  const acc_t* q = P.fused ? P.q + bh * M * P.D : nullptr;
+  if (P.fused && P.D != Dp) {
+    for (int64_t m = 0; m < M; ++m) widen_row(q + m * P.D, P.D, sc.q.data() + m * Dp, Dp);
+    q = sc.q.data();
+  }
+  const acc_t* s_in = P.s_in ? P.s_in + bh * M * P.S : nullptr;
+  const Rules<acc_t>& R = P.rules;
+
+  for (int64_t t0 = j0; t0 < j1; t0 += NB) {
+    const int64_t nb = std::min(NB, j1 - t0);
+    acc_t* s = sc.s.data();
+    // Each row's visible span [a, b) inside the tile (the whole tile without intervals).
+    bool full = true;
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t a = 0, e = nb;
+      if (R.lo) {
+        const int64_t t = m % P.T;
+        a = std::clamp<int64_t>(R.lo[t] - t0, 0, nb);
+        e = std::clamp<int64_t>(R.hi[t] - t0, a, nb);
+      }
+      sc.a[m] = a;
+      sc.b[m] = e;
+      full = full && a == 0 && e == nb;
+    }
+
+    // 1. Scores.
+    if (P.fused) {
+      if (k_direct) {
+        const scalar_t* kr[NB];
+        for (int64_t j = 0; j < nb; ++j) kr[j] = kbase + (t0 + j) * P.ks;
+        score_tile<acc_t, scalar_t>(q, M, Dp, kr, nb, P.scale, s, PF * P.ks);
+      } else {
+        const acc_t* kr[NB];
+        for (int64_t j = 0; j < nb; ++j) {
+          prefetch_row(kbase + (t0 + j + PF) * P.ks, P.D);
+          widen_row(kbase + (t0 + j) * P.ks, P.D, sc.k.data() + j * Dp, Dp);
+          kr[j] = sc.k.data() + j * Dp;
+        }
+        score_tile<acc_t, acc_t>(q, M, Dp, kr, nb, P.scale, s);
+      }
+    } else {
+      for (int64_t m = 0; m < M; ++m)
+        std::copy(s_in + m * P.S + t0, s_in + m * P.S + t0 + nb, s + m * NB);
+    }
+
+    // 2-3. Score functions, spans, online softmax: p in s, alpha per row.
+    for (int64_t m = 0; m < M; ++m) {
+      acc_t* sr = s + m * NB;
+      const int64_t t = m % P.T;
+      if (R.softcap > 0) {
+        const Vec cap(R.softcap);
+        for (int64_t j = 0; j < NB; j += L) ((Vec::loadu(sr + j) / cap).tanh() * cap).store(sr + j);
+      }
+      if (R.slopes) {
+        const Vec slope(R.slopes[h * P.G + m / P.T]);
+        const Vec pos(acc_t(t) + R.alibi_offset);
+        for (int64_t j = 0; j < NB; j += L) {
+          const Vec key = Vec::arange(acc_t(t0 + j), acc_t(1));
+          (Vec::loadu(sr + j) - slope * (pos - key).abs()).store(sr + j);
+        }
+      }
+      for (int64_t j = 0; j < sc.a[m]; ++j) sr[j] = ninf;
+      for (int64_t j = sc.b[m]; j < NB; ++j) sr[j] = ninf;
+      Vec mx(ninf);
+      for (int64_t j = 0; j < NB; j += L) mx = at::vec::maximum(mx, Vec::loadu(sr + j));
+      const acc_t m_new = nan_max(sc.m[m], at::vec::vec_reduce_all<acc_t>(
+          [](auto x, auto y) { return at::vec::maximum(x, y); }, mx));  // NaN-propagating
+      if (!(m_new > ninf && m_new < inf)) {
+        // -inf: nothing visible yet (no weights, nothing to rescale); NaN (a NaN score, now
+        // or before) or +inf: the row is NaN, whatever the other keys add
+        if (m_new != ninf) {
+          sc.m[m] = std::numeric_limits<acc_t>::quiet_NaN();
+          sc.l[m] = sc.m[m];
+        }
+        sc.alpha[m] = acc_t(1);
+        sc.b[m] = sc.a[m];  // an empty span: no value rows for this row
+        full = false;
+        continue;
+      }
+      sc.alpha[m] = std::exp(sc.m[m] - m_new);  // exp(-inf) = 0 on the first tile
+      sc.m[m] = m_new;
+      const Vec ref(m_new);
+      Vec total(acc_t(0));
+      for (int64_t j = 0; j < NB; j += L) {
+        const Vec p = fast_exp(Vec::loadu(sr + j) - ref);  // arguments <= 0 or -inf
+        p.store(sr + j);
+        total = total + p;
+      }
+      sc.l[m] = sc.l[m] * sc.alpha[m] +
+                at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return x + y; }, total);
+    }
+
+    // 4. Values: in register tiles of rows when every row sees the whole tile, else row by
+    //    row over each one's own span (a hidden NaN value never meets a zero weight).
+    const acc_t* vrow[NB];
+    const scalar_t* vraw[NB];
+    for (int64_t j = 0; j < nb; ++j) vraw[j] = vbase + (t0 + j) * P.vs;
+    if (!v_direct) {
+      for (int64_t j = 0; j < nb; ++j) {
+        prefetch_row(vraw[j] + PF * P.vs, P.Dv);
+        widen_row(vraw[j], P.Dv, sc.v.data() + j * Dvp, Dvp);
+        vrow[j] = sc.v.data() + j * Dvp;
+      }
+    }
+    auto rows = [&](auto r_tag, int64_t m0, int64_t j_lo, int64_t j_hi) {
+      constexpr int Rn = decltype(r_tag)::value;
+      const acc_t* p[Rn];
+      acc_t* o[Rn];
+      for (int i = 0; i < Rn; ++i) {
+        p[i] = s + (m0 + i) * NB + j_lo;
+        o[i] = sc.o.data() + (m0 + i) * Dvp;
+      }
+      const int64_t n = j_hi - j_lo;
+      if (v_direct) {
+        pv_rows<Rn, acc_t, scalar_t>(p, sc.alpha.data() + m0, vraw + j_lo, n, o, Dvp,
+                                     m0 == 0 && Rn > 1 ? PF * P.vs : 0);
+      } else {
+        pv_rows<Rn, acc_t, acc_t>(p, sc.alpha.data() + m0, vrow + j_lo, n, o, Dvp);
+      }
+    };
+    if (full) {  // register tiles of 6 rows (12 accumulators) or 4, as for the scores
+      int64_t m0 = 0;
+      while (M - m0 >= 4) {
+        if (M - m0 >= 6 && M - m0 != 8) {
+          rows(std::integral_constant<int, 6>{}, m0, 0, nb);
+          m0 += 6;
+        } else {
+          rows(std::integral_constant<int, 4>{}, m0, 0, nb);
+          m0 += 4;
+        }
+      }
+      switch (M - m0) {
+        case 3: rows(std::integral_constant<int, 3>{}, m0, 0, nb); break;
+        case 2: rows(std::integral_constant<int, 2>{}, m0, 0, nb); break;
+        case 1: rows(std::integral_constant<int, 1>{}, m0, 0, nb); break;
+        default: break;
+      }
+    } else {
+      for (int64_t m = 0; m < M; ++m) {
+        if (sc.b[m] > sc.a[m]) {
+          rows(std::integral_constant<int, 1>{}, m, sc.a[m], sc.b[m]);
+        } else if (sc.alpha[m] != acc_t(1)) {  // nothing to add, but the max moved
+          const Vec a(sc.alpha[m]);
+          acc_t* o = sc.o.data() + m * Dvp;
+          for (int64_t d = 0; d < Dvp; d += L) (Vec::loadu(o + d) * a).store(o + d);
+        }
+      }
+    }
   }
 }
 
-// How many key splits per (b, kv head): enough work items for every thread, >= 256 keys each.
-int64_t num_splits(int64_t BH, int64_t S) {
+// --- the driver: split-KV over threads, merge, normalise -----------------------------------
+
+// Key splits per (b, kv head): ~16 work items per thread (dynamic balance: a thread that
+// another process deschedules holds back one small item), at least 256 keys each.
+int64_t num_splits(int64_t BH, int64_t span) {
   const int64_t threads = at::get_num_threads();
-  int64_t want = (4 * threads + BH - 1) / BH;
-  if (BH >= 2 * threads) want = 1;
-  const int64_t most = std::max<int64_t>(1, S / 256);
-  return std::max<int64_t>(1, std::min(want, most));
+  if (threads <= 1) return 1;
+  const int64_t want = (16 * threads + BH - 1) / BH;
+  return std::max<int64_t>(1, std::min(want, span / 256));
+}
+
+// sinks: (H,) logits or null. Writes out (B, Hkv, M, Dv) and lse (B, Hkv, M).
+template <typename scalar_t>
+void run(const Problem<scalar_t>& P, int64_t k_lo, int64_t k_hi,
+         const typename Acc<scalar_t>::type* sinks, typename Acc<scalar_t>::type* out,
+         typename Acc<scalar_t>::type* lse) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t BH = P.B * P.Hkv, M = P.M, Dv = P.Dv, Dvp = P.Dvp;
+  const int64_t span = std::max<int64_t>(0, k_hi - k_lo);
+  const int64_t splits = num_splits(BH, span), per = (span + splits - 1) / splits;
+  const int64_t items = BH * splits;
+  // Per item: running max and sum per row, and the unnormalised output rows.
+  std::vector<acc_t> pm(items * M), pl(items * M), po(items * M * Dvp);
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
+    Scratch<acc_t> sc(M, P.Dp, Dvp);
+    for (int64_t item; (item = next.fetch_add(1)) < items;) {
+      const int64_t bh = item / splits, part = item % splits;
+      const int64_t j0 = k_lo + part * per, j1 = std::min(k_hi, j0 + per);
+      run_item(P, bh, j0, std::max(j0, j1), sc);
+      std::copy(sc.m.begin(), sc.m.end(), pm.begin() + item * M);
+      std::copy(sc.l.begin(), sc.l.end(), pl.begin() + item * M);
+      std::copy(sc.o.begin(), sc.o.end(), po.begin() + item * M * Dvp);
+    }
+  });
+  // Merge the splits by log-sum-exp against the rows' overall max, add the sink, normalise.
+  at::parallel_for(0, BH * M, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t bh = r / M, m = r % M, h = (bh % P.Hkv) * P.G + m / P.T;
+      acc_t mx = ninf;
+      for (int64_t part = 0; part < splits; ++part) mx = nan_max(mx, pm[(bh * splits + part) * M + m]);
+      const acc_t sink = sinks ? sinks[h] : ninf;
+      const acc_t ref = nan_max(mx, sink);
+      acc_t* o = out + r * Dv;
+      if (ref == ninf) {  // no visible key and no sink
+        std::fill(o, o + Dv, acc_t(0));
+        lse[r] = ninf;
+        continue;
+      }
+      std::fill(o, o + Dv, acc_t(0));
+      acc_t total = sinks ? std::exp(sink - ref) : acc_t(0);
+      for (int64_t part = 0; part < splits; ++part) {
+        const int64_t it = (bh * splits + part) * M + m;
+        if (pm[it] == ninf) continue;  // this split saw no key of the row
+        const acc_t w = std::exp(pm[it] - ref);
+        total += pl[it] * w;
+        const acc_t* po_r = po.data() + it * Dvp;
+        for (int64_t d = 0; d < Dv; ++d) o[d] += po_r[d] * w;
+      }
+      const acc_t inv = acc_t(1) / total;
+      for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
+      lse[r] = ref + std::log(total);
+    }
+  });
 }
 
 void check_cache(const at::Tensor& t, const char* name) {
@@ -387,187 +534,177 @@ void check_cache(const at::Tensor& t, const char* name) {
 }
 
 template <typename scalar_t>
-void scores_impl(const at::Tensor& q, const at::Tensor& k, double scale, at::Tensor& s) {
+Problem<scalar_t> problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          int64_t T) {
   using acc_t = typename Acc<scalar_t>::type;
-  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3), M = q.size(2);
-  TORCH_CHECK(q.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
-              "q must be in the accumulation dtype");
-  const int64_t BH = B * Hkv, splits = num_splits(BH, S), per = (S + splits - 1) / splits;
-  const acc_t* qp = q.data_ptr<acc_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  acc_t* sp = s.data_ptr<acc_t>();
-  const int64_t kb = k.stride(0), kh = k.stride(1), ks = k.stride(2);
-  at::parallel_for(0, BH * splits, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> kbuf(2 * D);
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t bh = item / splits, part = item % splits, b = bh / Hkv, h = bh % Hkv;
-      const int64_t j0 = part * per, j1 = std::min(S, j0 + per);
-      if (j0 >= j1) continue;
-      // s is (S, M) per kv head: row m of key j at j * M + m (the M rows of one key together)
-      acc_t* sh = sp + bh * S * M;
-      if constexpr (std::is_same<acc_t, float>::value) {
-        if (D % 16 == 0) {
-          scores_block_f32<scalar_t>(qp + bh * M * D, M, D, kp + b * kb + h * kh, ks, j0, j1,
-                                     sh, 1, M, static_cast<float>(scale), kbuf.data());
-          continue;
-        }
-      }
-      scores_block<scalar_t, acc_t>(qp + bh * M * D, M, D, kp + b * kb + h * kh, ks, j0, j1,
-                                    sh, 1, M, static_cast<acc_t>(scale), kbuf.data());
-    }
-  });
+  constexpr int64_t L = lanes<acc_t>();
+  Problem<scalar_t> P;
+  P.B = k.size(0); P.Hkv = k.size(1); P.S = k.size(2); P.D = k.size(3); P.Dv = v.size(3);
+  P.M = q.size(2); P.T = T; P.G = P.M / T;
+  P.Dp = round_up(std::max<int64_t>(P.D, 1), L);
+  P.Dvp = round_up(std::max<int64_t>(P.Dv, 1), L);
+  P.q = q.data_ptr<acc_t>();
+  P.k = k.data_ptr<scalar_t>(); P.kb = k.stride(0); P.kh = k.stride(1); P.ks = k.stride(2);
+  P.v = v.data_ptr<scalar_t>(); P.vb = v.stride(0); P.vh = v.stride(1); P.vs = v.stride(2);
+  return P;
 }
 
-template <typename scalar_t>
-void softmax_pv_impl(at::Tensor& s, const at::Tensor& v, const at::Tensor& sinks, bool has_sinks,
-                     at::Tensor& out, at::Tensor& lse) {
-  using acc_t = typename Acc<scalar_t>::type;
-  const int64_t B = v.size(0), Hkv = v.size(1), S = v.size(2), D = v.size(3), M = s.size(3);
-  TORCH_CHECK(s.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
-              "s must be in the accumulation dtype");
-  const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  const int64_t BH = B * Hkv, R = BH * M;
-  acc_t* sp = s.data_ptr<acc_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
-  const acc_t* sinkp = has_sinks ? sinks.data_ptr<acc_t>() : nullptr;
-  // 1. Per row: max ignoring NaN, whether it holds a NaN, and its reference point.
-  std::vector<acc_t> rmax(R);
-  std::vector<char> rnan(R), rempty(R);
-  at::parallel_for(0, BH, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> mx(M);
-    std::vector<int32_t> nans(M);
-    for (int64_t bh = lo; bh < hi; ++bh) {
-      const acc_t* sh = sp + bh * S * M;  // (S, M)
-      std::fill(mx.begin(), mx.end(), -inf);
-      std::fill(nans.begin(), nans.end(), 0);
-      for (int64_t j = 0; j < S; ++j) {
-        const acc_t* row = sh + j * M;
-#pragma omp simd
-        for (int64_t m = 0; m < M; ++m) {
-          const acc_t x = row[m];
-          nans[m] += x != x;
-          mx[m] = x > mx[m] ? x : mx[m];
-        }
-      }
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t r = bh * M + m;
-        acc_t x = mx[m];
-        rempty[r] = nans[m] == 0 && x == -inf;  // every score -inf: the row sees no key
-        rnan[r] = nans[m] > 0;
-        if (has_sinks) x = std::max(x, sinkp[r % (Hkv * M)]);
-        rmax[r] = x == -inf ? acc_t(0) : x;
-      }
-    }
-  });
-  // 2. Weights in place, partial sums and partial outputs per key split (split-KV).
-  const int64_t splits = num_splits(BH, S), per = S > 0 ? (S + splits - 1) / splits : 0;
-  std::vector<acc_t> part_out(splits > 1 ? BH * splits * M * D : 0);
-  std::vector<acc_t> part_sum(BH * splits * M, acc_t(0));
-  acc_t* outp = out.data_ptr<acc_t>();
-  const int64_t vb = v.stride(0), vh = v.stride(1), vs = v.stride(2);
-  if (S > 0) {
-    at::parallel_for(0, BH * splits, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> vbuf(KB * D), total(M);
-      for (int64_t item = lo; item < hi; ++item) {
-        const int64_t bh = item / splits, part = item % splits, b = bh / Hkv, h = bh % Hkv;
-        const int64_t j0 = part * per, j1 = std::min(S, j0 + per);
-        if (j0 >= j1) continue;
-        acc_t* p = sp + bh * S * M;
-        const acc_t* ref = rmax.data() + bh * M;
-        std::fill(total.begin(), total.end(), acc_t(0));
-        for (int64_t j = j0; j < j1; ++j) {
-          acc_t* row = p + j * M;
-#pragma omp simd
-          for (int64_t m = 0; m < M; ++m) {
-            const acc_t e = exp_nonpositive(row[m] - ref[m]);
-            row[m] = e;
-            total[m] += e;
-          }
-        }
-        for (int64_t m = 0; m < M; ++m) part_sum[item * M + m] = total[m];
-        acc_t* o = splits > 1 ? part_out.data() + item * M * D : outp + bh * M * D;
-        if constexpr (std::is_same<acc_t, float>::value) {
-          if (D % 16 == 0) {
-            pv_block_f32<scalar_t>(p, M, 1, M, vp + b * vb + h * vh, vs, D, j0, j1, o,
-                                   vbuf.data());
-            continue;
-          }
-        }
-        pv_block<scalar_t, acc_t>(p, M, 1, M, vp + b * vb + h * vh, vs, D, j0, j1, o,
-                                  vbuf.data());
-      }
-    });
-  }
-  // 3. Merge the splits (they share each row's reference point: the log-sum-exp merge is a
-  //    plain sum), normalise, apply the NaN / empty-row rules, lse.
-  acc_t* lsep = lse.data_ptr<acc_t>();
-  at::parallel_for(0, R, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const int64_t bh = r / M, m = r % M;
-      acc_t* o = outp + r * D;
-      acc_t tot = 0;
-      for (int64_t part = 0; part < splits; ++part) {
-        tot += part_sum[(bh * splits + part) * M + m];
-        if (splits > 1) {
-          const acc_t* po = part_out.data() + ((bh * splits + part) * M + m) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += po[d];
-        }
-      }
-      if (has_sinks) tot += std::exp(sinkp[r % (Hkv * M)] - rmax[r]);
-      if (rnan[r]) {
-        for (int64_t d = 0; d < D; ++d) o[d] = nan;
-        lsep[r] = nan;
-      } else if (rempty[r]) {
-        for (int64_t d = 0; d < D; ++d) o[d] = 0;
-        lsep[r] = has_sinks ? sinkp[r % (Hkv * M)] : -inf;
-      } else {
-        const acc_t inv = acc_t(1) / tot;
-        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-        lsep[r] = rmax[r] + std::log(tot);
-      }
-    }
-  });
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 }  // namespace
 
-// q (B, Hkv, M, D) contiguous acc dtype; k (B, Hkv, S, D) any strides with stride(3) == 1.
-// Returns s (B, Hkv, S, M) in the acc dtype: key-major, the M query rows of a key together.
-at::Tensor decode_scores(const at::Tensor& q, const at::Tensor& k, double scale) {
+// q (B, Hkv, M, D) contiguous in the accumulation dtype (float, or double for double caches);
+// k (B, Hkv, S, D), v (B, Hkv, S, Dv) in the cache dtype, any strides with a contiguous last
+// dim; lo, hi: T ints, the key interval [lo_t, hi_t) of query t (M = G*T); softcap > 0 to
+// apply it; slopes: empty or (H,) ALiBi slopes (acc dtype) with query t at position
+// t + alibi_offset; sinks: empty or (H,) logits (acc dtype).
+// Returns (out (B, Hkv, M, Dv), lse (B, Hkv, M)) in the accumulation dtype.
+std::vector<at::Tensor> decode_fused(const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, std::vector<int64_t> lo,
+                                     std::vector<int64_t> hi, double scale, double softcap,
+                                     const at::Tensor& slopes, double alibi_offset,
+                                     const at::Tensor& sinks) {
   check_cache(k, "k");
-  TORCH_CHECK(q.dim() == 4 && q.is_contiguous(), "q must be contiguous (B, Hkv, M, D)");
-  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3), M = q.size(2);
-  TORCH_CHECK(q.size(0) == B && q.size(1) == Hkv && q.size(3) == D, "q and k do not match");
-  auto s = at::empty({B, Hkv, S, M}, q.options());
-  if (S == 0 || M == 0) return s;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "decode_scores",
-                                  [&] { scores_impl<scalar_t>(q, k, scale, s); });
-  return s;
-}
-
-// s (B, Hkv, S, M) contiguous acc dtype, masked entries -inf (overwritten with the weights);
-// v (B, Hkv, S, D) any strides with stride(3) == 1; sinks: empty or (Hkv, M) acc dtype.
-// Returns (out (B, Hkv, M, D), lse (B, Hkv, M)) in the acc dtype.
-std::vector<at::Tensor> decode_softmax_pv(at::Tensor s, const at::Tensor& v,
-                                          const at::Tensor& sinks) {
   check_cache(v, "v");
-  TORCH_CHECK(s.dim() == 4 && s.is_contiguous(), "s must be contiguous (B, Hkv, S, M)");
-  const int64_t B = v.size(0), Hkv = v.size(1), S = v.size(2), D = v.size(3), M = s.size(3);
-  TORCH_CHECK(s.size(0) == B && s.size(1) == Hkv && s.size(2) == S, "s and v do not match");
-  const bool has_sinks = sinks.defined() && sinks.numel() > 0;
-  if (has_sinks)
-    TORCH_CHECK(sinks.is_contiguous() && sinks.numel() == Hkv * M &&
-                sinks.scalar_type() == s.scalar_type(), "sinks must be (Hkv, M) in s's dtype");
-  auto out = at::zeros({B, Hkv, M, D}, s.options());
-  auto lse = at::empty({B, Hkv, M}, s.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "decode_pv",
-                                  [&] { softmax_pv_impl<scalar_t>(s, v, sinks, has_sinks, out, lse); });
+  const int64_t T = static_cast<int64_t>(lo.size());
+  TORCH_CHECK(T > 0 && static_cast<int64_t>(hi.size()) == T, "lo and hi must hold T > 0 ints");
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && q.size(2) % T == 0,
+              "q must be contiguous (B, Hkv, G*T, D)");
+  TORCH_CHECK(q.scalar_type() == acc_type(k.scalar_type()), "q must be in the accumulation dtype");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3) &&
+              v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2),
+              "q, k and v do not match");
+  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), M = q.size(2);
+  const int64_t H = Hkv * (M / T);
+  auto out = at::empty({B, Hkv, M, v.size(3)}, q.options());
+  auto lse = at::empty({B, Hkv, M}, q.options());
+  for (int64_t t = 0; t < T; ++t) {
+    lo[t] = std::clamp<int64_t>(lo[t], 0, S);
+    hi[t] = std::clamp<int64_t>(hi[t], lo[t], S);
+  }
+  int64_t k_lo = S, k_hi = 0;  // the union of the rows' intervals: nothing outside is read
+  for (int64_t t = 0; t < T; ++t)
+    if (hi[t] > lo[t]) { k_lo = std::min(k_lo, lo[t]); k_hi = std::max(k_hi, hi[t]); }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "decode_fused", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    auto P = problem<scalar_t>(q, k, v, T);
+    P.fused = true;
+    P.scale = static_cast<acc_t>(scale);
+    P.rules.lo = lo.data();
+    P.rules.hi = hi.data();
+    P.rules.softcap = static_cast<acc_t>(softcap);
+    if (slopes.defined() && slopes.numel()) {
+      TORCH_CHECK(slopes.numel() == H && slopes.is_contiguous() &&
+                  slopes.scalar_type() == q.scalar_type(), "slopes must be (H,) in q's dtype");
+      P.rules.slopes = slopes.data_ptr<acc_t>();
+      P.rules.alibi_offset = static_cast<acc_t>(alibi_offset);
+    }
+    const acc_t* sk = nullptr;
+    if (sinks.defined() && sinks.numel()) {
+      TORCH_CHECK(sinks.numel() == H && sinks.is_contiguous() &&
+                  sinks.scalar_type() == q.scalar_type(), "sinks must be (H,) in q's dtype");
+      sk = sinks.data_ptr<acc_t>();
+    }
+    run(P, k_lo, std::max(k_lo, k_hi), sk, out.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
+  });
   return {out, lse};
 }
 
+// q (B, Hkv, M, D) contiguous acc dtype; k (B, Hkv, S, D) any strides, contiguous last dim.
+// Returns s = scale * q k^T, (B, Hkv, M, S) in the acc dtype.
+at::Tensor decode_scores(const at::Tensor& q, const at::Tensor& k, double scale) {
+  check_cache(k, "k");
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous(), "q must be contiguous (B, Hkv, M, D)");
+  TORCH_CHECK(q.scalar_type() == acc_type(k.scalar_type()), "q must be in the accumulation dtype");
+  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3), M = q.size(2);
+  TORCH_CHECK(q.size(0) == B && q.size(1) == Hkv && q.size(3) == D, "q and k do not match");
+  auto s = at::empty({B, Hkv, M, S}, q.options());
+  if (S == 0 || M == 0) return s;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "decode_scores", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    constexpr int64_t L = lanes<acc_t>();
+    const int64_t Dp = round_up(std::max<int64_t>(D, 1), L), BH = B * Hkv;
+    const int64_t splits = num_splits(BH, S), per = (S + splits - 1) / splits;
+    const acc_t* qp = q.data_ptr<acc_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    acc_t* sp = s.data_ptr<acc_t>();
+    const acc_t sc = static_cast<acc_t>(scale);
+    std::atomic<int64_t> next{0};
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), BH * splits);
+    at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
+      std::vector<acc_t> qbuf(M * Dp), kbuf(NB * Dp), tile(M * NB);
+      for (int64_t item; (item = next.fetch_add(1)) < BH * splits;) {
+        const int64_t bh = item / splits, b = bh / Hkv, h = bh % Hkv;
+        const int64_t j0 = (item % splits) * per, j1 = std::min(S, j0 + per);
+        for (int64_t m = 0; m < M; ++m)
+          widen_row(qp + (bh * M + m) * D, D, qbuf.data() + m * Dp, Dp);
+        const scalar_t* kbase = kp + b * k.stride(0) + h * k.stride(1);
+        for (int64_t t0 = j0; t0 < j1; t0 += NB) {
+          const int64_t nb = std::min(NB, j1 - t0);
+          const acc_t* kr[NB];
+          for (int64_t j = 0; j < nb; ++j) {
+            widen_row(kbase + (t0 + j) * k.stride(2), D, kbuf.data() + j * Dp, Dp);
+            kr[j] = kbuf.data() + j * Dp;
+          }
+          score_tile<acc_t, acc_t>(qbuf.data(), M, Dp, kr, nb, sc, tile.data());
+          for (int64_t m = 0; m < M; ++m)
+            std::copy(tile.data() + m * NB, tile.data() + m * NB + nb, sp + (bh * M + m) * S + t0);
+        }
+      }
+    });
+  });
+  return s;
+}
+
+// s (B, Hkv, M, S) contiguous acc dtype, hidden entries -inf; v (B, Hkv, S, Dv) any strides
+// with a contiguous last dim; T: queries per row group (m % T is the query, m / T the head
+// within the group); sinks: empty or (H,) acc dtype.
+// Returns (out (B, Hkv, M, Dv), lse (B, Hkv, M)) in the acc dtype.
+std::vector<at::Tensor> decode_softmax_pv(const at::Tensor& s, const at::Tensor& v, int64_t T,
+                                          const at::Tensor& sinks) {
+  check_cache(v, "v");
+  TORCH_CHECK(s.dim() == 4 && s.is_contiguous(), "s must be contiguous (B, Hkv, M, S)");
+  TORCH_CHECK(s.scalar_type() == acc_type(v.scalar_type()), "s must be in the accumulation dtype");
+  const int64_t B = v.size(0), Hkv = v.size(1), S = v.size(2), M = s.size(2);
+  TORCH_CHECK(s.size(0) == B && s.size(1) == Hkv && s.size(3) == S, "s and v do not match");
+  TORCH_CHECK(T > 0 && M % T == 0, "T must divide the rows of s");
+  auto out = at::empty({B, Hkv, M, v.size(3)}, s.options());
+  auto lse = at::empty({B, Hkv, M}, s.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "decode_pv", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    // q/k are not read: a problem whose "k" is v, with D = Dv
+    auto P = problem<scalar_t>(s, v, v, T);
+    P.s_in = s.data_ptr<acc_t>();
+    P.q = nullptr;
+    const acc_t* sk = nullptr;
+    if (sinks.defined() && sinks.numel()) {
+      TORCH_CHECK(sinks.numel() == Hkv * (M / T) && sinks.is_contiguous() &&
+                  sinks.scalar_type() == s.scalar_type(), "sinks must be (H,) in s's dtype");
+      sk = sinks.data_ptr<acc_t>();
+    }
+    run(P, 0, S, sk, out.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
+  });
+  return {out, lse};
+}
+
+// Which target this build is for (the loader checks it against the name it loaded).
+std::string capability() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "avx2";
+#else
+  return "default";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_scores", &decode_scores, "scale * q k^T per kv head (B, Hkv, M, S)");
-  m.def("decode_softmax_pv", &decode_softmax_pv,
-        "softmax over the scores (in place) and weights @ v; returns (out, lse)");
+  m.def("decode_fused", &decode_fused, "one pass over K and V with per-row key intervals");
+  m.def("decode_scores", &decode_scores, "scale * q k^T per kv head, (B, Hkv, M, S)");
+  m.def("decode_softmax_pv", &decode_softmax_pv, "softmax over s and weights @ v: (out, lse)");
+  m.def("capability", &capability, "the CPU target this build was compiled for");
+  m.def("lanes", [] { return lanes<float>(); }, "float lanes of one vector register");
 }

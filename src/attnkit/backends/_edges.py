@@ -25,6 +25,8 @@ Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``G = H 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -77,10 +79,21 @@ def all_nan_rows(q: Tensor, k: Tensor, visible=None) -> Tensor:
     return row_flags(q, k, visible)[0]
 
 
+def may_hold_nan(q: Tensor, k: Tensor) -> bool:
+    """False when neither ``q`` nor ``k`` holds a NaN, True when one may: two sums and a
+    host read, the cheapest check on CPU (a NaN always reaches a sum; an overflow to
+    ``inf - inf`` only sends the caller down its exact path)."""
+    return math.isnan(q.sum().item() + k.sum().item())
+
+
 def restore_nan(out: Tensor, q: Tensor, k: Tensor, visible=None) -> Tensor:
     """``out (B, H, T, Dv)`` with the all-NaN rows of :func:`row_flags` set to NaN and the
     rows that see no key set to zeros (a kernel adds the mask to a NaN score, so a NaN
-    behind the mask would otherwise reach them)."""
+    behind the mask would otherwise reach them). Outside ``torch.compile``, a call whose q
+    and k hold no NaN returns ``out`` after one cheap check (:func:`may_hold_nan`): without
+    a NaN score the kernels get both rules right."""
+    if not torch.compiler.is_compiling() and not may_hold_nan(q, k):
+        return out
     bad, none = row_flags(q, k, visible)  # (B, H, T) each, broadcastable
     if visible is not None:
         bad = bad | none  # one pass over out: NaN rows, then the empty ones back to zeros

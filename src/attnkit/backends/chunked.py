@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..spec import Call
 from . import _fused_tiles, _kernel
+from ._rates import rate as measured_rate
 from .registry import BACKWARD_FACTOR, Backend, as_call
 
 # chunked owns its block sizes: query rows per tile, the key granularity of its block
@@ -482,8 +483,10 @@ def chunked_cost(call) -> float:
     frac, blocks = call.visited(BLOCK_Q, FINE)  # the plan's own granularity
     tiles = -(-call.T // BLOCK_Q)
     per_call = 5e-5
-    rate = CHUNKED_READ_RATE if itemsize >= 4 or call.device.type != "cpu" else \
-        CHUNKED_HALF_READ_RATE
+    # (this machine's measured rates, _rates.py; the constants are their defaults)
+    rate = measured_rate("chunked_read_fp32", CHUNKED_READ_RATE) \
+        if itemsize >= 4 or call.device.type != "cpu" else \
+        measured_rate("chunked_read_half", CHUNKED_HALF_READ_RATE)
     read = frac * tiles * 2.0 * call.B * call.Hkv * call.S * call.D * itemsize / rate
     if _fused_tiles.usable_for(call.device, call.dtype, call.score):
         # One fused kernel call per tile over its visible span (backward: two per tile).

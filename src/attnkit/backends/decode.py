@@ -12,20 +12,20 @@ byte of cache: its time is the time to read K and V once. So this backend
   as a view (``k[:, :, :filled]`` of a ``(B, Hkv, max_len, D)`` buffer, attnkit's
   :class:`~attnkit.KVCache` and transformers' ``StaticCache`` layout; no copy), and a mask
   that hides a leading or trailing span (a sliding window) trims it further;
-* serves every mask and score kind by evaluating the description on the ``T`` decode rows
-  only (``mask_mod.tile`` and ``score_mod.tile`` on ``T x S``, small when ``T`` is small),
-  plus attention sinks.
+* serves every mask and score kind.
 
-Two passes, each reading one cache tensor once: scores ``s = scale * q kᵀ`` (``B, Hkv, G*T,
-S``), then the mask and score functions on ``s``, then softmax and ``p v``. Two
-implementations with the same tests:
+Two implementations with the same tests:
 
-* ``"cpp"``: ``_decode_kernel.cpp``, built by ``make`` (see :mod:`._decode_ext`): fused
-  loops over the cache split across threads (split-KV); the softmax's row max and sum are
-  global before the value pass, so the splits' partial outputs merge by a plain sum (the
-  log-sum-exp merge with one shared reference point);
-* ``"torch"``: plain PyTorch, grouped matmuls (``k @ qᵀ``, then ``p @ v``), used when the
-  kernel is not built, for non-CPU tensors, or with ``ATTNKIT_DECODE_IMPL=torch``.
+* ``"cpp"``: ``_decode_kernel.cpp``, built by ``make`` for the CPU's target
+  (:mod:`._decode_ext`). Calls whose mask is a key interval per query (no mask, causal at
+  any offset, sliding windows) and whose scores are plain, softcapped and/or ALiBi (sinks
+  allowed) run in **one pass** over K and V (``decode_fused``: online softmax, each row's
+  interval applied in the kernel, split-KV over threads). Every other mask and score kind
+  runs in **two passes** (``decode_scores``, the description evaluated on the ``T x S``
+  scores in PyTorch, ``decode_softmax_pv``);
+* ``"torch"``: plain PyTorch, grouped matmuls (``q kᵀ``, then ``p v``) with the same two
+  passes; for non-CPU tensors, float64 by default, when the kernel is not built, or with
+  ``ATTNKIT_DECODE_IMPL=torch``.
 
 NaN and empty rows (the rule of :mod:`._edges`, by construction, at every size): a NaN in a
 query row or in a visible key makes the row's scores NaN and the row NaN (also when all of
@@ -36,7 +36,8 @@ Not differentiable (no ``grad`` capability: training runs on the other backends)
 no weights. ``return_lse`` is served.
 
 Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``G = H // Hkv``,
-``T`` queries, ``M = G*T`` query rows per kv head, ``S`` keys, ``D`` head dim.
+``T`` queries, ``M = G*T`` query rows per kv head, ``S`` keys, ``D`` head dim of q and k,
+``Dv`` head dim of v.
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ import torch
 from torch import Tensor
 
 from ..masks import Window
+from ..scores import Alibi, Chain, Softcap
 from . import _decode_ext
-from .registry import Backend, as_call
+from ._rates import rate
+from .registry import Backend, as_call, watch_environment
 
-__all__ = ["decode_attention", "decode_rows", "decode_check", "decode_cost", "implementation",
-           "MAX_QUERIES", "CAPABILITIES"]
+__all__ = ["decode_attention", "decode_rows", "decode_spans", "decode_check", "decode_cost",
+           "implementation", "fused_plan", "MAX_QUERIES", "CAPABILITIES"]
 
 #: The longest query block served (a decode step, a speculative verify block); longer
 #: blocks are prefill, which the other backends do better.
@@ -60,42 +63,57 @@ MAX_QUERIES = 128
 #: What the backend declares to the registry.
 CAPABILITIES = ("lse", "score_mod", "sinks")
 
-# Cost rule constants (one CPU thread), measured with benchmarks/bench_decode.py at KV depth
-# 32k (docs/engine.md): KV bytes per second each implementation reads, by element size (the
-# torch path's bfloat16 matmuls are slower than its float32 ones), and its arithmetic rate
-# once a long query block makes it compute-bound; fixed costs per call and per score element.
-BYTES_RATE = {("cpp", 2): 15e9, ("cpp", 4): 10e9, ("torch", 2): 9e9, ("torch", 4): 15e9,
-              ("torch", 8): 5e9, ("cpp", 8): 2e9}
-FLOP_RATE = {"cpp": 60e9, "torch": 60e9}
-CALL_S = 6e-5
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# Cost rule: the default rates (one CPU thread) that _rates.py replaces with this machine's
+# measured ones: bytes per second each implementation reads K and V at in a decode step, by
+# cache dtype, and its arithmetic rate once a long query block makes it compute-bound; fixed
+# costs per call and per score element the description is evaluated on (two-pass path).
+READ_RATE = {("cpp", 2): 12e9, ("cpp", 4): 12e9, ("cpp", 8): 4e9,
+             ("torch", 2): 3e9, ("torch", 4): 8e9, ("torch", 8): 4e9}
+FLOP_RATE = {"cpp": 60e9, "torch": 40e9}
+CALL_S = 3e-5
 ROW_ELEMENT_S = 2e-9  # per (B, H, T, S) score element: masks, score functions, softmax
+_DTYPE_NAMES = {2: "half", 4: "fp32", 8: "fp64"}
+watch_environment("ATTNKIT_DECODE_IMPL")  # implementation() reads it: auto's cached choices too
 
 
 def kernel_built() -> bool:
-    """Whether the compiled kernel is built for this machine and loads."""
+    """Whether the compiled kernel is built for this machine's target and loads."""
     return _decode_ext.load() is not None
 
 
 def implementation(device=None, dtype=None) -> str:
     """Which implementation serves a call on ``device`` in ``dtype`` by default.
 
-    ``"cpp"`` for bfloat16/float16 CPU tensors when the kernel is built: it reads the half
-    cache as is (torch's matmuls are slower there). ``"torch"`` otherwise: for float32 the
-    grouped matmuls through MKL measured faster than the kernel on this project's CPU
-    (docs/engine.md), float64 is for tests, and other devices have no kernel.
-    ``ATTNKIT_DECODE_IMPL=torch`` or ``=cpp`` (CPU, kernel built) overrides the choice.
+    ``"cpp"`` for float32/bfloat16/float16 CPU tensors when the kernel is built (it reads the
+    cache at close to the machine's read rate; docs/engine.md), ``"torch"`` otherwise:
+    float64 is for tests, other devices have no kernel. ``ATTNKIT_DECODE_IMPL=torch`` or
+    ``=cpp`` (CPU, kernel built) overrides the choice.
     """
     if device is not None and torch.device(device).type != "cpu":
         return "torch"
     forced = os.environ.get("ATTNKIT_DECODE_IMPL", "")
-    if not kernel_built() or forced == "torch":
+    if forced == "torch" or not kernel_built():
         return "torch"
-    if forced == "cpp":
+    if forced == "cpp" or dtype is None:
         return "cpp"
-    if dtype is None:
-        return "cpp"
-    return "cpp" if dtype in _KERNEL_DTYPES else "torch"
+    return "torch" if dtype == torch.float64 else "cpp"
+
+
+def describe(call) -> str:
+    """One line for ``explain()``: which implementation runs this call and why."""
+    impl = implementation(call.device, call.dtype)
+    if impl == "torch":
+        if call.device.type != "cpu":
+            return f"PyTorch (no kernel for {call.device.type} tensors)"
+        if os.environ.get("ATTNKIT_DECODE_IMPL", "") == "torch":
+            why = "ATTNKIT_DECODE_IMPL=torch"
+        else:
+            why = "float64 runs in PyTorch" if kernel_built() else _decode_ext.implementation()
+        return f"PyTorch ({why})"
+    passes = ("one pass over K and V (key intervals and score functions in the kernel)"
+              if fused_plan(call) is not None else
+              "two passes (the description applied to the scores in PyTorch between them)")
+    return f"the {_decode_ext.implementation()}, {passes}"
 
 
 # --- the registry's contract -----------------------------------------------------------------
@@ -122,36 +140,50 @@ def decode_check(q, k, v, call, *, dropout_p: float, return_lse: bool,
 
 
 def decode_cost(call) -> float:
-    """Estimated seconds: the time to read K and V once (or the arithmetic, when a long
-    query block makes it compute-bound), plus the per-call and per-row-element costs."""
+    """Estimated seconds: the time to read K and V once at this machine's measured rate for
+    the implementation and dtype (or the arithmetic at its measured rate, when a long query
+    block makes it compute-bound), plus the per-call cost and, on the two-pass path, a cost
+    per score element."""
     impl = implementation(call.device, call.dtype)
     itemsize = torch.empty((), dtype=call.dtype).element_size()
     S = call.S
     mask = call.mask
     if isinstance(mask, Window) and mask.left is not None:  # only the window's span is read
         S = min(S, mask.left + call.T + (mask.right or 0))
-    kv_bytes = 2.0 * call.B * call.Hkv * S * call.D * itemsize
-    read = kv_bytes / BYTES_RATE.get((impl, itemsize), 5e9)
-    compute = call.flops() / FLOP_RATE[impl]
-    rows = call.B * call.H * call.T * call.S * ROW_ELEMENT_S
+    kv_bytes = call.B * call.Hkv * S * (call.D + _dv(call)) * itemsize
+    name = _DTYPE_NAMES.get(itemsize, "fp32")
+    read = kv_bytes / rate(f"decode_{impl}_read_{name}", READ_RATE.get((impl, itemsize), 4e9))
+    compute = call.flops() / rate(f"decode_{impl}_flops", FLOP_RATE[impl])
+    rows = 0.0 if impl == "cpp" and fused_plan(call) is not None else \
+        call.B * call.H * call.T * call.S * ROW_ELEMENT_S
     return (read if read > compute else compute) + rows + CALL_S
+
+
+def _dv(call) -> int:
+    return getattr(call, "Dv", call.D)
 
 
 def decode_attention(q, k, v, call, *, dropout_p: float, scale: float,
                      return_lse: bool, return_weights: bool = False, impl: str | None = None):
     """The backend function (see :mod:`attnkit.backends.registry` for the contract).
 
-    Evaluates the call's lowered mask on the ``T`` decode rows (``(B|1, H|1, T, S)`` bool),
-    its score function and sinks, and runs :func:`decode_rows`.
+    On the kernel, a call :func:`fused_plan` recognises runs :func:`decode_spans`; every
+    other call evaluates its lowered mask on the ``T`` decode rows (``(B|1, H|1, T, S)``
+    bool) and its score function, and runs :func:`decode_rows`.
 
     Raises:
-        ValueError: a call :func:`decode_check` refuses.
+        ValueError: a call :func:`decode_check` refuses; an unknown ``impl``.
     """
     call = as_call(q, k, v, call)  # a bare MaskSpec works too
     why = decode_check(q, k, v, call, dropout_p=dropout_p, return_lse=return_lse,
                        return_weights=return_weights)
     if why is not None:
         raise ValueError(f"backend 'decode' cannot serve this call: {why}")
+    impl = _check_impl(impl or implementation(q.device, q.dtype), q)
+    plan = fused_plan(call) if impl == "cpp" else None
+    if plan is not None:
+        out, lse = decode_spans(q, k, v, scale=scale, sinks=call.sinks, **plan)
+        return (out, lse) if return_lse else out
     B, H, T, _ = q.shape
     S = k.shape[2]
     mod = call.mask
@@ -166,39 +198,113 @@ def decode_attention(q, k, v, call, *, dropout_p: float, scale: float,
     return (out, lse) if return_lse else out
 
 
-# --- the kernel: plain tensors, a row mask, a score callable -----------------------------------
-
-def decode_rows(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
-                row_mask: Tensor | None = None,
-                score: Callable[[Tensor, int, int], Tensor] | None = None,
-                sinks: Tensor | None = None, impl: str | None = None) -> tuple[Tensor, Tensor]:
-    """Attention of a short query block over a long cache.
-
-    Args:
-        q: ``(B, H, T, D)``.
-        k, v: ``(B, Hkv, S, D)``, any strides (views of a larger cache buffer are read in
-            place when the head dim is contiguous).
-        scale: score multiplier.
-        row_mask: bool broadcastable to ``(B, H, T, S)``, True = may attend; None = all.
-        score: ``score(s, k0, k1) -> s`` applied to the scaled scores ``s (B, H, T, k1-k0)``
-            of keys ``k0:k1`` before the mask (a score description's ``tile``).
-        sinks: ``(H,)`` logits joining every row's softmax denominator, or None.
-        impl: ``"cpp"``, ``"torch"`` or None (:func:`implementation`'s choice).
-
-    Returns:
-        ``(out (B, H, T, D)`` in q's dtype, ``lse (B, H, T)`` float32, float64 for float64).
-    """
-    B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G, M = H // Hkv, (H // Hkv) * T
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    impl = impl or implementation(q.device, q.dtype)
+def _check_impl(impl: str, q: Tensor) -> str:
     if impl not in ("cpp", "torch"):
         raise ValueError(f"impl must be 'cpp', 'torch' or None, got {impl!r}")
     if impl == "cpp" and (q.device.type != "cpu" or not kernel_built()):
         raise ValueError(f"impl='cpp' needs the compiled kernel and CPU tensors (kernel "
                          f"built: {kernel_built()}, device {q.device}); run make, or pass "
                          f"impl='torch'")
+    return impl
+
+
+# --- the one-pass path: key intervals and known score functions in the kernel --------------
+
+def fused_plan(call) -> dict | None:
+    """The kernel's one-pass form of a lowered call, or None when it needs two passes.
+
+    Recognised: no mask, or a :class:`~attnkit.masks.Window` (causal at any offset, sliding
+    windows; one key interval ``[lo_t, hi_t)`` per query), and scores that are plain,
+    :class:`~attnkit.scores.Softcap`, :class:`~attnkit.scores.Alibi` or softcap then ALiBi.
+    Returns :func:`decode_spans`' keyword arguments (``lo``, ``hi``, ``softcap``, ``alibi``).
+    """
+    T, S = call.T, call.S
+    mod = call.mask
+    if mod is None:
+        lo, hi = [0] * T, [S] * T
+    elif isinstance(mod, Window):  # Causal is a Window
+        o = mod.offset or 0
+        lo = [0 if mod.left is None else t + o - mod.left for t in range(T)]
+        hi = [S if mod.right is None else t + o + mod.right + 1 for t in range(T)]
+    else:
+        return None
+    parts = () if call.score is None else \
+        call.score.parts if isinstance(call.score, Chain) else (call.score,)
+    kinds = tuple(type(p) for p in parts)
+    if kinds not in ((), (Softcap,), (Alibi,), (Softcap, Alibi)):
+        return None
+    softcap = parts[0].cap if kinds[:1] == (Softcap,) else None
+    alibi = parts[-1] if kinds[-1:] == (Alibi,) else None
+    return {"lo": lo, "hi": hi, "softcap": softcap,
+            "alibi": None if alibi is None else (alibi.slopes, alibi.offset or 0)}
+
+
+def decode_spans(q: Tensor, k: Tensor, v: Tensor, *, scale: float, lo: list, hi: list,
+                 softcap: float | None = None, alibi: tuple | None = None,
+                 sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One pass over the cache in the compiled kernel: query ``t`` sees keys
+    ``lo[t] <= j < hi[t]``.
+
+    Args:
+        q: ``(B, H, T, D)``; k: ``(B, Hkv, S, D)``; v: ``(B, Hkv, S, Dv)``, CPU, any
+            strides (a contiguous head dim is read in place).
+        scale: score multiplier.
+        lo, hi: ``T`` ints each (clamped to ``[0, S]``).
+        softcap: ``c`` for ``c * tanh(s / c)``, applied first, or None.
+        alibi: ``(slopes (H,), offset)``: ``s - slopes[h] * |t + offset - j|``, or None.
+        sinks: ``(H,)`` logits joining every row's softmax denominator, or None.
+
+    Returns:
+        ``(out (B, H, T, Dv)`` in q's dtype, ``lse (B, H, T)`` float32 (float64 for
+        float64)).
+    """
+    B, H, T, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.to(acc).contiguous().view(B, Hkv, (H // Hkv) * T, D)  # (B, Hkv, G*T, D)
+    k = k if k.stride(-1) == 1 or D <= 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 or Dv <= 1 else v.contiguous()
+    none = torch.empty(0, dtype=acc)
+    slopes, offset = (none, 0.0) if alibi is None else \
+        (alibi[0].to(acc).contiguous(), float(alibi[1]))
+    sink = none if sinks is None else sinks.to(acc).contiguous()
+    out, lse = _decode_ext.load().decode_fused(qg, k, v, [int(x) for x in lo],
+                                               [int(x) for x in hi], float(scale),
+                                               float(softcap or 0.0), slopes, offset, sink)
+    return out.view(B, H, T, Dv).to(q.dtype), lse.view(B, H, T)  # (B, Hkv, G*T, Dv) -> ...
+
+
+# --- the two-pass path: plain tensors, a row mask, a score callable -------------------------
+
+def decode_rows(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
+                row_mask: Tensor | None = None,
+                score: Callable[[Tensor, int, int], Tensor] | None = None,
+                sinks: Tensor | None = None, impl: str | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of a short query block over a long cache, in two passes.
+
+    Args:
+        q: ``(B, H, T, D)``.
+        k: ``(B, Hkv, S, D)``; v: ``(B, Hkv, S, Dv)``; any strides (views of a larger cache
+            buffer are read in place when the head dim is contiguous).
+        scale: score multiplier.
+        row_mask: bool broadcastable to ``(B, H, T, S)``, True = may attend; None = all.
+        score: ``score(s, k0, k1) -> s`` applied to the scaled scores ``s (B, H, T, k1-k0)``
+            of keys ``k0:k1`` before the mask (a score description's ``tile``); it may
+            return its input.
+        sinks: ``(H,)`` logits joining every row's softmax denominator, or None.
+        impl: ``"cpp"``, ``"torch"`` or None (:func:`implementation`'s choice).
+
+    Returns:
+        ``(out (B, H, T, Dv)`` in q's dtype, ``lse (B, H, T)`` float32, float64 for float64).
+
+    Raises:
+        ValueError: an unknown ``impl``, or ``"cpp"`` without the kernel or on another device.
+    """
+    B, H, T, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    M = (H // Hkv) * T
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    impl = _check_impl(impl or implementation(q.device, q.dtype), q)
 
     # Trim the keys no row can see (a sliding window over a long cache reads only its span).
     k0, k1 = 0, S
@@ -216,94 +322,108 @@ def decode_rows(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
             row_mask = None
 
     qg = q.to(acc).contiguous().view(B, Hkv, M, D)  # (B, Hkv, G*T, D): row g*T + t
-    # Scores key-major, (B, Hkv, n, M): the M rows of one key side by side (the kernel's
-    # layout, and what k @ qᵀ gives the torch path without a copy).
     if impl == "cpp":
         k = k if k.stride(-1) == 1 or D <= 1 else k.contiguous()
-        v = v if v.stride(-1) == 1 or D <= 1 else v.contiguous()
-        s = _decode_ext.load().decode_scores(qg, k, float(scale))  # (B, Hkv, n, M)
+        v = v if v.stride(-1) == 1 or Dv <= 1 else v.contiguous()
+        s = _decode_ext.load().decode_scores(qg, k, float(scale))  # (B, Hkv, M, n)
     else:
-        s = _scores_torch(qg, k, scale)
-    _apply_rows(s, row_mask, score, k0, k1, B, H, Hkv, G, T)
-    sink = None
-    if sinks is not None:
-        sink = sinks.to(acc).view(Hkv, G, 1).expand(Hkv, G, T).reshape(Hkv, M)  # (Hkv, M)
-
+        s = _scores_torch(qg, k, scale)  # (B, Hkv, M, n)
+    _apply_rows(s, row_mask, score, k0, k1, B, H, T)
     if impl == "cpp":
-        sk = torch.empty(0, dtype=acc) if sink is None else sink.contiguous()
-        out, lse = _decode_ext.load().decode_softmax_pv(s, v, sk)  # overwrites s (weights)
+        sink = torch.empty(0, dtype=acc) if sinks is None else sinks.to(acc).contiguous()
+        out, lse = _decode_ext.load().decode_softmax_pv(s, v, T, sink)
     else:
-        out, lse = _softmax_pv_torch(s, v, sink)
+        out, lse = _softmax_pv_torch(s, v, _sink_rows(sinks, Hkv, T, acc))
     if bool(torch.isnan(out).any()):  # rare: only with NaN inputs (one small check)
-        s = _scores_torch(qg, k, scale)  # the softmax overwrote the scores
-        _apply_rows(s, row_mask, score, k0, k1, B, H, Hkv, G, T)
-        out = _hidden_nan_fixup(out, s, v, sink)
-    return out.view(B, H, T, D).to(q.dtype), lse.view(B, H, T)
+        out = _hidden_nan_fixup(out, s, v, _sink_rows(sinks, Hkv, T, acc))
+    return out.view(B, H, T, Dv).to(q.dtype), lse.view(B, H, T)  # (B, Hkv, M, Dv) -> ...
+
+
+def _sink_rows(sinks: Tensor | None, Hkv: int, T: int, acc) -> Tensor | None:
+    """``(Hkv, M)``: each row's sink logit (row ``g*T + t`` of kv head ``h`` is query head
+    ``h*G + g``)."""
+    if sinks is None:
+        return None
+    G = sinks.shape[0] // Hkv
+    return sinks.to(acc).view(Hkv, G, 1).expand(Hkv, G, T).reshape(Hkv, G * T)
 
 
 def _scores_torch(qg: Tensor, k: Tensor, scale: float) -> Tensor:
-    """``scale * k @ qᵀ``: ``(B, Hkv, n, M)`` in q's (accumulation) dtype."""
+    """``scale * q kᵀ``: ``(B, Hkv, M, n)`` contiguous, in q's (accumulation) dtype."""
+    # k @ qᵀ reads k in its own layout (q @ kᵀ measured ~2x slower in float32)
     s = k @ qg.to(k.dtype).transpose(-1, -2)  # (B, Hkv, n, M)
-    return s.to(qg.dtype).mul_(scale) if s.dtype != qg.dtype else s.mul_(scale)
+    rows = s.transpose(-1, -2)  # (B, Hkv, M, n), a view
+    return torch.empty(rows.shape, dtype=qg.dtype, device=qg.device).copy_(rows).mul_(scale)
 
 
-def _apply_rows(s: Tensor, row_mask, score, k0: int, k1: int, B, H, Hkv, G, T) -> None:
-    """Score function and mask, in place on ``s (B, Hkv, n, M)`` through a ``(B, Hkv, G, T,
-    n)`` view (the descriptions speak ``(B, H, T, n)``)."""
-    n = s.shape[2]
-    s5 = s.view(B, Hkv, n, G, T).permute(0, 1, 3, 4, 2)  # (B, Hkv, G, T, n), a view
+def _apply_rows(s: Tensor, row_mask, score, k0: int, k1: int, B, H, T) -> None:
+    """Score function and mask, in place on ``s (B, Hkv, M, n)`` through its
+    ``(B, H, T, n)`` view (the descriptions speak ``(B, H, T, n)``)."""
+    n = s.shape[-1]
+    s4 = s.view(B, H, T, n)  # (B, Hkv, G*T, n) -> (B, H, T, n), a view
     if score is not None:
-        scored = score(s5.reshape(B, H, T, n), k0, k1)  # (B, H, T, n)
-        s5.copy_(scored.expand(B, H, T, n).reshape(B, Hkv, G, T, n))
+        scored = score(s4, k0, k1)  # (B, H, T, n) or broadcastable
+        if not _same_view(scored, s4):
+            if scored.untyped_storage().data_ptr() == s.untyped_storage().data_ptr():
+                scored = scored.clone()  # a view of s itself: copy before writing over it
+            s4.copy_(scored.expand(B, H, T, n))
     if row_mask is not None:
-        Bm, Hm = row_mask.shape[:2]
-        m5 = row_mask.reshape(Bm, Hkv, G, *row_mask.shape[2:]) if Hm == H else \
-            row_mask.reshape(Bm, 1, 1, *row_mask.shape[2:])  # (B|1, Hkv|1, G|1, T|1, n)
-        s5.masked_fill_(~m5, float("-inf"))
+        s4.masked_fill_(~row_mask, float("-inf"))  # (B|1, H|1, T, n) broadcasts
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                      and a.stride() == b.stride() and a.dtype == b.dtype)
 
 
 def _softmax_pv_torch(s: Tensor, v: Tensor, sink: Tensor | None):
-    """Safe softmax over the keys of ``s (B, Hkv, n, M)`` (sinks ``(Hkv, M)`` join the
-    denominator; ``s`` is overwritten with the unnormalised weights), then ``p v``,
-    normalised after the matmul. Returns ``out (B, Hkv, M, D)``
+    """Safe softmax over the keys of ``s (B, Hkv, M, n)`` (sinks ``(Hkv, M)`` join the
+    denominator), then ``p v``, normalised after the matmul. Returns ``out (B, Hkv, M, Dv)``
     and ``lse (B, Hkv, M)``; rows that see no key are zeros with ``lse = -inf`` (or the
-    sink's logit)."""
-    B, Hkv, n, M = s.shape
-    if n:  # (B, Hkv, 1, M); NaN stays NaN. Over a key-major copy: amax over dim -2 with a
-        # short inner dim measured 9x slower than the copy plus a last-dim amax
-        mx = s.transpose(-1, -2).contiguous().amax(-1).unsqueeze(-2)
+    sink's logit). ``s`` is left as it was."""
+    B, Hkv, M, n = s.shape
+    if n:
+        mx = s.amax(-1, keepdim=True)  # (B, Hkv, M, 1); NaN stays NaN
     else:
-        mx = torch.full((B, Hkv, 1, M), float("-inf"), dtype=s.dtype, device=s.device)
+        mx = torch.full((B, Hkv, M, 1), float("-inf"), dtype=s.dtype, device=s.device)
     sees_none = torch.isneginf(mx)  # every score -inf
     if sink is not None:
-        mx = torch.maximum(mx, sink.view(1, Hkv, 1, M))
+        mx = torch.maximum(mx, sink.view(1, Hkv, M, 1))
     ref = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    e = s.sub_(ref).exp_()  # (B, Hkv, n, M), in place: s becomes the weights
-    total = e.sum(-2, keepdim=True)  # (B, Hkv, 1, M)
+    e = (s - ref).exp_()  # (B, Hkv, M, n)
+    total = e.sum(-1, keepdim=True)  # (B, Hkv, M, 1)
     if sink is not None:
-        total = total + torch.exp(sink.view(1, Hkv, 1, M) - ref)
+        total = total + torch.exp(sink.view(1, Hkv, M, 1) - ref)
     lse = (ref + torch.log(total)).view(B, Hkv, M)
-    out = e.transpose(-1, -2).to(v.dtype) @ v  # (B, Hkv, M, D), unnormalised
-    total = torch.where(total > 0, total, torch.ones_like(total)).transpose(-1, -2)
-    out = (out.to(total.dtype) / total).masked_fill(sees_none.transpose(-1, -2), 0.0)
+    if v.dtype != e.dtype:  # half weights key-major: a row-major left operand measured 14x
+        # slower in bfloat16 matmuls on an AVX2 CPU
+        keys = torch.empty((B, Hkv, e.shape[-1], M), dtype=v.dtype, device=v.device)
+        e = keys.copy_(e.transpose(-1, -2)).transpose(-1, -2)  # (B, Hkv, M, n), a view
+    out = e @ v  # (B, Hkv, M, Dv), unnormalised
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    out = (out.to(total.dtype) / total).masked_fill(sees_none, 0.0)
     return out, lse
 
 
 def _hidden_nan_fixup(out: Tensor, s: Tensor, v: Tensor, sink: Tensor | None) -> Tensor:
     """Rows whose output is NaN only because a *hidden* key's value is NaN (weight 0 times
     NaN) get their exact value; rows that see a NaN (score or value) stay NaN. Reads V a few
-    times: it runs only when an output row is NaN. ``s (B, Hkv, n, M)`` are the masked
-    scores, ``out (B, Hkv, M, D)``."""
+    times: it runs only when an output row is NaN. ``s (B, Hkv, M, n)`` are the masked
+    scores, ``out (B, Hkv, M, Dv)``."""
     v_nan = torch.isnan(v).any(-1)  # (B, Hkv, n)
     if not bool(v_nan.any()):
         return out
-    visible = ~torch.isneginf(s)  # (B, Hkv, n, M): NaN scores count as visible
-    sees_nan = (visible & v_nan.unsqueeze(-1)).any(-2)  # (B, Hkv, M)
-    row_nan = torch.isnan(s).any(-2)  # a NaN query or visible NaN key
+    visible = ~torch.isneginf(s)  # (B, Hkv, M, n): NaN scores count as visible
+    sees_nan = (visible & v_nan.unsqueeze(-2)).any(-1)  # (B, Hkv, M)
+    row_nan = torch.isnan(s).any(-1)  # a NaN query or visible NaN key
     clean = torch.where(torch.isnan(v), torch.zeros_like(v), v)
-    fixed, _ = _softmax_pv_torch(s, clean, sink)  # (B, Hkv, M, D); overwrites s
+    fixed, _ = _softmax_pv_torch(s, clean, sink)  # (B, Hkv, M, Dv)
     return fixed.to(out.dtype).masked_fill((sees_nan | row_nan).unsqueeze(-1), float("nan"))
 
 
+def _implementation(q, k, v, call) -> str:
+    return describe(call)
+
+
 BACKEND = Backend("decode", decode_attention, decode_check, frozenset(CAPABILITIES),
-                  decode_cost)
+                  decode_cost, _implementation)

@@ -42,7 +42,7 @@ from collections import OrderedDict
 import torch
 
 from ._edges import restore_nan_described
-from .registry import BACKWARD_FACTOR, Backend, as_call
+from .registry import BACKWARD_FACTOR, Backend, as_call, costs_changed
 
 BLOCK = 128
 FLEX_RATE = 22e9  # FLOP/s of one CPU thread on its 128-granular blocks (bench_masks)
@@ -294,8 +294,14 @@ def flex_attention(q, k, v, call, *, dropout_p: float = 0.0, scale: float,
                            f"(dense scores) this call is refused: use backend='chunked' or "
                            f"attnkit.flex_attention") from err
     finally:
-        _compiles[0] += counters["stats"]["unique_graphs"] - before
-    _compiled_keys.add(_compile_key(call, return_lse))
+        compiled = counters["stats"]["unique_graphs"] - before
+        _compiles[0] += compiled
+        if compiled:
+            costs_changed()  # flex's check and cost may now answer otherwise (engine.py)
+    new_key = _compile_key(call, return_lse)
+    if new_key not in _compiled_keys:
+        _compiled_keys.add(new_key)
+        costs_changed()
     if (Tb, Sb) != (T, S):
         result = tuple(t[:, :, :T] for t in result) if return_lse else result[:, :, :T]
     out, lse = result if return_lse else (result, None)

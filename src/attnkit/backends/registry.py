@@ -29,11 +29,13 @@ A backend declares:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 __all__ = ["Backend", "CAPABILITIES", "as_call", "register", "register_backend", "get_backend",
-           "available_backends", "BACKWARD_FACTOR"]
+           "available_backends", "BACKWARD_FACTOR", "costs_changed", "state_key",
+           "watch_environment"]
 
 CAPABILITIES = {
     "lse": "return the log-sum-exp",
@@ -47,8 +49,17 @@ _DEFAULT_CAPABILITIES = frozenset({"lse", "dropout", "grad"})
 BACKWARD_FACTOR = 3.5  # forward + backward over forward, for every backend's cost rule
 
 
+_CALL_TYPE: list = []  # attnkit.spec.Call, imported on first use (spec imports the backends)
+
+
 def as_call(q, k, v, call):
     """A :class:`~attnkit.spec.Call` from a call or a bare :class:`~attnkit.masks.MaskSpec`."""
+    if not _CALL_TYPE:
+        from ..spec import Call
+
+        _CALL_TYPE.append(Call)
+    if type(call) is _CALL_TYPE[0]:  # the engine's case: first, and cheap
+        return call
     from ..spec import Call, MaskSpec
 
     if isinstance(call, MaskSpec):
@@ -108,6 +119,41 @@ class Backend:
 
 _REGISTRY: dict[str, Backend] = {}
 
+# What the engine's cache of choices (engine.py) depends on beyond a call itself: the
+# registry's contents and any process state a check or cost rule reads.
+_GENERATION = [0]
+_WATCHED_ENV: list[str] = []
+_WATCHED_ENV_BYTES: list[bytes] = []
+
+
+def costs_changed() -> None:
+    """Say that a backend's check or cost may now answer differently for a call it answered
+    before (flex after compiling a new shape class): ``auto``'s cached choices are dropped."""
+    _GENERATION[0] += 1
+
+
+def watch_environment(name: str) -> None:
+    """Say that a check or cost rule reads the environment variable ``name``: the engine's
+    cached choices are keyed by its value."""
+    if name not in _WATCHED_ENV:
+        _WATCHED_ENV.append(name)
+        _WATCHED_ENV_BYTES.append(os.fsencode(name))
+        costs_changed()
+
+
+# os.environ's own mapping of encoded names (POSIX): a lookup there costs a tenth of
+# os.environ.get, which encodes the name on every call; it is what os.environ writes to.
+_ENV_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def state_key() -> tuple:
+    """The state the cached choices are valid for (registry generation, watched variables)."""
+    if not _WATCHED_ENV:
+        return (_GENERATION[0],)
+    if _ENV_BYTES is not None:
+        return (_GENERATION[0], *(_ENV_BYTES.get(name) for name in _WATCHED_ENV_BYTES))
+    return (_GENERATION[0], *(os.environ.get(name) for name in _WATCHED_ENV))
+
 
 def register(backend: Backend, *, replace: bool = False) -> Backend:
     """Add a ready :class:`Backend` under its name (see :func:`register_backend`)."""
@@ -117,12 +163,15 @@ def register(backend: Backend, *, replace: bool = False) -> Backend:
     if name in _REGISTRY and not replace:
         raise ValueError(f"backend {name!r} is already registered; pass replace=True to override")
     if not callable(backend.fn) or any(c is not None and not callable(c)
-                                       for c in (backend.check, backend.cost)):
-        raise TypeError("a backend needs a callable fn (and check and cost, if given)")
+                                       for c in (backend.check, backend.cost,
+                                                 backend.describe)):
+        raise TypeError("a backend needs a callable fn (and check, cost and describe, if "
+                        "given)")
     unknown = sorted(set(backend.capabilities) - set(CAPABILITIES))
     if unknown:
         raise ValueError(f"unknown capabilities {unknown}; choose from {sorted(CAPABILITIES)}")
     _REGISTRY[name] = backend
+    costs_changed()
     return backend
 
 

@@ -17,14 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from ..scores import Bias
-from ._edges import restore_nan
+from ._edges import may_hold_nan, restore_nan
+from ._rates import rate
 from .registry import BACKWARD_FACTOR, Backend, as_call
 
 SDPA_RATE = 40e9  # FLOP/s of one CPU thread, float32
 SDPA_MASKED_SLOWDOWN = 1.3  # the masked kernel path, plus reading the mask
 MASK_BUILD_S_PER_ELEMENT = 2e-9  # building a bool T x S mask and SDPA's float copy of it
-SDPA_READ_RATE = 12e9  # bytes/s its kernel reads K and V at (float32, one thread)
-SDPA_HALF_READ_RATE = 2.6e9  # the same for bfloat16/float16 (bench_decode.py)
+# Bytes/s its kernel reads K and V at on one thread, float32 and bfloat16/float16: the
+# defaults of this machine's measured sdpa_read_fp32 / sdpa_read_half (_rates.py).
+SDPA_READ_RATE = 12e9
+SDPA_HALF_READ_RATE = 2.6e9
 
 
 def _as_sdpa_mask(call, device):
@@ -75,6 +78,8 @@ def sdpa_attention(q, k, v, call, *, dropout_p: float, scale: float,
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal, scale=scale, **gqa)
+    if not torch.compiler.is_compiling() and not may_hold_nan(q, k):
+        return out  # no NaN score: the kernel gets every row right (one cheap check)
     # Branch-free (no sync, no graph break): one pass over q and k, O((T + S)·D).
     if is_causal:
         visible = 0
@@ -89,11 +94,13 @@ def sdpa_cost(call) -> float:
     """Estimated seconds: the FLOPs at the fused kernel's rate (half for ``is_causal``, more
     plus the mask for a dense mask), but never less than reading K and V once per *query*
     head, which is what bounds a short query block (SDPA's CPU kernel re-reads a GQA head's
-    cache for every query head of its group, at ~12 GB/s float32, ~2.6 GB/s bfloat16)."""
+    cache for every query head of its group, at this machine's measured rate:
+    :mod:`._rates`' ``sdpa_read_fp32`` / ``sdpa_read_half``)."""
     passes = BACKWARD_FACTOR if call.grad else 1.0
     itemsize = torch.empty((), dtype=call.dtype).element_size()
     read = 2.0 * call.B * call.H * call.S * call.D * itemsize / (
-        SDPA_READ_RATE if itemsize >= 4 else SDPA_HALF_READ_RATE)
+        rate("sdpa_read_fp32", SDPA_READ_RATE) if itemsize >= 4 else
+        rate("sdpa_read_half", SDPA_HALF_READ_RATE))
     if call.plain_causal and call.score is None:
         compute = 0.5 * call.flops() * passes / SDPA_RATE
     elif call.mask is None and call.score is None:
