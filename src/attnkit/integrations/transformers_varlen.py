@@ -24,9 +24,9 @@ What :func:`register` does:
 * primes transformers' one-slot flash loader (``modeling_flash_attention_utils``, the private
   names in :data:`PRIVATE_NAMES`) with this name, because ``set_attn_implementation`` and
   ``from_pretrained(attn_implementation=...)`` otherwise try to import a flash-attn package for
-  any name containing "flash". Loading a real flash implementation later in the same process
-  evicts the priming: call :func:`enable` on the model (it writes the config directly), or
-  :func:`register` again.
+  any name containing "flash"; and wraps its loader (``_lazy_imports``) to answer for
+  attnkit's names, so loading a real flash implementation later in the same process does not
+  break the next model created with this name.
 
 Shape letters: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``T`` queries, ``S``
 keys, ``D`` head dim; packed tensors are ``(total, heads, D)``.
@@ -63,6 +63,7 @@ NAME = "attnkit_flash"
 
 #: transformers' private names this module relies on (checked by a test).
 PRIVATE_NAMES = ("modeling_flash_attention_utils._loaded_implementation",
+                 "modeling_flash_attention_utils._lazy_imports",
                  "modeling_flash_attention_utils._flash_fn",
                  "modeling_flash_attention_utils._flash_varlen_fn",
                  "modeling_flash_attention_utils._flash_with_kvcache_fn",
@@ -156,8 +157,25 @@ def _not_loaded(*args, **kwargs):
                        f"should not be reached. Please report it with the model name.")
 
 
+def _lazy_imports_for(original):
+    """transformers' flash loader, answering for attnkit's names with stubs: a model created
+    with one of them after another flash implementation was loaded (which replaces the one
+    loaded name :func:`_prime` set) still loads, instead of asking the Hub for a kernel."""
+    if getattr(original, "attnkit", False):
+        return original
+
+    def _lazy_imports(implementation, *args, **kwargs):
+        if implementation in _BACKENDS:
+            return _not_loaded, _not_loaded, None, _not_loaded, _not_loaded
+        return original(implementation, *args, **kwargs)
+
+    _lazy_imports.attnkit = True
+    return _lazy_imports
+
+
 def _prime(name: str) -> None:
     """Make transformers' flash loader treat ``name`` as loaded (see the module docstring)."""
+    _mfu._lazy_imports = _lazy_imports_for(_mfu._lazy_imports)
     _mfu._loaded_implementation = name
     _mfu._flash_fn = _mfu._flash_varlen_fn = _mfu._pad_fn = _mfu._unpad_fn = _not_loaded
     _mfu._flash_with_kvcache_fn = None  # no block-table decode path: CB reads its cache itself

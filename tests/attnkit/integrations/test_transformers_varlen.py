@@ -198,6 +198,16 @@ def test_registration_errors_and_private_names():
         assert hasattr(getattr(transformers, module), attr), dotted
 
 
+def test_a_model_is_created_with_the_flash_name_after_another_flash_load(name, monkeypatch):
+    """transformers' loader has one slot: another flash implementation loaded since
+    register() must not send the next model's creation to the Hub for a kernel."""
+    import transformers.modeling_flash_attention_utils as mfu
+    monkeypatch.setattr(mfu, "_loaded_implementation", "kernels-community/flash-attn2")
+    model = _model(name)
+    assert model.config._attn_implementation == name
+    assert mfu._loaded_implementation == name
+
+
 def test_main_register_also_registers_the_flash_name():
     from attnkit.integrations import transformers as hf
     hf.register("attnkit_t", backend="chunked")
