@@ -19,30 +19,19 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,viz,hf,notebook,docs]" "$(TORCH)"
 	touch $(STAMP)
 
-# The decode backend's C++ kernel (src/attnkit/backends/_decode_kernel.cpp), compiled for this
-# CPU's target (avx512, avx2 or default: never -march=native) into src/attnkit/backends/_build/,
-# then this machine's rates for the cost rules measured (~1 s; src/attnkit/backends/_rates.py).
-# Never fails the build: without a compiler (or ninja) it says why and the backend runs its
-# pure-PyTorch implementation.
-DECODE_KERNEL := $(VENV)/.decode-kernel
-$(DECODE_KERNEL): $(STAMP) src/attnkit/backends/_decode_kernel.cpp src/attnkit/backends/_decode_ext.py \
-		src/attnkit/backends/_rates.py
-	-$(BIN)/python -c "from attnkit.backends._decode_ext import main; main()"
-	-$(BIN)/python -c "from attnkit.backends._rates import main; main()"
-	touch $(DECODE_KERNEL)
-
-# attnkit's attention kernel (src/attnkit/backends/_attn_kernel*.cpp, behind the chunked
-# backend), compiled by backends/_ext.py for this CPU's instruction set (the avx512, avx2 or
-# SSE2 target: explicit flags, never -march=native) into src/attnkit/backends/_build/. Never
-# fails the build: without a compiler it says why and chunked runs its PyTorch loop. (pip
-# users get the same build on first use, into ~/.cache/attnkit.)
-ATTN_KERNEL := $(VENV)/.attn-kernel
-ATTN_SOURCES := $(wildcard src/attnkit/backends/_attn_kernel*.cpp src/attnkit/backends/_attn_*.h)
-$(ATTN_KERNEL): $(STAMP) $(ATTN_SOURCES) src/attnkit/backends/_ext.py
+# attnkit's C++ kernels (src/attnkit/backends/: _attn_kernel*.cpp behind the chunked backend,
+# _decode_kernel.cpp behind decode), compiled by backends/_ext.py for this CPU's instruction set
+# (the avx512, avx2 or SSE2 target: explicit flags, never -march=native) into
+# src/attnkit/backends/_build/, then this machine's rates for the cost rules measured (~1 s;
+# backends/_rates.py). Never fails the build: without a compiler it says why and the backends
+# run their PyTorch implementations. (pip users get the same builds on first use, into
+# ~/.cache/attnkit.)
+KERNELS := $(VENV)/.kernels
+KERNEL_SOURCES := $(wildcard src/attnkit/backends/_*kernel*.cpp src/attnkit/backends/_attn_*.h)
+$(KERNELS): $(STAMP) $(KERNEL_SOURCES) src/attnkit/backends/_ext.py src/attnkit/backends/_rates.py
 	-$(BIN)/python -c "from attnkit.backends._ext import main; main()"
-	touch $(ATTN_KERNEL)
-
-KERNELS := $(DECODE_KERNEL) $(ATTN_KERNEL)
+	-$(BIN)/python -c "from attnkit.backends._rates import main; main()"
+	touch $(KERNELS)
 
 # The main job: the tutorial step by step, then the date translator (trained on first run,
 # a few minutes on 2 cores; later runs reuse out/translate/), then a few translations.

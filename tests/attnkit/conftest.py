@@ -46,7 +46,7 @@ def target_build(target: str, tmp_path_factory):
         cache = tmp_path_factory.mktemp(f"attnkit-cache-{target}")
         env = {**os.environ, "ATTNKIT_CACHE_DIR": str(cache),
                "ATTNKIT_BUILD_DIR": str(cache / "no-development-build"),
-               "ATTNKIT_KERNEL_TARGET": target}
+               "ATTNKIT_KERNEL_TARGET": target, "ATTNKIT_RATES": "default"}
         if target == "default":
             env["ATEN_CPU_CAPABILITY"] = "default"
         proc = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True,

@@ -125,11 +125,12 @@ def test_registering_a_backend_or_changing_the_environment_drops_the_choices(mon
     assert key != engine._call_key(q, k, v, (None,) * 12, 0.0, None, "auto", False, False)
 
 
-def test_a_describe_that_is_not_callable_is_refused(monkeypatch):
+def test_an_implementation_that_is_not_callable_is_refused(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     with pytest.raises(TypeError, match=r"a backend needs a callable fn \(and check, cost and "
-                                        r"describe, if given\)"):
-        registry.register(registry.Backend("odd", lambda *a, **k: None, describe="fast"))
+                                        r"implementation, if given\)"):
+        registry.register(registry.Backend("odd", lambda *a, **k: None,
+                                           implementation="fast"))
 
 
 def test_bad_calls_are_refused_every_time():

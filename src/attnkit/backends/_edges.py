@@ -79,21 +79,19 @@ def all_nan_rows(q: Tensor, k: Tensor, visible=None) -> Tensor:
     return row_flags(q, k, visible)[0]
 
 
-def may_hold_nan(q: Tensor, k: Tensor) -> bool:
-    """False when neither ``q`` nor ``k`` holds a NaN, True when one may: two sums and a
+def may_hold_nan(*tensors: Tensor) -> bool:
+    """False when none of ``tensors`` holds a NaN, True when one may: a sum each and one
     host read, the cheapest check on CPU (a NaN always reaches a sum; an overflow to
-    ``inf - inf`` only sends the caller down its exact path)."""
-    return math.isnan(q.sum().item() + k.sum().item())
+    ``inf - inf`` only sends the caller down its exact path). Callers pass v too: a row
+    that sees no key multiplies its zero weights by v, and ``0 * NaN`` is NaN."""
+    return math.isnan(sum(t.sum().item() for t in tensors))
 
 
 def restore_nan(out: Tensor, q: Tensor, k: Tensor, visible=None) -> Tensor:
     """``out (B, H, T, Dv)`` with the all-NaN rows of :func:`row_flags` set to NaN and the
     rows that see no key set to zeros (a kernel adds the mask to a NaN score, so a NaN
-    behind the mask would otherwise reach them). Outside ``torch.compile``, a call whose q
-    and k hold no NaN returns ``out`` after one cheap check (:func:`may_hold_nan`): without
-    a NaN score the kernels get both rules right."""
-    if not torch.compiler.is_compiling() and not may_hold_nan(q, k):
-        return out
+    behind the mask would otherwise reach them). A caller skips it when no input holds a
+    NaN (:func:`may_hold_nan` on q, k and v)."""
     bad, none = row_flags(q, k, visible)  # (B, H, T) each, broadcastable
     if visible is not None:
         bad = bad | none  # one pass over out: NaN rows, then the empty ones back to zeros

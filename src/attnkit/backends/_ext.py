@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Kernel", "Target", "TARGETS", "ATTN", "Status", "load", "status", "build",
+__all__ = ["Kernel", "Target", "TARGETS", "ATTN", "DECODE", "Status", "load", "status", "build",
            "choose_target", "library_path", "main"]
 
 HERE = Path(__file__).resolve().parent
@@ -50,11 +50,20 @@ COMMON_FLAGS = ("-O3", "-fPIC", "-std=c++20", "-ffp-contract=fast", "-fno-math-e
 
 @dataclass(frozen=True)
 class Kernel:
-    """A C++ extension: its name and its files in this directory (sources, then headers)."""
+    """A C++ extension: its name and its files in this directory (sources, then headers).
+    ``vec``: written on torch's ``at::vec`` types, which are SIMD code only when
+    ``CPU_CAPABILITY`` names the target (so each build gets torch's defines for its level)."""
 
     name: str
     sources: tuple
     headers: tuple = ()
+    vec: bool = False
+
+    def defines(self, target: "Target") -> tuple:
+        if not self.vec:
+            return ()
+        level = target.level.upper()
+        return (f"-DCPU_CAPABILITY={level}", f"-DCPU_CAPABILITY_{level}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,8 @@ _LEVELS = ("default", "avx2", "avx512")
 
 ATTN = Kernel("attn", ("_attn_kernel.cpp", "_attn_kernel_fwd.cpp", "_attn_kernel_bwd.cpp"),
               ("_attn_kernel.h", "_attn_plan.h"))
+DECODE = Kernel("decode", ("_decode_kernel.cpp",), vec=True)
+KERNELS = (ATTN, DECODE)
 
 
 @dataclass
@@ -133,9 +144,10 @@ def _cpu_flags() -> set[str]:
         return flags | (set(_AVX512_NEEDS) if cap == "avx512" else set())
 
 
-def choose_target() -> tuple[Target | None, str]:
+def choose_target(kernel: Kernel = ATTN) -> tuple[Target | None, str]:
     """``(target, why)``: the best target this CPU runs, within ``ATEN_CPU_CAPABILITY`` and
-    as ``ATTNKIT_KERNEL_TARGET`` asks; None (and why) when the asked target cannot run."""
+    as ``ATTNKIT_<KERNEL>_TARGET`` (e.g. ``ATTNKIT_DECODE_TARGET``) or else
+    ``ATTNKIT_KERNEL_TARGET`` asks; None (and why) when the asked target cannot run."""
     x86 = sysconfig.get_platform().endswith(("x86_64", "amd64")) or os.uname().machine in (
         "x86_64", "AMD64")
     flags = _cpu_flags() if x86 else set()
@@ -143,15 +155,17 @@ def choose_target() -> tuple[Target | None, str]:
     top = _LEVELS.index(cap) if cap in _LEVELS else len(_LEVELS) - 1
     runs = [t for t in TARGETS.values() if t.needs <= flags and _LEVELS.index(t.level) <= top
             and (x86 or not t.flags)]
-    asked = os.environ.get("ATTNKIT_KERNEL_TARGET", "")
+    var = f"ATTNKIT_{kernel.name.upper()}_TARGET"
+    if not os.environ.get(var):
+        var = "ATTNKIT_KERNEL_TARGET"
+    asked = os.environ.get(var, "")
     if asked:
         if asked not in TARGETS:
-            return None, (f"ATTNKIT_KERNEL_TARGET={asked!r} is not a target; choose one of "
-                          f"{list(TARGETS)}")
+            return None, (f"{var}={asked!r} is not a target; choose one of {list(TARGETS)}")
         if TARGETS[asked] not in runs:
-            return None, (f"ATTNKIT_KERNEL_TARGET={asked} cannot run on this CPU (or within "
+            return None, (f"{var}={asked} cannot run on this CPU (or within "
                           f"ATEN_CPU_CAPABILITY={cap or 'unset'})")
-        return TARGETS[asked], f"{asked} (ATTNKIT_KERNEL_TARGET)"
+        return TARGETS[asked], f"{asked} ({var})"
     why = f" (ATEN_CPU_CAPABILITY={cap})" if cap in _LEVELS else ""
     return runs[0], f"{runs[0].name}{why}"
 
@@ -160,7 +174,7 @@ def _digest(kernel: Kernel, target: Target) -> str:
     h = hashlib.sha1()
     for name in kernel.sources + kernel.headers:
         h.update((HERE / name).read_bytes())
-    h.update(" ".join(COMMON_FLAGS + target.flags).encode())
+    h.update(" ".join(COMMON_FLAGS + target.flags + kernel.defines(target)).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
     return h.hexdigest()[:12]
@@ -189,7 +203,7 @@ def _compile_commands(kernel: Kernel, target: Target, name: str, work: Path):
         defines.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(abi)}")
     includes = [f"-isystem{p}" for p in cpp_extension.include_paths()]
     includes.append(f"-isystem{sysconfig.get_paths()['include']}")
-    compiles = [[cxx, *COMMON_FLAGS, *target.flags, *defines, *includes, "-c",
+    compiles = [[cxx, *COMMON_FLAGS, *target.flags, *kernel.defines(target), *defines, *includes, "-c",
                  str(HERE / src), "-o", str(work / (Path(src).stem + ".o"))]
                 for src in kernel.sources]
     libs = [f"-L{p}" for p in cpp_extension.library_paths()]
@@ -273,14 +287,15 @@ def status(kernel: Kernel = ATTN) -> Status:
 
 def _find(kernel: Kernel):
     """``(path or None, Status)`` before any build."""
-    if os.environ.get("ATTNKIT_KERNEL_IMPL", "").lower() == "torch":
-        return None, Status("torch", "disabled", None, None,
-                            "pure-PyTorch implementation (ATTNKIT_KERNEL_IMPL=torch)")
+    for var in (f"ATTNKIT_{kernel.name.upper()}_IMPL", "ATTNKIT_KERNEL_IMPL"):
+        if os.environ.get(var, "").lower() == "torch":
+            return None, Status("torch", "disabled", None, None,
+                                f"pure-PyTorch implementation ({var}=torch)")
     if not all((HERE / f).exists() for f in kernel.sources + kernel.headers):
         return None, Status("torch", "unsupported", None, None,
                             "pure-PyTorch implementation (the kernel's sources are missing "
                             "from this installation)")
-    target, why = choose_target()
+    target, why = choose_target(kernel)
     if target is None:
         return None, Status("torch", "unsupported", None, None,
                             f"pure-PyTorch implementation ({why})")
@@ -334,32 +349,38 @@ def load(kernel: Kernel = ATTN):
 
 
 def main(argv=None) -> int:
-    """``python -m attnkit.backends._ext [build] [--target T] [--dir D]``: build the attention
-    kernel (for ``make``); never fails: prints what happened and returns 0."""
+    """``python -m attnkit.backends._ext [build|status] [--kernel K] [--target T] [--dir D]``:
+    build attnkit's kernels (for ``make``; default: every kernel, this CPU's best target);
+    never fails: prints what happened and returns 0."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m attnkit.backends._ext")
     parser.add_argument("command", nargs="?", default="build", choices=["build", "status"])
+    parser.add_argument("--kernel", choices=[k.name for k in KERNELS], help="default: all")
     parser.add_argument("--target", choices=list(TARGETS), help="default: this CPU's best")
     parser.add_argument("--dir", type=Path, help="default: the development build directory")
     args = parser.parse_args(argv)
-    target = TARGETS[args.target] if args.target else choose_target()[0]
+    kernels = [k for k in KERNELS if args.kernel in (None, k.name)]
+    with ThreadPoolExecutor(max_workers=len(kernels)) as ex:  # compiles in parallel
+        for line in ex.map(lambda k: _build_one(k, args), kernels):
+            print(line)
+    return 0
+
+
+def _build_one(kernel: Kernel, args) -> str:
+    target = TARGETS[args.target] if args.target else choose_target(kernel)[0]
     if args.command == "status" or target is None:
-        print(f"attention kernel: {status().describe()}")
-        return 0
-    path = library_path(ATTN, target, args.dir)
+        return f"{kernel.name} kernel: {status(kernel).describe()}"
+    path = library_path(kernel, target, args.dir)
     if path.exists():
-        print(f"attention kernel: up to date ({path.parent.name})")
-        return 0
+        return f"{kernel.name} kernel: up to date ({path.parent.name})"
     start = time.perf_counter()
     try:
-        path = build(ATTN, target, args.dir)
+        path = build(kernel, target, args.dir)
     except Exception as err:  # noqa: BLE001
-        print(f"attention kernel: not built ({err}); chunked attention uses its pure-PyTorch "
-              f"implementation")
-        return 0
-    print(f"attention kernel: built {path} ({time.perf_counter() - start:.0f} s)")
-    return 0
+        return (f"{kernel.name} kernel: not built ({err}); its backend uses its pure-PyTorch "
+                f"implementation")
+    return f"{kernel.name} kernel: built {path} ({time.perf_counter() - start:.0f} s)"
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ CPU time; the best of a few calls each):
   over a cache in cache (compute-bound);
 * ``sdpa_read_{fp32,half}``: the K/V bytes per query head per second SDPA reads a decode step
   at (its CPU kernel reads a GQA head once per query head); ``chunked_read_{fp32,half}``:
-  the K/V bytes per second chunked reads one at.
+  the K/V bytes per second chunked reads one at (its C++ kernel when built).
 
 ``make`` runs the calibration after building the kernels (``python -m
 attnkit.backends._rates``); without it the first :func:`rate` call runs it (a one-line notice
@@ -47,7 +47,7 @@ _state: dict = {}
 
 def _cpu_key() -> str:
     """What the rates depend on: the CPU, torch, the decode kernel's build."""
-    from . import _decode_ext
+    from . import _decode_ext, _ext
 
     model, flags = "", ""
     try:
@@ -61,18 +61,19 @@ def _cpu_key() -> str:
         import platform
         model = platform.processor() or platform.machine()
     h = hashlib.sha1()
-    for part in (model, flags, torch.__version__, _decode_ext.library_path().name,
-                 str(_decode_ext.load() is not None)):
+    # the kernels' builds (never building them): chunked's rates are its kernel's when built
+    built = [f"{k.name}:{_ext.status(k).state in ('loaded', 'built')}" for k in _ext.KERNELS]
+    for part in (model, flags, torch.__version__, _decode_ext.library_path().name, *built):
         h.update(part.encode())
     return h.hexdigest()[:12]
 
 
 def path() -> Path:
     """The JSON file this machine's rates live in (it may not exist yet)."""
-    from . import _decode_ext
+    from . import _ext
 
     name = f"rates-{_cpu_key()}.json"
-    build = _decode_ext.BUILD_DIR
+    build = _ext.build_dir()
     if os.access(build, os.W_OK) or (not build.exists() and os.access(build.parent, os.W_OK)):
         return build / name
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnkit"

@@ -465,8 +465,10 @@ KERNEL_READ_RATE = {4: 10e9, 2: 5e9, 8: 10e9}
 def _kernel_cost(call, passes: float, itemsize: int) -> float:
     frac, _ = call.visited(_kernel.TILE, _kernel.TILE)
     tiles = -(-call.T // _kernel.TILE)
-    read = frac * tiles * 2.0 * call.B * call.Hkv * call.S * call.D * itemsize / \
-        KERNEL_READ_RATE[itemsize]
+    # a short query block is bound by reading K and V: at this machine's measured rate
+    rate = measured_rate("chunked_read_half" if itemsize == 2 else "chunked_read_fp32",
+                         KERNEL_READ_RATE[itemsize])
+    read = frac * tiles * 2.0 * call.B * call.Hkv * call.S * call.D * itemsize / rate
     compute = frac * call.flops() * passes / KERNEL_RATE[itemsize]
     return (read if read > compute else compute) + KERNEL_CALL_S * (2.0 if call.grad else 1.0)
 

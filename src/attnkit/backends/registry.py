@@ -164,8 +164,8 @@ def register(backend: Backend, *, replace: bool = False) -> Backend:
         raise ValueError(f"backend {name!r} is already registered; pass replace=True to override")
     if not callable(backend.fn) or any(c is not None and not callable(c)
                                        for c in (backend.check, backend.cost,
-                                                 backend.describe)):
-        raise TypeError("a backend needs a callable fn (and check, cost and describe, if "
+                                                 backend.implementation)):
+        raise TypeError("a backend needs a callable fn (and check, cost and implementation, if "
                         "given)")
     unknown = sorted(set(backend.capabilities) - set(CAPABILITIES))
     if unknown:

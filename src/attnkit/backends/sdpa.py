@@ -78,8 +78,8 @@ def sdpa_attention(q, k, v, call, *, dropout_p: float, scale: float,
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal, scale=scale, **gqa)
-    if not torch.compiler.is_compiling() and not may_hold_nan(q, k):
-        return out  # no NaN score: the kernel gets every row right (one cheap check)
+    if not torch.compiler.is_compiling() and not may_hold_nan(q, k, v):
+        return out  # no NaN anywhere: the kernel gets every row right (one cheap check)
     # Branch-free (no sync, no graph break): one pass over q and k, O((T + S)·D).
     if is_causal:
         visible = 0

@@ -332,15 +332,23 @@ def test_the_kernel_built_for_other_cpus_is_right_too(target, target_builds):
 
 @pytest.mark.slow
 def test_avx512_builds_compile(tmp_path):
-    """AVX-512 and avx512_bf16 builds cannot run on every CPU; they must compile on all."""
-    for name in ("avx512", "avx512bf16"):
-        target = _ext.TARGETS[name]
-        compiles, _ = _ext._compile_commands(_ext.ATTN, target, "check", tmp_path)
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True) for cmd in compiles[1:]]  # the kernel sources
-        for proc in procs:
-            out, _ = proc.communicate(timeout=900)
-            assert proc.returncode == 0, f"{name}: {out[-2000:]}"
+    """AVX-512 and avx512_bf16 builds cannot run on every CPU; they must compile on all
+    (the attention kernel for both, the decode kernel for AVX-512 with torch's defines)."""
+    procs = []
+    for kernel, name in ((_ext.DECODE, "avx512"), (_ext.ATTN, "avx512"),
+                         (_ext.ATTN, "avx512bf16")):
+        work = tmp_path / f"{kernel.name}-{name}"
+        work.mkdir()
+        compiles, _ = _ext._compile_commands(kernel, _ext.TARGETS[name], "check", work)
+        if kernel is _ext.ATTN:
+            compiles = compiles[1:]  # the kernel sources (the first is the bindings)
+        assert ("-DCPU_CAPABILITY=AVX512" in compiles[0]) == kernel.vec
+        procs += [(f"{kernel.name} {name}", subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            for cmd in compiles]
+    for what, proc in procs:
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{what}: {out[-2000:]}"
 
 
 @pytest.mark.slow
@@ -362,5 +370,6 @@ def test_the_wheel_ships_the_kernel_sources(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("attnkit-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for f in _ext.ATTN.sources + _ext.ATTN.headers:
-        assert f"attnkit/backends/{f}" in names, f
+    for kernel in _ext.KERNELS:
+        for f in kernel.sources + kernel.headers:
+            assert f"attnkit/backends/{f}" in names, f

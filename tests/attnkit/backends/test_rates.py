@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from attnkit.backends import _decode_ext, _rates
+from attnkit.backends import _rates
 from attnkit.backends import decode as dec
 from attnkit.masks import MaskSpec
 from attnkit.spec import Call
@@ -19,7 +19,7 @@ NAMES = {"read", "mm_fp32", "mm_bf16", "decode_torch_read_fp32", "decode_torch_r
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """No rates loaded yet, the cache file in a temporary build directory."""
-    monkeypatch.setattr(_decode_ext, "BUILD_DIR", tmp_path)
+    monkeypatch.setenv("ATTNKIT_BUILD_DIR", str(tmp_path))
     monkeypatch.setattr(_rates, "_state", {})
     monkeypatch.delenv("ATTNKIT_RATES", raising=False)
     return tmp_path
