@@ -356,7 +356,8 @@ def attention(
     if not torch.compiler.is_compiling():
         key = _call_key(q, k, v, (mask, causal, causal_align, window, key_padding_mask,
                                   mask_mod, score_mod, softcap, alibi_slopes, bias, sinks,
-                                  spec), dropout_p, scale, backend, return_lse, return_weights)
+                                  spec, block_mask), dropout_p, scale, backend, return_lse,
+                        return_weights)
         try:
             hit = None if key is None else _CHOICES.get(key)
         except TypeError:  # an unhashable argument: the full path says what is wrong

@@ -174,3 +174,30 @@ def test_compiled_calls_take_the_full_path(count_prepare):
     out = compiled(q, k, v)
     assert len(count_prepare) == 1 and not engine._CHOICES  # traced: the full path, no entry
     torch.testing.assert_close(out, f(q, k, v))
+
+
+def test_every_mask_and_score_argument_reaches_the_key():
+    """A call with one mask or score argument, then the same shapes with it left out: the
+    second call must not reuse the first's lowering (a block_mask once did)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q, k, v = qkv(T=40, S=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's create_block_mask outside compile
+        bm = create_block_mask(lambda b, h, i, j: i >= j, None, None, 40, 40, device="cpu")
+    given = {"block_mask": bm, "causal": True, "window": 3, "mask_mod": M.causal(),
+             "mask": torch.ones(40, 40, dtype=torch.bool).tril(),
+             "key_padding_mask": torch.arange(40).expand(2, 40) < 30,
+             "softcap": 2.0, "bias": torch.randn(40, 40), "alibi_slopes": torch.ones(4),
+             "sinks": torch.zeros(4), "score_mod": lambda s, b, h, i, j: s * 2}
+    import inspect
+    described = set(inspect.signature(attnkit.attention).parameters) - {
+        "q", "k", "v", "dropout_p", "scale", "backend", "return_lse", "return_weights", "spec",
+        "causal_align"}
+    assert described == set(given), "a new argument of attention() needs a case here"
+    plain = attnkit.attention(q, k, v, backend="math")
+    for name, value in given.items():
+        attnkit.attention(q, k, v, **{name: value})
+        torch.testing.assert_close(attnkit.attention(q, k, v), plain, msg=name)

@@ -90,6 +90,8 @@ def serves(call) -> str | None:
                 return f"score function {part.describe()} runs in chunked's PyTorch loop"
             if isinstance(part, Alibi) and part.slopes.requires_grad and call.grad:
                 return "ALiBi slopes that need a gradient run in chunked's PyTorch loop"
+            if isinstance(part, Alibi) and part.slopes.dim() != 1:
+                return "per-sequence ALiBi slopes (N, H) run in chunked's PyTorch loop"
     return None
 
 
@@ -179,6 +181,8 @@ def _score_tensors(call, acc: torch.dtype, B: int, H: int):
         elif kind == OP_ALIBI:
             if part.slopes.requires_grad and call.grad:
                 return "ALiBi slopes that need a gradient run in chunked's PyTorch block loop"
+            if part.slopes.dim() != 1:
+                return "per-sequence ALiBi slopes (N, H) run in chunked's PyTorch block loop"
             if isinstance(part, VarlenAlibi):
                 pos = part.mask.pos[qo:qo + T] - ko
             else:

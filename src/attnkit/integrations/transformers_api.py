@@ -86,7 +86,7 @@ NAMES: tuple[Name, ...] = (
     *(Name(f"transformers.modeling_flash_attention_utils.{slot}",
            "transformers_varlen primes the flash loader with it", private=True,
            required=False)
-      for slot in ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn",
+      for slot in ("_loaded_implementation", "_lazy_imports", "_flash_fn", "_flash_varlen_fn",
                    "_flash_with_kvcache_fn", "_pad_fn", "_unpad_fn",
                    "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn")),
     Name("transformers.masking_utils.flash_attention_mask",
