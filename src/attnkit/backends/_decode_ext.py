@@ -65,9 +65,13 @@ def load():
 
 
 def implementation() -> str:
-    """Which decode implementation runs on CPU tensors, and why, in one line."""
+    """Which decode implementation runs on CPU tensors, and why, in one line (never
+    compiles: a kernel still to be built says so)."""
     if os.environ.get("ATTNKIT_DECODE_IMPL", "") == "torch":
         return "pure PyTorch (ATTNKIT_DECODE_IMPL=torch)"
+    st = _ext.status(KERNEL)
+    if st.state == "pending":
+        return st.reason
     module = load()
     st = _ext.status(KERNEL)
     if module is None:

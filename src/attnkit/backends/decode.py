@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..masks import Window
 from ..scores import Alibi, Chain, Softcap
-from . import _decode_ext
+from . import _decode_ext, _ext
 from ._rates import rate
 from .registry import Backend, as_call, watch_environment
 
@@ -77,8 +77,15 @@ watch_environment("ATTNKIT_DECODE_IMPL")  # implementation() reads it: auto's ca
 
 
 def kernel_built() -> bool:
-    """Whether the compiled kernel is built for this machine's target and loads."""
+    """Whether the compiled kernel is built for this machine's target and loads (built
+    here on first use when it is missing)."""
     return _decode_ext.load() is not None
+
+
+def _kernel_expected() -> bool:
+    """Whether the kernel is loaded or will be built on first use, without building it: a
+    cost rule asks this, so pricing a call never compiles anything."""
+    return _ext.status(_ext.DECODE).impl == "cpp"
 
 
 def implementation(device=None, dtype=None) -> str:
@@ -92,7 +99,7 @@ def implementation(device=None, dtype=None) -> str:
     if device is not None and torch.device(device).type != "cpu":
         return "torch"
     forced = os.environ.get("ATTNKIT_DECODE_IMPL", "")
-    if forced == "torch" or not kernel_built():
+    if forced == "torch" or not _kernel_expected():
         return "torch"
     if forced == "cpp" or dtype is None:
         return "cpp"
@@ -179,7 +186,7 @@ def decode_attention(q, k, v, call, *, dropout_p: float, scale: float,
                        return_weights=return_weights)
     if why is not None:
         raise ValueError(f"backend 'decode' cannot serve this call: {why}")
-    impl = _check_impl(impl or implementation(q.device, q.dtype), q)
+    impl = _check_impl(impl or _default_impl(q), q)
     plan = fused_plan(call) if impl == "cpp" else None
     if plan is not None:
         out, lse = decode_spans(q, k, v, scale=scale, sinks=call.sinks, **plan)
@@ -196,6 +203,13 @@ def decode_attention(q, k, v, call, *, dropout_p: float, scale: float,
     out, lse = decode_rows(q, k, v, scale=scale, row_mask=row_mask, score=score,
                            sinks=call.sinks, impl=impl)
     return (out, lse) if return_lse else out
+
+
+def _default_impl(q: Tensor) -> str:
+    """The default implementation, the kernel built now if it is still to be built; a build
+    that fails (said on stderr once) leaves the PyTorch implementation."""
+    impl = implementation(q.device, q.dtype)
+    return "cpp" if impl == "cpp" and kernel_built() else "torch"
 
 
 def _check_impl(impl: str, q: Tensor) -> str:
@@ -304,7 +318,7 @@ def decode_rows(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     M = (H // Hkv) * T
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    impl = _check_impl(impl or implementation(q.device, q.dtype), q)
+    impl = _check_impl(impl or _default_impl(q), q)
 
     # Trim the keys no row can see (a sliding window over a long cache reads only its span).
     k0, k1 = 0, S
