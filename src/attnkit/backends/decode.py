@@ -16,15 +16,15 @@ byte of cache: its time is the time to read K and V once. So this backend
 
 Two implementations with the same tests:
 
-* ``"cpp"``: ``_decode_kernel.cpp``, built by ``make`` for the CPU's target
-  (:mod:`._decode_ext`). Calls whose mask is a key interval per query (no mask, causal at
+* ``"cpp"``: ``_decode_kernel.cpp``, built for the CPU's target by ``make`` or when a
+  decode call first runs (:mod:`._decode_ext`). Calls whose mask is a key interval per query (no mask, causal at
   any offset, sliding windows) and whose scores are plain, softcapped and/or ALiBi (sinks
   allowed) run in **one pass** over K and V (``decode_fused``: online softmax, each row's
   interval applied in the kernel, split-KV over threads). Every other mask and score kind
   runs in **two passes** (``decode_scores``, the description evaluated on the ``T x S``
   scores in PyTorch, ``decode_softmax_pv``);
 * ``"torch"``: plain PyTorch, grouped matmuls (``q kᵀ``, then ``p v``) with the same two
-  passes; for non-CPU tensors, float64 by default, when the kernel is not built, or with
+  passes; for non-CPU tensors, float64 by default, when the kernel cannot be built, or with
   ``ATTNKIT_DECODE_IMPL=torch``.
 
 NaN and empty rows (the rule of :mod:`._edges`, by construction, at every size): a NaN in a
@@ -217,8 +217,8 @@ def _check_impl(impl: str, q: Tensor) -> str:
         raise ValueError(f"impl must be 'cpp', 'torch' or None, got {impl!r}")
     if impl == "cpp" and (q.device.type != "cpu" or not kernel_built()):
         raise ValueError(f"impl='cpp' needs the compiled kernel and CPU tensors (kernel "
-                         f"built: {kernel_built()}, device {q.device}); run make, or pass "
-                         f"impl='torch'")
+                         f"built: {kernel_built()}, device {q.device}); "
+                         f"{_decode_ext.implementation()}; or pass impl='torch'")
     return impl
 
 
