@@ -24,11 +24,9 @@ from pathlib import Path
 
 from . import _ext
 
-__all__ = ["load", "build", "library_path", "implementation", "target", "TARGETS"]
+__all__ = ["load", "library_path", "implementation", "target"]
 
 KERNEL = _ext.DECODE
-#: The targets, by name (best first).
-TARGETS = tuple(_ext.TARGETS)
 
 
 def _x86() -> bool:
@@ -79,23 +77,3 @@ def implementation() -> str:
     cap = os.environ.get("ATEN_CPU_CAPABILITY")
     return (f"C++ kernel, {st.target} build ({module.lanes()} float lanes"
             f"{f'; ATEN_CPU_CAPABILITY={cap}' if cap else ''})")
-
-
-def build(which: str | None = None, root: Path | None = None) -> Path:
-    """Compile the kernel for ``which`` (default :func:`target`) into ``root`` (default: the
-    development build directory); a no-op when current. Returns the library's path.
-
-    Raises:
-        RuntimeError: no compiler, or a compile or link error.
-    """
-    return _ext.build(KERNEL, _ext.TARGETS[which or target()], root)
-
-
-def main(argv=None) -> int:
-    """``python -m attnkit.backends._decode_ext [--target T]``: build the decode kernel (the
-    ``_ext`` builder, this kernel only); never fails."""
-    return _ext.main(["build", "--kernel", KERNEL.name, *(argv or [])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
