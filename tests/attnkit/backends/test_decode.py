@@ -16,8 +16,8 @@ from attnkit.backends import decode as dec
 from attnkit.masks import MaskSpec
 from tolerance import assert_within_2x
 
-CPP_REASON = ("decode kernel not built for this machine (make builds it: python -m "
-              "attnkit.backends._decode_ext); only the pure-PyTorch path ran")
+CPP_REASON = ("decode kernel not available on this machine (make or the first decode call "
+              "builds it; explain() says why not); only the pure-PyTorch path ran")
 IMPLS = [pytest.param("cpp", marks=pytest.mark.skipif(not dec.kernel_built(),
                                                       reason=CPP_REASON)), "torch"]
 
